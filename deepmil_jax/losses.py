@@ -1,0 +1,336 @@
+"""Multi-instance losses and bag poolings of Zhu et al., MICCAI 2017, as pure JAX functions.
+
+Every function takes *instance logits*: the pre-sigmoid malignancy scores z_ij of the m patches of
+each of N images, shaped ``(N, m)`` or ``(N, H, W)`` (the feature-map grid; it is flattened to
+m = H * W). The paper's instance probability is r_ij = sigmoid(z_ij). Because sigmoid is monotonic,
+sorting logits orders the probabilities the same way, and all log-probabilities are computed with
+``jax.nn.log_sigmoid``, so logits of +-1e4 give finite losses and gradients.
+
+An optional boolean ``mask`` of the logits' shape marks padding instances False; they take no part
+in sorting, in the loss or in the instance count m. Every bag must keep at least one valid instance.
+
+The losses are averaged over the N images of the batch (the paper writes sums; the mean keeps the
+learning rate independent of batch size). The weight-decay term lambda/2 ||theta||^2 of Eq. 4, 6
+and 7 is separate: add ``lam * l2_penalty(params)``, or use decoupled decay in the optimiser.
+
+This module imports only jax, so it composes with any JAX model code.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Pooling = Literal["max", "mean", "topk_mean", "lse", "noisy_or"]
+POOLINGS: tuple[str, ...] = ("max", "mean", "topk_mean", "lse", "noisy_or")
+
+__all__ = [
+    "POOLINGS",
+    "bag_logits",
+    "label_assign_loss",
+    "l2_penalty",
+    "max_pooling_loss",
+    "num_top_instances",
+    "sparse_loss",
+]
+
+
+def _flatten(
+    instance_logits: jax.Array, labels: jax.Array | None, mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Checks shapes at trace time and returns logits and mask flattened to (N, m)."""
+    logits = jnp.asarray(instance_logits)
+    if logits.ndim not in (2, 3):
+        raise ValueError(
+            f"instance_logits must be shaped (N, m) or (N, H, W); got shape {logits.shape}."
+        )
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(f"instance_logits must be a float array; got dtype {logits.dtype}.")
+    n = logits.shape[0]
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.shape != logits.shape:
+            raise ValueError(
+                f"mask must have the shape of instance_logits {logits.shape}; got {mask.shape}."
+            )
+        if mask.dtype != jnp.bool_:
+            raise TypeError(f"mask must be boolean (False = padding); got dtype {mask.dtype}.")
+        mask = mask.reshape(n, -1)
+    if labels is not None:
+        labels = jnp.asarray(labels)
+        if labels.shape != (n,):
+            raise ValueError(
+                f"labels must be shaped (N,) = ({n},) to match instance_logits {logits.shape}; "
+                f"got {labels.shape}."
+            )
+        if not isinstance(labels, jax.core.Tracer):
+            values = np.unique(np.asarray(labels))
+            if not np.all(np.isin(values, (0, 1))):
+                raise ValueError(f"labels must be 0 or 1; got values {values.tolist()}.")
+        labels = labels.astype(logits.dtype)
+    return logits.reshape(n, -1), labels, mask
+
+
+def _valid_counts(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Number of valid instances per bag, (N,) int32."""
+    if mask is None:
+        return jnp.full(logits.shape[:1], logits.shape[1], jnp.int32)
+    return mask.sum(axis=1, dtype=jnp.int32)
+
+
+def _sorted_desc(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Logits of each bag sorted in decreasing order; padding instances sort last as -inf."""
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+    return -jnp.sort(-logits, axis=1)
+
+
+def num_top_instances(k: int | float, counts: jax.Array, m: int) -> jax.Array:
+    """The k of the paper per bag: an int k, or ceil(k * valid count) for a fraction k in (0, 1).
+
+    Args:
+      k: positive int (at most m), or a float in (0, 1): that fraction of each bag's valid
+        instances, rounded up (GMIC's top-t%), and at least 1.
+      counts: (N,) int, valid instances per bag.
+      m: the static number of instance slots per bag.
+
+    Returns:
+      (N,) int32, never more than a bag's valid count.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, float, np.integer, np.floating)):
+        raise TypeError(f"k must be a positive int or a float in (0, 1); got {k!r}.")
+    if isinstance(k, (int, np.integer)):
+        if k < 1:
+            raise ValueError(f"k must be at least 1; got {k}.")
+        if k > m:
+            raise ValueError(
+                f"k={k} is larger than the number of instances per bag m={m}; "
+                f"choose k <= {m}, or a fraction in (0, 1)."
+            )
+        return jnp.minimum(jnp.int32(k), counts)
+    if not 0.0 < k < 1.0:
+        raise ValueError(
+            f"a fractional k must lie in (0, 1); got {k}. Use an int for a count of instances."
+        )
+    # The small tolerance keeps exact products (0.1 * 30 = 3.0000000000000004) from rounding up.
+    top = jnp.ceil(k * counts.astype(jnp.float32) - 1e-4).astype(jnp.int32)
+    return jnp.clip(top, 1, counts)
+
+
+def _bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Elementwise binary cross-entropy -[t log sigmoid(z) + (1 - t) log sigmoid(-z)]."""
+    return -(targets * jax.nn.log_sigmoid(logits) + (1.0 - targets) * jax.nn.log_sigmoid(-logits))
+
+
+def _log_softplus(z: jax.Array) -> jax.Array:
+    """log(log(1 + e^z)), finite for very negative z where softplus underflows (then ~ z)."""
+    safe = jnp.where(z < -20.0, 0.0, z)
+    return jnp.where(z < -20.0, z, jnp.log(jax.nn.softplus(safe)))
+
+
+def _noisy_or_logit(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """logit(1 - prod_j (1 - r_j)) in logit space.
+
+    With t = -sum_j log(1 - r_j) = sum_j softplus(z_j), the bag probability is 1 - e^-t and its
+    logit is log(1 - e^-t) + t. For small t, log(1 - e^-t) ~ log t - t/2 with log t computed as
+    logsumexp_j log softplus(z_j), which stays finite when every z_j is very negative.
+    """
+    t = jnp.sum(jax.nn.softplus(logits), axis=1, where=mask)
+    log_t = jax.nn.logsumexp(_log_softplus(logits), axis=1, where=mask)
+    small = t < 1e-3
+    t_safe = jnp.where(small, 1.0, t)
+    return jnp.where(small, log_t - t / 2, jnp.log(-jnp.expm1(-t_safe))) + t
+
+
+def _mean_probability_logit(logits: jax.Array, where: jax.Array | None) -> jax.Array:
+    """logit of the mean of sigmoid(z_j) over the selected instances, in logit space."""
+    log_p = jax.nn.logsumexp(jax.nn.log_sigmoid(logits), axis=1, where=where)
+    log_q = jax.nn.logsumexp(jax.nn.log_sigmoid(-logits), axis=1, where=where)
+    return log_p - log_q
+
+
+def bag_logits(
+    instance_logits: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    pooling: Pooling = "max",
+    k: int | float = 0.1,
+    temperature: float = 1.0,
+) -> jax.Array:
+    """Bag (image) logits from instance logits: the MIL pooling.
+
+    The paper's bag probability is the largest instance probability, p_i = max_j r_ij (Eq. 2-3),
+    so ``pooling="max"`` (the default) returns max_j z_ij. The other poolings are there to compare
+    MIL methods; each returns the logit of a bag probability, computed stably in logit space:
+
+    - ``"mean"``: logit of mean_j r_ij;
+    - ``"topk_mean"``: logit of the mean r over the top ``k`` instances (int, or fraction of valid
+      instances rounded up, as GMIC's top-t% pooling);
+    - ``"lse"``: log-sum-exp pooling (1/T) log(mean_j exp(T z_ij)) with ``temperature`` T > 0,
+      which moves from mean (T -> 0) to max (T -> inf) of the logits;
+    - ``"noisy_or"``: logit of 1 - prod_j (1 - r_ij).
+
+    Args:
+      instance_logits: (N, m) or (N, H, W) float pre-sigmoid instance scores.
+      mask: optional bool of the same shape, False for padding instances.
+      pooling: one of ``POOLINGS``.
+      k: for ``"topk_mean"`` only.
+      temperature: for ``"lse"`` only.
+
+    Returns:
+      (N,) bag logits; ``jax.nn.sigmoid`` of them gives bag probabilities.
+
+    Example:
+      >>> z = jnp.array([[0.0, 2.0, -1.0]])
+      >>> bag_logits(z)
+      Array([2.], dtype=float32)
+    """
+    logits, _, mask = _flatten(instance_logits, None, mask)
+    if pooling == "max":
+        return _sorted_desc(logits, mask)[:, 0]
+    if pooling == "mean":
+        return _mean_probability_logit(logits, mask)
+    if pooling == "topk_mean":
+        top = num_top_instances(k, _valid_counts(logits, mask), logits.shape[1])
+        ranked = _sorted_desc(logits, mask)
+        in_top = jnp.arange(logits.shape[1])[None, :] < top[:, None]
+        return _mean_probability_logit(jnp.where(in_top, ranked, 0.0), in_top)
+    if pooling == "lse":
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive; got {temperature}.")
+        counts = _valid_counts(logits, mask).astype(logits.dtype)
+        lse = jax.nn.logsumexp(temperature * logits, axis=1, where=mask)
+        return (lse - jnp.log(counts)) / temperature
+    if pooling == "noisy_or":
+        return _noisy_or_logit(logits, mask)
+    raise ValueError(f"pooling must be one of {POOLINGS}; got {pooling!r}.")
+
+
+def max_pooling_loss(
+    instance_logits: jax.Array, labels: jax.Array, *, mask: jax.Array | None = None
+) -> jax.Array:
+    """Deep MIL with max pooling, paper Eq. 4 without the lambda term.
+
+    The bag probability is the largest instance probability p_n = max_j r_nj (Eq. 2-3); the loss is
+    its cross-entropy against the image label, averaged over the N images:
+
+        L = -1/N sum_n [ y_n log p_n + (1 - y_n) log(1 - p_n) ]
+
+    Args:
+      instance_logits: (N, m) or (N, H, W) float pre-sigmoid instance scores.
+      labels: (N,) image labels, 0 or 1 (1 = malignant, BI-RADS >= 4).
+      mask: optional bool of the logits' shape, False for padding instances.
+
+    Returns:
+      Scalar loss.
+
+    Example:
+      >>> z = jnp.array([[-2.0, 3.0], [-1.0, -4.0]])
+      >>> float(max_pooling_loss(z, jnp.array([1, 0])))  # BCE of max logits 3 and -1
+      0.18...
+    """
+    logits, labels, mask = _flatten(instance_logits, labels, mask)
+    return jnp.mean(_bce(_sorted_desc(logits, mask)[:, 0], labels))
+
+
+def label_assign_loss(
+    instance_logits: jax.Array,
+    labels: jax.Array,
+    k: int | float,
+    *,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Deep MIL with label assignment, paper Eq. 5-6 without the lambda term.
+
+    The instance scores of each image are sorted in decreasing order; the top ``k`` instances take
+    the image label and the others are labelled negative (Eq. 5). The loss is the instance
+    cross-entropy averaged over all valid instances of the batch (m * N without padding):
+
+        L = -1/(mN) sum_n sum_j [ t_nj log r'_nj + (1 - t_nj) log(1 - r'_nj) ],
+        t_nj = y_n if j <= k else 0,    r'_n = r_n sorted in decreasing order.
+
+    Args:
+      instance_logits: (N, m) or (N, H, W) float pre-sigmoid instance scores.
+      labels: (N,) image labels, 0 or 1.
+      k: positive int (the paper used k=6 of m=36 at 227x227), or a float in (0, 1): that fraction
+        of each image's valid instances, rounded up. An int k larger than m is an error; with a
+        mask, k is capped at each image's valid count.
+      mask: optional bool of the logits' shape, False for padding instances.
+
+    Returns:
+      Scalar loss.
+
+    Example:
+      >>> z = jax.random.normal(jax.random.key(0), (8, 6, 6))  # 8 images, 6x6 patches
+      >>> y = jnp.array([1, 0, 0, 1, 0, 0, 0, 1])
+      >>> loss, grads = jax.value_and_grad(label_assign_loss)(z, y, 6)
+    """
+    logits, labels, mask = _flatten(instance_logits, labels, mask)
+    counts = _valid_counts(logits, mask)
+    top = num_top_instances(k, counts, logits.shape[1])
+    ranked = _sorted_desc(logits, mask)
+    rank = jnp.arange(logits.shape[1])[None, :]
+    targets = jnp.where(rank < top[:, None], labels[:, None], 0.0)
+    valid = rank < counts[:, None]
+    per_instance = _bce(jnp.where(valid, ranked, 0.0), targets)
+    return jnp.sum(jnp.where(valid, per_instance, 0.0)) / jnp.sum(counts)
+
+
+def sparse_loss(
+    instance_logits: jax.Array,
+    labels: jax.Array,
+    mu: float,
+    *,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Sparse deep MIL, paper Eq. 7 without the lambda term.
+
+    Max-pooling cross-entropy plus an L1 penalty on the sorted instance probabilities of each
+    image, which pushes all but a few instances towards 0 (masses are small):
+
+        L = 1/N sum_n [ -y_n log r'_n1 - (1 - y_n) log(1 - r'_n1) + mu ||r'_n||_1 ]
+
+    Args:
+      instance_logits: (N, m) or (N, H, W) float pre-sigmoid instance scores.
+      labels: (N,) image labels, 0 or 1.
+      mu: weight of the sparsity term (the paper used 1e-5); mu=0 gives ``max_pooling_loss``.
+      mask: optional bool of the logits' shape, False for padding instances.
+
+    Returns:
+      Scalar loss.
+
+    Example:
+      >>> z = jnp.zeros((2, 36))  # every r = 0.5
+      >>> y = jnp.array([1, 0])
+      >>> bool(jnp.isclose(sparse_loss(z, y, 0.1), max_pooling_loss(z, y) + 0.1 * 18))
+      True
+    """
+    logits, labels, mask = _flatten(instance_logits, labels, mask)
+    ranked = _sorted_desc(logits, mask)
+    probabilities = jax.nn.sigmoid(ranked)  # sigmoid(-inf) = 0, so padding adds nothing
+    l1 = jnp.sum(probabilities, axis=1)
+    return jnp.mean(_bce(ranked[:, 0], labels) + mu * l1)
+
+
+def l2_penalty(params) -> jax.Array:
+    """The weight-decay term ||theta||^2 / 2 over every floating-point leaf of a pytree.
+
+    Multiply by lambda (the paper: 1e-5; 5e-6 for sparse MIL) and add it to a loss for the paper's
+    L2-in-the-loss, or use a decoupled decay such as ``optax.adamw`` instead. Select the leaves
+    first (e.g. kernels only) if biases should not decay.
+
+    Args:
+      params: any pytree of arrays (e.g. ``nnx.state(model, nnx.Param)``).
+
+    Returns:
+      Scalar, in float32 at least.
+    """
+    leaves = [
+        x for x in jax.tree.leaves(params) if jnp.issubdtype(jnp.result_type(x), jnp.floating)
+    ]
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    return 0.5 * sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
