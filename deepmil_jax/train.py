@@ -1,0 +1,725 @@
+r"""Train a deep MIL mammogram classifier (Zhu et al., MICCAI 2017) on one cross-validation fold.
+
+    python -m deepmil_jax.train --scheme=label_assign --k=6
+
+Runs on every local accelerator (or the CPU) as a ("data",) device mesh: parameters replicated,
+each batch split along the batch axis, one jitted train step. With --distributed, several hosts
+(Cloud TPU pods, multi-node GPU) train together, each process feeding its own shard of the data.
+
+The workdir receives: split.json (fold membership), metrics.jsonl and TensorBoard events (one line
+and one point per epoch), checkpoints/latest and checkpoints/best (Orbax), results.json and the
+validation and test predictions as CSV. Re-running with the same workdir resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags, logging
+
+# TensorFlow is used for tf.data only: keep it off the accelerators before anything imports it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+from sklearn import metrics as skmetrics  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from deepmil_jax import losses  # noqa: E402
+from deepmil_jax.errors import ConfigError, DeepMILError  # noqa: E402
+from deepmil_jax.models import build_model  # noqa: E402
+
+SCHEMES = ("alexnet", "max_pooling", "label_assign", "sparse")
+DATASETS = ("synthetic", "inbreast", "folder")
+
+
+class TrainingDiverged(DeepMILError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run depends on. Defaults are the paper's (Zhu et al. 2017, Sec. 3) where it
+    gives them; the others are chosen so that the default command finishes in minutes on a CPU."""
+
+    scheme: str = "label_assign"  # alexnet | max_pooling | label_assign | sparse
+    k: float = 6  # label assignment: top-k instances take the image label (paper: k=6 of m=36)
+    mu: float = 1e-5  # sparse MIL: weight of the L1 term on sorted instance probabilities
+    weight_decay: float | None = None  # lambda of lambda/2 ||theta||^2; None: 5e-6 sparse, else 1e-5
+    learning_rate: float = 5e-5  # Adam (paper)
+    batch_size: int = 32  # global batch, split over every device of every process
+    eval_batch_size: int = 64
+    epochs: int = 30
+    dataset: str = "synthetic"  # synthetic | inbreast | folder
+    data_dir: str = "~/.cache/deepmil_jax"  # prepared TFDS datasets (and generated synthetic data)
+    manual_dir: str = ""  # inbreast: the INbreast folder; folder: the CSV file
+    synthetic_images: int = 160  # size of the generated synthetic INbreast
+    image_size: int = 227  # preprocessed images are image_size x image_size (paper: 227)
+    skip_bad: bool = False  # list unreadable images and go on instead of stopping
+    fold: int = 0  # test fold; fold+1 is validation, the rest train (paper: 5-fold, 3/1/1)
+    num_folds: int = 5
+    split: str = "patient"  # patient: no patient in two parts; image: the paper's image split
+    init: str = "random"  # random | imagenet:PATH | checkpoint:PATH
+    backbone: str = "caffe"  # caffe (the paper's AlexNet) | torchvision
+    head_hidden: tuple[int, ...] = ()  # hidden 1x1 layers before the instance logit
+    precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 parameters and optimiser state)
+    augment: bool = True
+    seed: int = 0
+
+    @property
+    def lam(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 5e-6 if self.scheme == "sparse" else 1e-5
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the flag when a value cannot work."""
+
+        def fail(flag: str, why: str) -> None:
+            raise ConfigError(f"--{flag}: {why}")
+
+        if self.scheme not in SCHEMES:
+            fail("scheme", f"{self.scheme!r} is not one of {', '.join(SCHEMES)}.")
+        if self.dataset not in DATASETS:
+            fail("dataset", f"{self.dataset!r} is not one of {', '.join(DATASETS)}.")
+        if self.dataset != "synthetic" and not self.manual_dir:
+            fail("manual_dir", f"--dataset={self.dataset} needs the folder (or CSV) of your data.")
+        if self.scheme == "label_assign":
+            if self.k >= 1 and float(self.k) != int(self.k):
+                fail("k", f"{self.k} is neither a whole number of instances nor a fraction < 1.")
+            if self.k <= 0:
+                fail("k", f"must be positive; got {self.k}.")
+        for name in ("batch_size", "eval_batch_size", "epochs", "num_folds", "image_size"):
+            if getattr(self, name) < 1:
+                fail(name, f"must be positive; got {getattr(self, name)}.")
+        if self.num_folds < 3:
+            fail("num_folds", "needs at least 3 folds (train, validation and test).")
+        if not 0 <= self.fold < self.num_folds:
+            fail("fold", f"must be in 0..{self.num_folds - 1}; got {self.fold}.")
+        if self.split not in ("patient", "image"):
+            fail("split", f"must be patient or image; got {self.split!r}.")
+        if self.precision not in ("fp32", "bf16"):
+            fail("precision", f"must be fp32 or bf16; got {self.precision!r}.")
+        kind = self.init.split(":", 1)[0]
+        if kind not in ("random", "imagenet", "checkpoint") or (kind != "random") != (
+            ":" in self.init
+        ):
+            fail("init", f"must be random, imagenet:PATH or checkpoint:PATH; got {self.init!r}.")
+        if kind != "random" and not Path(self.init.split(":", 1)[1]).expanduser().exists():
+            fail("init", f"{self.init.split(':', 1)[1]} does not exist.")
+        if self.learning_rate <= 0:
+            fail("learning_rate", f"must be positive; got {self.learning_rate}.")
+
+    @property
+    def top_k(self) -> int | float:
+        """k as the loss wants it: an int count, or a fraction in (0, 1)."""
+        return int(self.k) if self.k >= 1 else float(self.k)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss of each scheme
+
+
+def scheme_loss(config: Config, instance_logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The data term of the paper's Eq. 4, 6 or 7 for ``config.scheme``; (N, h, w) logits."""
+    if config.scheme in ("alexnet", "max_pooling"):  # alexnet: one instance, so plain BCE
+        return losses.max_pooling_loss(instance_logits, labels)
+    if config.scheme == "label_assign":
+        return losses.label_assign_loss(instance_logits, labels, config.top_k)
+    return losses.sparse_loss(instance_logits, labels, config.mu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def load_examples(config: Config):
+    """Prepares (once) and loads the dataset named by the config into memory."""
+    from data_pipeline import datasets
+
+    data_dir = Path(config.data_dir).expanduser()
+    if config.dataset == "synthetic":
+        from data_pipeline import synthetic
+
+        raw = data_dir / f"synthetic_inbreast_n{config.synthetic_images}"
+        if jax.process_index() == 0 and not (raw / "INbreast.csv").exists():
+            logging.info("Generating the synthetic INbreast (%d images) in %s",
+                         config.synthetic_images, raw)
+            tmp = raw.with_name(raw.name + ".partial")
+            synthetic.write_synthetic_inbreast(tmp, num_images=config.synthetic_images, seed=0)
+            tmp.rename(raw)
+        multihost_utils.sync_global_devices("synthetic data written")
+        source, manual_dir = "inbreast", raw
+        tfds_dir = data_dir / f"tfds_synthetic_n{config.synthetic_images}"
+    else:
+        source, manual_dir = config.dataset, Path(config.manual_dir).expanduser()
+        tfds_dir = data_dir / "tfds"
+    kwargs = dict(manual_dir=manual_dir, data_dir=tfds_dir, image_size=config.image_size,
+                  skip_bad=config.skip_bad)
+    if jax.process_index() == 0:
+        examples = datasets.prepare(source, **kwargs)
+    multihost_utils.sync_global_devices("dataset prepared")
+    if jax.process_index() != 0:
+        examples = datasets.prepare(source, **kwargs)
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, state and the jitted steps
+
+
+def create_model(config: Config, rngs: nnx.Rngs, *, warn: bool = True) -> nnx.Module:
+    """The model of ``config.scheme``, with ImageNet weights when --init=imagenet:PATH."""
+    pretrained = config.init.split(":", 1)[1] if config.init.startswith("imagenet:") else None
+    if warn and config.init == "random" and jax.process_index() == 0:
+        logging.warning(
+            "Training from random initialisation; the paper fine-tuned ImageNet weights "
+            "(see python -m deepmil_jax.convert_weights and --init=imagenet:PATH)."
+        )
+    return build_model(
+        config.scheme,
+        backbone=config.backbone,
+        head_hidden=config.head_hidden,
+        pretrained=pretrained,
+        dtype=jnp.bfloat16 if config.precision == "bf16" else jnp.float32,
+        rngs=rngs,
+    )
+
+
+class Trainer:
+    """Holds the model's structure, the optimiser and the jitted steps over one device mesh."""
+
+    def __init__(self, config: Config, mesh: jax.sharding.Mesh):
+        self.config = config
+        self.mesh = mesh
+        self.data_sharding = NamedSharding(mesh, P("data"))
+        self.replicated = NamedSharding(mesh, P())
+        model = create_model(config, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+        model.train()
+        self.train_graph, params, self.rest = nnx.split(model, nnx.Param, ...)
+        model.eval()
+        self.eval_graph = nnx.graphdef(model)
+        self.optimizer = optax.adam(config.learning_rate)
+        state = {"params": params, "opt_state": self.optimizer.init(params)}
+        self.state = jax.device_put(state, self.replicated)
+        self.rest = jax.device_put(self.rest, self.replicated)
+        self._train_step = jax.jit(self._train_step_impl, donate_argnums=0)
+        self._predict = jax.jit(self._predict_impl)
+
+    def _train_step_impl(self, state, images, labels, step):
+        dropout_key = jax.random.fold_in(jax.random.key(self.config.seed + 2), step)
+
+        def loss_fn(params):
+            model = nnx.merge(self.train_graph, params, self.rest)
+            nnx.reseed(model, dropout=dropout_key)
+            logits = model(images).astype(jnp.float32)
+            data_loss = scheme_loss(self.config, logits, labels)
+            return data_loss + self.config.lam * losses.l2_penalty(params), data_loss
+
+        (loss, data_loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "opt_state": opt_state}, {"loss": loss, "data_loss": data_loss}
+
+    def _predict_impl(self, params, images):
+        model = nnx.merge(self.eval_graph, params, self.rest)
+        return model(images).astype(jnp.float32)  # (N, h, w) instance logits
+
+    def to_global(self, batch: np.ndarray) -> jax.Array:
+        """This process's part of a batch -> one array sharded over the mesh's data axis."""
+        return jax.make_array_from_process_local_data(self.data_sharding, batch)
+
+    def train_step(self, batch: dict[str, np.ndarray], step: int) -> dict[str, jax.Array]:
+        images = self.to_global(batch["image"])
+        labels = self.to_global(batch["label"].astype(np.int32))
+        self.state, out = self._train_step(self.state, images, labels, step)
+        return out
+
+    def predict(self, batches) -> dict[str, np.ndarray]:
+        """Instance logits of every real (unmasked) example of an eval stream, by index."""
+        indices, instance = [], []
+        for batch in batches:
+            logits = self._predict(self.state["params"], self.to_global(batch["image"]))
+            gathered = multihost_utils.process_allgather(
+                {"logits": logits, "mask": self.to_global(batch["mask"]),
+                 "index": self.to_global(batch["index"])}, tiled=True)
+            keep = np.asarray(gathered["mask"])
+            indices.append(np.asarray(gathered["index"])[keep])
+            instance.append(np.asarray(gathered["logits"])[keep])
+        order = np.argsort(np.concatenate(indices))
+        instance_logits = np.concatenate(instance)[order]
+        bag = instance_logits.reshape(len(instance_logits), -1).max(axis=1)
+        return {"index": np.concatenate(indices)[order], "instance_logits": instance_logits,
+                "probability": 1.0 / (1.0 + np.exp(-bag))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    """AUC, and accuracy, sensitivity and specificity at ``threshold`` (predict 1 if p >= t)."""
+    labels = np.asarray(labels).astype(int)
+    predicted = np.asarray(probs) >= threshold
+    pos, neg = labels == 1, labels == 0
+    auc = skmetrics.roc_auc_score(labels, probs) if pos.any() and neg.any() else float("nan")
+    return {
+        "auc": float(auc),
+        "accuracy": float(np.mean(predicted == pos)),
+        "sensitivity": float(predicted[pos].mean()) if pos.any() else float("nan"),
+        "specificity": float((~predicted[neg]).mean()) if neg.any() else float("nan"),
+        "threshold": float(threshold),
+    }
+
+
+def choose_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The validation threshold that maximises Youden's J = sensitivity + specificity - 1."""
+    labels = np.asarray(labels).astype(int)
+    if labels.min() == labels.max():
+        return 0.5
+    fpr, tpr, thresholds = skmetrics.roc_curve(labels, probs)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(thresholds[best], 1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class Checkpoints:
+    """Orbax managers for the latest state (resume) and the best state by validation AUC."""
+
+    def __init__(self, workdir: Path):
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+        self.latest = ocp.CheckpointManager(workdir / "checkpoints" / "latest", options=options)
+        self.best = ocp.CheckpointManager(workdir / "checkpoints" / "best", options=options)
+
+    @staticmethod
+    def save(manager: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
+        manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+        manager.wait_until_finished()
+
+    @staticmethod
+    def restore(manager: ocp.CheckpointManager, like) -> tuple[Any, dict] | None:
+        step = manager.latest_step()
+        if step is None:
+            return None
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], restored["meta"]
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+def restore_params(path: str, like_state) -> Any:
+    """Parameters of another run's best (or latest) checkpoint, for --init=checkpoint:PATH."""
+    root = Path(path).expanduser()
+    for sub in ("checkpoints/best", "checkpoints/latest", ""):
+        directory = root / sub if sub else root
+        if directory.is_dir() and ocp.CheckpointManager(directory).latest_step() is not None:
+            manager = ocp.CheckpointManager(directory)
+            try:
+                state, _ = Checkpoints.restore(manager, like_state)
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError(
+                    f"--init=checkpoint:{path}: its parameters do not fit this model ({e}). "
+                    "Use a checkpoint of the same --backbone and --head_hidden."
+                ) from e
+            finally:
+                manager.close()
+            return state["params"]
+    raise ConfigError(
+        f"--init=checkpoint:{path}: no checkpoint found; give a training workdir "
+        "(with checkpoints/best) or an Orbax checkpoint directory."
+    )
+
+
+def load_trained(workdir: str | os.PathLike, *, which: str = "best") -> tuple[Config, nnx.Module]:
+    """The config and the model (in eval mode) of a training workdir's best or latest checkpoint."""
+    workdir = Path(workdir).expanduser()
+    config_file = workdir / "config.json"
+    if not config_file.exists():
+        raise ConfigError(
+            f"{workdir} is not a training workdir (no config.json); give the --workdir of a "
+            "python -m deepmil_jax.train run."
+        )
+    fields = json.loads(config_file.read_text())
+    fields["head_hidden"] = tuple(fields.get("head_hidden", ()))
+    config = dataclasses.replace(Config(**fields), init="random")
+    model = create_model(config, nnx.Rngs(0), warn=False)
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    manager = ocp.CheckpointManager(workdir / "checkpoints" / which)
+    try:
+        restored = Checkpoints.restore(manager, {"params": params, "opt_state": optax.adam(
+            config.learning_rate).init(params)})
+    finally:
+        manager.close()
+    if restored is None:
+        raise ConfigError(f"{workdir / 'checkpoints' / which} holds no checkpoint yet.")
+    nnx.update(model, restored[0]["params"])
+    model.eval()
+    return config, model
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Preempted:
+    """Turns SIGTERM (a preempted Cloud TPU VM) into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.requested = True
+
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: no handler, no preemption saving
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    tmp.replace(path)
+
+
+def _write_predictions(path: Path, examples, indices, probs, instance_logits) -> None:
+    h, w = instance_logits.shape[1:]
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["file_id", "patient_id", "label", "birads", "probability", "top_patch_row",
+                      "top_patch_col"])
+        for i, p, z in zip(indices, probs, instance_logits, strict=True):
+            row, col = divmod(int(np.argmax(z)), w)
+            out.writerow([examples.file_ids[i], examples.patient_ids[i], int(examples.labels[i]),
+                          examples.birads[i], f"{p:.6f}", row, col])
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    return jax.make_mesh((jax.device_count(),), ("data",))
+
+
+def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Trains ``config.scheme`` on one fold, keeps the best epoch by validation AUC, tests it.
+
+    Returns the dictionary also written to ``workdir/results.json``:
+    ``{"config", "best_epoch", "validation": {auc, accuracy, ...}, "test": {auc, accuracy,
+    sensitivity, specificity, threshold}}``, the threshold chosen on the validation set.
+    """
+    from data_pipeline import folds, input_pipeline
+
+    config.validate()
+    workdir = Path(workdir).expanduser()
+    lead = jax.process_index() == 0
+    mesh = make_mesh()
+    n_dev = mesh.devices.size
+    for name in ("batch_size", "eval_batch_size"):
+        if getattr(config, name) % n_dev:
+            raise ConfigError(
+                f"--{name}={getattr(config, name)} cannot be split evenly over {n_dev} devices; "
+                f"use a multiple of {n_dev}."
+            )
+    workdir.mkdir(parents=True, exist_ok=True)
+    if lead:
+        _write_json(workdir / "config.json", config.to_json())
+
+    examples = load_examples(config)
+    split = folds.make_split(examples.labels, examples.patient_ids, num_folds=config.num_folds,
+                             fold=config.fold, split=config.split, seed=config.seed)
+    if lead:
+        folds.write_split(split, examples.file_ids, workdir / "split.json")
+        logging.info("Fold %d: %d train, %d validation, %d test images on %d device(s)",
+                     config.fold, len(split.train), len(split.validation), len(split.test), n_dev)
+
+    trainer = Trainer(config, mesh)
+    if config.init.startswith("checkpoint:"):
+        params = restore_params(config.init.split(":", 1)[1], trainer.state)
+        trainer.state["params"] = jax.device_put(params, trainer.replicated)
+
+    checkpoints = Checkpoints(workdir)
+    meta = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_epoch": None,
+            "best_auc": -1.0, "history": []}
+    resumed = Checkpoints.restore(checkpoints.latest, trainer.state)
+    if resumed is not None:
+        trainer.state = jax.device_put(resumed[0], trainer.replicated)
+        meta = resumed[1]
+        logging.info("Resuming from %s at epoch %d, step %d", workdir, meta["epoch"] + 1,
+                     meta["step_in_epoch"])
+    if meta["history"] and lead:
+        _rewrite_metrics(workdir, meta["history"])
+
+    proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    steps_per_epoch = max(1, -(-len(split.train) // config.batch_size))
+
+    def eval_stream(indices):
+        return input_pipeline.eval_dataset(
+            examples.images[indices], examples.labels[indices],
+            batch_size=config.eval_batch_size, **proc).as_numpy_iterator()
+
+    def evaluate(indices) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        out = trainer.predict(eval_stream(indices))
+        out["index"] = indices[out["index"]]
+        return out, examples.labels[out["index"]]
+
+    summary = _summary_writer(workdir) if lead else None
+    with _Preempted() as preempted:
+        while meta["epoch"] < config.epochs:
+            epoch = meta["epoch"]
+            stream: Iterator = input_pipeline.train_dataset(
+                examples.images[split.train], examples.labels[split.train],
+                batch_size=config.batch_size, seed=config.seed * 100_003 + epoch,
+                augment=config.augment, **proc).as_numpy_iterator()
+            for _ in range(meta["step_in_epoch"]):
+                next(stream)
+            bar = tqdm(total=steps_per_epoch, initial=meta["step_in_epoch"], disable=not lead,
+                       desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", leave=False)
+            step_losses, start, seen = [], time.perf_counter(), 0
+            while meta["step_in_epoch"] < steps_per_epoch:
+                out = trainer.train_step(next(stream), meta["global_step"])
+                step_losses.append(out["loss"])
+                meta["step_in_epoch"] += 1
+                meta["global_step"] += 1
+                seen += config.batch_size
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(out['loss']):.4f}",
+                                img_s=f"{seen / (time.perf_counter() - start):.1f}")
+                if not np.isfinite(float(out["loss"])):
+                    bar.close()
+                    checkpoints.close()
+                    raise TrainingDiverged(
+                        f"The loss became {float(out['loss'])} at epoch {epoch + 1}, step "
+                        f"{meta['step_in_epoch']}. The last good checkpoint is kept in "
+                        f"{workdir / 'checkpoints' / 'latest'}; lower --learning_rate or check "
+                        "the data, then re-run to resume from it."
+                    )
+                if preempted.requested and meta["step_in_epoch"] < steps_per_epoch:
+                    Checkpoints.save(checkpoints.latest, meta["global_step"], trainer.state, meta)
+                    checkpoints.close()
+                    bar.close()
+                    logging.warning("SIGTERM: saved the state at epoch %d step %d; re-run the "
+                                    "same command to resume.", epoch + 1, meta["step_in_epoch"])
+                    raise SystemExit(0)
+            bar.close()
+            train_seconds = time.perf_counter() - start
+            val, val_labels = evaluate(split.validation)
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": float(np.mean([float(x) for x in step_losses])) if step_losses
+                else None,
+                "train_images_per_sec": seen / train_seconds if seen else None,
+                "validation_auc": binary_metrics(val_labels, val["probability"], 0.5)["auc"],
+                "validation_accuracy": binary_metrics(val_labels, val["probability"], 0.5)[
+                    "accuracy"],
+            }
+            meta["history"].append(record)
+            meta["epoch"] += 1
+            meta["step_in_epoch"] = 0
+            auc = record["validation_auc"]
+            if meta["best_epoch"] is None or (np.isfinite(auc) and auc > meta["best_auc"]):
+                meta["best_epoch"], meta["best_auc"] = epoch + 1, float(auc) if np.isfinite(
+                    auc) else -1.0
+                Checkpoints.save(checkpoints.best, meta["global_step"], trainer.state, meta)
+            Checkpoints.save(checkpoints.latest, meta["global_step"], trainer.state, meta)
+            if lead:
+                _rewrite_metrics(workdir, meta["history"])
+                _write_summary(summary, record)
+                logging.info("epoch %d: loss %.4f, validation AUC %.3f, accuracy %.3f",
+                             epoch + 1, record["train_loss"] or float("nan"), auc,
+                             record["validation_accuracy"])
+                if preempted.requested:
+                    logging.warning("SIGTERM: stopped after epoch %d; re-run to resume.", epoch + 1)
+            if preempted.requested:
+                checkpoints.close()
+                raise SystemExit(0)
+
+    best = Checkpoints.restore(checkpoints.best, trainer.state)
+    checkpoints.close()
+    trainer.state = jax.device_put(best[0], trainer.replicated)
+    val, val_labels = evaluate(split.validation)
+    test, test_labels = evaluate(split.test)
+    threshold = choose_threshold(val_labels, val["probability"])
+    val_metrics = binary_metrics(val_labels, val["probability"], threshold)
+    results = {
+        "config": config.to_json(),
+        "best_epoch": meta["best_epoch"],
+        "validation": {"auc": val_metrics["auc"], "accuracy": val_metrics["accuracy"]},
+        "test": binary_metrics(test_labels, test["probability"], threshold),
+    }
+    if lead:
+        _write_predictions(workdir / "validation_predictions.csv", examples, val["index"],
+                           val["probability"], val["instance_logits"])
+        _write_predictions(workdir / "test_predictions.csv", examples, test["index"],
+                           test["probability"], test["instance_logits"])
+        _write_json(workdir / "results.json", results)
+        logging.info("Best epoch %d. Test AUC %.3f, accuracy %.3f (threshold %.3f from "
+                     "validation). Results in %s", results["best_epoch"], results["test"]["auc"],
+                     results["test"]["accuracy"], threshold, workdir / "results.json")
+    return results
+
+
+def _rewrite_metrics(workdir: Path, history: list[dict]) -> None:
+    tmp = workdir / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    tmp.replace(workdir / "metrics.jsonl")
+
+
+def _summary_writer(workdir: Path):
+    import tensorflow as tf
+
+    return tf.summary.create_file_writer(str(workdir / "tensorboard"))
+
+
+def _write_summary(writer, record: dict) -> None:
+    import tensorflow as tf
+
+    with writer.as_default(step=record["epoch"]):
+        for key, value in record.items():
+            if key != "epoch" and value is not None:
+                tf.summary.scalar(key, value)
+    writer.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+_D = Config()
+flags.DEFINE_enum("scheme", _D.scheme, SCHEMES,
+                  "MIL scheme: alexnet (the paper's baseline: AlexNet with its fully connected "
+                  "layers), max_pooling (Eq. 4), label_assign (Eq. 6), sparse (Eq. 7).")
+flags.DEFINE_float("k", _D.k, "label_assign: the top-k instances of each image take its label; "
+                   "an integer count (paper: 6 of 36) or a fraction in (0, 1) of the instances.")
+flags.DEFINE_float("mu", _D.mu, "sparse: weight of the L1 term on the sorted instance "
+                   "probabilities (paper: 1e-5).")
+flags.DEFINE_float("weight_decay", None, "lambda of the lambda/2 ||theta||^2 term in the loss "
+                   "(default: the paper's 1e-5, or 5e-6 for --scheme=sparse).")
+flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate (paper: 5e-5).")
+flags.DEFINE_integer("batch_size", _D.batch_size, "Global training batch, split over all devices "
+                     "of all processes; must be a multiple of the device count.")
+flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Global evaluation batch.")
+flags.DEFINE_integer("epochs", _D.epochs, "Training epochs; the epoch with the best validation "
+                     "AUC is the one tested.")
+flags.DEFINE_enum("dataset", _D.dataset, DATASETS,
+                  "synthetic: generated INbreast-like data (no download needed); inbreast: the "
+                  "INbreast database at --manual_dir; folder: your CSV of images and labels at "
+                  "--manual_dir (see README).")
+flags.DEFINE_string("data_dir", _D.data_dir, "Where prepared datasets (and the synthetic data) "
+                    "are kept.")
+flags.DEFINE_string("manual_dir", _D.manual_dir, "inbreast: the INbreast folder (AllDICOMs, "
+                    "AllXML, INbreast.csv); folder: the CSV file.")
+flags.DEFINE_integer("synthetic_images", _D.synthetic_images, "Images in the synthetic dataset.")
+flags.DEFINE_integer("image_size", _D.image_size, "Preprocessed image side in pixels (paper: "
+                     "227, a 6x6 grid of instances; 454 gives 13x13).")
+flags.DEFINE_bool("skip_bad", _D.skip_bad, "List unreadable images in a summary and go on, "
+                  "instead of stopping at the first.")
+flags.DEFINE_integer("fold", _D.fold, "Test fold; fold+1 (mod num_folds) is the validation fold.")
+flags.DEFINE_integer("num_folds", _D.num_folds, "Cross-validation folds (paper: 5).")
+flags.DEFINE_enum("split", _D.split, ["patient", "image"],
+                  "patient: no patient's images in two of train/validation/test; image: the "
+                  "paper's image-level split.")
+flags.DEFINE_string("init", _D.init, "random, imagenet:PATH (a python -m "
+                    "deepmil_jax.convert_weights output, as the paper did), or checkpoint:PATH "
+                    "(another run's workdir, e.g. label_assign fine-tuned from max_pooling).")
+flags.DEFINE_enum("backbone", _D.backbone, ["caffe", "torchvision"],
+                  "AlexNet variant: caffe (the paper's, grouped convolutions and LRN) or "
+                  "torchvision.")
+flags.DEFINE_list("head_hidden", [], "Hidden 1x1 layers before the instance logit, e.g. 128,128 "
+                  "(the paper's released code); empty for the paper's logistic regression.")
+flags.DEFINE_enum("precision", _D.precision, ["fp32", "bf16"],
+                  "bf16: bfloat16 compute with float32 parameters and optimiser state.")
+flags.DEFINE_bool("augment", _D.augment, "The paper's augmentation: flip, shift, rotation, a "
+                  "zeroed box.")
+flags.DEFINE_integer("seed", _D.seed, "Seeds every random choice (splits, init, shuffling, "
+                     "augmentation).")
+flags.DEFINE_string("workdir", None, "Output folder; default runs/<scheme>_fold<fold>. An "
+                    "existing workdir is resumed.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (Cloud TPU pods and "
+                  "clusters it detects); see --coordinator_address for others.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process "
+                    "training without cluster auto-detection.")
+flags.DEFINE_integer("num_processes", None, "With --coordinator_address: number of processes.")
+flags.DEFINE_integer("process_id", None, "With --coordinator_address: this process's index.")
+
+FLAGS = flags.FLAGS
+
+
+def config_from_flags() -> Config:
+    """Builds the frozen Config from the parsed command-line flags."""
+    try:
+        head = tuple(int(x) for x in FLAGS.head_hidden)
+    except ValueError as e:
+        raise ConfigError(f"--head_hidden: {FLAGS.head_hidden} is not a list of integers.") from e
+    names = [f.name for f in dataclasses.fields(Config) if f.name != "head_hidden"]
+    return Config(head_hidden=head, **{name: getattr(FLAGS, name) for name in names})
+
+
+def initialize_distributed() -> None:
+    if FLAGS.coordinator_address:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
+    elif FLAGS.distributed:
+        jax.distributed.initialize()
+
+
+def run_main(body) -> None:
+    """Runs ``body`` under absl, turning the project's errors into one clear line and exit 2."""
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        try:
+            initialize_distributed()
+            body()
+        except DeepMILError as e:
+            logging.error("%s", e)
+            raise SystemExit(f"error: {e}") from None
+
+    app.run(main)
+
+
+def _main() -> None:
+    config = config_from_flags()
+    workdir = FLAGS.workdir or f"runs/{config.scheme}_fold{config.fold}"
+    train_and_evaluate(config, workdir)
+
+
+if __name__ == "__main__":
+    run_main(_main)

@@ -1,0 +1,236 @@
+"""The training program: end to end, data parallelism, resume, preemption, divergence, flags."""
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from deepmil_jax import train
+from deepmil_jax.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A small, fast configuration: 99x99 images give a 2x2 grid of instances.
+SMALL = train.Config(
+    scheme="label_assign", k=1, image_size=99, batch_size=8, eval_batch_size=16, epochs=2,
+    synthetic_images=48, learning_rate=1e-4, seed=1,
+)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def _params(state) -> dict[str, np.ndarray]:
+    return {
+        jax.tree_util.keystr(p): np.asarray(x)
+        for p, x in jax.tree_util.tree_leaves_with_path(state["params"])
+    }
+
+
+def _assert_same_params(a, b, **tol):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], err_msg=key, **tol)
+
+
+def test_end_to_end_learns_the_synthetic_lesions(tmp_path):
+    config = dataclasses.replace(
+        SMALL, image_size=227, k=6, synthetic_images=160, epochs=12, learning_rate=1e-4,
+        data_dir=str(tmp_path / "data"),
+    )
+    results = train.train_and_evaluate(config, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["test"]["auc"] == pytest.approx(results["test"]["auc"])
+    assert set(saved) == {"config", "best_epoch", "validation", "test"}
+    assert set(saved["test"]) == {"auc", "accuracy", "sensitivity", "specificity", "threshold"}
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [h["epoch"] for h in history] == list(range(1, 13))
+    best = max(history, key=lambda h: h["validation_auc"])
+    assert saved["best_epoch"] == best["epoch"]
+    assert saved["validation"]["auc"] == pytest.approx(best["validation_auc"], abs=1e-6)
+    assert results["test"]["auc"] > 0.75, results
+
+
+def _run_and_params(config, workdir):
+    train.train_and_evaluate(config, workdir)
+    trainer = train.Trainer(config, train.make_mesh())
+    state, meta = train.Checkpoints.restore(train.Checkpoints(workdir).latest, trainer.state)
+    return _params(state), meta
+
+
+def test_resume_gives_the_same_parameters_and_metrics(tmp_path, data_dir):
+    config = dataclasses.replace(SMALL, data_dir=data_dir)
+    straight, straight_meta = _run_and_params(config, tmp_path / "straight")
+    train.train_and_evaluate(dataclasses.replace(config, epochs=1), tmp_path / "resumed")
+    resumed, resumed_meta = _run_and_params(config, tmp_path / "resumed")
+    _assert_same_params(straight, resumed, rtol=1e-6, atol=1e-7)
+    for a, b in zip(straight_meta["history"], resumed_meta["history"], strict=True):
+        a.pop("train_images_per_sec"), b.pop("train_images_per_sec")
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_sigterm_saves_and_resumes_mid_epoch(tmp_path, data_dir, monkeypatch):
+    config = dataclasses.replace(SMALL, data_dir=data_dir, epochs=1, batch_size=4)
+    straight, _ = _run_and_params(config, tmp_path / "straight")
+
+    original = train.Trainer.train_step
+    calls = {"n": 0}
+
+    def preempted_step(self, batch, step):
+        out = original(self, batch, step)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(train.Trainer, "train_step", preempted_step)
+    with pytest.raises(SystemExit) as stop:
+        train.train_and_evaluate(config, tmp_path / "preempted")
+    assert stop.value.code == 0
+    assert not (tmp_path / "preempted" / "results.json").exists()
+    monkeypatch.setattr(train.Trainer, "train_step", original)
+    resumed, meta = _run_and_params(config, tmp_path / "preempted")
+    assert meta["epoch"] == 1
+    _assert_same_params(straight, resumed, rtol=1e-6, atol=1e-7)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
+    config = dataclasses.replace(SMALL, data_dir=data_dir, epochs=1)
+    train.train_and_evaluate(config, tmp_path / "run")
+    good, _ = _run_and_params(config, tmp_path / "run")
+    monkeypatch.setattr(train, "scheme_loss", lambda config, logits, labels: jax.numpy.nan)
+    with pytest.raises(train.TrainingDiverged, match="last good checkpoint"):
+        train.train_and_evaluate(dataclasses.replace(config, epochs=2), tmp_path / "run")
+    monkeypatch.undo()
+    trainer = train.Trainer(config, train.make_mesh())
+    state, meta = train.Checkpoints.restore(
+        train.Checkpoints(tmp_path / "run").latest, trainer.state
+    )
+    assert meta["epoch"] == 1
+    _assert_same_params(good, _params(state), rtol=0, atol=0)
+
+
+def _worker(out, **kwargs):
+    args = [sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(out)]
+    args += [f"--{k}={v}" for k, v in kwargs.items()]
+    return subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc):
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_one_four_devices_and_two_processes_agree(tmp_path):
+    """Same seed and data: 1 device, 4 devices, and 2 processes x 2 devices (gloo over loopback)."""
+    port = _free_port()
+    procs = [
+        _worker(tmp_path / "one.npz", devices=1),
+        _worker(tmp_path / "four.npz", devices=4),
+    ]
+    for p in procs:
+        _finish(p)
+    pair = [
+        _worker(tmp_path / "two.npz", devices=2, process_id=i, num_processes=2, port=port)
+        for i in range(2)
+    ]
+    for p in pair:
+        _finish(p)
+    one, four, two = (dict(np.load(tmp_path / f"{n}.npz")) for n in ("one", "four", "two"))
+    assert (int(one.pop("devices")), int(four.pop("devices")), int(two.pop("devices"))) == (1, 4, 4)
+    _assert_same_params(one, four, rtol=2e-4, atol=2e-6)
+    _assert_same_params(four, two, rtol=2e-4, atol=2e-6)
+
+
+def test_batch_must_divide_over_devices(tmp_path):
+    code = (
+        "from deepmil_jax import train\n"
+        f"c = train.Config(batch_size=6, synthetic_images=48, data_dir={str(tmp_path)!r})\n"
+        f"train.train_and_evaluate(c, {str(tmp_path / 'run')!r})\n"
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--batch_size=6 cannot be split evenly over 4 devices" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "changes, flag",
+    [
+        ({"fold": 5}, "--fold"),
+        ({"scheme": "mean"}, "--scheme"),
+        ({"k": 2.5}, "--k"),
+        ({"init": "imagenet:/no/such/dir"}, "--init"),
+        ({"init": "pretrained"}, "--init"),
+        ({"dataset": "inbreast"}, "--manual_dir"),
+        ({"precision": "fp16"}, "--precision"),
+    ],
+)
+def test_bad_config_names_the_flag(changes, flag):
+    with pytest.raises(ConfigError, match=flag):
+        dataclasses.replace(train.Config(), **changes).validate()
+
+
+def test_paper_defaults():
+    c = train.Config()
+    assert (c.learning_rate, c.lam, c.k, c.mu, c.image_size, c.num_folds) == (
+        5e-5, 1e-5, 6, 1e-5, 227, 5)
+    assert dataclasses.replace(c, scheme="sparse").lam == 5e-6
+
+
+def test_cli_help_and_bad_flag():
+    help_text = subprocess.run(
+        [sys.executable, "-m", "deepmil_jax.train", "--helpfull"], cwd=ROOT, capture_output=True,
+        text=True, timeout=120,
+    ).stdout
+    for flag in ("--scheme", "--k", "--mu", "--dataset", "--fold", "--init", "--precision",
+                 "--workdir", "--coordinator_address"):
+        assert flag in help_text
+    bad = subprocess.run(
+        [sys.executable, "-m", "deepmil_jax.train", "--fold=9"], cwd=ROOT, capture_output=True,
+        text=True, timeout=120,
+    )
+    assert bad.returncode != 0
+    assert "--fold: must be in 0..4" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_threshold_and_metrics_against_hand_counts():
+    labels = np.array([0, 0, 0, 1, 1, 1, 0, 1])
+    probs = np.array([0.1, 0.2, 0.6, 0.7, 0.4, 0.9, 0.3, 0.8])
+    m = train.binary_metrics(labels, probs, 0.5)
+    # predicted positive: 0.6, 0.7, 0.9, 0.8 -> TP=3 (0.7, 0.9, 0.8), FP=1, FN=1 (0.4), TN=3
+    assert (m["sensitivity"], m["specificity"], m["accuracy"]) == (0.75, 0.75, 0.75)
+    # AUC by counting the positive-negative pairs ranked correctly
+    pairs = [(p > n) + 0.5 * (p == n) for p in probs[labels == 1] for n in probs[labels == 0]]
+    assert m["auc"] == pytest.approx(np.mean(pairs))
+    # Youden's J is largest at t=0.4 (sensitivity 1, specificity 0.75)
+    assert train.choose_threshold(labels, probs) == pytest.approx(0.4)
+
+
+def test_model_outputs_per_scheme():
+    for scheme, grid in (("label_assign", (2, 2)), ("max_pooling", (6, 6)), ("alexnet", (1, 1))):
+        size = 99 if scheme == "label_assign" else 227
+        model = train.create_model(dataclasses.replace(train.Config(), scheme=scheme),
+                                   nnx.Rngs(0))
+        model.eval()
+        out = model(np.zeros((2, size, size, 1), np.float32))
+        assert out.shape == (2, *grid), scheme
