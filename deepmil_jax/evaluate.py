@@ -7,6 +7,12 @@ For each scheme and fold this trains (or, when ``<workdir>/<scheme>/fold<f>/resu
 reuses) one run of ``deepmil_jax.train``, then writes ``report.md``, ``report.csv`` and
 ``report.json`` (test accuracy and AUC, mean +- standard deviation over the folds) and one ROC
 plot per scheme, ``roc_<scheme>.png``, in the workdir.
+
+Next to AUC the report gives a localisation score, the pointing game: of the positive test images
+with annotated masses, the fraction whose highest-scoring instance (its patch of the preprocessed
+image, ``deepmil_jax.heatmap.cell_box``) overlaps a mass box. The mass boxes come from the dataset
+(``Examples.mass_boxes``), the top instance from each run's ``test_predictions.csv``. The
+``alexnet`` baseline has a single instance covering the whole image, so it gets none.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from absl import flags, logging
 
-from deepmil_jax import train
+from deepmil_jax import heatmap, train
 from deepmil_jax.errors import ConfigError
 
 # The paper's Table 1 (INbreast, 5-fold cross-validation), for comparison in the report.
@@ -58,8 +64,70 @@ def cross_validate(config: train.Config, schemes: list[str], folds: list[int],
     return results
 
 
+def grid_shape(config: train.Config) -> tuple[int, int]:
+    """(h', w') of the instance grid of ``config``'s model at ``config.image_size`` (shapes only,
+    nothing is computed)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    abstract = nnx.eval_shape(lambda: train.create_model(config, nnx.Rngs(0), warn=False))
+    graphdef, state = nnx.split(abstract)
+    size = config.image_size
+    out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
+                         jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32))
+    return int(out.shape[1]), int(out.shape[2])
+
+
+def localization(run_dir: str | Path, mass_boxes: dict[str, np.ndarray], *,
+                 grid_shape: tuple[int, int], image_size: int) -> dict[str, float | int]:
+    """Pointing game of one run: ``heatmap.pointing_game`` over its ``test_predictions.csv``.
+
+    Args:
+      run_dir: a training workdir with ``test_predictions.csv`` (file_id, label, top_patch_row,
+        top_patch_col, ...).
+      mass_boxes: {file_id: (b, 4)} mass boxes in preprocessed pixels (``Examples.mass_boxes``).
+      grid_shape: (h', w') of the run's instance maps; image_size: its preprocessed side.
+
+    Returns:
+      ``{"hits", "evaluated", "score"}``.
+    """
+    with (Path(run_dir) / "test_predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    top = {r["file_id"]: (int(r["top_patch_row"]), int(r["top_patch_col"])) for r in rows}
+    labels = {r["file_id"]: int(r["label"]) for r in rows}
+    return heatmap.pointing_game(top, mass_boxes, labels, grid_shape=grid_shape,
+                                 image_shape=(image_size, image_size))
+
+
+def add_localization(config: train.Config, results: dict[str, list[dict]]) -> None:
+    """Adds ``"localization"`` (``localization``'s dict, or None for the alexnet scheme, which has
+    one instance) to every run of ``results``, loading the dataset's mass boxes once."""
+    examples = None
+    grids: dict[tuple, tuple[int, int]] = {}
+    for scheme, runs in results.items():
+        for run in runs:
+            if scheme == "alexnet":
+                run["localization"] = None
+                continue
+            run_config = dataclasses.replace(config, scheme=scheme, fold=run["fold"])
+            if examples is None:
+                examples = train.load_examples(config)
+                boxes = dict(zip(examples.file_ids.tolist(), examples.mass_boxes, strict=True))
+            key = (scheme, run_config.backbone, run_config.image_size, run_config.head_hidden)
+            if key not in grids:
+                grids[key] = grid_shape(run_config)
+            run["localization"] = localization(run["run_dir"], boxes, grid_shape=grids[key],
+                                               image_size=run_config.image_size)
+
+
 def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
-    """Mean and sample standard deviation over folds of each test metric, by scheme."""
+    """Mean and sample standard deviation over folds of each test metric, by scheme.
+
+    Runs carrying ``"localization"`` (``add_localization``) also give ``"localization"``: the
+    pointing-game score's mean, standard deviation and per-fold values, and the hits and images
+    scored over all folds (None for a scheme without instances).
+    """
     table = {}
     for scheme, runs in results.items():
         row = {"folds": len(runs)}
@@ -70,6 +138,20 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
                 "std": float(np.nanstd(values, ddof=1)) if len(values) > 1 else 0.0,
                 "per_fold": values.tolist(),
             }
+        if any("localization" in r for r in runs):
+            scored = [r["localization"] for r in runs if r.get("localization")]
+            if scored:
+                values = np.array([s["score"] for s in scored], float)
+                finite = values[np.isfinite(values)]
+                row["localization"] = {
+                    "mean": float(finite.mean()) if finite.size else float("nan"),
+                    "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0,
+                    "per_fold": values.tolist(),
+                    "hits": int(sum(s["hits"] for s in scored)),
+                    "evaluated": int(sum(s["evaluated"] for s in scored)),
+                }
+            else:
+                row["localization"] = None
         table[scheme] = row
     return table
 
@@ -78,25 +160,48 @@ def write_report(table: dict[str, dict], results: dict[str, list[dict]], workdir
     """report.md / report.csv / report.json and roc_<scheme>.png in ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "report.json").write_text(json.dumps(table, indent=2) + "\n")
+    with_loc = any("localization" in row for row in table.values())
     with (workdir / "report.csv").open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["scheme", "folds", "accuracy_mean", "accuracy_std", "auc_mean", "auc_std"])
+        header = ["scheme", "folds", "accuracy_mean", "accuracy_std", "auc_mean", "auc_std"]
+        if with_loc:
+            header += ["localization_mean", "localization_std", "localization_hits",
+                       "localization_evaluated"]
+        out.writerow(header)
         for scheme, row in table.items():
-            out.writerow([scheme, row["folds"], row["accuracy"]["mean"], row["accuracy"]["std"],
-                          row["auc"]["mean"], row["auc"]["std"]])
+            line = [scheme, row["folds"], row["accuracy"]["mean"], row["accuracy"]["std"],
+                    row["auc"]["mean"], row["auc"]["std"]]
+            if with_loc:
+                loc = row.get("localization")
+                line += ([loc["mean"], loc["std"], loc["hits"], loc["evaluated"]] if loc
+                         else ["", "", "", ""])
+            out.writerow(line)
     lines = [
-        "| Method | Accuracy | AUC | Paper AUC (INbreast) |",
-        "|---|---|---|---|",
+        "| Method | Accuracy | AUC | Paper AUC (INbreast) |" + (" Pointing game |" if with_loc
+                                                               else ""),
+        "|---|---|---|---|" + ("---|" if with_loc else ""),
     ]
     for scheme, row in table.items():
-        cell = lambda m: f"{row[m]['mean']:.2f} ± {row[m]['std']:.2f}"  # noqa: E731
+        def cell(m: str, row: dict = row) -> str:
+            return f"{row[m]['mean']:.2f} ± {row[m]['std']:.2f}"
+
         paper = f"{PAPER_AUC[scheme]:.2f}" if scheme in PAPER_AUC else "-"
-        lines.append(f"| {NAMES.get(scheme, scheme)} | {cell('accuracy')} | {cell('auc')} | "
-                     f"{paper} |")
+        line = f"| {NAMES.get(scheme, scheme)} | {cell('accuracy')} | {cell('auc')} | {paper} |"
+        if with_loc:
+            loc = row.get("localization")
+            line += (f" {loc['mean']:.2f} ± {loc['std']:.2f} ({loc['hits']}/{loc['evaluated']})"
+                     " |" if loc else " - |")
+        lines.append(line)
     folds = max(row["folds"] for row in table.values())
     lines += ["", f"Test-fold mean ± standard deviation over {folds} folds; accuracy at the "
               "threshold chosen on each fold's validation set. Paper: INbreast, Zhu et al. 2017, "
               "Table 1."]
+    if with_loc:
+        lines += ["", "Pointing game: of the positive test images with annotated masses, the "
+                  "fraction whose highest-scoring patch (instance (r, c) of an h x w grid taken "
+                  "as rows [r H/h, (r+1) H/h) and columns likewise of the preprocessed image) "
+                  "overlaps a mass box; mean ± standard deviation over folds, and hits/images "
+                  "over all folds. The AlexNet baseline has one instance, so no score."]
     (workdir / "report.md").write_text("\n".join(lines) + "\n")
     for scheme, runs in results.items():
         plot_roc(scheme, runs, workdir / f"roc_{scheme}.png")
@@ -123,7 +228,8 @@ def plot_roc(scheme: str, runs: list[dict], path: Path) -> None:
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=NAMES.get(scheme, scheme),
            xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right", fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -140,6 +246,7 @@ def _main() -> None:
         raise ConfigError(f"--folds: {FLAGS.folds} is not a list of integers.") from e
     workdir = Path(FLAGS.workdir or "runs/cv")
     results = cross_validate(config, FLAGS.schemes, folds, workdir)
+    add_localization(config, results)
     table = summarize(results)
     write_report(table, results, workdir)
     print((workdir / "report.md").read_text())

@@ -699,12 +699,19 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def _quiet_libraries(record) -> bool:
+    """Keeps the libraries' INFO chatter (Orbax, TFDS) out of the program's log (30: WARNING)."""
+    noisy = ("orbax", "tensorflow_datasets", "etils")
+    return record.levelno >= 30 or not any(n in record.pathname for n in noisy)
+
+
 def run_main(body) -> None:
     """Runs ``body`` under absl, turning the project's errors into one clear line and exit 2."""
 
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        logging.get_absl_handler().addFilter(_quiet_libraries)
         try:
             initialize_distributed()
             body()

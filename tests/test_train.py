@@ -215,15 +215,15 @@ def test_cli_help_and_bad_flag():
 
 def test_threshold_and_metrics_against_hand_counts():
     labels = np.array([0, 0, 0, 1, 1, 1, 0, 1])
-    probs = np.array([0.1, 0.2, 0.6, 0.7, 0.4, 0.9, 0.3, 0.8])
+    probs = np.array([0.1, 0.2, 0.6, 0.7, 0.4, 0.9, 0.5, 0.8])
     m = train.binary_metrics(labels, probs, 0.5)
-    # predicted positive: 0.6, 0.7, 0.9, 0.8 -> TP=3 (0.7, 0.9, 0.8), FP=1, FN=1 (0.4), TN=3
-    assert (m["sensitivity"], m["specificity"], m["accuracy"]) == (0.75, 0.75, 0.75)
+    # predicted positive: 0.6, 0.7, 0.9, 0.5, 0.8 -> TP=3, FP=2, FN=1 (0.4), TN=2
+    assert (m["sensitivity"], m["specificity"], m["accuracy"]) == (0.75, 0.5, 5 / 8)
     # AUC by counting the positive-negative pairs ranked correctly
     pairs = [(p > n) + 0.5 * (p == n) for p in probs[labels == 1] for n in probs[labels == 0]]
     assert m["auc"] == pytest.approx(np.mean(pairs))
-    # Youden's J is largest at t=0.4 (sensitivity 1, specificity 0.75)
-    assert train.choose_threshold(labels, probs) == pytest.approx(0.4)
+    # Youden's J: 0.5 at t=0.4 (sensitivity 1, specificity 0.5), 0.75 at t=0.7 (0.75 and 1)
+    assert train.choose_threshold(labels, probs) == pytest.approx(0.7)
 
 
 def test_model_outputs_per_scheme():

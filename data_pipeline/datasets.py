@@ -1,0 +1,672 @@
+"""TFDS builders for INbreast (also the synthetic dataset) and any folder of mammograms + CSV.
+
+Preparing a dataset runs ``data_pipeline.preprocess.preprocess_file`` on every image once, in a
+process pool, and writes the preprocessed images (16-bit PNG inside TFRecords) with their labels
+and metadata to ``data_dir/<builder>/<config>/<version>/``. TFDS writes into an ``incomplete.*``
+folder that is renamed only when everything is written, so an interrupted preparation is never
+mistaken for a dataset: the next ``prepare`` call starts again.
+
+Builders (registered with TFDS when this module is imported):
+
+* ``inbreast``: ``manual_dir`` is the INbreast folder (``AllDICOMs/``, ``AllXML/``,
+  ``INbreast.csv``); the synthetic dataset has the same layout and uses the same builder (with its
+  own ``data_dir``). Configs ``"227"`` and ``"454"`` (image side in pixels); any other size works as
+  a custom config.
+* ``mammogram_folder``: ``manual_dir`` holds a CSV listing images and labels
+  (``data_pipeline.inbreast.read_folder``); the CSV's name and columns are part of the config.
+
+``prepare`` is the entry point used by training: it prepares once (a second call only loads) and
+returns everything as numpy arrays in an ``Examples``.
+
+Preparation uses a ``forkserver`` process pool (TensorFlow is already loaded in this process, so it
+is not forked); as with any ``multiprocessing`` pool, a script that calls ``prepare`` at top level
+must guard it with ``if __name__ == "__main__":``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import multiprocessing
+import os
+import sys
+import types
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+from tqdm import tqdm
+
+from data_pipeline.errors import DataError
+from data_pipeline.inbreast import BadFile, Record, read_folder, read_inbreast
+from data_pipeline.preprocess import Geometry, PreprocessConfig, preprocess_file
+
+__all__ = [
+    "SOURCES",
+    "Examples",
+    "FolderConfig",
+    "Inbreast",
+    "MammogramConfig",
+    "MammogramFolder",
+    "get_builder",
+    "prepare",
+]
+
+try:  # Keep TensorFlow off the accelerators: JAX owns them.
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # already initialised
+    pass
+
+SOURCES = ("inbreast", "synthetic", "folder")
+_UINT16_MAX = 65535
+
+_CITATION_INBREAST = """\
+@article{moreira2012inbreast,
+  title={INbreast: toward a full-field digital mammographic database},
+  author={Moreira, In{\\^e}s C and Amaral, Igor and Domingues, In{\\^e}s and Cardoso, Ant{\\'o}nio
+          and Cardoso, Maria Jo{\\~a}o and Cardoso, Jaime S},
+  journal={Academic Radiology}, volume={19}, number={2}, pages={236--248}, year={2012}
+}
+@inproceedings{zhu2017deep,
+  title={Deep Multi-instance Networks with Sparse Label Assignment for Whole Mammogram
+         Classification},
+  author={Zhu, Wentao and Lou, Qi and Vang, Yeeleng Scott and Xie, Xiaohui},
+  booktitle={MICCAI}, pages={603--611}, year={2017}
+}
+"""
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs and features.
+
+
+@dataclasses.dataclass
+class MammogramConfig(tfds.core.BuilderConfig):
+    """A prepared dataset's preprocessing.
+
+    Attributes:
+      image_size: (h, w) of the stored images (the paper: 227 x 227).
+      flip: flip every breast so that the chest wall is on the left (PreprocessConfig.flip).
+    """
+
+    image_size: tuple[int, int] = (227, 227)
+    flip: bool = True
+
+    def preprocess_config(self) -> PreprocessConfig:
+        return PreprocessConfig(size=tuple(self.image_size), flip=self.flip)
+
+
+@dataclasses.dataclass
+class FolderConfig(MammogramConfig):
+    """Config of ``mammogram_folder``: which CSV under ``manual_dir`` and which of its columns."""
+
+    csv_name: str = "labels.csv"
+    image_column: str = "image"
+    label_column: str = "label"
+    patient_column: str | None = None
+
+
+def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int | np.integer):
+        size = (int(image_size), int(image_size))
+    else:
+        size = tuple(int(s) for s in image_size)
+    if len(size) != 2 or min(size) < 8:
+        raise DataError(
+            f"image_size={image_size!r}: give one int (square images, e.g. 227) or (h, w), at "
+            "least 8 pixels."
+        )
+    return size
+
+
+def _config_name(size: tuple[int, int]) -> str:
+    return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
+
+
+def _features(size: tuple[int, int]) -> tfds.features.FeaturesDict:
+    h, w = size
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(
+                shape=(h, w, 1),
+                dtype=np.uint16,
+                encoding_format="png",
+                doc="Preprocessed mammogram (crop, flip, resize), intensity * 65535.",
+            ),
+            "label": tfds.features.ClassLabel(
+                names=["negative", "positive"], doc="1 iff BI-RADS >= 4 (paper, Sec. 3)."
+            ),
+            "birads": tfds.features.Text(doc="BI-RADS assessment (1..6, 4a/4b/4c); '' if none."),
+            "patient_id": tfds.features.Text(),
+            "laterality": tfds.features.Text(doc="'L', 'R' or ''."),
+            "view": tfds.features.Text(doc="'CC', 'MLO' or ''."),
+            "file_id": tfds.features.Text(),
+            "mass_boxes": tfds.features.Tensor(
+                shape=(None, 4),
+                dtype=np.float32,
+                doc="Mass bounding boxes (y0, x0, y1, x1) in preprocessed pixel coordinates.",
+            ),
+            "original_shape": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+            "crop": tfds.features.Tensor(
+                shape=(4,), dtype=np.int32, doc="(y0, x0, y1, x1) in original pixels."
+            ),
+            "flipped": tfds.features.Scalar(dtype=np.bool_),
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation: preprocessing in a bounded process pool, yielding examples one by one.
+
+
+def _box(geometry: Geometry, outline: np.ndarray) -> np.ndarray:
+    """(4,) float32 (y0, x0, y1, x1) bounding box of an original-pixel outline, clipped."""
+    points = np.asarray(geometry.from_original(np.asarray(outline, np.float64))).reshape(-1, 2)
+    h, w = geometry.size
+    lo = np.clip(points.min(axis=0), 0, [h - 1, w - 1])
+    hi = np.clip(points.max(axis=0), 0, [h - 1, w - 1])
+    return np.array([lo[0], lo[1], hi[0], hi[1]], dtype=np.float32)
+
+
+def _example(record: Record, image: np.ndarray, geometry: Geometry) -> dict[str, Any]:
+    pixels = np.round(np.clip(image, 0.0, 1.0) * _UINT16_MAX).astype(np.uint16)
+    boxes = [_box(geometry, outline) for outline in record.masses if len(outline)]
+    return {
+        "image": pixels[:, :, None],
+        "label": int(record.label),
+        "birads": record.birads,
+        "patient_id": record.patient_id,
+        "laterality": record.laterality,
+        "view": record.view,
+        "file_id": record.file_id,
+        "mass_boxes": np.array(boxes, np.float32).reshape(-1, 4),
+        "original_shape": np.array(geometry.original_shape, np.int32),
+        "crop": np.array(geometry.crop, np.int32),
+        "flipped": bool(geometry.flipped),
+    }
+
+
+@contextlib.contextmanager
+def _plain_main() -> Iterator[None]:
+    """While worker processes start, ``__main__`` is an empty module.
+
+    Python re-imports the program's main module in every ``spawn``/``forkserver`` worker (so
+    ``python -m deepmil_jax.train`` would load JAX and TF in each); the workers run
+    ``preprocess_file`` and need nothing from it.
+    """
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
+
+
+def _executor(num_workers: int) -> ProcessPoolExecutor:
+    """Worker processes that import only ``data_pipeline.preprocess``.
+
+    This process has TensorFlow loaded (maybe JAX too), so workers are not forked from it: they
+    come from a ``forkserver`` (``spawn`` where there is none). A ProcessPoolExecutor rather than
+    a multiprocessing.Pool, so that a worker that dies (a decoder crash, out of memory) gives an
+    error instead of a hang.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    method = "forkserver" if "forkserver" in methods else "spawn"
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(["data_pipeline.preprocess"])
+    return ProcessPoolExecutor(max_workers=num_workers, mp_context=context)
+
+
+def _preprocessed(
+    records: Sequence[Record], config: PreprocessConfig, num_workers: int
+) -> Iterator[tuple[Record, np.ndarray | None, Geometry | None, DataError | None]]:
+    """(record, image, geometry, error) in the order of ``records``.
+
+    Runs ``preprocess_file`` in ``num_workers`` processes (in this process if 0 or 1) with at most
+    ``2 * num_workers`` images in flight, so memory stays bounded whatever the dataset's size:
+    only the preprocessed images travel back, one full-size image is decoded per worker at a time.
+    """
+    if num_workers <= 1 or len(records) <= 1:
+        for record in records:
+            try:
+                image, geometry = preprocess_file(record.path, config)
+            except DataError as error:
+                yield record, None, None, error
+            else:
+                yield record, image, geometry, None
+        return
+    executor = _executor(num_workers)
+    pending: collections.deque[tuple[Record, Future]] = collections.deque()
+    todo = iter(records)
+
+    def submit() -> None:
+        record = next(todo, None)
+        if record is not None:
+            with _plain_main():  # the executor starts its workers while submitting
+                pending.append((record, executor.submit(preprocess_file, record.path, config)))
+
+    try:
+        for _ in range(2 * num_workers):
+            submit()
+        while pending:
+            record, future = pending.popleft()
+            try:
+                image, geometry = future.result()
+            except DataError as error:
+                yield record, None, None, error
+            except BrokenProcessPool as error:
+                in_flight = [str(record.path)] + [str(r.path) for r, _ in pending]
+                raise DataError(
+                    "A preprocessing worker died (a crash in an image decoder, or out of memory) "
+                    f"while reading one of: {', '.join(in_flight)}. Run with num_workers=0 to "
+                    "find the file, or with fewer workers if memory is short."
+                ) from error
+            else:
+                yield record, image, geometry, None
+            submit()
+    finally:
+        executor.shutdown(wait=not pending, cancel_futures=True)
+
+
+class _MammogramBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Shared generation; subclasses say how to read the records from ``manual_dir``."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+    # Nothing is downloaded, so there are no URL checksums. Setting this also avoids TFDS 4.9.10's
+    # lookup of the builder's code path, which imports `importlib_resources` (not installed on
+    # Python >= 3.9: tensorflow/datasets#11212).
+    url_infos = None
+
+    def __init__(self, *, skip_bad: bool = False, num_workers: int | None = None, **kwargs: Any):
+        """Args beyond TFDS's (``data_dir``, ``config``, ...), used only when preparing:
+
+        skip_bad: leave out (and list in the metadata) files that cannot be read, instead of
+          failing.
+        num_workers: preprocessing processes; None: ``os.cpu_count()``; 0: in this process.
+        """
+        self._skip_bad = skip_bad
+        self._num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self._DESCRIPTION,
+            features=_features(tuple(self.builder_config.image_size)),
+            supervised_keys=("image", "label"),
+            disable_shuffling=True,  # keep the records' order (sorted by file id)
+            metadata=tfds.core.MetadataDict(),
+            citation=_CITATION_INBREAST,
+        )
+
+    _DESCRIPTION = ""
+
+    def _read_records(self, manual_dir: Path) -> tuple[list[Record], list[BadFile]]:
+        raise NotImplementedError
+
+    def _source_metadata(self, manual_dir: Path) -> dict[str, Any]:
+        return {"manual_dir": str(manual_dir.resolve())}
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
+        manual_dir = Path(os.fspath(dl_manager.manual_dir))
+        records, bad = self._read_records(manual_dir)
+        self.info.metadata.update(self._source_metadata(manual_dir))
+        # One split holding every example (folds are chosen later). TFDS reserves the name "all"
+        # (it means the union of all splits when reading), so the split is called "train".
+        return {"train": self._generate_examples(records, list(bad))}
+
+    def _generate_examples(
+        self, records: list[Record], bad: list[BadFile]
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        config = self.builder_config.preprocess_config()
+        workers = min(self._num_workers, len(records))
+        logging.info(
+            "Preprocessing %d images to %s with %d worker(s).", len(records), config.size, workers
+        )
+        key = 0
+        stream = _preprocessed(records, config, workers)
+        for record, image, geometry, error in tqdm(
+            stream, total=len(records), desc=f"Preprocessing {self.name}", unit="image"
+        ):
+            if error is not None:
+                if not self._skip_bad:
+                    raise DataError(
+                        f"{error} Or pass skip_bad=True (--skip_bad) to leave such files out."
+                    ) from error
+                logging.warning("left out %s: %s", record.path, error)
+                bad.append(BadFile(str(record.path), str(error)))
+                continue
+            yield key, _example(record, image, geometry)
+            key += 1
+        if key == 0:
+            raise DataError(
+                f"No image of {len(records)} could be preprocessed; see the files listed in the "
+                "log and fix them."
+            )
+        self.info.metadata["bad_files"] = [dataclasses.asdict(b) for b in bad]
+        self.info.metadata["num_examples"] = key
+        if bad:
+            logging.warning(
+                "%d file(s) left out of %s (listed in %s/metadata.json): %s",
+                len(bad),
+                self.name,
+                self.data_dir,
+                "; ".join(f"{b.path}: {b.reason}" for b in bad[:5])
+                + (" ..." if len(bad) > 5 else ""),
+            )
+
+
+class Inbreast(_MammogramBuilder):
+    """INbreast (Moreira et al. 2012): 410 full-field digital mammograms, 115 patients."""
+
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    INbreast is distributed on request by its authors (see
+    https://biokeanos.com/source/INBreast or the paper by Moreira et al., Academic Radiology 2012).
+    Unpack it and give its folder as manual_dir (--manual_dir); it must hold
+    `AllDICOMs/<id>_<patient>_MG_<L|R>_<CC|MLO>_ANON.dcm`, `AllXML/<id>.xml` and `INbreast.csv`
+    (the distribution's INbreast.xls saved as CSV, semicolon- or comma-separated).
+    The synthetic dataset (`python -m data_pipeline.synthetic --out=DIR`) has the same layout.
+    """
+    BUILDER_CONFIGS = [
+        MammogramConfig(name="227", image_size=(227, 227), description="227 x 227 (paper)."),
+        MammogramConfig(name="454", image_size=(454, 454), description="454 x 454."),
+    ]
+    DEFAULT_BUILDER_CONFIG_NAME = "227"
+    _DESCRIPTION = (
+        "INbreast full-field digital mammograms, preprocessed as in Zhu et al. (MICCAI 2017): "
+        "breast mask (Otsu), crop, flip to one side, resize. Label 1 iff BI-RADS >= 4."
+    )
+
+    def _read_records(self, manual_dir: Path) -> tuple[list[Record], list[BadFile]]:
+        return read_inbreast(manual_dir, skip_bad=self._skip_bad)
+
+
+class MammogramFolder(_MammogramBuilder):
+    """Any folder of mammograms (DICOM, PNG, TIFF) listed with labels in a CSV."""
+
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    Put the images and a CSV into one folder and give the folder as manual_dir. The CSV (named in
+    the config, default `labels.csv`) has a row per image with its path relative to the CSV
+    (column `image`) and its label 0/1 (column `label`); optional columns: a patient id, `birads`,
+    `laterality`, `view`.
+    """
+    _DESCRIPTION = "Mammograms listed in a CSV, preprocessed as in Zhu et al. (MICCAI 2017)."
+
+    def _read_records(self, manual_dir: Path) -> tuple[list[Record], list[BadFile]]:
+        config: FolderConfig = self.builder_config
+        return read_folder(
+            manual_dir / config.csv_name,
+            image_column=config.image_column,
+            label_column=config.label_column,
+            patient_column=config.patient_column,
+            skip_bad=self._skip_bad,
+        )
+
+    def _source_metadata(self, manual_dir: Path) -> dict[str, Any]:
+        config: FolderConfig = self.builder_config
+        return {
+            "manual_dir": str(manual_dir.resolve()),
+            "csv_name": config.csv_name,
+            "columns": [config.image_column, config.label_column, config.patient_column],
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# prepare(): prepare once, load into memory.
+
+
+@dataclasses.dataclass
+class Examples:
+    """A whole prepared dataset in memory (n examples, in file-id order).
+
+    Attributes:
+      images: ``(n, h, w)`` uint16, intensity * 65535 (input_pipeline scales by 1/65535).
+      labels: ``(n,)`` int32, 1 iff BI-RADS >= 4.
+      birads, patient_ids, file_ids, laterality, view: ``(n,)`` str arrays ('' when unknown).
+      mass_boxes: n arrays ``(b, 4)`` float32 (y0, x0, y1, x1) in preprocessed pixels.
+      bad_files: the files left out when the dataset was prepared with ``skip_bad=True``.
+      geometries: n ``Geometry``: where each image came from in its original (for heatmaps).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    birads: np.ndarray
+    patient_ids: np.ndarray
+    file_ids: np.ndarray
+    laterality: np.ndarray
+    view: np.ndarray
+    mass_boxes: list[np.ndarray]
+    bad_files: list[BadFile] = dataclasses.field(default_factory=list)
+    geometries: list[Geometry] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index: np.ndarray | Sequence[int]) -> Examples:
+        """The examples at ``index`` (e.g. ``Split.train``), same fields, same bad_files."""
+        index = np.asarray(index, dtype=np.int64)
+        return Examples(
+            images=self.images[index],
+            labels=self.labels[index],
+            birads=self.birads[index],
+            patient_ids=self.patient_ids[index],
+            file_ids=self.file_ids[index],
+            laterality=self.laterality[index],
+            view=self.view[index],
+            mass_boxes=[self.mass_boxes[i] for i in index],
+            bad_files=list(self.bad_files),
+            geometries=[self.geometries[i] for i in index] if self.geometries else [],
+        )
+
+
+def _folder_config(manual_dir: Path, size: tuple[int, int], **columns: Any) -> tuple[Path, str]:
+    """(folder, csv name) from ``manual_dir`` = a CSV file or a folder with exactly one CSV."""
+    if manual_dir.is_file():
+        return manual_dir.parent, manual_dir.name
+    if not manual_dir.is_dir():
+        raise DataError(f"{manual_dir}: no such folder or CSV file; check --manual_dir.")
+    csvs = sorted(p.name for p in manual_dir.glob("*.csv"))
+    if "labels.csv" in csvs:
+        return manual_dir, "labels.csv"
+    if len(csvs) != 1:
+        raise DataError(
+            f"{manual_dir}: found {len(csvs)} CSV files ({', '.join(csvs) or 'none'}); give "
+            "the CSV file itself as manual_dir, or name it labels.csv."
+        )
+    return manual_dir, csvs[0]
+
+
+def get_builder(
+    source: str,
+    *,
+    manual_dir: str | os.PathLike | None,
+    data_dir: str | os.PathLike,
+    image_size: int | Sequence[int] = 227,
+    skip_bad: bool = False,
+    num_workers: int | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    patient_column: str | None = None,
+) -> tuple[tfds.core.DatasetBuilder, Path | None]:
+    """The TFDS builder for ``source`` and the manual_dir to prepare it from (see ``prepare``)."""
+    if source not in SOURCES:
+        raise DataError(f"source={source!r} is not a dataset source; use one of {SOURCES}.")
+    size = _size(image_size)
+    name = _config_name(size)
+    manual = Path(manual_dir).expanduser() if manual_dir is not None else None
+    kwargs = dict(data_dir=os.fspath(data_dir), skip_bad=skip_bad, num_workers=num_workers)
+    if source == "folder":
+        if manual is None:
+            raise DataError('source="folder" needs manual_dir: the CSV or the folder holding it.')
+        manual, csv_name = _folder_config(manual, size)
+        config = FolderConfig(
+            name=name,
+            image_size=size,
+            csv_name=csv_name,
+            image_column=image_column,
+            label_column=label_column,
+            patient_column=patient_column,
+        )
+        return MammogramFolder(config=config, **kwargs), manual
+    predefined = Inbreast.builder_configs.get(name)
+    config = predefined or MammogramConfig(name=name, image_size=size)
+    return Inbreast(config=config, **kwargs), manual
+
+
+def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+    return (Path(os.fspath(builder.data_path)) / "dataset_info.json").exists()
+
+
+def _ensure_synthetic(manual_dir: Path) -> None:
+    if manual_dir.is_dir() and any(p.name.lower() == "inbreast.csv" for p in manual_dir.iterdir()):
+        return
+    from data_pipeline.synthetic import write_synthetic_inbreast
+
+    logging.info("No synthetic INbreast at %s; writing one (seed 0).", manual_dir)
+    write_synthetic_inbreast(manual_dir)
+
+
+def _load(builder: tfds.core.DatasetBuilder) -> Examples:
+    ds = builder.as_dataset(split="train", shuffle_files=False)
+    fields: dict[str, list[Any]] = collections.defaultdict(list)
+    text = ("birads", "patient_id", "file_id", "laterality", "view")
+    for example in tfds.as_numpy(ds):
+        fields["image"].append(example["image"][:, :, 0])
+        fields["label"].append(int(example["label"]))
+        for name in text:
+            fields[name].append(example[name].decode("utf-8"))
+        fields["mass_boxes"].append(np.asarray(example["mass_boxes"], np.float32).reshape(-1, 4))
+        size = tuple(int(s) for s in example["image"].shape[:2])
+        fields["geometry"].append(
+            Geometry(
+                original_shape=tuple(int(v) for v in example["original_shape"]),
+                crop=tuple(int(v) for v in example["crop"]),
+                flipped=bool(example["flipped"]),
+                size=size,
+            )
+        )
+    h, w = builder.builder_config.image_size
+    metadata = builder.info.metadata or {}
+    bad = [BadFile(**b) for b in metadata.get("bad_files", [])]
+    return Examples(
+        images=np.stack(fields["image"]) if fields["image"] else np.zeros((0, h, w), np.uint16),
+        labels=np.array(fields["label"], dtype=np.int32),
+        birads=np.array(fields["birads"], dtype=str),
+        patient_ids=np.array(fields["patient_id"], dtype=str),
+        file_ids=np.array(fields["file_id"], dtype=str),
+        laterality=np.array(fields["laterality"], dtype=str),
+        view=np.array(fields["view"], dtype=str),
+        mass_boxes=fields["mass_boxes"],
+        bad_files=bad,
+        geometries=fields["geometry"],
+    )
+
+
+def prepare(
+    source: str,
+    *,
+    manual_dir: str | os.PathLike | None,
+    data_dir: str | os.PathLike,
+    image_size: int | Sequence[int] = 227,
+    skip_bad: bool = False,
+    num_workers: int | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    patient_column: str | None = None,
+) -> Examples:
+    """Prepares a dataset once with TFDS, then loads all of it into memory.
+
+    The first call preprocesses every image (``preprocess_file``, in ``num_workers`` processes,
+    with a progress bar) and writes the TFDS dataset under ``data_dir``; later calls with the same
+    ``source``, ``data_dir`` and ``image_size`` only load it (``manual_dir`` is then not read).
+    An interrupted preparation leaves no dataset behind (TFDS writes to an ``incomplete.*`` folder
+    and renames it at the end), so the next call prepares again.
+
+    Args:
+      source: ``"inbreast"`` (``manual_dir`` = the INbreast folder), ``"synthetic"`` (the same
+        builder; if ``manual_dir`` holds no ``INbreast.csv`` yet, the synthetic dataset is written
+        there first) or ``"folder"`` (``manual_dir`` = a CSV file, or a folder with one CSV or a
+        ``labels.csv``; columns ``image_column``, ``label_column``, ``patient_column``).
+      manual_dir: where the raw data is.
+      data_dir: where TFDS datasets are written (use one per raw dataset: a second INbreast-layout
+        folder prepared into the same ``data_dir`` would find the first one's dataset).
+      image_size: side of the square images (227 in the paper) or (h, w).
+      skip_bad: leave out unreadable files instead of failing; they are recorded in the dataset's
+        metadata (``metadata.json``, ``Examples.bad_files``) and summarised in the log.
+      num_workers: preprocessing processes (None: ``os.cpu_count()``; 0: in this process).
+
+    Returns:
+      ``Examples`` in file-id order.
+
+    Raises:
+      DataError: unknown source, missing/unreadable data (naming the file and the fix).
+    """
+    builder, manual = get_builder(
+        source,
+        manual_dir=manual_dir,
+        data_dir=data_dir,
+        image_size=image_size,
+        skip_bad=skip_bad,
+        num_workers=num_workers,
+        image_column=image_column,
+        label_column=label_column,
+        patient_column=patient_column,
+    )
+    if _is_prepared(builder):
+        logging.info("Loading the prepared dataset %s from %s.", builder.name, builder.data_dir)
+        recorded = (builder.info.metadata or {}).get("manual_dir")
+        if manual is not None and recorded and Path(recorded) != manual.resolve():
+            logging.warning(
+                "The dataset in %s was prepared from %s, not from %s; using it as it is. Use "
+                "another data_dir to prepare %s.",
+                builder.data_dir,
+                recorded,
+                manual,
+                manual,
+            )
+    else:
+        if manual is None:
+            raise DataError(
+                f"No prepared {builder.name} dataset in {data_dir} and no manual_dir to prepare "
+                f"it from. {builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+            )
+        if source == "synthetic":
+            _ensure_synthetic(manual)
+        if not manual.is_dir() or not any(manual.iterdir()):
+            raise DataError(
+                f"{manual}: no such folder, or it is empty; check manual_dir. "
+                f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+            )
+        config_dir = Path(os.fspath(builder.data_path)).parent
+        stale = sorted(config_dir.glob("incomplete.*")) if config_dir.is_dir() else []
+        if stale:
+            logging.warning(
+                "%s holds %d folder(s) left by an interrupted preparation (%s); they are not used "
+                "and can be deleted once no other process is preparing this dataset.",
+                config_dir,
+                len(stale),
+                ", ".join(p.name for p in stale),
+            )
+        download_config = tfds.download.DownloadConfig(
+            manual_dir=os.fspath(manual), try_download_gcs=False
+        )
+        builder.download_and_prepare(download_config=download_config)
+    examples = _load(builder)
+    if examples.bad_files:
+        logging.warning(
+            "%d file(s) were left out of this dataset when it was prepared: %s",
+            len(examples.bad_files),
+            json.dumps([b.path for b in examples.bad_files[:5]]),
+        )
+    return examples

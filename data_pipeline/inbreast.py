@@ -1,0 +1,674 @@
+"""Reading INbreast (and any folder of mammograms with a CSV) into `Record`s.
+
+INbreast ships as
+    AllDICOMs/<id>_<patient>_MG_<L|R>_<CC|MLO>_ANON.dcm    one mammogram per file
+    AllXML/<id>.xml                                         OsiriX ROI plists (lesion outlines)
+    INbreast.csv (or the official INbreast.xls)             semicolon-separated, one row per image:
+      Patient ID;Patient age;Laterality;View;Acquisition date;File Name;ACR;Bi-Rads
+`read_inbreast` finds the images anywhere under the folder it is given, by the numeric id that
+starts their names, so converted files (<id>_*.png or .tif, 8 or 16 bit) work the same way. As in
+the paper, an image is positive (label 1) when its BI-RADS assessment is 4 or higher (4a, 4b, 4c,
+5, 6).
+
+`read_folder` is the generic source: a CSV with an image path and a label per row (CBIS-DDSM, CMMD,
+VinDr-Mammo or a user's own data converted to that form).
+
+Only reading happens here: the pixels are decoded later by
+`data_pipeline.preprocess.preprocess_file`, which raises `DataError` for damaged images.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import plistlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from absl import logging
+
+from data_pipeline.errors import DataError
+from data_pipeline.preprocess import DICOM_SUFFIXES, RASTER_SUFFIXES
+
+__all__ = [
+    "BIRADS_VALUES",
+    "BadFile",
+    "Record",
+    "TableRow",
+    "birads_label",
+    "find_images",
+    "read_folder",
+    "read_inbreast",
+    "read_inbreast_table",
+    "read_mass_outlines",
+]
+
+# BI-RADS assessment categories that INbreast uses (0, "incomplete", does not occur there).
+BIRADS_VALUES = ("1", "2", "3", "4", "4a", "4b", "4c", "5", "6")
+_IMAGE_SUFFIXES = DICOM_SUFFIXES | RASTER_SUFFIXES
+_TABLE_NAMES = ("inbreast.csv", "inbreast.xls", "inbreast.xlsx")
+_MAX_LISTED = 10
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """A file (or table row, as 'table.csv:LINE') that was left out, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class Record:
+    """One mammogram.
+
+    Attributes:
+      file_id: INbreast's numeric id (the "File Name" column); for `read_folder` the image path
+        relative to the CSV, as written there.
+      path: the image file.
+      label: 1 for BI-RADS >= 4 (malignant in the paper's sense), else 0.
+      birads: "1" ... "6" with "4a"/"4b"/"4c"; "" when the source has none.
+      patient_id: groups images of one woman (for patient-wise folds).
+      laterality: "L" or "R" ("" when unknown).
+      view: "CC" or "MLO" (one INbreast image is "FB"; "" when unknown).
+      masses: mass outlines, each (P, 2) float64 (y, x) in ORIGINAL image pixel coordinates.
+    """
+
+    file_id: str
+    path: Path
+    label: int
+    birads: str
+    patient_id: str
+    laterality: str
+    view: str
+    masses: tuple[np.ndarray, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One row of INbreast.csv. `line` is the 1-based line number in the table."""
+
+    file_id: str
+    birads: str
+    label: int
+    laterality: str
+    view: str
+    acr: str
+    patient_id: str
+    line: int
+
+
+class _Problems:
+    """Collects problems; raises them together unless skip_bad."""
+
+    def __init__(self, skip_bad: bool, what: str):
+        self.skip_bad = skip_bad
+        self.what = what
+        self.bad: list[BadFile] = []
+
+    def add(self, path: str | os.PathLike, reason: str) -> None:
+        self.bad.append(BadFile(str(path), reason))
+
+    def finish(self) -> list[BadFile]:
+        if self.bad and not self.skip_bad:
+            lines = [f"  {b.path}: {b.reason}" for b in self.bad[:_MAX_LISTED]]
+            if len(self.bad) > _MAX_LISTED:
+                lines.append(f"  ... and {len(self.bad) - _MAX_LISTED} more")
+            raise DataError(
+                f"{self.what}: {len(self.bad)} problem(s):\n"
+                + "\n".join(lines)
+                + "\nFix or remove these files, or pass skip_bad=True (--skip_bad) to leave them "
+                "out and get them listed."
+            )
+        for b in self.bad:
+            logging.warning("left out %s: %s", b.path, b.reason)
+        return self.bad
+
+
+# --------------------------------------------------------------------------------------------------
+# BI-RADS and the table.
+
+
+def _normalise_birads(value: str) -> str:
+    v = value.strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+\.0+", v):  # spreadsheet exports write 5 as 5.0
+        v = v.split(".")[0]
+    return v
+
+
+def birads_label(birads: str) -> int:
+    """1 if the BI-RADS assessment is 4 or higher (4a/4b/4c count), else 0.
+
+    Raises:
+      DataError: for a value outside 1, 2, 3, 4, 4a, 4b, 4c, 5, 6.
+    """
+    v = _normalise_birads(birads)
+    if v not in BIRADS_VALUES:
+        raise DataError(
+            f"unknown BI-RADS value {birads!r}; expected one of {', '.join(BIRADS_VALUES)}. "
+            "Correct the table."
+        )
+    return int(v[0] >= "4")
+
+
+def _column_key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.strip().lstrip("\ufeff").lower())
+
+
+def _sniff_delimiter(header: str) -> str:
+    counts = {d: header.count(d) for d in (";", ",", "\t")}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else ","
+
+
+def _read_csv_text(path: Path) -> list[list[str]]:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(
+            f"{path}: cannot read the table ({e.strerror or e}); check the path."
+        ) from e
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    if "\x00" in text:
+        raise DataError(f"{path}: the table holds binary data; export it again as CSV text.")
+    first = text.split("\n", 1)[0]
+    try:
+        return list(csv.reader(io.StringIO(text, newline=""), delimiter=_sniff_delimiter(first)))
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV table ({e}); export it again as CSV.") from e
+
+
+def _read_xls(path: Path) -> list[list[str]]:
+    try:
+        import xlrd  # optional: not a dependency of this project
+    except ImportError:
+        raise DataError(
+            f"{path}: this is the Excel table and no .xls reader (xlrd) is installed. Open it in a "
+            "spreadsheet program and save it as CSV, named INbreast.csv, in the same folder "
+            "(semicolon- or comma-separated both work), or pip install xlrd."
+        ) from None
+    try:
+        sheet = xlrd.open_workbook(str(path)).sheet_by_index(0)
+        rows = []
+        for r in range(sheet.nrows):
+            cells = []
+            for value in sheet.row_values(r):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                cells.append(str(value))
+            rows.append(cells)
+        return rows
+    except Exception as e:
+        raise DataError(
+            f"{path}: cannot read the Excel table ({type(e).__name__}: {e}); save it as "
+            "INbreast.csv (CSV) in the same folder."
+        ) from e
+
+
+_REQUIRED = {"filename": "File Name", "birads": "Bi-Rads"}
+_OPTIONAL = {"laterality": "Laterality", "view": "View", "acr": "ACR", "patientid": "Patient ID"}
+
+
+def _clean_id(value: str) -> str:
+    v = value.strip()
+    if re.fullmatch(r"\d+\.0+", v):
+        v = v.split(".")[0]
+    return v
+
+
+def _parse_table(path: Path, rows: list[list[str]], problems: _Problems) -> list[TableRow]:
+    if not rows or not any(c.strip() for c in rows[0]):
+        raise DataError(f"{path}: the table is empty; it needs a header row and one row per image.")
+    header = {_column_key(c): i for i, c in enumerate(rows[0])}
+    missing = [name for key, name in _REQUIRED.items() if key not in header]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(rows[0])}. The "
+            "INbreast table has: Patient ID;Patient age;Laterality;View;Acquisition date;"
+            "File Name;ACR;Bi-Rads"
+        )
+
+    def cell(row: list[str], key: str) -> str:
+        i = header.get(key)
+        return row[i].strip() if i is not None and i < len(row) else ""
+
+    out: list[TableRow] = []
+    seen: dict[str, int] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(c.strip() for c in row):
+            continue
+        where = f"{path}:{line}"
+        file_id = _clean_id(cell(row, "filename"))
+        if not file_id:
+            problems.add(where, "row without a File Name; fill it in or delete the row")
+            continue
+        if file_id in seen:
+            problems.add(where, f"File Name {file_id} repeats line {seen[file_id]}; keep one row")
+            continue
+        seen[file_id] = line
+        raw = cell(row, "birads")
+        birads = _normalise_birads(raw)
+        if birads not in BIRADS_VALUES:
+            problems.add(
+                where,
+                f"unknown BI-RADS value {raw!r} for image {file_id}; expected one of "
+                f"{', '.join(BIRADS_VALUES)}. Correct the table",
+            )
+            continue
+        laterality = cell(row, "laterality").upper()
+        view = cell(row, "view").upper()
+        patient = cell(row, "patientid")
+        if patient.lower() in ("removed", "anonymized", "anonymised", "-", "none", "nan"):
+            patient = ""
+        out.append(
+            TableRow(
+                file_id=file_id,
+                birads=birads,
+                label=int(birads[0] >= "4"),
+                laterality=laterality if laterality in ("L", "R") else "",
+                view=view,
+                acr=cell(row, "acr"),
+                patient_id=patient,
+                line=line,
+            )
+        )
+    return out
+
+
+def read_inbreast_table(path: str | os.PathLike, *, skip_bad: bool = False) -> list[TableRow]:
+    """Read INbreast.csv (semicolon or comma separated, any line ends) or INbreast.xls.
+
+    Returns:
+      One TableRow per image row. With skip_bad=True, bad rows are logged and left out
+      (`read_inbreast` returns them as BadFile entries).
+
+    Raises:
+      DataError: unreadable table, missing columns, or (unless skip_bad) bad rows.
+    """
+    path = Path(path)
+    problems = _Problems(skip_bad, str(path))
+    rows = _load_table(path, problems)
+    problems.finish()
+    return rows
+
+
+def _load_table(path: Path, problems: _Problems) -> list[TableRow]:
+    """The table's good rows; bad rows go to `problems`."""
+    suffix = path.suffix.lower()
+    raw = _read_xls(path) if suffix in (".xls", ".xlsx") else _read_csv_text(path)
+    return _parse_table(path, raw, problems)
+
+
+# --------------------------------------------------------------------------------------------------
+# XML outlines.
+
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_POINT = re.compile(rf"^\s*\(?\s*({_NUMBER})\s*,\s*({_NUMBER})")
+
+
+def _parse_point(text: object, where: Path) -> tuple[float, float]:
+    if not isinstance(text, str):
+        raise DataError(f"{where}: a Point_px entry is not a string '(x, y)'; the XML is damaged.")
+    m = _POINT.match(text)
+    if m is None:
+        raise DataError(f"{where}: cannot read the point {text[:40]!r}; expected '(x, y)'.")
+    x, y = float(m.group(1)), float(m.group(2))
+    if not (np.isfinite(x) and np.isfinite(y)):
+        raise DataError(f"{where}: the point {text[:40]!r} is not finite.")
+    return y, x
+
+
+def read_mass_outlines(path: str | os.PathLike, *, name: str = "Mass") -> tuple[np.ndarray, ...]:
+    """Outlines of the ROIs called `name` ("Mass") in an INbreast/OsiriX ROI plist.
+
+    The plist is a dict with "Images": a list of dicts, each with "ROIs": a list of dicts with
+    "Name", "NumberOfPoints" and "Point_px": strings "(x, y)" in original image pixels. ROIs with
+    another name (Calcification, Cluster, Distortion, ...) are left out.
+
+    Returns:
+      A tuple of (P, 2) float64 arrays, (y, x) in original image pixel coordinates.
+
+    Raises:
+      DataError: naming the file, when it is not a readable ROI plist.
+    """
+    path = Path(path)
+    fix = (
+        "Restore it from the INbreast distribution, or delete it to use the image without outlines."
+    )
+    try:
+        with open(path, "rb") as f:
+            plist = plistlib.load(f)
+    except OSError as e:
+        raise DataError(f"{path}: cannot open the XML ({e.strerror or e}). {fix}") from e
+    except Exception as e:  # ExpatError, InvalidFileException, ValueError, ... on damaged files
+        raise DataError(
+            f"{path}: unreadable XML outline file ({type(e).__name__}: {e}). {fix}"
+        ) from e
+    if not isinstance(plist, dict) or not isinstance(plist.get("Images"), list):
+        raise DataError(f"{path}: not an OsiriX ROI plist (no 'Images' list). {fix}")
+    wanted = name.strip().lower()
+    outlines = []
+    for image in plist["Images"]:
+        if not isinstance(image, dict):
+            raise DataError(f"{path}: an 'Images' entry is not a dict. {fix}")
+        rois = image.get("ROIs", [])
+        if not isinstance(rois, list):
+            raise DataError(f"{path}: 'ROIs' is not a list. {fix}")
+        for roi in rois:
+            if not isinstance(roi, dict):
+                raise DataError(f"{path}: an ROI entry is not a dict. {fix}")
+            roi_name = roi.get("Name", "")
+            if not isinstance(roi_name, str) or roi_name.strip().lower() != wanted:
+                continue
+            points = roi.get("Point_px", [])
+            if not isinstance(points, list) or not points:
+                raise DataError(f"{path}: a {name} ROI has no Point_px list. {fix}")
+            outlines.append(np.array([_parse_point(p, path) for p in points], dtype=np.float64))
+    return tuple(outlines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding files.
+
+
+def _file_id(path: Path) -> str:
+    return path.name.split("_", 1)[0].split(".", 1)[0]
+
+
+_PRIORITY = {s: 0 for s in DICOM_SUFFIXES} | {".png": 1, ".tif": 2, ".tiff": 2}
+
+
+def find_images(root: str | os.PathLike) -> dict[str, list[Path]]:
+    """Image files (.dcm, .png, .tif) anywhere under `root`, grouped by the id starting their name.
+
+    Returns:
+      {file_id: [paths]} with the preferred file first (DICOM, then PNG, then TIFF).
+    """
+    found: dict[str, list[Path]] = {}
+    for p in sorted(Path(root).rglob("*")):
+        if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file() and not p.name.startswith("."):
+            found.setdefault(_file_id(p), []).append(p)
+    for paths in found.values():
+        paths.sort(key=lambda q: (_PRIORITY[q.suffix.lower()], str(q)))
+    return found
+
+
+def _find_table(root: Path) -> Path:
+    tables = [p for p in root.rglob("*") if p.name.lower() in _TABLE_NAMES and p.is_file()]
+    if not tables:
+        raise DataError(
+            f"{root}: no INbreast.csv (or INbreast.xls) under this folder. Put the table from the "
+            "INbreast distribution (or tests/fixtures/INbreast.csv) into it."
+        )
+    # Prefer CSV over Excel, then the shallowest.
+    tables.sort(key=lambda p: (p.suffix.lower() != ".csv", len(p.relative_to(root).parts), str(p)))
+    best = tables[0]
+    ties = [
+        p
+        for p in tables[1:]
+        if p.suffix.lower() == best.suffix.lower()
+        and len(p.relative_to(root).parts) == len(best.relative_to(root).parts)
+    ]
+    if ties:
+        raise DataError(
+            f"{root}: several tables found ({best}, {', '.join(map(str, ties))}); keep one."
+        )
+    return best
+
+
+def _name_fields(path: Path) -> list[str]:
+    return path.name.split(".", 1)[0].split("_")
+
+
+def _patient_from_name(fields: list[str]) -> str:
+    """The patient field of <id>_<patient>_MG_..., or of <id>_<patient> when it looks like
+    INbreast's (a hexadecimal hash); "" otherwise (e.g. <id>_converted.png)."""
+    if len(fields) < 2 or not fields[1]:
+        return ""
+    if len(fields) >= 3 and fields[2].upper() == "MG":
+        return fields[1]
+    return fields[1] if re.fullmatch(r"[0-9a-fA-F]{8,}", fields[1]) else ""
+
+
+def read_inbreast(
+    root: str | os.PathLike, *, skip_bad: bool = False
+) -> tuple[list[Record], list[BadFile]]:
+    """Read the INbreast database (or the synthetic one in the same layout) under `root`.
+
+    Finds INbreast.csv (or INbreast.xls) and the images (DICOM, or converted PNG/TIFF) anywhere
+    under `root`, matches them by id, and reads the mass outlines from <id>.xml files where
+    present. The patient id is the second field of the image's file name (the table's Patient ID
+    is blanked); laterality and view come from the table (or the file name).
+
+    Returns:
+      (records sorted by file_id, bad files). A bad XML file keeps its image, without outlines.
+
+    Raises:
+      DataError: no folder, no table, no images, or (unless skip_bad) any row without an image,
+        image without a row, unknown BI-RADS value or unreadable XML, all listed in one message.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(
+            f"{root}: no such folder; give the folder holding INbreast (AllDICOMs, ...)."
+        )
+    table = _find_table(root)
+    problems = _Problems(skip_bad, str(root))
+    rows = _load_table(table, problems)
+    images = find_images(root)
+    if not images:
+        raise DataError(
+            f"{root}: no images (.dcm, .png, .tif) under this folder; INbreast's are in AllDICOMs/ "
+            "and are named <id>_<patient>_MG_<L|R>_<CC|MLO>_ANON.dcm."
+        )
+    xmls: dict[str, Path] = {}
+    for p in sorted(root.rglob("*")):
+        # Outlines are <id>.xml; other XML (e.g. <id>_muscle.xml) is not about masses.
+        if p.suffix.lower() == ".xml" and "_" not in p.stem and p.is_file():
+            xmls.setdefault(p.stem, p)
+
+    by_id = {r.file_id: r for r in rows}
+    for file_id, paths in sorted(images.items()):
+        if file_id not in by_id:
+            for p in paths:
+                problems.add(
+                    p,
+                    f"image without a row in {table.name} (id {file_id}); add a row or remove "
+                    "the file",
+                )
+    records: list[Record] = []
+    anonymous = 0
+    for row in rows:
+        paths = images.get(row.file_id)
+        if not paths:
+            problems.add(
+                f"{table}:{row.line}",
+                f"row for image {row.file_id} but no image file named {row.file_id}_*.dcm (or "
+                ".png, .tif) under the folder; add the image or delete the row",
+            )
+            continue
+        path = paths[0]
+        same = [
+            p for p in paths[1:] if _PRIORITY[p.suffix.lower()] == _PRIORITY[path.suffix.lower()]
+        ]
+        if same:
+            problems.add(
+                path,
+                f"several image files for id {row.file_id} "
+                f"({', '.join(p.name for p in same)}); keep one",
+            )
+            continue
+        fields = _name_fields(path)
+        patient = _patient_from_name(fields) or row.patient_id
+        if not patient:
+            patient = row.file_id
+            anonymous += 1
+        laterality = row.laterality or (fields[3].upper() if len(fields) >= 5 else "")
+        view = row.view or (fields[4].upper() if len(fields) >= 5 else "")
+        masses: tuple[np.ndarray, ...] = ()
+        xml = xmls.get(row.file_id)
+        if xml is not None:
+            try:
+                masses = read_mass_outlines(xml)
+            except DataError as e:
+                reason = str(e).removeprefix(f"{xml}: ")
+                problems.add(xml, f"{reason} (image {row.file_id} kept without outlines)")
+        records.append(
+            Record(
+                file_id=row.file_id,
+                path=path,
+                label=row.label,
+                birads=row.birads,
+                patient_id=patient,
+                laterality=laterality if laterality in ("L", "R") else "",
+                view=view,
+                masses=masses,
+            )
+        )
+    if anonymous:
+        logging.warning(
+            "%d image(s) under %s have no patient id in their name or the table; each is treated "
+            "as its own patient, so patient-wise folds cannot group them.",
+            anonymous,
+            root,
+        )
+    bad = problems.finish()
+    if not records:
+        raise DataError(f"{root}: no usable images left; see the problems listed above.")
+    records.sort(key=lambda r: (len(r.file_id), r.file_id))
+    return records, bad
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic folder + CSV.
+
+_POSITIVE = {"1", "1.0", "true", "yes", "malignant", "positive", "cancer"}
+_NEGATIVE = {"0", "0.0", "false", "no", "benign", "benign_without_callback", "negative", "normal"}
+
+
+def _parse_label(value: str) -> int | None:
+    v = value.strip().lower()
+    if v in _POSITIVE:
+        return 1
+    if v in _NEGATIVE:
+        return 0
+    return None
+
+
+def _find_column(header: list[str], name: str) -> int | None:
+    keys = [_column_key(c) for c in header]
+    key = _column_key(name)
+    return keys.index(key) if key in keys else None
+
+
+def read_folder(
+    csv_path: str | os.PathLike,
+    *,
+    image_column: str = "image",
+    label_column: str = "label",
+    patient_column: str | None = None,
+    skip_bad: bool = False,
+) -> tuple[list[Record], list[BadFile]]:
+    """Read a CSV that lists mammograms (DICOM, PNG or TIFF) and their labels.
+
+    Paths in `image_column` are relative to the CSV's folder (or absolute). Labels: 0/1 (also
+    true/false, benign/malignant, BENIGN_WITHOUT_CALLBACK). Optional columns, found by name:
+    `patient_column` (else each image is its own patient), "birads", "laterality", "view". Several
+    rows for one image are merged; the image is positive if any of its rows is (as a MIL bag is).
+    The CSV may be comma-, semicolon- or tab-separated.
+
+    Returns:
+      (records in CSV order, bad files).
+
+    Raises:
+      DataError: unreadable CSV, missing columns, no rows, or (unless skip_bad) rows whose image is
+        missing or whose label cannot be read, all listed in one message.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: no such CSV file; check the path.")
+    rows = _read_csv_text(csv_path)
+    if not rows or not any(c.strip() for c in rows[0]):
+        raise DataError(f"{csv_path}: the CSV is empty; it needs a header and one row per image.")
+    header = rows[0]
+    columns = {}
+    for what, name in (
+        ("image", image_column),
+        ("label", label_column),
+        ("patient", patient_column),
+    ):
+        if name is None:
+            continue
+        i = _find_column(header, name)
+        if i is None:
+            raise DataError(
+                f"{csv_path}: no {what} column named {name!r}; the columns are "
+                f"{', '.join(header)}. "
+                f"Pass --{what}_column (or {what}_column=) with the right name."
+            )
+        columns[what] = i
+    for extra in ("birads", "laterality", "view"):
+        i = _find_column(header, extra)
+        if i is not None:
+            columns[extra] = i
+
+    def cell(row: list[str], what: str) -> str:
+        i = columns.get(what)
+        return row[i].strip() if i is not None and i < len(row) else ""
+
+    problems = _Problems(skip_bad, str(csv_path))
+    merged: dict[str, dict] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(c.strip() for c in row):
+            continue
+        where = f"{csv_path}:{line}"
+        image = cell(row, "image")
+        if not image:
+            problems.add(where, f"row without an image path in column {image_column!r}; fill it in")
+            continue
+        label = _parse_label(cell(row, "label"))
+        if label is None:
+            problems.add(
+                where,
+                f"label {cell(row, 'label')!r} of {image} is not 0/1 (or benign/malignant); "
+                "correct it",
+            )
+            continue
+        path = Path(image)
+        if not path.is_absolute():
+            path = csv_path.parent / path
+        if not path.is_file():
+            problems.add(
+                where, f"image {image} not found (looked for {path}); fix the path or the row"
+            )
+            continue
+        birads = _normalise_birads(cell(row, "birads")) if "birads" in columns else ""
+        entry = merged.get(image)
+        if entry is None:
+            patient = cell(row, "patient") if patient_column else ""
+            merged[image] = dict(
+                file_id=image,
+                path=path,
+                label=label,
+                birads=birads,
+                patient_id=patient or image,
+                laterality=cell(row, "laterality").upper()[:1] if "laterality" in columns else "",
+                view=cell(row, "view").upper(),
+            )
+        else:
+            entry["label"] = max(entry["label"], label)
+    bad = problems.finish()
+    if not merged:
+        raise DataError(f"{csv_path}: no usable rows; add rows with an image path and a label.")
+    records = []
+    for e in merged.values():
+        lat = e["laterality"] if e["laterality"] in ("L", "R") else ""
+        view = e["view"]
+        records.append(Record(**(e | {"laterality": lat, "view": view}), masses=()))
+    return records, bad

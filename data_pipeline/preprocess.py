@@ -1,0 +1,708 @@
+"""Mammogram decoding and preprocessing: one file in, one (h, w) float32 image in [0, 1] out.
+
+The steps, shared by every data source, training and prediction (`preprocess_file`):
+
+1. decode (`read_image`): DICOM through pydicom with the modality LUT (rescale) and the VOI LUT
+   (window or LUT table), MONOCHROME1 inverted, any bit depth; or PNG/TIFF, 8 or 16 bit. The
+   displayed values are rescaled so that the image's darkest value is 0 and its brightest is 1.
+2. breast mask: Otsu's threshold (see `_otsu`) on a downsampled copy (long side about
+   `mask_size` pixels), then the largest connected component with its holes filled, so labels
+   and markers outside the breast drop out. Pixels outside the (slightly dilated) mask are set
+   to 0.
+3. crop to the mask's bounding box (in original pixels).
+4. optional horizontal flip, so that every breast has its chest wall on the LEFT of the image.
+   The side is read from the image (which half holds more breast tissue), never from metadata.
+5. resize with anti-aliasing to `size` (227 x 227 in the paper): integer block averaging first,
+   then `skimage.transform.resize` on the small remainder, which keeps full-size mammograms fast.
+
+`Geometry` records the crop and the flip, and maps points exactly between original and preprocessed
+pixel coordinates (pixel centres at integer coordinates; (y, x) order).
+
+Speed: for 16-bit DICOMs the LUTs are evaluated once per possible stored value (65536 entries) and
+applied by table lookup, and only the crop is ever converted to float32. On one core a full-size
+4084 x 3328 16-bit DICOM takes well under 0.2 s (`python -m data_pipeline.preprocess --benchmark`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pydicom.pixels
+import skimage.filters
+import skimage.io
+import skimage.measure
+import skimage.transform
+
+from data_pipeline.errors import DataError
+
+__all__ = [
+    "DICOM_SUFFIXES",
+    "RASTER_SUFFIXES",
+    "Geometry",
+    "PreprocessConfig",
+    "benchmark",
+    "preprocess_file",
+    "preprocess_image",
+    "read_image",
+]
+
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic"})
+RASTER_SUFFIXES = frozenset({".png", ".tif", ".tiff"})
+
+_DECODER_HELP = (
+    "Install a decoder (pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or "
+    "pip install python-gdcm) or decompress the file first (gdcmconv --raw IN OUT, or "
+    "dcmdjpeg IN OUT)."
+)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a mammogram becomes a network input.
+
+    Attributes:
+      size: (h, w) of the output; the paper resizes every cropped breast to 227 x 227 (AlexNet's
+        input).
+      flip: flip horizontally so that the chest wall is on the LEFT of every image.
+      mask_size: long side, in pixels, of the downsampled copy on which Otsu's threshold and the
+        connected components are computed (4084-pixel mammograms use every 8th pixel).
+    """
+
+    size: tuple[int, int] = (227, 227)
+    flip: bool = True
+    mask_size: int = 512
+
+    def __post_init__(self) -> None:
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ValueError(f"size must be two positive ints (h, w), got {self.size!r}")
+        if self.mask_size < 16:
+            raise ValueError(f"mask_size must be at least 16, got {self.mask_size}")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a preprocessed image came from in its original image.
+
+    Coordinates are (y, x) with pixel centres at integers, in both images. A point at original
+    (y, x) lands at preprocessed (py, px) with
+        py = (y - y0 + 0.5) * h / (y1 - y0) - 0.5
+        px = (x - x0 + 0.5) * w / (x1 - x0) - 0.5,  then px -> w - 1 - px if flipped.
+
+    Attributes:
+      original_shape: (H, W) of the decoded original image.
+      crop: (y0, x0, y1, x1) of the crop box in original pixels, y1 and x1 exclusive.
+      flipped: whether the crop was flipped left-right.
+      size: (h, w) of the preprocessed image.
+    """
+
+    original_shape: tuple[int, int]
+    crop: tuple[int, int, int, int]
+    flipped: bool
+    size: tuple[int, int]
+
+    def _scales(self) -> tuple[float, float]:
+        y0, x0, y1, x1 = self.crop
+        return self.size[0] / (y1 - y0), self.size[1] / (x1 - x0)
+
+    def from_original(self, points_yx: np.ndarray) -> np.ndarray:
+        """Original pixel coordinates (..., 2) (y, x) -> preprocessed ones, (..., 2) float64."""
+        p = _points(points_yx)
+        sy, sx = self._scales()
+        y0, x0, _, _ = self.crop
+        py = (p[..., 0] - y0 + 0.5) * sy - 0.5
+        px = (p[..., 1] - x0 + 0.5) * sx - 0.5
+        if self.flipped:
+            px = (self.size[1] - 1) - px
+        return np.stack([py, px], axis=-1)
+
+    def to_original(self, points_yx: np.ndarray) -> np.ndarray:
+        """Preprocessed pixel coordinates (..., 2) (y, x) -> original ones, (..., 2) float64."""
+        p = _points(points_yx)
+        sy, sx = self._scales()
+        y0, x0, _, _ = self.crop
+        px = p[..., 1]
+        if self.flipped:
+            px = (self.size[1] - 1) - px
+        y = (p[..., 0] + 0.5) / sy - 0.5 + y0
+        x = (px + 0.5) / sx - 0.5 + x0
+        return np.stack([y, x], axis=-1)
+
+    def box_from_original(self, outline_yx: np.ndarray) -> np.ndarray:
+        """Bounding box (4,) float32 (y0, x0, y1, x1) in preprocessed pixels of an outline (P, 2).
+
+        The box is clipped to the image, [0, h - 1] x [0, w - 1].
+        """
+        q = self.from_original(outline_yx).reshape(-1, 2)
+        if q.shape[0] == 0:
+            raise ValueError("an outline needs at least one point")
+        h, w = self.size
+        lo = np.clip(q.min(axis=0), 0, [h - 1, w - 1])
+        hi = np.clip(q.max(axis=0), 0, [h - 1, w - 1])
+        return np.array([lo[0], lo[1], hi[0], hi[1]], dtype=np.float32)
+
+
+def _points(points_yx: np.ndarray) -> np.ndarray:
+    p = np.asarray(points_yx, dtype=np.float64)
+    if p.ndim == 0 or p.shape[-1] != 2:
+        raise ValueError(f"points must have shape (..., 2) in (y, x) order, got {p.shape}")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding. A decoded image is either integer stored values with a float32 lookup table that maps
+# each possible value to its displayed intensity in [0, 1], or a float32 array in [0, 1].
+
+
+@dataclass
+class _Decoded:
+    index: np.ndarray | None  # (H, W) uint8 or uint16, the LUT's index
+    lut: np.ndarray | None  # (256,) or (65536,) float32 in [0, 1]
+    image: np.ndarray | None  # (H, W) float32 in [0, 1] when there is no LUT
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        a = self.image if self.image is not None else self.index
+        return int(a.shape[0]), int(a.shape[1])
+
+    def region(self, rows: slice, cols: slice) -> np.ndarray:
+        """float32 copy of image[rows, cols]."""
+        if self.image is not None:
+            return np.array(self.image[rows, cols], dtype=np.float32)
+        return np.take(self.lut, self.index[rows, cols])
+
+    def block_mean(self, box: tuple[int, int, int, int], fy: int, fx: int) -> np.ndarray:
+        """Means of the fy x fx blocks tiling box (y0, x0, y1, x1): (hb, wb) float32.
+
+        Works through horizontal strips, so no float copy of the whole box is ever made.
+        """
+        y0, x0, y1, x1 = box
+        hb, wb = (y1 - y0) // fy, (x1 - x0) // fx
+        out = np.empty((hb, wb), dtype=np.float32)
+        step = max(1, 256 // fy)  # block rows per strip
+        for j in range(0, hb, step):
+            k = min(step, hb - j)
+            strip = self.region(slice(y0 + j * fy, y0 + (j + k) * fy), slice(x0, x1))
+            if fy > 1:
+                strip = strip.reshape(k, fy, -1).sum(axis=1)
+            if fx > 1:
+                strip = strip.reshape(k, wb, fx).sum(axis=2)
+            out[j : j + k] = strip
+        if fy * fx > 1:
+            out *= 1.0 / (fy * fx)
+        return out
+
+    def full(self) -> np.ndarray:
+        return self.region(slice(None), slice(None))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _is_dicom(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return True
+    if suffix in RASTER_SUFFIXES:
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError as e:
+        raise DataError(f"{path}: cannot open the file ({_describe(e)}); check the path.") from e
+    if len(head) == 132 and head[128:] == b"DICM":
+        return True
+    raise DataError(
+        f"{path}: unknown image type {suffix or '(no suffix)'!r}; use DICOM (.dcm) or "
+        f"PNG/TIFF ({', '.join(sorted(RASTER_SUFFIXES))}), 8 or 16 bit grayscale."
+    )
+
+
+def _lut_from(values: np.ndarray, transform, vmin: float, vmax: float, where: Path) -> np.ndarray:
+    """`transform` of every possible stored value, normalised by its range over [vmin, vmax]."""
+    table = np.asarray(transform(values), dtype=np.float64).reshape(-1)
+    if table.shape[0] != values.shape[0] or not np.all(np.isfinite(table)):
+        raise DataError(f"{where}: the modality/VOI LUT gives non-finite or misshaped values.")
+    present = np.arange(int(vmin), int(vmax) + 1).astype(values.dtype).view(_UNSIGNED[values.dtype])
+    lo, hi = table[present].min(), table[present].max()
+    if hi <= lo:
+        raise DataError(
+            f"{where}: the image is blank (every pixel shows the same value); "
+            "remove it from the data or re-export it."
+        )
+    out = (table - lo) / (hi - lo)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+_UNSIGNED = {
+    np.dtype(np.uint8): np.uint8,
+    np.dtype(np.int8): np.uint8,
+    np.dtype(np.uint16): np.uint16,
+    np.dtype(np.int16): np.uint16,
+}
+
+
+def _all_values(dtype: np.dtype) -> np.ndarray:
+    """Every value of an 8/16-bit integer dtype, ordered by its unsigned bit pattern."""
+    unsigned = _UNSIGNED[dtype]
+    return np.arange(np.iinfo(unsigned).max + 1, dtype=np.int64).astype(unsigned).view(dtype)
+
+
+def _from_values(arr: np.ndarray, transform, invert: bool, where: Path) -> _Decoded:
+    """Decoded image from stored integer values and a value -> intensity function."""
+    if arr.ndim != 2 or min(arr.shape) < 2:
+        raise DataError(
+            f"{where}: expected one 2-D grayscale image, got an array of shape {arr.shape}."
+        )
+    if arr.dtype in _UNSIGNED:
+        vmin, vmax = int(arr.min()), int(arr.max())
+        lut = _lut_from(_all_values(arr.dtype), transform, vmin, vmax, where)
+        if invert:
+            lut = 1.0 - lut
+        return _Decoded(index=arr.view(_UNSIGNED[arr.dtype]), lut=lut, image=None)
+    # Any other dtype (32-bit, float): apply directly, in float32 where possible.
+    if np.issubdtype(arr.dtype, np.bool_):
+        arr = arr.astype(np.uint8)
+    values = np.asarray(transform(arr), dtype=np.float32)
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise DataError(f"{where}: the image holds NaN or infinite values; re-export it.")
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        raise DataError(
+            f"{where}: the image is blank (every pixel shows the same value); "
+            "remove it from the data or re-export it."
+        )
+    values -= lo
+    values *= 1.0 / (hi - lo)
+    np.clip(values, 0.0, 1.0, out=values)
+    if invert:
+        np.subtract(1.0, values, out=values)
+    return _Decoded(index=None, lut=None, image=values)
+
+
+def _decode_dicom(path: Path) -> _Decoded:
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as e:  # pydicom raises many types on damaged files
+        raise DataError(
+            f"{path}: cannot read as DICOM ({_describe(e)}). The file is damaged, truncated or not "
+            "DICOM; copy it again from the source."
+        ) from e
+    try:
+        if "PixelData" not in ds:
+            raise DataError(
+                f"{path}: the DICOM file holds no pixel data (tag PixelData); it is not an image, "
+                "remove it from the data folder."
+            )
+        meta = getattr(ds, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+        if syntax is not None and syntax.is_compressed:
+            try:
+                decoder = pydicom.pixels.get_decoder(syntax)
+                available = decoder.is_available
+            except Exception:  # no decoder of any kind is known for this syntax
+                available = False
+            if not available:
+                raise DataError(
+                    f"{path}: the pixel data is compressed ({syntax.name}) and no decoder for it "
+                    f"is installed. {_DECODER_HELP}"
+                )
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+        if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise DataError(
+                f"{path}: PhotometricInterpretation is {photometric!r}; mammograms must be "
+                "grayscale (MONOCHROME1 or MONOCHROME2). Convert it to grayscale first."
+            )
+        frames = ds.get("NumberOfFrames", 1)
+        if frames not in (None, "") and int(frames) > 1:
+            raise DataError(
+                f"{path}: {frames} frames; expected one image per file. Split the frames."
+            )
+        arr = ds.pixel_array
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(
+            f"{path}: cannot decode the pixel data ({_describe(e)}). The file may be truncated or "
+            "damaged (copy it again), or compressed in a way no installed plugin reads. "
+            f"{_DECODER_HELP}"
+        ) from e
+
+    def transform(values: np.ndarray) -> np.ndarray:
+        out = pydicom.pixels.apply_modality_lut(values, ds)
+        return pydicom.pixels.apply_voi_lut(out, ds)
+
+    try:
+        return _from_values(arr, transform, photometric == "MONOCHROME1", path)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(
+            f"{path}: the modality or VOI LUT cannot be applied ({_describe(e)}); fix or remove "
+            "the RescaleSlope/RescaleIntercept, WindowCenter/WindowWidth or LUT sequences."
+        ) from e
+
+
+def _decode_raster(path: Path) -> _Decoded:
+    try:
+        arr = np.asarray(skimage.io.imread(path))
+    except Exception as e:
+        raise DataError(
+            f"{path}: cannot read the image ({_describe(e)}); the file is damaged or not a "
+            "PNG/TIFF. Export it again."
+        ) from e
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        rgb = arr[..., :3]
+        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+            arr = np.ascontiguousarray(rgb[..., 0])
+        else:
+            weights = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
+            arr = rgb.astype(np.float32) @ weights
+    elif arr.ndim == 3 and arr.shape[-1] in (1, 2):
+        arr = np.ascontiguousarray(arr[..., 0])
+    if arr.ndim != 2:
+        raise DataError(
+            f"{path}: expected a 2-D grayscale image, got an array of shape {arr.shape}; "
+            "save one grayscale image per file."
+        )
+    return _from_values(arr, lambda v: v, False, path)
+
+
+def _decode(path: str | os.PathLike) -> _Decoded:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"{path}: no such file; check the path (relative paths are resolved from the CSV)."
+        )
+    if _is_dicom(path):
+        return _decode_dicom(path)
+    return _decode_raster(path)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode a mammogram to displayed intensities.
+
+    DICOM: modality LUT (rescale), then VOI LUT (window or table), MONOCHROME1 inverted, any bit
+    depth.
+    PNG/TIFF: 8 or 16 bit grayscale (RGB with equal channels is accepted).
+
+    Returns:
+      (H, W) float32 in [0, 1]: the darkest displayed value is 0 and the brightest 1.
+
+    Raises:
+      DataError: the file is missing, damaged, truncated, compressed without an installed decoder,
+        not grayscale, or blank.
+    """
+    return _decode(path).full()
+
+
+# --------------------------------------------------------------------------------------------------
+# Preprocessing.
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels = skimage.measure.label(mask, connectivity=2)
+    counts = np.bincount(labels.ravel())
+    counts[0] = 0
+    return labels == int(np.argmax(counts))
+
+
+def _fill_holes(mask: np.ndarray, chest_wall_left: bool) -> np.ndarray:
+    """Fill background regions enclosed by the breast, or by the breast and the chest-wall edge.
+
+    A dark region that meets the image border only along the chest-wall edge is fat inside the
+    breast, not background: the breast spans that edge.
+    """
+    background = skimage.measure.label(~mask, connectivity=1)
+    far_column = background[:, -1] if chest_wall_left else background[:, 0]
+    border = np.unique(np.concatenate([background[0], background[-1], far_column]))
+    holes = ~np.isin(background, border) & (background > 0)
+    return mask | holes
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """3 x 3 binary dilation."""
+    padded = np.pad(mask, 1)
+    out = np.zeros_like(mask)
+    h, w = mask.shape
+    for dy in range(3):
+        for dx in range(3):
+            out |= padded[dy : dy + h, dx : dx + w]
+    return out
+
+
+def _fit(lo: int, hi: int, factor: int, n: int) -> tuple[int, int]:
+    """Adjust [lo, hi) to a multiple of `factor`: grow within [0, n) if possible, else shrink."""
+    length = hi - lo
+    target = -(-length // factor) * factor
+    extra = target - length
+    grow_hi = min(extra, n - hi)
+    grow_lo = extra - grow_hi
+    if grow_lo <= lo:
+        return lo - grow_lo, hi + grow_hi
+    return lo, lo + (length // factor) * factor
+
+
+def _otsu(small: np.ndarray) -> float:
+    """Otsu's threshold, moved to the midpoint of the two class means it separates.
+
+    At Otsu's optimum the threshold is (nearly) that midpoint already; the step only matters when
+    an empty gap between background and breast makes every threshold in the gap equally good, and
+    `threshold_otsu` would return the gap's lowest edge, just above the background noise.
+    """
+    t = float(skimage.filters.threshold_otsu(small))
+    above = small > t
+    n_above = int(above.sum())
+    if 0 < n_above < small.size:
+        total = float(small.sum(dtype=np.float64))
+        upper = float(small[above].sum(dtype=np.float64))
+        t = 0.5 * ((total - upper) / (small.size - n_above) + upper / n_above)
+    return t
+
+
+def _breast_mask(small: np.ndarray, where: str) -> tuple[np.ndarray, bool]:
+    """Otsu's threshold -> largest component -> holes filled: (mask, chest wall on the left?)."""
+    if float(small.max()) <= float(small.min()):
+        raise DataError(f"{where}: the image is blank (no contrast); remove it from the data.")
+    mask = small > _otsu(small)
+    if not mask.any():
+        raise DataError(f"{where}: no breast found above Otsu's threshold; check the image.")
+    mask = _largest_component(mask)
+    # Chest wall side: the half of the image holding more breast tissue (intensity in the mask).
+    weights = (small * mask).sum(axis=0, dtype=np.float64)
+    half = small.shape[1] / 2.0
+    columns = np.arange(small.shape[1]) + 0.5
+    left = bool(weights[columns <= half].sum() >= weights[columns > half].sum())
+    return _fill_holes(mask, left), left
+
+
+def _preprocess(
+    decoded: _Decoded, config: PreprocessConfig, where: str
+) -> tuple[np.ndarray, Geometry]:
+    H, W = decoded.shape
+    stride = max(1, -(-max(H, W) // config.mask_size))
+    small = decoded.region(slice(None, None, stride), slice(None, None, stride))
+    mask, chest_wall_left = _breast_mask(small, where)
+    flipped = bool(config.flip and not chest_wall_left)
+
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    # Small pixel i is original pixel i * stride, so each edge is known to within a stride.
+    y0 = max(0, (int(rows[0]) - 1) * stride + 1)
+    y1 = min(H, (int(rows[-1]) + 1) * stride)
+    x0 = max(0, (int(cols[0]) - 1) * stride + 1)
+    x1 = min(W, (int(cols[-1]) + 1) * stride)
+
+    h, w = config.size
+    fy = max(1, (y1 - y0) // (2 * h))
+    fx = max(1, (x1 - x0) // (2 * w))
+    y0, y1 = _fit(y0, y1, fy, H)
+    x0, x1 = _fit(x0, x1, fx, W)
+
+    crop = decoded.block_mean((y0, x0, y1, x1), fy, fx)
+    # Zero everything outside the dilated breast mask, judged at each block's centre.
+    keep = _dilate(mask)
+    centre_y = y0 + np.arange(crop.shape[0]) * fy + (fy - 1) / 2.0
+    centre_x = x0 + np.arange(crop.shape[1]) * fx + (fx - 1) / 2.0
+    ri = np.minimum(np.floor(centre_y / stride + 0.5).astype(np.intp), keep.shape[0] - 1)
+    ci = np.minimum(np.floor(centre_x / stride + 0.5).astype(np.intp), keep.shape[1] - 1)
+    crop *= keep[np.ix_(ri, ci)]
+    out = skimage.transform.resize(
+        crop, (h, w), order=1, mode="edge", anti_aliasing=True, preserve_range=True
+    ).astype(np.float32, copy=False)
+    np.clip(out, 0.0, 1.0, out=out)
+    if flipped:
+        out = out[:, ::-1]
+    out = np.ascontiguousarray(out)
+    return out, Geometry(original_shape=(H, W), crop=(y0, x0, y1, x1), flipped=flipped, size=(h, w))
+
+
+def preprocess_image(
+    image: np.ndarray, config: PreprocessConfig = PreprocessConfig()
+) -> tuple[np.ndarray, Geometry]:
+    """Mask, crop, flip and resize a decoded mammogram (steps 2-5 of the module docstring).
+
+    Args:
+      image: (H, W) float in [0, 1], as `read_image` returns it.
+      config: output size, flip and mask resolution.
+
+    Returns:
+      ((h, w) float32 in [0, 1], Geometry) where (h, w) = config.size; pixels outside the breast
+      are 0.
+    """
+    image = np.asarray(image)
+    if image.ndim != 2 or min(image.shape) < 2:
+        raise DataError(f"image: expected a 2-D array (H, W), got shape {image.shape}.")
+    if not np.issubdtype(image.dtype, np.floating):
+        raise DataError(
+            f"image: expected float intensities in [0, 1], got dtype {image.dtype}; decode files "
+            "with read_image (or use preprocess_file)."
+        )
+    lo, hi = float(np.min(image)), float(np.max(image))
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1e-3 or hi > 1.0 + 1e-3:
+        raise DataError(
+            f"image: values must be finite and in [0, 1], got [{lo}, {hi}]; rescale it first."
+        )
+    image = image.astype(np.float32, copy=False)
+    return _preprocess(_Decoded(index=None, lut=None, image=image), config, "image")
+
+
+def preprocess_file(
+    path: str | os.PathLike, config: PreprocessConfig = PreprocessConfig()
+) -> tuple[np.ndarray, Geometry]:
+    """The one preprocessing used by every source, training and prediction: file -> network input.
+
+    Equivalent to `preprocess_image(read_image(path), config)`, but converts only the crop to float.
+
+    Returns:
+      ((h, w) float32 in [0, 1], Geometry).
+
+    Raises:
+      DataError: naming the file, the problem and the fix.
+    """
+    return _preprocess(_decode(path), config, str(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmark: throughput and peak memory on full-size 16-bit DICOMs.
+
+
+def _write_benchmark_dicom(path: Path, shape: tuple[int, int], seed: int) -> None:
+    """A full-size 16-bit MONOCHROME2 mammogram-like DICOM: textured half-ellipse plus a marker."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    rng = np.random.default_rng(seed)
+    H, W = shape
+    yy = (np.arange(H, dtype=np.float32)[:, None] - H * rng.uniform(0.45, 0.55)) / (H * 0.42)
+    xx = np.arange(W, dtype=np.float32)[None, :] / (W * rng.uniform(0.6, 0.8))
+    inside = yy**2 + xx**2 < 1.0
+    img = rng.integers(0, 200, size=shape, dtype=np.uint16)
+    tissue = rng.integers(6000, 30000, size=shape, dtype=np.uint16)
+    img[inside] = tissue[inside]
+    img[H // 20 : H // 20 + 120, W - 400 : W - 150] = 65535
+    if seed % 2:
+        img = np.ascontiguousarray(img[:, ::-1])
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(seed)])
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MG"
+    ds.Rows, ds.Columns = H, W
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = img.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _peak_rss_mib(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _bench_worker(args: tuple[list[str], PreprocessConfig]) -> tuple[float, float]:
+    """Preprocess `paths`; returns (CPU seconds used, peak RSS in MiB) of this worker."""
+    paths, config = args
+    cpu = time.process_time()
+    for p in paths:
+        preprocess_file(p, config)
+    return time.process_time() - cpu, _peak_rss_mib(resource.RUSAGE_SELF)
+
+
+def benchmark(
+    *,
+    num_images: int = 40,
+    workers: int = 2,
+    shape: tuple[int, int] = (4084, 3328),
+    distinct_files: int = 4,
+    config: PreprocessConfig = PreprocessConfig(),
+) -> dict[str, float]:
+    """Time `preprocess_file` on full-size 16-bit DICOMs written to a temporary folder.
+
+    `distinct_files` DICOMs are written and each is preprocessed repeatedly (`num_images` in all) by
+    `workers` processes; one warm-up pass per worker is not timed.
+
+    Returns:
+      {"images_per_second", "seconds", "cpu_seconds_per_image", "num_images", "workers",
+       "peak_rss_mib_per_worker", "peak_rss_mib_total"}: wall-clock throughput, CPU time per image
+       (what an idle core would need), peak resident memory of the busiest worker, and the sum
+       over workers plus the parent process.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i in range(distinct_files):
+            p = Path(tmp) / f"bench_{i}.dcm"
+            _write_benchmark_dicom(p, shape, seed=i)
+            paths.append(str(p))
+        jobs = [paths[i % len(paths)] for i in range(num_images)]
+        chunks = [(jobs[k::workers], config) for k in range(workers)]
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(_bench_worker, [([paths[0]], config)] * workers))  # start and warm up
+            start = time.perf_counter()
+            results = list(pool.map(_bench_worker, chunks))
+            seconds = time.perf_counter() - start
+        peaks = [r[1] for r in results]
+    cpu = sum(r[0] for r in results)
+    return {
+        "images_per_second": num_images / seconds,
+        "seconds": seconds,
+        "cpu_seconds_per_image": cpu / num_images,
+        "num_images": float(num_images),
+        "workers": float(workers),
+        "peak_rss_mib_per_worker": max(peaks),
+        "peak_rss_mib_total": sum(peaks) + _peak_rss_mib(resource.RUSAGE_SELF),
+    }
+
+
+def _main(argv: Sequence[str]) -> None:
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    if f.benchmark:
+        result = benchmark(num_images=f.num_images, workers=f.workers)
+        print(
+            f"preprocess_file on {f.num_images} 4084x3328 16-bit DICOMs, {f.workers} worker(s): "
+            f"{result['images_per_second']:.1f} images/s "
+            f"({1000 * result['cpu_seconds_per_image']:.0f} ms CPU per image), peak RSS "
+            f"{result['peak_rss_mib_per_worker']:.0f} MiB per worker, "
+            f"{result['peak_rss_mib_total']:.0f} MiB in all"
+        )
+        return
+    if not f.input:
+        raise SystemExit("give --input=FILE (and --output=PNG), or --benchmark")
+    config = dataclasses.replace(PreprocessConfig(), size=(f.size, f.size), flip=f.flip)
+    image, geometry = preprocess_file(f.input, config)
+    print(geometry)
+    if f.output:
+        skimage.io.imsave(f.output, (image * 65535 + 0.5).astype(np.uint16), check_contrast=False)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("input", None, "A mammogram (DICOM, PNG or TIFF) to preprocess.")
+    flags.DEFINE_string("output", None, "Where to write the preprocessed image as a 16-bit PNG.")
+    flags.DEFINE_integer("size", 227, "Output height and width in pixels (227 in the paper).")
+    flags.DEFINE_bool("flip", True, "Flip so that the chest wall is on the left.")
+    flags.DEFINE_bool(
+        "benchmark", False, "Measure throughput on generated full-size 16-bit DICOMs."
+    )
+    flags.DEFINE_integer("num_images", 40, "Images preprocessed by --benchmark.")
+    flags.DEFINE_integer("workers", 2, "Worker processes for --benchmark.")
+    app.run(_main)

@@ -1,0 +1,77 @@
+r"""Convert ImageNet-pretrained AlexNet weights into a deepmil-jax folder.
+
+    python -m deepmil_jax.convert_weights --format=FORMAT --input=FILE --output=DIR [--overwrite]
+
+Formats (--format) and where to get each file:
+
+  keras_h5     alexnet_weights.h5 of heuritech/convnets-keras: the weights the paper's code used
+               (Caffe/BVLC AlexNet, 96-256-384-384-256 filters, groups, LRN). It was published at
+               http://files.heuritech.com/weights/alexnet_weights.h5 (offline today; copies
+               circulate under that name). Keras 1 / Theano layout; kernels are rotated by 180
+               degrees because Theano's conv2d is a true convolution. Also gives fc6/fc7
+               (dense_1/dense_2) for --scheme=alexnet. Input: RGB on 0-255 minus
+               (123.68, 116.779, 103.939).
+  caffe_npy    bvlc_alexnet.npy, Caffe's BVLC AlexNet converted by Guerzhoy & Frossard
+               (http://www.cs.toronto.edu/~guerzhoy/tf_alexnet/), widely mirrored. Same
+               architecture; Caffe's LRN (before pooling). Read without running pickled code.
+               Input: BGR on 0-255 minus (104.0, 116.7, 122.7).
+  torchvision  alexnet-owt-*.pth, torchvision.models.alexnet's state_dict (download with
+               torchvision, or from https://download.pytorch.org/models/alexnet-owt-7be5be79.pth).
+               The 64-192-384-256-256 variant without groups or LRN (--backbone=torchvision).
+               Needs PyTorch (pip install 'deepmil-jax[torch]'). Input: RGB on [0, 1] with
+               ImageNet mean/std.
+
+DIR receives an Orbax checkpoint (DIR/params) and DIR/metadata.json (variant, source format,
+input file name, normalization, LRN flavour). Use it with
+`python -m deepmil_jax.train --init=imagenet:DIR` or `AlexNet.from_pretrained(DIR)`; the
+normalisation is applied by the model from the metadata, training feeds [0, 1] images.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+from deepmil_jax import weights
+from deepmil_jax.errors import DeepMILError
+
+_FORMAT = flags.DEFINE_enum(
+    "format",
+    None,
+    list(weights.FORMATS),
+    "Kind of --input: keras_h5 (convnets-keras alexnet_weights.h5, the paper's), caffe_npy "
+    "(bvlc_alexnet.npy) or torchvision (alexnet-owt-*.pth). See the module help above.",
+)
+_INPUT = flags.DEFINE_string("input", None, "The pretrained weights file to convert.")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "Folder to write (Orbax checkpoint in params/ plus metadata.json)."
+)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace params/ and metadata.json in a non-empty --output folder (other files are kept).",
+)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        out = weights.convert(
+            _FORMAT.value, _INPUT.value, _OUTPUT.value, overwrite=_OVERWRITE.value
+        )
+    except DeepMILError as e:
+        logging.error("%s", e)
+        print(f"convert_weights: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    meta = weights.SOURCES[_FORMAT.value]
+    logging.info(
+        "wrote %s (variant=%s, normalization=%s)", out, meta.variant, meta.normalization
+    )
+    print(f"wrote {out} (variant={meta.variant}, normalization={meta.normalization})")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["format", "input", "output"])
+    app.run(main)

@@ -1,0 +1,42 @@
+"""Flax NNX models: AlexNet features (caffe and torchvision variants), the MIL network, the baseline.
+
+Public API::
+
+    AlexNet(variant="caffe", *, lrn=None, normalization=None, dtype, param_dtype, rngs)
+    AlexNet.from_pretrained(path, *, dtype, param_dtype, rngs=None)
+    normalize(images, kind)
+    InstanceHead(in_features=256, hidden=(), *, dtype, param_dtype, rngs)
+    DeepMIL(backbone, head)
+    AlexNetClassifier(backbone, *, dropout=0.5, dtype, param_dtype, rngs)
+    build_model(scheme, *, backbone="caffe", head_hidden=(), pretrained=None, init=None, ...)
+"""
+
+from deepmil_jax.models.alexnet import (
+    LRNS,
+    NORMALIZATIONS,
+    AlexNet,
+    local_response_norm,
+    max_pool,
+    normalize,
+)
+from deepmil_jax.models.mil import (
+    SCHEMES,
+    AlexNetClassifier,
+    DeepMIL,
+    InstanceHead,
+    build_model,
+)
+
+__all__ = [
+    "LRNS",
+    "NORMALIZATIONS",
+    "SCHEMES",
+    "AlexNet",
+    "AlexNetClassifier",
+    "DeepMIL",
+    "InstanceHead",
+    "build_model",
+    "local_response_norm",
+    "max_pool",
+    "normalize",
+]

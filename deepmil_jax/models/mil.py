@@ -1,0 +1,267 @@
+"""The instance head, the deep multi-instance network and the paper's AlexNet baseline.
+
+``DeepMIL`` (Zhu et al. 2017, Sec. 2): AlexNet features of a whole mammogram give an ``h x w``
+grid of instances; a logistic regression per instance (a 1x1 convolution to one logit) scores each
+one, and the MIL losses (``deepmil_jax.losses``: max pooling Eq. 4, label assignment Eq. 6,
+sparse Eq. 7) turn the ``(N, h, w)`` instance logits into a bag prediction.
+
+``AlexNetClassifier`` is the paper's "AlexNet" baseline: the same features followed by AlexNet's
+fully connected layers and one logit, returned as a 1x1 instance map ``(N, 1, 1)`` so the same
+losses apply (max pooling over a single instance is plain binary cross-entropy).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from deepmil_jax import weights as weights_lib
+from deepmil_jax.errors import ConfigError, WeightsError
+from deepmil_jax.models.alexnet import AlexNet
+
+SCHEMES = ("alexnet", "max_pooling", "label_assign", "sparse")
+
+
+class InstanceHead(nnx.Module):
+    """Per-instance classifier: optional hidden 1x1 convolutions with ReLU, then a 1x1 to 1 logit.
+
+    ``hidden=()`` is the paper's logistic regression; the released Keras code used ``(128, 128)``.
+    A 1x1 convolution over NHWC is a dense layer over the channel axis, which is how it is computed.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 256,
+        hidden: Sequence[int] = (),
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        sizes = [in_features, *hidden]
+        self.hidden = nnx.List(
+            [
+                nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+            ]
+        )
+        self.logit = nnx.Linear(sizes[-1], 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        """Features ``(N, h, w, C)`` -> instance logits ``(N, h, w)`` in float32."""
+        x = features
+        for layer in self.hidden:
+            x = nnx.relu(layer(x))
+        return self.logit(x)[..., 0].astype(jnp.float32)
+
+
+class DeepMIL(nnx.Module):
+    """Deep multi-instance network: raw ``(N, H, W, 1)`` images on [0, 1] -> ``(N, h, w)`` logits.
+
+    Applies the backbone's own input normalisation (``AlexNet.forward_raw``), so training code
+    feeds [0, 1] images whatever the pretrained weights expect.
+    """
+
+    def __init__(self, backbone: AlexNet, head: InstanceHead):
+        self.backbone = backbone
+        self.head = head
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return self.head(self.backbone.forward_raw(images))
+
+
+class AlexNetClassifier(nnx.Module):
+    """The paper's AlexNet baseline: features -> fc6 4096 -> fc7 4096 -> 1 logit, as ``(N, 1, 1)``.
+
+    ReLU and dropout (rate ``dropout``, active in ``model.train()`` mode, off after
+    ``model.eval()``) follow fc6 and fc7, as in the convnets-keras model. The fully connected
+    layers need the 6x6 map of a 227x227 input (224 also works for the torchvision variant).
+    """
+
+    def __init__(
+        self,
+        backbone: AlexNet,
+        *,
+        dropout: float = 0.5,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        grid = weights_lib.FC_GRID
+        size = weights_lib.FC_SIZE
+        self.backbone = backbone
+        self.fc6 = nnx.Linear(
+            grid * grid * backbone.out_features, size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.fc7 = nnx.Linear(size, size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc8 = nnx.Linear(size, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dropout: float = 0.5,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> AlexNetClassifier:
+        """Features, fc6 and fc7 from a convert_weights folder (fc6/fc7 only if it has them)."""
+        params, metadata = weights_lib.load_converted(path)
+        return cls.from_converted(
+            params,
+            metadata,
+            dropout=dropout,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            where=str(path),
+        )
+
+    @classmethod
+    def from_converted(
+        cls,
+        params: Mapping[str, Mapping[str, Any]],
+        metadata: Mapping[str, Any],
+        *,
+        dropout: float = 0.5,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+        where: str = "",
+    ) -> AlexNetClassifier:
+        """Like ``from_pretrained`` from ``weights.load_converted``'s (params, metadata).
+
+        Built abstractly, then filled: the features and fc6/fc7 from ``params``; fc8 (and fc6,
+        fc7 when ``params`` lacks them) and the dropout stream fresh from ``rngs``.
+        """
+        kw = {"dtype": dtype, "param_dtype": param_dtype}
+        backbone = AlexNet.from_converted(params, metadata, **kw, where=where)
+        variant, lrn, norm = backbone.variant, backbone.lrn, backbone.normalization
+        model = nnx.eval_shape(
+            lambda: cls(
+                AlexNet(variant, lrn=lrn, normalization=norm, **kw, rngs=nnx.Rngs(0)),
+                dropout=dropout,
+                **kw,
+                rngs=nnx.Rngs(0),
+            )
+        )
+        model.backbone = backbone
+        model.load_fc(params, where=where)
+        grid, size = weights_lib.FC_GRID, weights_lib.FC_SIZE
+        fan_in = {"fc6": grid * grid * backbone.out_features, "fc7": size}
+        for name in ("fc6", "fc7"):
+            if name not in params:
+                setattr(model, name, nnx.Linear(fan_in[name], size, **kw, rngs=rngs))
+        model.fc8 = nnx.Linear(weights_lib.FC_SIZE, 1, **kw, rngs=rngs)
+        model.dropout = nnx.Dropout(dropout, rngs=rngs)
+        return model
+
+    def load_fc(self, params: Mapping[str, Mapping[str, Any]], *, where: str = "") -> None:
+        """Copy ``fc6``/``fc7`` (canonical layout, fc6 rows in (h, w, c) order) if present."""
+        missing = [name for name in ("fc6", "fc7") if name not in params]
+        if missing:
+            logging.warning("%s has no %s; those layers start from random values", where, missing)
+        for name in ("fc6", "fc7"):
+            if name not in params:
+                continue
+            layer = getattr(self, name)
+            for kind in ("kernel", "bias"):
+                var = getattr(layer, kind)
+                value = np.asarray(params[name][kind])
+                if value.shape != var.shape:
+                    raise WeightsError(
+                        f"{where}: {name} {kind} has shape {value.shape}, expected "
+                        f"{var.shape}"
+                    )
+                var.set_value(jnp.asarray(value, dtype=var.dtype))
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """Raw ``(N, 227, 227, 1)`` images on [0, 1] -> logits ``(N, 1, 1)`` in float32."""
+        features = self.backbone.forward_raw(images)
+        n, h, w, _ = features.shape
+        grid = weights_lib.FC_GRID
+        if (h, w) != (grid, grid):
+            raise ConfigError(
+                f"the alexnet scheme's fully connected layers need a {grid}x{grid} feature map "
+                f"(227x227 images); images of {images.shape[1]}x{images.shape[2]} give {h}x{w}. "
+                "Resize the images to 227x227, or use a MIL scheme (max_pooling, label_assign, "
+                "sparse), which accepts any size"
+            )
+        x = features.reshape(n, -1)  # (h, w, c) order, matching the converted fc6
+        x = self.dropout(nnx.relu(self.fc6(x)))
+        x = self.dropout(nnx.relu(self.fc7(x)))
+        return self.fc8(x).astype(jnp.float32).reshape(n, 1, 1)
+
+
+def _pretrained_path(pretrained: str | None, init: str | None) -> str | None:
+    if init is None or init == "random":
+        return pretrained
+    if pretrained is not None:
+        raise ConfigError("give either pretrained=PATH or init='imagenet:PATH', not both")
+    if init.startswith("imagenet:") and len(init) > len("imagenet:"):
+        return init[len("imagenet:") :]
+    raise ConfigError(
+        f"init={init!r}: build_model understands 'random' and 'imagenet:PATH' (a convert_weights "
+        "folder); a training checkpoint ('checkpoint:PATH') is restored by the training program"
+    )
+
+
+def build_model(
+    scheme: str,
+    *,
+    backbone: str = "caffe",
+    head_hidden: Sequence[int] = (),
+    pretrained: str | None = None,
+    init: str | None = None,
+    dropout: float = 0.5,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Module:
+    """The model of a training scheme.
+
+    Args:
+      scheme: ``"alexnet"`` -> :class:`AlexNetClassifier` (``(N, 1, 1)`` logits, 227x227 input);
+        ``"max_pooling"``, ``"label_assign"``, ``"sparse"`` -> :class:`DeepMIL` (``(N, h, w)``).
+      backbone: ``"caffe"`` (the paper's) or ``"torchvision"``; must match the pretrained weights.
+      head_hidden: hidden 1x1 layer sizes of the instance head (``()`` = logistic regression).
+      pretrained: a ``convert_weights`` output folder, or None for random initialisation; the
+        instance head (and fc8 of the classifier) always start fresh.
+      init: alternatively ``"random"`` or ``"imagenet:PATH"`` (the form of ``--init``).
+      dropout: dropout rate of the classifier's fully connected layers (alexnet scheme only).
+      dtype: compute dtype (e.g. ``jnp.bfloat16``); ``param_dtype``: parameter dtype.
+      rngs: random streams for initialisation (and ``dropout``).
+    """
+    if scheme not in SCHEMES:
+        raise ConfigError(f"unknown scheme {scheme!r}; choose one of {list(SCHEMES)}")
+    path = _pretrained_path(pretrained, init)
+    kw = {"dtype": dtype, "param_dtype": param_dtype}
+    params: Mapping[str, Any] = {}
+    if path is None:
+        features = AlexNet(backbone, **kw, rngs=rngs)
+    else:
+        # the MIL schemes need only the convolutions, not the 150 MB of fc6
+        only = None if scheme == "alexnet" else [f"conv{i}" for i in range(1, 6)]
+        params, metadata = weights_lib.load_converted(path, layers=only)
+        features = AlexNet.from_converted(params, metadata, **kw, rngs=rngs, where=str(path))
+        if features.variant != backbone:
+            raise ConfigError(
+                f"the weights in {path} are for the {features.variant} AlexNet but "
+                f"backbone={backbone!r}; pass backbone={features.variant!r} (--backbone)"
+            )
+    if scheme == "alexnet":
+        if path is None:
+            return AlexNetClassifier(features, dropout=dropout, **kw, rngs=rngs)
+        return AlexNetClassifier.from_converted(
+            params, metadata, dropout=dropout, **kw, rngs=rngs, where=str(path)
+        )
+    return DeepMIL(features, InstanceHead(features.out_features, tuple(head_hidden), **kw, rngs=rngs))

@@ -1,0 +1,383 @@
+r"""Predict mammograms with a trained model: probabilities, the most suspicious patch, heatmaps.
+
+    python -m deepmil_jax.predict --checkpoint=runs/label_assign_fold0 --output=predictions \
+        scans/ more/22678622_x_MG_R_CC_ANON.dcm
+
+Each file (DICOM, PNG or TIFF; folders are searched recursively) goes through the preprocessing of
+training (``data_pipeline.preprocess.preprocess_file`` with the run's ``image_size``), then the
+network, in batches. The image's malignancy probability is ``sigmoid(max instance logit)`` (the
+bag prediction of max-pooling MIL, used for every scheme). The output folder receives
+
+* ``predictions.csv``, one row per input: ``file, probability, top_patch_row, top_patch_col,
+  center_y, center_x, box_y0, box_x0, box_y1, box_x1, flipped, heatmap, error``. The most
+  suspicious patch is the highest-scoring instance ``(top_patch_row, top_patch_col)`` of the
+  ``h' x w'`` grid; ``center_y, center_x`` is its centre in full-resolution *original* pixels
+  (pixel centres at integers) and ``original[box_y0:box_y1, box_x0:box_x1]`` is the patch (crop,
+  flip and resize undone). A file that cannot be read has only ``file`` and ``error`` filled in.
+* ``heatmaps/<name>.png``: the original mammogram (block-averaged to at most ``--max_side``
+  pixels) with the instance probabilities overlaid, the top patch framed and, when an INbreast
+  XML (``AllXML/<id>.xml`` near the image, ``id`` = the file name up to the first ``_``) exists,
+  the annotated mass outlines dashed.
+
+Instance ``(r, c)`` of an ``(h', w')`` grid is taken to cover the preprocessed rows
+``[r * H / h', (r + 1) * H / h')`` and the columns likewise (``deepmil_jax.heatmap``): an
+approximation of its receptive field, which is larger and overlaps its neighbours'.
+
+Unreadable files are reported (log and ``error`` column) and the others go on; the exit status is
+non-zero only when no file could be predicted.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from absl import flags, logging
+from tqdm import tqdm
+
+from data_pipeline.errors import DataError
+from data_pipeline.inbreast import read_mass_outlines
+from data_pipeline.preprocess import (
+    DICOM_SUFFIXES,
+    RASTER_SUFFIXES,
+    Geometry,
+    PreprocessConfig,
+    preprocess_file,
+    read_image,
+)
+from deepmil_jax import heatmap
+
+__all__ = [
+    "CSV_COLUMNS",
+    "Prediction",
+    "find_images",
+    "find_mass_xml",
+    "model_predict_fn",
+    "predict_files",
+    "write_csv",
+]
+
+IMAGE_SUFFIXES = DICOM_SUFFIXES | RASTER_SUFFIXES
+CSV_COLUMNS = ("file", "probability", "top_patch_row", "top_patch_col", "center_y", "center_x",
+               "box_y0", "box_x0", "box_y1", "box_x1", "flipped", "heatmap", "error")
+
+# (N, H, W, 1) float32 images in [0, 1] -> (N, h', w') instance logits.
+PredictFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass
+class Prediction:
+    """The result for one input file; everything but ``file`` and ``error`` is None on failure.
+
+    Attributes:
+      file: the input path.
+      probability: sigmoid of the largest instance logit.
+      instance_logits: ``(h', w')`` float32.
+      top_patch: (row, col) of the largest instance logit.
+      center: (y, x) of that patch's centre in original pixels (pixel centres at integers).
+      box: (y0, x0, y1, x1) ints, ``original[y0:y1, x0:x1]`` is the patch.
+      geometry: the preprocessing geometry.
+      heatmap: path of the heatmap PNG, if one was drawn.
+      error: why the file could not be predicted.
+    """
+
+    file: str
+    probability: float | None = None
+    instance_logits: np.ndarray | None = None
+    top_patch: tuple[int, int] | None = None
+    center: tuple[float, float] | None = None
+    box: tuple[int, int, int, int] | None = None
+    geometry: Geometry | None = None
+    heatmap: str | None = None
+    error: str | None = None
+
+    def row(self) -> dict[str, str]:
+        """The CSV row (``CSV_COLUMNS``)."""
+        if self.error is not None or self.probability is None:
+            return {**dict.fromkeys(CSV_COLUMNS, ""), "file": self.file, "error": self.error or ""}
+        return {
+            "file": self.file,
+            "probability": f"{self.probability:.6f}",
+            "top_patch_row": str(self.top_patch[0]),
+            "top_patch_col": str(self.top_patch[1]),
+            "center_y": f"{self.center[0]:.1f}",
+            "center_x": f"{self.center[1]:.1f}",
+            "box_y0": str(self.box[0]),
+            "box_x0": str(self.box[1]),
+            "box_y1": str(self.box[2]),
+            "box_x1": str(self.box[3]),
+            "flipped": str(int(self.geometry.flipped)),
+            "heatmap": self.heatmap or "",
+            "error": "",
+        }
+
+
+def find_images(inputs: Iterable[str | os.PathLike], *,
+                exclude: str | os.PathLike | None = None) -> list[Path]:
+    """Files to predict: each input file as given, and the DICOM/PNG/TIFF files under each folder
+    (recursively, sorted, hidden files and anything under ``exclude`` left out). A path that does
+    not exist is kept, so that it is reported as a bad file."""
+    skip = Path(exclude).resolve() if exclude is not None else None
+    out: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if not path.is_dir():
+            out.append(path)
+            continue
+        for p in sorted(path.rglob("*")):
+            if (p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+                    and (skip is None or not p.resolve().is_relative_to(skip))):
+                out.append(p)
+    return out
+
+
+def find_mass_xml(image: str | os.PathLike, xml_dir: str | os.PathLike | None = None
+                  ) -> Path | None:
+    """The INbreast XML of an image: ``<xml_dir>/<id>.xml`` if ``xml_dir`` is given, else
+    ``AllXML/<id>.xml`` in the image's folder or up to three folders above it (or ``<id>.xml``
+    beside the image); ``id`` is the file name up to the first ``_`` (INbreast's numeric id)."""
+    image = Path(image)
+    file_id = image.name.split("_", 1)[0].split(".", 1)[0]
+    if xml_dir is not None:
+        candidates = [Path(xml_dir) / f"{file_id}.xml"]
+    else:
+        folders = [image.parent, *list(image.parent.parents)[:3]]
+        candidates = [image.parent / f"{file_id}.xml"] + [f / "AllXML" / f"{file_id}.xml"
+                                                           for f in folders]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _mass_outlines(image: Path, xml_dir: str | os.PathLike | None) -> tuple[np.ndarray, ...]:
+    xml = find_mass_xml(image, xml_dir)
+    if xml is None:
+        return ()
+    try:
+        return read_mass_outlines(xml)
+    except DataError as e:
+        logging.warning("%s; drawing the heatmap without outlines.", e)
+        return ()
+
+
+def model_predict_fn(model, batch_size: int) -> PredictFn:
+    """A jitted ``(N, H, W, 1) -> (N, h', w')`` numpy function of an NNX model (in eval mode).
+
+    Batches are padded to ``batch_size`` so that one compilation serves every batch.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, images):
+        return nnx.merge(graphdef, state)(images).astype(jnp.float32)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, np.float32)
+        outs = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            pad = batch_size - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
+            outs.append(np.asarray(run(state, chunk))[:batch_size - pad])
+        return np.concatenate(outs)
+
+    return predict
+
+
+def _unique_name(stem: str, used: set[str]) -> str:
+    name, n = stem, 1
+    while name in used:
+        n += 1
+        name = f"{stem}_{n}"
+    used.add(name)
+    return name
+
+
+def predict_files(
+    predict_fn: PredictFn,
+    files: Sequence[str | os.PathLike],
+    *,
+    image_size: int | tuple[int, int],
+    output_dir: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    heatmaps: bool = True,
+    max_side: int = 1024,
+    xml_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> list[Prediction]:
+    """Predict every file; bad files (``DataError``) become predictions with ``error`` set.
+
+    Args:
+      predict_fn: ``(N, H, W, 1)`` float32 images in [0, 1] -> ``(N, h', w')`` instance logits
+        (``model_predict_fn(model, batch_size)``, or any function, e.g. a test's fake).
+      files: image paths.
+      image_size: the training run's ``image_size`` (the preprocessed side, or (H, W)).
+      output_dir: heatmaps go to ``output_dir/heatmaps/``; needed when ``heatmaps``.
+      batch_size: images preprocessed and sent to ``predict_fn`` at a time.
+      heatmaps: draw the heatmap PNGs.
+      max_side: longest side of the pictures, in pixels (the coordinates stay full-resolution).
+      xml_dir: where INbreast XML outlines are (default: looked for near each image).
+      progress: show a tqdm progress bar.
+
+    Returns:
+      One ``Prediction`` per file, in the order of ``files``.
+    """
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    config = PreprocessConfig(size=size)
+    if heatmaps:
+        if output_dir is None:
+            raise ValueError("heatmaps=True needs an output_dir")
+        heat_dir = Path(output_dir) / "heatmaps"
+        heat_dir.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    results: list[Prediction] = []
+    bar = tqdm(total=len(files), desc="predict", unit="image", disable=not progress)
+    for start in range(0, len(files), batch_size):
+        batch = [Prediction(file=str(p)) for p in files[start:start + batch_size]]
+        images = []
+        for pred in batch:
+            try:
+                image, pred.geometry = preprocess_file(pred.file, config)
+                images.append(image)
+            except DataError as e:
+                pred.error = str(e)
+                logging.warning("Skipping %s", e)
+        good = [p for p in batch if p.error is None]
+        if good:
+            logits = np.asarray(predict_fn(np.stack(images)[..., None]), np.float32)
+            if logits.ndim != 3 or logits.shape[0] != len(good):
+                raise ValueError(f"predict_fn returned shape {logits.shape}; expected "
+                                 f"({len(good)}, h', w') instance logits")
+            for pred, z in zip(good, logits, strict=True):
+                _finish(pred, z, size)
+                if heatmaps:
+                    name = _unique_name(Path(pred.file).name.split(".")[0], used)
+                    pred.heatmap = str(heat_dir / f"{name}.png")
+                    _draw(pred, max_side, xml_dir)
+        results.extend(batch)
+        bar.update(len(batch))
+    bar.close()
+    return results
+
+
+def _finish(pred: Prediction, logits: np.ndarray, size: tuple[int, int]) -> None:
+    """Probability and the top patch in original coordinates."""
+    pred.instance_logits = logits
+    pred.probability = float(heatmap.sigmoid(logits.max()))
+    pred.top_patch = heatmap.top_cell(logits)
+    edges = heatmap.box_to_original(heatmap.cell_box(*pred.top_patch, logits.shape, size),
+                                    pred.geometry)
+    pred.center = (float(edges[0] + edges[2]) / 2 - 0.5, float(edges[1] + edges[3]) / 2 - 0.5)
+    pred.box = heatmap.box_to_pixel_slice(edges, pred.geometry.original_shape)
+
+
+def _draw(pred: Prediction, max_side: int, xml_dir: str | os.PathLike | None) -> None:
+    try:
+        original = read_image(pred.file)
+    except DataError as e:  # read a moment ago by preprocess_file, so unlikely
+        logging.warning("No heatmap for %s", e)
+        pred.heatmap = None
+        return
+    y0, x0, y1, x1 = pred.box
+    heatmap.render_heatmap(
+        pred.heatmap,
+        original,
+        heatmap.sigmoid(pred.instance_logits),
+        pred.geometry,
+        outlines=_mass_outlines(Path(pred.file), xml_dir),
+        top_box=np.array([y0, x0, y1, x1], np.float64),
+        title=f"{Path(pred.file).name}\nmalignancy probability {pred.probability:.3f}",
+        max_side=max_side,
+    )
+
+
+def write_csv(predictions: Sequence[Prediction], path: str | os.PathLike) -> None:
+    """``predictions.csv``: one row per prediction, columns ``CSV_COLUMNS``."""
+    with open(path, "w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        out.writeheader()
+        for p in predictions:
+            out.writerow(p.row())
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line (the flags are defined only when this module is the program, so importing it as
+# a library leaves absl's global flags alone).
+
+
+def _define_flags() -> None:
+    flags.DEFINE_string("checkpoint", None, "A training workdir (python -m deepmil_jax.train "
+                        "--workdir=...): its config.json and checkpoints/ are used.",
+                        required=True)
+    flags.DEFINE_enum("which", "best", ["best", "latest"], "Which checkpoint of the workdir: "
+                      "best by validation AUC, or the latest.")
+    flags.DEFINE_string("output", "predictions", "Folder for predictions.csv and heatmaps/.")
+    # deepmil_jax.train defines a training --batch_size; this one replaces it in this program.
+    flags.DEFINE_integer("batch_size", 8, "Images preprocessed and run through the network at a "
+                         "time.", allow_override=True)
+    flags.DEFINE_bool("heatmaps", True, "Draw a heatmap PNG per image.")
+    flags.DEFINE_integer("max_side", 1024, "Longest side of the heatmap pictures in pixels (the "
+                         "CSV keeps full-resolution coordinates).")
+    flags.DEFINE_string("xml_dir", None, "Folder of INbreast <id>.xml mass outlines (default: "
+                        "AllXML/ near each image).")
+
+
+def _main(argv: Sequence[str]) -> None:
+    from deepmil_jax import train
+
+    FLAGS = flags.FLAGS
+    if FLAGS.batch_size < 1:
+        raise DataError(f"--batch_size must be positive; got {FLAGS.batch_size}.")
+    if len(argv) < 2:
+        raise DataError("No input: give image files or folders after the flags, e.g. "
+                        "python -m deepmil_jax.predict --checkpoint=runs/label_assign_fold0 "
+                        "scans/.")
+    output = Path(FLAGS.output).expanduser()
+    files = find_images(argv[1:], exclude=output)
+    if not files:
+        raise DataError(f"No DICOM, PNG or TIFF files in {' '.join(argv[1:])}.")
+    config, model = train.load_trained(FLAGS.checkpoint, which=FLAGS.which)
+    logging.info("Loaded %s (%s, image_size %d); predicting %d file(s).", FLAGS.checkpoint,
+                 config.scheme, config.image_size, len(files))
+    output.mkdir(parents=True, exist_ok=True)
+    predictions = predict_files(
+        model_predict_fn(model, FLAGS.batch_size), files, image_size=config.image_size,
+        output_dir=output, batch_size=FLAGS.batch_size, heatmaps=FLAGS.heatmaps,
+        max_side=FLAGS.max_side, xml_dir=FLAGS.xml_dir)
+    write_csv(predictions, output / "predictions.csv")
+    bad = [p for p in predictions if p.error is not None]
+    logging.info("%d of %d file(s) predicted; results in %s.", len(predictions) - len(bad),
+                 len(predictions), output / "predictions.csv")
+    if bad:
+        logging.warning("%d file(s) could not be read (see the error column):\n%s", len(bad),
+                        "\n".join(f"  {p.error}" for p in bad))
+    if len(bad) == len(predictions):
+        raise DataError(f"None of the {len(files)} file(s) could be predicted; the reasons are "
+                        f"in {output / 'predictions.csv'}.")
+
+
+def main(argv: Sequence[str]) -> None:
+    """absl entry point: the project's errors become one line on stderr and exit status 1."""
+    from deepmil_jax.errors import DeepMILError
+
+    try:
+        _main(argv)
+    except DeepMILError as e:
+        logging.error("%s", e)
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    from deepmil_jax import train as _train  # noqa: F401  (defines the shared flags first)
+
+    _define_flags()
+    app.run(main)

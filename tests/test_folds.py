@@ -1,0 +1,136 @@
+"""Tests of data_pipeline.folds: patient-grouped and image-level stratified K-fold splits."""
+
+import json
+
+import numpy as np
+import pytest
+
+from data_pipeline.errors import DataError
+from data_pipeline.folds import assign_folds, make_split, read_split, write_split
+
+
+def _inbreast_like(num_patients=40, seed=0):
+    """Patients with 2 or 4 images each (L/R x CC/MLO); ~25% positive images, clustered by
+    patient as in INbreast (a positive breast gives two positive views)."""
+    rng = np.random.default_rng(seed)
+    labels, groups = [], []
+    for p in range(num_patients):
+        breasts = 2 if rng.random() < 0.7 else 1
+        for _ in range(breasts):
+            positive = int(rng.random() < 0.25)
+            for _ in range(2):
+                labels.append(positive)
+                groups.append(f"patient{p:03d}")
+    return np.array(labels), np.array(groups)
+
+
+LABELS, GROUPS = _inbreast_like()
+K = 5
+
+
+@pytest.mark.parametrize("fold", range(K))
+def test_parts_are_disjoint_by_patient_and_cover_everything(fold):
+    split = make_split(LABELS, GROUPS, num_folds=K, fold=fold, seed=3)
+    parts = [split.train, split.validation, split.test]
+    joined = np.concatenate(parts)
+    assert np.array_equal(np.sort(joined), np.arange(LABELS.size))
+    patient_sets = [set(GROUPS[p]) for p in parts]
+    assert not patient_sets[0] & patient_sets[1]
+    assert not patient_sets[0] & patient_sets[2]
+    assert not patient_sets[1] & patient_sets[2]
+    for part in parts:
+        assert part.dtype == np.int64 and np.all(np.diff(part) > 0)
+
+
+@pytest.mark.parametrize("mode", ["patient", "image"])
+def test_every_example_is_tested_once_and_validation_is_the_next_test_fold(mode):
+    groups = GROUPS if mode == "patient" else None
+    splits = [make_split(LABELS, groups, num_folds=K, fold=f, split=mode, seed=1) for f in range(K)]
+    tested = np.concatenate([s.test for s in splits])
+    assert np.array_equal(np.sort(tested), np.arange(LABELS.size))
+    for f in range(K):
+        assert np.array_equal(splits[f].validation, splits[(f + 1) % K].test)
+        others = [splits[g].test for g in range(K) if g not in (f, (f + 1) % K)]
+        assert np.array_equal(splits[f].train, np.sort(np.concatenate(others)))
+
+
+def test_assign_folds_matches_make_split():
+    assignment = assign_folds(LABELS, GROUPS, num_folds=K, seed=4)
+    for f in range(K):
+        split = make_split(LABELS, GROUPS, num_folds=K, fold=f, seed=4)
+        assert np.array_equal(split.test, np.flatnonzero(assignment == f))
+
+
+@pytest.mark.parametrize("mode", ["patient", "image"])
+def test_positives_are_spread_over_the_folds(mode):
+    groups = GROUPS if mode == "patient" else None
+    assignment = assign_folds(LABELS, groups, num_folds=K, split=mode, seed=0)
+    positives = np.bincount(assignment[LABELS == 1], minlength=K)
+    sizes = np.bincount(assignment, minlength=K)
+    total = int(LABELS.sum())
+    assert positives.min() >= 1
+    if mode == "image":
+        # StratifiedKFold: per-fold counts differ by at most one.
+        assert positives.max() - positives.min() <= 1
+        assert sizes.max() - sizes.min() <= 1
+    else:
+        # Groups of 2-4 images: each fold's positives within a few images of its share.
+        assert np.all(np.abs(positives - total / K) <= 4)
+        assert np.all(np.abs(sizes - LABELS.size / K) <= 4)
+
+
+def test_image_mode_is_plain_stratified_kfold():
+    # One patient only: the image protocol ignores patients entirely.
+    labels = np.array([0, 1] * 15)
+    groups = np.array(["same"] * 30)
+    split = make_split(labels, groups, num_folds=K, fold=2, split="image", seed=0)
+    assert split.test.size == 6 and labels[split.test].sum() == 3
+    with pytest.raises(DataError, match="patients"):
+        make_split(labels, groups, num_folds=K, fold=2, split="patient", seed=0)
+
+
+@pytest.mark.parametrize("mode", ["patient", "image"])
+def test_deterministic_for_a_seed_and_seed_matters(mode):
+    groups = GROUPS if mode == "patient" else None
+    a = assign_folds(LABELS, groups, num_folds=K, split=mode, seed=7)
+    b = assign_folds(LABELS, groups, num_folds=K, split=mode, seed=7)
+    c = assign_folds(LABELS, groups, num_folds=K, split=mode, seed=8)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_too_few_patients_or_positives_is_a_data_error():
+    labels = np.array([0, 1, 0, 1, 0, 0, 1, 0])
+    groups = np.array(["a", "a", "b", "b", "c", "c", "d", "d"])
+    with pytest.raises(DataError, match="Only 4 patients for 5 folds"):
+        make_split(labels, groups, num_folds=5)
+    labels = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    groups = np.array([f"p{i}" for i in range(12)])
+    with pytest.raises(DataError, match="Only 2 patients have examples with label 1"):
+        make_split(labels, groups, num_folds=5)
+    with pytest.raises(DataError, match="Only 2 examples with label 1"):
+        make_split(labels, None, num_folds=5, split="image")
+    with pytest.raises(DataError, match="both"):
+        make_split(np.zeros(20), None, num_folds=5, split="image")
+    with pytest.raises(DataError, match="fold=5"):
+        make_split(LABELS, GROUPS, num_folds=5, fold=5)
+    with pytest.raises(DataError, match="split mode"):
+        make_split(LABELS, GROUPS, split="breast")
+    with pytest.raises(DataError, match="groups"):
+        make_split(LABELS, None, split="patient")
+
+
+def test_write_split_records_file_ids_and_reads_back(tmp_path):
+    file_ids = np.array([f"{1000 + i}" for i in range(LABELS.size)])
+    split = make_split(LABELS, GROUPS, num_folds=K, fold=1, seed=0)
+    path = write_split(split, file_ids, tmp_path / "sub" / "split.json", metadata={"fold": 1})
+    payload = json.loads(path.read_text())
+    assert payload["test"] == [file_ids[i] for i in split.test]
+    assert payload["validation"] == [file_ids[i] for i in split.validation]
+    assert payload["train"] == [file_ids[i] for i in split.train]
+    assert payload["counts"]["test"] == split.test.size and payload["fold"] == 1
+    again = read_split(path, file_ids)
+    for name in ("train", "validation", "test"):
+        assert np.array_equal(getattr(again, name), getattr(split, name))
+    with pytest.raises(DataError, match="not in the dataset"):
+        read_split(path, file_ids[:10])

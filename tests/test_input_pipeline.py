@@ -1,0 +1,266 @@
+"""Tests of data_pipeline.input_pipeline: augmentation geometry, determinism, sharding, coverage."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data_pipeline.errors import DataError
+from data_pipeline.input_pipeline import (
+    AugmentConfig,
+    apply_transform,
+    augment,
+    eval_dataset,
+    to_float,
+    train_dataset,
+    transform_matrix,
+)
+
+ONLY_FLIP = AugmentConfig(flip=True, max_shift=0.0, max_rotation=0.0, box_size=0)
+ONLY_BOX = AugmentConfig(flip=False, max_shift=0.0, max_rotation=0.0, box_size=50)
+
+
+def _forward_numpy(points_xy, h, w, flip, angle, shift_y, shift_x):
+    """Reference forward map (input pixel -> output pixel): flip, rotate about the centre, shift."""
+    c = np.array([(w - 1) / 2, (h - 1) / 2])
+    p = np.array(points_xy, dtype=np.float64)
+    if flip:
+        p[..., 0] = (w - 1) - p[..., 0]
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    return c + (p - c) @ rotation.T + np.array([shift_x, shift_y])
+
+
+def _indexed_images(n, h=8, w=8):
+    """uint16 images whose every pixel holds the image's index, to recover it from a batch."""
+    return np.broadcast_to(np.arange(n, dtype=np.uint16)[:, None, None], (n, h, w)).copy()
+
+
+def _recover_index(batch_images):
+    values = np.round(np.asarray(batch_images)[:, 0, 0, 0] * 65535.0).astype(np.int64)
+    return values
+
+
+@pytest.mark.parametrize(
+    "flip,angle,shift_y,shift_x", [(False, 0.3, 0.0, 0.0), (True, -0.7, 4.5, -6.0), (True, 0, 0, 0)]
+)
+def test_transform_matrix_inverts_the_numpy_forward_map(flip, angle, shift_y, shift_x):
+    h, w = 48, 64
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0, [w - 1, h - 1], size=(20, 2))
+    out = _forward_numpy(points, h, w, flip, angle, shift_y, shift_x)
+    m = transform_matrix(h, w, flip=flip, angle=angle, shift_y=shift_y, shift_x=shift_x).numpy()
+    assert m.shape == (8,) and m[6] == 0 and m[7] == 0
+    back_x = m[0] * out[:, 0] + m[1] * out[:, 1] + m[2]
+    back_y = m[3] * out[:, 0] + m[4] * out[:, 1] + m[5]
+    np.testing.assert_allclose(np.stack([back_x, back_y], 1), points, atol=1e-4)
+
+
+def test_a_bright_spot_lands_where_numpy_says():
+    h, w = 64, 80
+    y, x = np.mgrid[0:h, 0:w]
+    spot_x, spot_y = 22.0, 17.0
+    image = np.exp(-((x - spot_x) ** 2 + (y - spot_y) ** 2) / (2 * 1.5**2)).astype(np.float32)
+    flip, angle, shift_y, shift_x = True, math.radians(30), 5.0, -7.0
+    m = transform_matrix(h, w, flip=flip, angle=angle, shift_y=shift_y, shift_x=shift_x)
+    out = apply_transform(tf.constant(image[:, :, None]), m).numpy()[:, :, 0]
+    centroid = np.array([(out * x).sum(), (out * y).sum()]) / out.sum()
+    expected = _forward_numpy([spot_x, spot_y], h, w, flip, angle, shift_y, shift_x)
+    np.testing.assert_allclose(centroid, expected, atol=0.1)
+    assert out.sum() == pytest.approx(image.sum(), rel=0.02)  # nothing fell off the edge
+
+
+def test_flip_is_exact_and_both_outcomes_occur():
+    rng = np.random.default_rng(1)
+    image = rng.uniform(0, 1, size=(64, 48, 1)).astype(np.float32)
+    outcomes = set()
+    for s in range(16):
+        out = augment(tf.constant(image), tf.constant([s, 3], tf.int64), ONLY_FLIP).numpy()
+        if np.array_equal(out, image):
+            outcomes.add("same")
+        elif np.array_equal(out, image[:, ::-1]):
+            outcomes.add("flipped")
+        else:
+            pytest.fail("a flip-only augmentation changed pixel values")
+    assert outcomes == {"same", "flipped"}
+
+
+@pytest.mark.parametrize("h,w,box", [(64, 64, (14, 14)), (227, 227, (50, 50)), (64, 96, (14, 21))])
+def test_zero_box_is_exactly_one_scaled_box(h, w, box):
+    assert ONLY_BOX.box_shape(h, w) == box
+    rng = np.random.default_rng(2)
+    image = rng.uniform(0.1, 1.0, size=(h, w, 1)).astype(np.float32)
+    corners = set()
+    for s in range(6):
+        out = augment(tf.constant(image), tf.constant([7, s], tf.int64), ONLY_BOX).numpy()
+        zero = out[:, :, 0] == 0
+        rows, cols = np.flatnonzero(zero.any(1)), np.flatnonzero(zero.any(0))
+        assert zero.sum() == box[0] * box[1]
+        assert (rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1) == box
+        np.testing.assert_array_equal(out[~zero], image[~zero])
+        corners.add((rows[0], cols[0]))
+    assert len(corners) > 1
+
+
+def test_augment_is_deterministic_for_a_seed_bounded_and_shape_preserving():
+    rng = np.random.default_rng(3)
+    image = tf.constant(rng.uniform(0, 1, size=(64, 64, 1)).astype(np.float32))
+    a = augment(image, tf.constant([1, 2], tf.int64)).numpy()
+    b = augment(image, tf.constant([1, 2], tf.int64)).numpy()
+    c = augment(image, tf.constant([1, 3], tf.int64)).numpy()
+    assert a.shape == (64, 64, 1) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    assert (a == 0).sum() >= 14 * 14  # the zero box (plus any fill at the edges)
+
+
+def _take(ds, k):
+    return [{key: v.numpy() for key, v in batch.items()} for batch in ds.take(k)]
+
+
+def test_train_stream_deterministic_for_a_seed_and_bounded():
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 65536, size=(20, 64, 64), dtype=np.uint16)
+    labels = rng.integers(0, 2, size=20)
+    a = _take(train_dataset(images, labels, batch_size=4, seed=5), 3)
+    b = _take(train_dataset(images, labels, batch_size=4, seed=5), 3)
+    c = _take(train_dataset(images, labels, batch_size=4, seed=6), 3)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    assert not np.array_equal(a[0]["image"], c[0]["image"])
+    for batch in a:
+        assert batch["image"].shape == (4, 64, 64, 1) and batch["image"].dtype == np.float32
+        assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
+        assert batch["image"].min() >= 0.0 and batch["image"].max() <= 1.0
+    # Augmentation is keyed by the example's position in the stream, not by the batching.
+    d = _take(train_dataset(images, labels, batch_size=2, seed=5), 6)
+    np.testing.assert_array_equal(
+        np.concatenate([x["image"] for x in a]), np.concatenate([x["image"] for x in d])
+    )
+
+
+def test_train_stream_without_augmentation_gives_each_example_once_per_epoch():
+    n = 12
+    images = _indexed_images(n)
+    labels = np.arange(n) % 2
+    batches = _take(train_dataset(images, labels, batch_size=4, seed=0, augment=False), 6)
+    seen = np.concatenate([_recover_index(b["image"]) for b in batches])
+    for epoch in seen.reshape(2, n):
+        assert sorted(epoch) == list(range(n))
+    assert not np.array_equal(seen[:n], seen[n:])  # reshuffled every epoch
+    labels_seen = np.concatenate([b["label"] for b in batches])
+    np.testing.assert_array_equal(labels_seen, labels[seen])
+
+
+@pytest.mark.parametrize("n,process_count", [(50, 3), (16, 4)])
+def test_train_shards_are_disjoint_across_processes(n, process_count):
+    images = _indexed_images(n)
+    labels = np.zeros(n)
+    per_epoch = n // process_count
+    local_batch = 2
+    steps = per_epoch // local_batch  # whole batches within the first epoch
+    shards = []
+    for p in range(process_count):
+        ds = train_dataset(
+            images,
+            labels,
+            batch_size=local_batch * process_count,
+            seed=9,
+            augment=False,
+            process_index=p,
+            process_count=process_count,
+        )
+        seen = np.concatenate([_recover_index(b["image"]) for b in _take(ds, steps)])
+        assert len(set(seen)) == seen.size
+        shards.append(set(seen))
+    for a, b in itertools.combinations(shards, 2):
+        assert not a & b
+    assert sum(len(s) for s in shards) == steps * local_batch * process_count
+
+
+@pytest.mark.parametrize(
+    "n,batch_size,process_count",
+    [(10, 4, 1), (8, 4, 1), (10, 4, 2), (7, 6, 3), (1, 4, 2), (12, 4, 4), (13, 8, 2), (3, 8, 4)],
+)
+def test_eval_stream_covers_every_example_exactly_once(n, batch_size, process_count):
+    images = _indexed_images(n)
+    labels = (np.arange(n) * 7) % 3 == 0
+    steps = -(-n // batch_size)
+    per_process = []
+    for p in range(process_count):
+        ds = eval_dataset(
+            images, labels, batch_size=batch_size, process_index=p, process_count=process_count
+        )
+        batches = _take(ds, 1000)
+        assert len(batches) == steps
+        per_process.append(batches)
+    seen = []
+    for step in range(steps):
+        for p in range(process_count):
+            batch = per_process[p][step]
+            mask, index = batch["mask"], batch["index"]
+            assert mask.dtype == np.bool_ and index.dtype == np.int64
+            assert batch["image"].shape == (batch_size // process_count, 8, 8, 1)
+            np.testing.assert_array_equal(_recover_index(batch["image"])[mask], index[mask])
+            np.testing.assert_array_equal(batch["label"][mask], labels[index[mask]])
+            assert np.all(index[~mask] == -1) and np.all(batch["image"][~mask] == 0)
+            seen.extend(index[mask].tolist())
+    assert seen == list(range(n))  # in order, each once
+
+
+def test_float_images_pass_through_unscaled():
+    rng = np.random.default_rng(5)
+    images = rng.uniform(0, 1, size=(3, 16, 16)).astype(np.float32)
+    batch = _take(eval_dataset(images, np.zeros(3), batch_size=4), 1)[0]
+    np.testing.assert_array_equal(batch["image"][:3, :, :, 0], images)
+    assert to_float(tf.constant(np.array([65535], np.uint16))).numpy()[0] == 1.0
+
+
+def test_bad_arguments_are_data_errors():
+    images = np.zeros((4, 8, 8), np.uint16)
+    with pytest.raises(DataError, match="multiple"):
+        train_dataset(images, np.zeros(4), batch_size=3, seed=0, process_count=2)
+    with pytest.raises(DataError, match="dtype"):
+        eval_dataset(images.astype(np.int32), np.zeros(4), batch_size=2)
+    with pytest.raises(DataError, match="one label per image"):
+        eval_dataset(images, np.zeros(3), batch_size=2)
+    with pytest.raises(DataError, match="process_index"):
+        eval_dataset(images, np.zeros(4), batch_size=2, process_index=2, process_count=2)
+    with pytest.raises(DataError, match="at least one"):
+        train_dataset(images, np.zeros(4), batch_size=8, seed=0, process_index=0, process_count=8)
+
+
+def _spot(h, w, spot_x, spot_y):
+    y, x = np.mgrid[0:h, 0:w]
+    image = np.exp(-((x - spot_x) ** 2 + (y - spot_y) ** 2) / (2 * 1.5**2)).astype(np.float32)
+    return image, x, y
+
+
+def _centroid(out, x, y):
+    return np.array([(out * x).sum(), (out * y).sum()]) / out.sum()
+
+
+def test_random_shift_and_rotation_stay_within_the_papers_limits():
+    h, w = 60, 80
+    image, x, y = _spot(h, w, 39.5, 29.5)  # the centre
+    only_shift = AugmentConfig(flip=False, max_shift=0.1, max_rotation=0.0, box_size=0)
+    shifts = []
+    for s in range(12):
+        out = augment(tf.constant(image[:, :, None]), tf.constant([s, 0]), only_shift).numpy()
+        shifts.append(_centroid(out[:, :, 0], x, y) - [39.5, 29.5])
+    shifts = np.abs(np.array(shifts))
+    assert shifts[:, 0].max() <= 0.1 * w + 0.05 and shifts[:, 1].max() <= 0.1 * h + 0.05
+    assert shifts[:, 0].max() > 0.05 * w and shifts[:, 1].max() > 0.05 * h
+
+    image, x, y = _spot(h, w, 59.5, 29.5)  # 20 pixels right of the centre
+    only_rotation = AugmentConfig(flip=False, max_shift=0.0, max_rotation=45.0, box_size=0)
+    angles = []
+    for s in range(12):
+        out = augment(tf.constant(image[:, :, None]), tf.constant([s, 1]), only_rotation).numpy()
+        dx, dy = _centroid(out[:, :, 0], x, y) - [39.5, 29.5]
+        assert math.hypot(dx, dy) == pytest.approx(20.0, abs=0.1)
+        angles.append(math.degrees(math.atan2(dy, dx)))
+    assert max(abs(a) for a in angles) <= 45.1 and max(abs(a) for a in angles) > 20

@@ -1,0 +1,368 @@
+"""Tests of data_pipeline.preprocess: decoding (LUTs, MONOCHROME1, bit depths), mask, crop, flip,
+resize geometry, and bad input. References are written here in numpy, independently of the code."""
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import skimage.io
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGLosslessSV1, generate_uid
+
+from data_pipeline.errors import DataError
+from data_pipeline.preprocess import (
+    Geometry,
+    PreprocessConfig,
+    preprocess_file,
+    preprocess_image,
+    read_image,
+)
+from data_pipeline.synthetic import write_dicom
+
+
+def minmax(a: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64)
+    return (a - a.min()) / (a.max() - a.min())
+
+
+def breast_phantom(
+    shape=(600, 480), *, side="L", centre_y=300, half_height=200, depth=300, tissue=0.4
+) -> np.ndarray:
+    """A uniform half-ellipse against the left or right edge on a black background: (H, W) float."""
+    H, W = shape
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    d = xx if side == "L" else (W - 1) - xx
+    inside = ((yy - centre_y) / half_height) ** 2 + (d / depth) ** 2 < 1.0
+    return np.where(inside, tissue, 0.0)
+
+
+def add_disc(image: np.ndarray, centre_yx, radius: float, value: float) -> np.ndarray:
+    H, W = image.shape
+    yy, xx = np.mgrid[0:H, 0:W]
+    out = image.copy()
+    out[(yy - centre_yx[0]) ** 2 + (xx - centre_yx[1]) ** 2 <= radius**2] = value
+    return out
+
+
+def bright_centroid(image: np.ndarray, level: float) -> np.ndarray:
+    """Intensity-weighted centroid (y, x) of the excess above `level`."""
+    excess = np.clip(image - level, 0, None)
+    yy, xx = np.mgrid[0 : image.shape[0], 0 : image.shape[1]]
+    return np.array([(excess * yy).sum(), (excess * xx).sum()]) / excess.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry.
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    y0=st.integers(0, 500),
+    x0=st.integers(0, 500),
+    hc=st.integers(1, 3000),
+    wc=st.integers(1, 3000),
+    h=st.integers(1, 400),
+    w=st.integers(1, 400),
+    flipped=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_geometry_round_trip(y0, x0, hc, wc, h, w, flipped, seed):
+    g = Geometry((y0 + hc + 3, x0 + wc + 5), (y0, x0, y0 + hc, x0 + wc), flipped, (h, w))
+    pts = np.random.default_rng(seed).uniform(-50, 3500, size=(7, 3, 2))
+    np.testing.assert_allclose(g.to_original(g.from_original(pts)), pts, rtol=1e-9, atol=1e-7)
+    np.testing.assert_allclose(g.from_original(g.to_original(pts)), pts, rtol=1e-9, atol=1e-7)
+
+
+def test_geometry_by_hand():
+    g = Geometry((200, 300), (10, 20, 110, 220), False, (50, 100))
+    # Output pixel 0 covers original rows 10-11 and columns 20-21: its centre is (10.5, 20.5).
+    np.testing.assert_allclose(g.from_original([10.5, 20.5]), [0.0, 0.0])
+    np.testing.assert_allclose(g.to_original([49.0, 99.0]), [108.5, 218.5])
+    flipped = Geometry((200, 300), (10, 20, 110, 220), True, (50, 100))
+    np.testing.assert_allclose(flipped.from_original([10.5, 20.5]), [0.0, 99.0])
+    box = flipped.box_from_original(np.array([[10.5, 20.5], [30.5, 60.5]]))
+    np.testing.assert_allclose(box, [0.0, 79.0, 10.0, 99.0])
+    assert box.dtype == np.float32
+
+
+@pytest.mark.parametrize("side", ["L", "R"])
+@pytest.mark.parametrize(
+    "shape,size",
+    [((600, 480), (227, 227)), ((1500, 1200), (227, 227)), ((900, 700), (120, 96))],
+)
+def test_bright_dot_lands_where_geometry_says(tmp_path, side, shape, size):
+    H, W = shape
+    image = breast_phantom(
+        shape, side=side, centre_y=H // 2, half_height=int(H * 0.4), depth=int(W * 0.65)
+    )
+    # A dot near the chest wall, off-centre, at a non-integer position.
+    dot = np.array([H * 0.37 + 0.3, W * 0.2 + 0.6 if side == "L" else W * 0.8 - 0.4])
+    image = add_disc(image, dot, radius=max(H, W) / 60, value=1.0)
+    config = PreprocessConfig(size=size)
+    for out, g in (
+        preprocess_image(image.astype(np.float32), config),
+        preprocess_file(
+            write_dicom(tmp_path / "dot.dcm", np.round(image * 4095).astype(np.uint16)), config
+        ),
+    ):
+        assert out.shape == size and out.dtype == np.float32
+        assert g.flipped == (side == "R")
+        expected = g.from_original(dot)
+        found = bright_centroid(out, 0.6)
+        assert np.abs(found - expected).max() < 1.0, (found, expected, g)
+        # The chest wall is on the left after preprocessing (flip=True).
+        assert out[:, : size[1] // 4].mean() > out[:, -size[1] // 4 :].mean()
+        np.testing.assert_allclose(g.to_original(found), dot, atol=max(H, W) / size[0] * 1.5)
+
+
+def test_no_flip_when_disabled():
+    image = breast_phantom(side="R").astype(np.float32)
+    out, g = preprocess_image(image, PreprocessConfig(flip=False))
+    assert not g.flipped
+    assert out[:, -50:].mean() > out[:, :50].mean()
+
+
+def test_flip_mirrors_the_left_facing_result():
+    # At most 512 pixels: the mask is computed at full resolution, so the crop is exact both ways.
+    left = breast_phantom((500, 400), centre_y=240, half_height=180, depth=260)
+    left = add_disc(left, (250, 60), 12, 0.9)
+    right = left[:, ::-1].copy()
+    out_l, g_l = preprocess_image(left.astype(np.float32))
+    out_r, g_r = preprocess_image(right.astype(np.float32))
+    assert not g_l.flipped and g_r.flipped
+    np.testing.assert_allclose(out_r, out_l, atol=1e-5)
+
+
+def test_marker_outside_breast_is_removed_and_crop_fits_breast():
+    # Breast: rows 100..500, columns 0..300 (half-ellipse against the left edge).
+    image = breast_phantom((600, 480), centre_y=300, half_height=200, depth=300, tissue=0.45)
+    # Marker 1 inside the breast's bounding box but outside the breast (at y=120 the breast
+    # reaches only x=130); marker 2 outside the box.
+    image[110:135, 220:280] = 1.0
+    image[540:580, 380:460] = 1.0
+    out, g = preprocess_image(image.astype(np.float32))
+    y0, x0, y1, x1 = g.crop
+    assert abs(y0 - 100) <= 2 and abs(y1 - 501) <= 3 and x0 == 0 and abs(x1 - 301) <= 3, g.crop
+    assert out.max() < 0.5  # no marker survives
+    corners = g.from_original(np.array([[110, 220], [134, 279]]))
+    (py0, px0), (py1, px1) = (
+        np.floor(corners.min(0)).astype(int),
+        np.ceil(corners.max(0)).astype(int),
+    )
+    assert out[max(py0, 0) : py1 + 1, max(px0, 0) : px1 + 1].max() < 0.02
+    # The breast itself is kept: the middle of the output is tissue.
+    np.testing.assert_allclose(out[100:130, 20:60], 0.45, atol=1e-4)
+
+
+def test_dark_fat_at_the_chest_wall_is_not_cut_out():
+    image = breast_phantom((600, 480), tissue=0.45)
+    image[280:320, 0:25] = 0.01  # a dark region touching only the chest-wall edge
+    out, g = preprocess_image(image.astype(np.float32))
+    py, px = np.round(g.from_original(np.array([300.0, 10.0]))).astype(int)
+    assert 0.005 < out[py, px] < 0.05  # kept as tissue (dark), not zeroed as background
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding.
+
+
+def ramp(shape=(64, 48), lo=0, hi=4095, dtype=np.uint16) -> np.ndarray:
+    return np.linspace(lo, hi, shape[0] * shape[1]).reshape(shape).round().astype(dtype)
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    stored = ramp(hi=4000)
+    stored[0, 0] = 10
+    m2 = read_image(write_dicom(tmp_path / "m2.dcm", stored, bits_stored=12))
+    m1 = read_image(
+        write_dicom(tmp_path / "m1.dcm", stored, bits_stored=12, photometric="MONOCHROME1")
+    )
+    np.testing.assert_allclose(m2, minmax(stored), atol=1e-6)
+    np.testing.assert_allclose(m1, 1.0 - minmax(stored), atol=1e-6)
+    inverted = read_image(
+        write_dicom(tmp_path / "m1b.dcm", 4095 - stored, bits_stored=12, photometric="MONOCHROME1")
+    )
+    np.testing.assert_allclose(inverted, m2, atol=1e-6)
+
+
+def linear_window(y: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2.1 (LINEAR), output range [0, 1]."""
+    c, w = centre - 0.5, width - 1.0
+    out = (y - c) / w + 0.5
+    out[y <= c - w / 2] = 0.0
+    out[y > c + w / 2] = 1.0
+    return out
+
+
+def test_rescale_and_window_match_numpy_reference(tmp_path):
+    stored = ramp(hi=4095)
+    path = write_dicom(
+        tmp_path / "w.dcm",
+        stored,
+        bits_stored=12,
+        RescaleSlope=2,
+        RescaleIntercept=-100,
+        WindowCenter=3000,
+        WindowWidth=2001,
+    )
+    y = stored.astype(np.float64) * 2 - 100
+    np.testing.assert_allclose(read_image(path), minmax(linear_window(y, 3000, 2001)), atol=1e-6)
+
+
+def test_window_only_and_monochrome1(tmp_path):
+    stored = ramp(hi=65535)
+    path = write_dicom(
+        tmp_path / "w1.dcm", stored, photometric="MONOCHROME1", WindowCenter=20000, WindowWidth=9000
+    )
+    ref = 1.0 - minmax(linear_window(stored.astype(np.float64), 20000, 9000))
+    np.testing.assert_allclose(read_image(path), ref, atol=1e-6)
+
+
+def test_voi_lut_sequence(tmp_path):
+    from pydicom.dataset import Dataset
+
+    stored = ramp(hi=1023)
+    table = (np.sqrt(np.arange(1024) / 1023.0) * 65535).astype(np.uint16)
+    item = Dataset()
+    item.LUTDescriptor = [1024, 0, 16]
+    item.add_new(0x00283006, "US", table.tolist())  # LUTData
+    path = write_dicom(tmp_path / "lut.dcm", stored, bits_stored=10, VOILUTSequence=[item])
+    np.testing.assert_allclose(read_image(path), minmax(table[stored]), atol=1e-6)
+
+
+def test_signed_16_bit(tmp_path):
+    stored = ramp(lo=-2000, hi=1500, dtype=np.int16)
+    path = write_dicom(tmp_path / "s.dcm", stored, RescaleSlope=1, RescaleIntercept=1024)
+    np.testing.assert_allclose(read_image(path), minmax(stored), atol=1e-6)
+
+
+def test_8_bit_dicom(tmp_path):
+    stored = ramp(hi=200, dtype=np.uint8)
+    np.testing.assert_allclose(read_image(write_dicom(tmp_path / "b.dcm", stored)), minmax(stored))
+
+
+@pytest.mark.parametrize(
+    "suffix,dtype,hi",
+    [(".png", np.uint8, 255), (".png", np.uint16, 60000), (".tif", np.uint16, 4095)],
+)
+def test_png_and_tiff(tmp_path, suffix, dtype, hi):
+    image = breast_phantom((300, 240))
+    image = add_disc(image, (120, 60), 5, 1.0)
+    stored = np.round(image * hi).astype(dtype)
+    path = tmp_path / f"img{suffix}"
+    skimage.io.imsave(path, stored, check_contrast=False)
+    got = read_image(path)
+    assert got.dtype == np.float32 and got.shape == stored.shape
+    np.testing.assert_allclose(got, minmax(stored), atol=1e-6)
+    out, g = preprocess_file(path)
+    ref, g_ref = preprocess_image(got)
+    assert g == g_ref
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+
+
+def test_rgb_png_with_equal_channels(tmp_path):
+    gray = breast_phantom((100, 80), centre_y=50, half_height=40, depth=50)
+    gray = np.round(gray * 255).astype(np.uint8)
+    skimage.io.imsave(tmp_path / "rgb.png", np.stack([gray] * 3, axis=-1), check_contrast=False)
+    np.testing.assert_allclose(read_image(tmp_path / "rgb.png"), minmax(gray), atol=1e-6)
+
+
+def test_preprocess_file_equals_read_then_preprocess(tmp_path):
+    rng = np.random.default_rng(0)
+    image = breast_phantom((1100, 900), centre_y=520, half_height=430, depth=600)
+    image = np.clip(image + rng.normal(0, 0.03, image.shape) * (image > 0), 0, 1)
+    image[40:80, 700:850] = 1.0
+    path = write_dicom(
+        tmp_path / "x.dcm", np.round(image * 16383).astype(np.uint16), bits_stored=14
+    )
+    out, g = preprocess_file(path)
+    ref, g_ref = preprocess_image(read_image(path))
+    assert g == g_ref
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def valid_dicom_bytes(tmp_path: Path) -> bytes:
+    image = np.round(breast_phantom((40, 32), centre_y=20, half_height=15, depth=20) * 4095)
+    return write_dicom(tmp_path / "ok.dcm", image.astype(np.uint16), bits_stored=12).read_bytes()
+
+
+def test_truncated_dicom(tmp_path):
+    data = valid_dicom_bytes(tmp_path)
+    bad = tmp_path / "truncated.dcm"
+    bad.write_bytes(data[: len(data) - 700])
+    with pytest.raises(DataError, match="truncated.dcm.*(truncated|damaged)"):
+        preprocess_file(bad)
+
+
+def test_not_a_dicom(tmp_path):
+    bad = tmp_path / "junk.dcm"
+    bad.write_bytes(b"this is not an image at all" * 10)
+    with pytest.raises(DataError, match="junk.dcm"):
+        read_image(bad)
+
+
+def test_compressed_without_decoder(tmp_path):
+    assert not pydicom.pixels.get_decoder(JPEGLosslessSV1).is_available  # as in our venv
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds = FileDataset("c.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = 8, 8, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = encapsulate([b"\xff\xd8" + b"\x00" * 30 + b"\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(tmp_path / "c.dcm", enforce_file_format=True)
+    with pytest.raises(DataError, match=r"c\.dcm.*compressed.*no decoder.*pylibjpeg"):
+        read_image(tmp_path / "c.dcm")
+
+
+def test_other_bad_inputs(tmp_path):
+    with pytest.raises(DataError, match="missing.dcm.*no such file"):
+        read_image(tmp_path / "missing.dcm")
+    blank = write_dicom(tmp_path / "blank.dcm", np.full((20, 20), 7, np.uint16))
+    with pytest.raises(DataError, match="blank.dcm.*blank"):
+        preprocess_file(blank)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="notes.txt.*unknown image type"):
+        read_image(tmp_path / "notes.txt")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    with pytest.raises(DataError, match="bad.png"):
+        read_image(tmp_path / "bad.png")
+    with pytest.raises(DataError, match="in \\[0, 1\\]"):
+        preprocess_image(np.full((10, 10), 3.0))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    cut=st.integers(0, 2000),
+    edits=st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 255)), max_size=8),
+)
+def test_fuzz_dicom_reader(tmp_path, cut, edits):
+    data = bytearray(valid_dicom_bytes(tmp_path))
+    for pos, value in edits:
+        if pos < len(data):
+            data[pos] = value
+    data = bytes(data[: max(0, len(data) - cut)])
+    path = tmp_path / "fuzz.dcm"
+    path.write_bytes(data)
+    try:
+        image = read_image(path)
+    except DataError as e:
+        assert "fuzz.dcm" in str(e)
+        return
+    assert image.ndim == 2 and image.dtype == np.float32
+    assert np.all(np.isfinite(image)) and image.min() >= 0 and image.max() <= 1
