@@ -15,12 +15,20 @@ Builders (registered with TFDS when this module is imported):
 * ``mammogram_folder``: ``manual_dir`` holds a CSV listing images and labels
   (``data_pipeline.inbreast.read_folder``); the CSV's name and columns are part of the config.
 
-``prepare`` is the entry point used by training: it prepares once (a second call only loads) and
-returns everything as numpy arrays in an ``Examples``.
+Each has one split, ``"train"``, holding every image (folds are chosen later by
+``data_pipeline.folds``; TFDS reserves the split name ``"all"``). Features: ``image`` (h, w, 1)
+uint16, ``label``, ``birads``, ``patient_id``, ``laterality``, ``view``, ``file_id``,
+``mass_boxes`` (b, 4) float32, and the preprocessing geometry (``original_shape``, ``crop``,
+``flipped``). Files left out with ``skip_bad`` are listed in the dataset's ``metadata.json``.
 
-Preparation uses a ``forkserver`` process pool (TensorFlow is already loaded in this process, so it
-is not forked); as with any ``multiprocessing`` pool, a script that calls ``prepare`` at top level
-must guard it with ``if __name__ == "__main__":``.
+``prepare`` is the entry point used by training: it prepares once (a second call only loads) and
+returns everything as numpy arrays in an ``Examples``. The builders also work through TFDS
+directly, e.g. ``tfds.load("inbreast/227", data_dir=..., download_and_prepare_kwargs={
+"download_config": tfds.download.DownloadConfig(manual_dir=...)})``.
+
+Preparation preprocesses in ``os.cpu_count()`` worker processes started by a ``forkserver``
+(TensorFlow is loaded in this process, so it is not forked) that import only
+``data_pipeline.preprocess``.
 """
 
 from __future__ import annotations
@@ -470,7 +478,7 @@ class Examples:
         )
 
 
-def _folder_config(manual_dir: Path, size: tuple[int, int], **columns: Any) -> tuple[Path, str]:
+def _folder_csv(manual_dir: Path) -> tuple[Path, str]:
     """(folder, csv name) from ``manual_dir`` = a CSV file or a folder with exactly one CSV."""
     if manual_dir.is_file():
         return manual_dir.parent, manual_dir.name
@@ -509,7 +517,7 @@ def get_builder(
     if source == "folder":
         if manual is None:
             raise DataError('source="folder" needs manual_dir: the CSV or the folder holding it.')
-        manual, csv_name = _folder_config(manual, size)
+        manual, csv_name = _folder_csv(manual)
         config = FolderConfig(
             name=name,
             image_size=size,

@@ -19,10 +19,11 @@ per_sec`` / ``pipeline_overlap``   fixed-batch steps; overlap = stream / fixed (
 ``preprocess_images_per_sec``      ``data_pipeline.preprocess.preprocess_file`` on full-size
                                    INbreast-like 16-bit DICOMs (4084 x 3328, written with pydicom
                                    to a temporary folder) by ``--preprocess_workers`` processes
-``preprocess_peak_rss_mib``        peak resident memory (``getrusage(RUSAGE_SELF).ru_maxrss``) of
-                                   one such worker: a fresh interpreter that imports only
-                                   ``data_pipeline.preprocess``, so this process's JAX and
-                                   TensorFlow do not count (``..._total``: sum over workers)
+``preprocess_peak_rss_mib``        peak resident memory of one such worker, a fresh interpreter
+                                   that imports only ``data_pipeline.preprocess`` (its own
+                                   imports included; this process's JAX, TensorFlow and torch not):
+                                   ``VmHWM`` of ``/proc/self/status``, else ``getrusage(
+                                   RUSAGE_SELF).ru_maxrss`` (``..._total``: sum over workers)
 ``torch_train_images_per_sec``     the same network, loss and Adam step in PyTorch
                                    (``deepmil_jax.torch_reference``), timed in alternation with
                                    the JAX step (one JAX repeat, one torch repeat, ...), so that
@@ -66,7 +67,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import re
@@ -79,7 +79,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -237,7 +237,8 @@ def write_dicom(path: Path, shape: tuple[int, int], seed: int) -> None:
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.PhotometricInterpretation = "MG", "MONOCHROME2"
     ds.Rows, ds.Columns, ds.SamplesPerPixel = h, w, 1
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
@@ -258,13 +259,22 @@ _WORKER = textwrap.dedent("""
         image, _ = preprocess_file(p, config)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    try:  # Linux: the high-water mark of this process image only (see below)
+        status = open("/proc/self/status").read()
+        peak = int(status.split("VmHWM:")[1].split()[0]) / 1024.0
+    except (OSError, IndexError, ValueError):
+        pass
     print(json.dumps({"images": len(paths), "seconds": seconds, "peak_rss_mib": peak}), flush=True)
 """)
+# Why VmHWM rather than ru_maxrss alone: on Linux ru_maxrss survives execve, and a child started
+# with vfork/fork inherits the parent's high-water mark at exec, so a worker started from this
+# (JAX + TensorFlow + PyTorch, over 1 GiB) process would report the parent's peak. VmHWM belongs
+# to the new address space and starts from zero at exec.
 
 
 def benchmark_preprocess(*, num_images: int, workers: int, distinct: int,
                          shape: tuple[int, int], size: int) -> dict[str, float]:
-    """preprocess_file throughput over ``workers`` processes started together, and their peak RSS."""
+    """preprocess_file throughput of ``workers`` processes started together; their peak RSS."""
     with tempfile.TemporaryDirectory(prefix="deepmil_bench_") as tmp:
         files = []
         for i in range(distinct):
@@ -322,6 +332,7 @@ class Settings:
     preprocess_workers: int | None = None  # None: the CPU count
     preprocess_distinct: int = 4
     preprocess_shape: tuple[int, int] = INBREAST_SHAPE
+    head_hidden: tuple[int, ...] = ()
     torch: bool = True
     torch_channels_last: bool = True
     seed: int = 0
@@ -353,16 +364,30 @@ def _torch_trainer(settings: Settings, config: train.Config, on_accelerator: boo
         seed=config.seed)
 
 
-def run_benchmark(settings: Settings, *, parts: frozenset[str] = frozenset(
-        {"train", "eval", "pipeline", "overlap", "preprocess", "torch"})) -> dict[str, Any]:
-    """Measures the figures of the module docstring; returns the JSON object."""
+def run_benchmark(
+    settings: Settings,
+    *,
+    parts: frozenset[str] = frozenset({"train", "eval", "pipeline", "overlap", "preprocess",
+                                       "torch"}),
+    base_config: train.Config | None = None,
+) -> dict[str, Any]:
+    """Measures the figures of the module docstring; returns the JSON object.
+
+    Args:
+      settings: what to measure and how long.
+      parts: which of train (always measured), eval, pipeline, overlap, preprocess, torch.
+      base_config: the training configuration to take the remaining fields from (learning rate,
+        mu, ...); default ``train.Config()``.
+    """
     device = jax.devices()[0]
     on_accelerator = device.platform != "cpu"
     batch = settings.batch_size or (256 if on_accelerator else 32)
     precision = settings.precision or ("bf16" if on_accelerator else "fp32")
-    config = train.Config(scheme=settings.scheme, backbone=settings.backbone, batch_size=batch,
-                          eval_batch_size=batch, image_size=settings.image_size, k=settings.k,
-                          precision=precision, seed=settings.seed)
+    config = dataclasses.replace(
+        base_config or train.Config(), scheme=settings.scheme, backbone=settings.backbone,
+        batch_size=batch, eval_batch_size=batch, image_size=settings.image_size, k=settings.k,
+        precision=precision, head_hidden=settings.head_hidden, seed=settings.seed,
+        init="random")
     config.validate()
     mesh = train.make_mesh()
     n_dev = mesh.devices.size
@@ -552,46 +577,53 @@ def format_table(result: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Command line
+#
+# --scheme, --backbone, --batch_size, --image_size, --k, --precision (and --mu, --head_hidden,
+# --learning_rate, --seed, ...) are deepmil_jax.train's own flags, so the benchmark measures the
+# step that the same training command would run. Unlike training, an absent --batch_size means
+# 32 on CPU and 256 on GPU/TPU, and an absent --precision fp32 on CPU and bf16 on GPU/TPU.
 
 _PARTS = ("train", "eval", "pipeline", "overlap", "preprocess", "torch")
 _S = Settings()
+for _name in ("scheme", "backbone", "batch_size", "image_size", "k", "precision", "head_hidden",
+              "seed"):
+    flags.declare_key_flag(_name, flag_values=flags.FLAGS)
 flags.DEFINE_string("json", None, "Also write the figures as one JSON object to this file.")
-flags.DEFINE_enum("scheme", _S.scheme, list(train.SCHEMES),
-                  "The training scheme whose step is measured (its model and loss).")
-flags.DEFINE_enum("backbone", _S.backbone, ["caffe", "torchvision"],
-                  "AlexNet variant: caffe (the paper's: groups and LRN) or torchvision.")
-flags.DEFINE_integer("batch_size", None, "Global batch (default: 32 on CPU, 256 on GPU/TPU).")
-flags.DEFINE_integer("image_size", _S.image_size, "Image side in pixels (paper: 227).")
-flags.DEFINE_float("k", _S.k, "label_assign: top-k instances (as deepmil_jax.train --k).")
-flags.DEFINE_enum("precision", None, ["fp32", "bf16"],
-                  "Compute precision (default: fp32 on CPU, bf16 on GPU/TPU); bf16 also turns "
-                  "on PyTorch's bf16 autocast.")
-flags.DEFINE_integer("repeats", _S.repeats, "Timed repeats; figures are medians over them.")
+flags.DEFINE_integer("repeats", _S.repeats, "Timed repeats; every figure is the median over them.")
 flags.DEFINE_integer("steps_per_repeat", _S.steps_per_repeat, "Train/eval steps per repeat.")
 flags.DEFINE_integer("warmup", _S.warmup, "Untimed steps after compilation.")
 flags.DEFINE_integer("preprocess_images", _S.preprocess_images,
-                     "Full-size DICOMs preprocessed in the timed part.")
-flags.DEFINE_integer("preprocess_workers", None, "Preprocessing processes (default: CPU count).")
+                     "Full-size (4084x3328, 16-bit) DICOMs preprocessed in the timed part.")
+flags.DEFINE_integer("preprocess_workers", None,
+                     "Preprocessing processes, each a fresh interpreter (default: CPU count).")
+flags.DEFINE_bool("torch", True, "Time the same step in PyTorch (deepmil_jax.torch_reference), "
+                  "interleaved with JAX; needs the torch extra.")
 flags.DEFINE_bool("torch_channels_last", _S.torch_channels_last,
                   "PyTorch in the channels_last memory format.")
 flags.DEFINE_list("parts", list(_PARTS), f"What to measure, a subset of {','.join(_PARTS)}.")
-flags.DEFINE_bool("quick", False, "Smoke test: 131x131 images, batch 4, 2 repeats, small DICOMs "
-                  "(the figures mean little).")
+flags.DEFINE_bool("quick", False, "Smoke test: 131x131 images (3x3 instances), k=2, batch 4, "
+                  "2 repeats, small DICOMs; the figures mean little.")
 
 
 def settings_from_flags() -> Settings:
+    """The benchmark's settings from the command line (``--quick`` changes the defaults)."""
     f = flags.FLAGS
     base = Settings.quick() if f.quick else Settings()
     overrides: dict[str, Any] = {"scheme": f.scheme, "backbone": f.backbone,
-                                 "torch_channels_last": f.torch_channels_last}
-    for name in ("batch_size", "precision", "preprocess_workers"):
-        if getattr(f, name) is not None:
-            overrides[name] = getattr(f, name)
-    for name in ("image_size", "k", "repeats", "steps_per_repeat", "warmup",
-                 "preprocess_images"):
+                                 "torch_channels_last": f.torch_channels_last, "seed": f.seed,
+                                 "head_hidden": tuple(int(h) for h in f.head_hidden),
+                                 "torch": f.torch}
+    for name in ("batch_size", "image_size", "k", "precision", "repeats", "steps_per_repeat",
+                 "warmup", "preprocess_images", "preprocess_workers"):
         if f[name].present:
             overrides[name] = getattr(f, name)
-    return dataclasses.replace(base, **overrides)
+    settings = dataclasses.replace(base, **overrides)
+    for name in ("repeats", "steps_per_repeat", "preprocess_images", "image_size"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"--{name} must be positive; got {getattr(settings, name)}.")
+    if settings.warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0; got {settings.warmup}.")
+    return settings
 
 
 def _main() -> None:
@@ -600,10 +632,9 @@ def _main() -> None:
     if unknown:
         raise ConfigError(f"--parts: unknown {sorted(unknown)}; choose from {', '.join(_PARTS)}")
     settings = settings_from_flags()
-    for name in ("repeats", "steps_per_repeat", "preprocess_images", "image_size"):
-        if getattr(settings, name) < 1:
-            raise ConfigError(f"--{name} must be positive; got {getattr(settings, name)}.")
-    result = run_benchmark(settings, parts=frozenset(f.parts))
+    parts = frozenset(f.parts) - (frozenset() if settings.torch else {"torch"})
+    base = train.config_from_flags()
+    result = run_benchmark(settings, parts=parts, base_config=base)
     print(format_table(result))
     if f.json:
         Path(f.json).expanduser().write_text(json.dumps(result, indent=2, default=float) + "\n")

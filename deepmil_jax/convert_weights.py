@@ -6,18 +6,18 @@ Formats (--format) and where to get each file:
 
   keras_h5     alexnet_weights.h5 of heuritech/convnets-keras: the weights the paper's code used
                (Caffe/BVLC AlexNet, 96-256-384-384-256 filters, groups, LRN). It was published at
-               http://files.heuritech.com/weights/alexnet_weights.h5 (offline today; copies
-               circulate under that name). Keras 1 / Theano layout; kernels are rotated by 180
-               degrees because Theano's conv2d is a true convolution. Also gives fc6/fc7
-               (dense_1/dense_2) for --scheme=alexnet. Input: RGB on 0-255 minus
+               http://files.heuritech.com/weights/alexnet_weights.h5 (that host may no longer
+               serve it; copies circulate under that name). Keras 1 / Theano layout; kernels
+               are rotated by 180 degrees because Theano's conv2d is a true convolution. Also
+               gives fc6/fc7 (dense_1/dense_2) for --scheme=alexnet. Input: RGB on 0-255 minus
                (123.68, 116.779, 103.939).
   caffe_npy    bvlc_alexnet.npy, Caffe's BVLC AlexNet converted by Guerzhoy & Frossard
                (http://www.cs.toronto.edu/~guerzhoy/tf_alexnet/), widely mirrored. Same
-               architecture; Caffe's LRN (before pooling). Read without running pickled code.
-               Input: BGR on 0-255 minus (104.0, 116.7, 122.7).
+               filters; Caffe's LRN constants and order (LRN before pooling). Read without
+               running pickled code. Input: BGR on 0-255 minus (104.0, 116.7, 122.7).
   torchvision  alexnet-owt-*.pth, torchvision.models.alexnet's state_dict (download with
                torchvision, or from https://download.pytorch.org/models/alexnet-owt-7be5be79.pth).
-               The 64-192-384-256-256 variant without groups or LRN (--backbone=torchvision).
+               The 64-192-384-256-256 variant without groups or LRN (backbone "torchvision").
                Needs PyTorch (pip install 'deepmil-jax[torch]'). Input: RGB on [0, 1] with
                ImageNet mean/std.
 
@@ -66,9 +66,7 @@ def main(argv: list[str]) -> None:
         print(f"convert_weights: error: {e}", file=sys.stderr)
         sys.exit(1)
     meta = weights.SOURCES[_FORMAT.value]
-    logging.info(
-        "wrote %s (variant=%s, normalization=%s)", out, meta.variant, meta.normalization
-    )
+    logging.info("wrote %s (variant=%s, normalization=%s)", out, meta.variant, meta.normalization)
     print(f"wrote {out} (variant={meta.variant}, normalization={meta.normalization})")
 
 

@@ -244,7 +244,8 @@ def _main() -> None:
         folds = [int(f) for f in FLAGS.folds] or list(range(config.num_folds))
     except ValueError as e:
         raise ConfigError(f"--folds: {FLAGS.folds} is not a list of integers.") from e
-    workdir = Path(FLAGS.workdir or "runs/cv")
+    # Absolute: Orbax refuses relative checkpoint paths.
+    workdir = Path(FLAGS.workdir or "runs/cv").expanduser().absolute()
     results = cross_validate(config, FLAGS.schemes, folds, workdir)
     add_localization(config, results)
     table = summarize(results)

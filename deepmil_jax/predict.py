@@ -13,7 +13,8 @@ bag prediction of max-pooling MIL, used for every scheme). The output folder rec
   suspicious patch is the highest-scoring instance ``(top_patch_row, top_patch_col)`` of the
   ``h' x w'`` grid; ``center_y, center_x`` is its centre in full-resolution *original* pixels
   (pixel centres at integers) and ``original[box_y0:box_y1, box_x0:box_x1]`` is the patch (crop,
-  flip and resize undone). A file that cannot be read has only ``file`` and ``error`` filled in.
+  flip and resize undone); ``heatmap`` is relative to the output folder. A file that cannot be
+  read has only ``file`` and ``error`` filled in.
 * ``heatmaps/<name>.png``: the original mammogram (block-averaged to at most ``--max_side``
   pixels) with the instance probabilities overlaid, the top patch framed and, when an INbreast
   XML (``AllXML/<id>.xml`` near the image, ``id`` = the file name up to the first ``_``) exists,
@@ -95,8 +96,8 @@ class Prediction:
     heatmap: str | None = None
     error: str | None = None
 
-    def row(self) -> dict[str, str]:
-        """The CSV row (``CSV_COLUMNS``)."""
+    def row(self, relative_to: str | os.PathLike | None = None) -> dict[str, str]:
+        """The CSV row (``CSV_COLUMNS``); the heatmap path relative to ``relative_to`` if given."""
         if self.error is not None or self.probability is None:
             return {**dict.fromkeys(CSV_COLUMNS, ""), "file": self.file, "error": self.error or ""}
         return {
@@ -111,7 +112,8 @@ class Prediction:
             "box_y1": str(self.box[2]),
             "box_x1": str(self.box[3]),
             "flipped": str(int(self.geometry.flipped)),
-            "heatmap": self.heatmap or "",
+            "heatmap": (os.path.relpath(self.heatmap, relative_to) if self.heatmap and relative_to
+                        is not None else self.heatmap or ""),
             "error": "",
         }
 
@@ -258,7 +260,7 @@ def predict_files(
             for pred, z in zip(good, logits, strict=True):
                 _finish(pred, z, size)
                 if heatmaps:
-                    name = _unique_name(Path(pred.file).name.split(".")[0], used)
+                    name = _unique_name(Path(pred.file).stem, used)
                     pred.heatmap = str(heat_dir / f"{name}.png")
                     _draw(pred, max_side, xml_dir)
         results.extend(batch)
@@ -299,12 +301,14 @@ def _draw(pred: Prediction, max_side: int, xml_dir: str | os.PathLike | None) ->
 
 
 def write_csv(predictions: Sequence[Prediction], path: str | os.PathLike) -> None:
-    """``predictions.csv``: one row per prediction, columns ``CSV_COLUMNS``."""
+    """``predictions.csv``: one row per prediction, columns ``CSV_COLUMNS``; heatmap paths are
+    relative to the CSV's folder."""
+    folder = Path(path).parent
     with open(path, "w", newline="") as f:
         out = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         out.writeheader()
         for p in predictions:
-            out.writerow(p.row())
+            out.writerow(p.row(relative_to=folder))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,8 +347,10 @@ def _main(argv: Sequence[str]) -> None:
     files = find_images(argv[1:], exclude=output)
     if not files:
         raise DataError(f"No DICOM, PNG or TIFF files in {' '.join(argv[1:])}.")
-    config, model = train.load_trained(FLAGS.checkpoint, which=FLAGS.which)
-    logging.info("Loaded %s (%s, image_size %d); predicting %d file(s).", FLAGS.checkpoint,
+    # Absolute: Orbax refuses relative checkpoint paths.
+    checkpoint = Path(FLAGS.checkpoint).expanduser().absolute()
+    config, model = train.load_trained(checkpoint, which=FLAGS.which)
+    logging.info("Loaded %s (%s, image_size %d); predicting %d file(s).", checkpoint,
                  config.scheme, config.image_size, len(files))
     output.mkdir(parents=True, exist_ok=True)
     predictions = predict_files(

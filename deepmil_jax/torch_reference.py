@@ -309,7 +309,9 @@ class TorchTrainer:
         self.net.train()
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=learning_rate)
 
-    def to_device(self, images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_device(
+        self, images: np.ndarray, labels: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(N, H, W, 1)`` float32 numpy images, ``(N,)`` labels -> device tensors (NCHW)."""
         x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).permute(0, 3, 1, 2)
         x = x.to(self.device).contiguous(memory_format=self.memory_format)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -68,6 +69,9 @@ class Config:
     dataset: str = "synthetic"  # synthetic | inbreast | folder
     data_dir: str = "~/.cache/deepmil_jax"  # prepared TFDS datasets (and generated synthetic data)
     manual_dir: str = ""  # inbreast: the INbreast folder; folder: the CSV file
+    image_column: str = "image"  # folder: CSV column of image paths (relative to the CSV)
+    label_column: str = "label"  # folder: CSV column of 0/1 labels
+    patient_column: str = ""  # folder: CSV column of patient ids ("" = every image its own)
     synthetic_images: int = 160  # size of the generated synthetic INbreast
     image_size: int = 227  # preprocessed images are image_size x image_size (paper: 227)
     skip_bad: bool = False  # list unreadable images and go on instead of stopping
@@ -170,10 +174,15 @@ def load_examples(config: Config):
         source, manual_dir = "inbreast", raw
         tfds_dir = data_dir / f"tfds_synthetic_n{config.synthetic_images}"
     else:
-        source, manual_dir = config.dataset, Path(config.manual_dir).expanduser()
-        tfds_dir = data_dir / "tfds"
+        source, manual_dir = config.dataset, Path(config.manual_dir).expanduser().resolve()
+        # one TFDS folder per raw dataset, so two INbreast copies never share a prepared dataset
+        digest = hashlib.sha1(str(manual_dir).encode()).hexdigest()[:10]
+        tfds_dir = data_dir / f"tfds_{source}_{manual_dir.name}_{digest}"
     kwargs = dict(manual_dir=manual_dir, data_dir=tfds_dir, image_size=config.image_size,
                   skip_bad=config.skip_bad)
+    if source == "folder":
+        kwargs.update(image_column=config.image_column, label_column=config.label_column,
+                      patient_column=config.patient_column or None)
     if jax.process_index() == 0:
         examples = datasets.prepare(source, **kwargs)
     multihost_utils.sync_global_devices("dataset prepared")
@@ -645,6 +654,12 @@ flags.DEFINE_string("data_dir", _D.data_dir, "Where prepared datasets (and the s
                     "are kept.")
 flags.DEFINE_string("manual_dir", _D.manual_dir, "inbreast: the INbreast folder (AllDICOMs, "
                     "AllXML, INbreast.csv); folder: the CSV file.")
+flags.DEFINE_string("image_column", _D.image_column, "--dataset=folder: the CSV column of image "
+                    "paths (DICOM, PNG or TIFF; relative to the CSV).")
+flags.DEFINE_string("label_column", _D.label_column, "--dataset=folder: the CSV column of labels "
+                    "(0/1, or MALIGNANT/BENIGN).")
+flags.DEFINE_string("patient_column", _D.patient_column, "--dataset=folder: the CSV column of "
+                    "patient ids, so that folds keep a patient's images together.")
 flags.DEFINE_integer("synthetic_images", _D.synthetic_images, "Images in the synthetic dataset.")
 flags.DEFINE_integer("image_size", _D.image_size, "Preprocessed image side in pixels (paper: "
                      "227, a 6x6 grid of instances; 454 gives 13x13).")

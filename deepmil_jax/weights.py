@@ -598,6 +598,8 @@ def load_converted(
     for key in ("variant", "normalization", "layers"):
         if key not in metadata:
             raise WeightsError(f"{meta_file}: has no {key!r} entry")
+    if metadata["variant"] not in CONV_SPECS:
+        raise WeightsError(f"{meta_file}: unknown variant {metadata['variant']!r}")
     wanted = [n for n in metadata["layers"] if layers is None or n in set(layers)]
     item = {n: {"kernel": 0, "bias": 0} for n in wanted}
     restore_args = {
@@ -617,7 +619,7 @@ def load_converted(
         layer: {kind: np.asarray(v, dtype=np.float32) for kind, v in arrays.items()}
         for layer, arrays in restored.items()
     }
-    if layers is None or any(s.name in wanted for s in CONV_SPECS[metadata["variant"]]):
+    if layers is None or any(name.startswith("conv") for name in wanted):
         validate(params, metadata["variant"], str(root))
     return params, metadata
 

@@ -1,6 +1,7 @@
 """The notebooks run from top to bottom (so they never go stale) and are stored without outputs."""
 
 import csv
+import os
 from pathlib import Path
 
 import nbformat
@@ -23,8 +24,11 @@ def test_committed_notebooks_have_no_outputs():
                 assert cell.execution_count is None, f"{name} cell {i} has an execution count"
 
 
-def _execute(name: str, cwd: Path) -> nbformat.NotebookNode:
-    """Runs a notebook in ``cwd`` (where its files go) with the kernel of this interpreter."""
+def _execute(name: str, cwd: Path, monkeypatch) -> nbformat.NotebookNode:
+    """Runs a notebook in ``cwd`` (where its files go) with the kernel of this interpreter
+    (ipykernel's ``python3`` spec), importing the package from this working tree."""
+    path = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), path) if p))
     nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
     client = NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(cwd)}})
@@ -43,21 +47,22 @@ def _text(nb: nbformat.NotebookNode) -> str:
 
 def test_quickstart_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    nb = _execute("quickstart.ipynb", tmp_path)
+    nb = _execute("quickstart.ipynb", tmp_path, monkeypatch)
     text = _text(nb)
     assert "top patch on the square for" in text
     # The trained run and the heatmaps of three test images were written in the working folder.
     assert (tmp_path / "runs" / "quickstart" / "results.json").is_file()
     with (tmp_path / "predictions" / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 and all(Path(r["heatmap"]).is_file() for r in rows)
+    assert len(rows) == 3
+    assert all((tmp_path / "predictions" / r["heatmap"]).is_file() for r in rows)
     assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
 
 
 def test_inbreast_runs_on_the_synthetic_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("INBREAST_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
-    nb = _execute("inbreast.ipynb", tmp_path)
+    nb = _execute("inbreast.ipynb", tmp_path, monkeypatch)
     report = (tmp_path / "runs" / "inbreast_cv" / "report.md").read_text()
     for method in ("max pooling", "label assignment", "sparse"):
         assert method in report

@@ -5,6 +5,7 @@ model called directly, bad files, and the pointing game against hand-computed ca
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ def test_cell_boxes_map_back_through_flip_crop_and_resize_by_hand():
     # rows 10 + [0, 20), cols 20 + [20, 40).
     box = heatmap.box_to_original(heatmap.cell_box(0, 0, (4, 2), (40, 20)), g)
     np.testing.assert_allclose(box, [10, 40, 30, 60], atol=1e-9)
-    # Cell (3, 1): rows [30, 40), cols [10, 20) -> unflipped [0, 10) -> original [70, 90) x [20, 40).
+    # Cell (3, 1): rows [30, 40), cols [10, 20) -> unflipped [0, 10) -> original
+    # [70, 90) x [20, 40).
     box = heatmap.box_to_original(heatmap.cell_box(3, 1, (4, 2), (40, 20)), g)
     np.testing.assert_allclose(box, [70, 20, 90, 40], atol=1e-9)
     assert heatmap.box_to_pixel_slice(box, (100, 80)) == (70, 20, 90, 40)
@@ -134,6 +136,11 @@ def test_downsampled_picture_keeps_full_resolution_coordinates(tmp_path):
                   for name, m in (("small", 100), ("big", 1024)))
     assert small.box == big.box and small.center == big.center
     assert Path(small.heatmap).is_file() and Path(big.heatmap).is_file()
+    # The same name twice: two pictures.
+    twice = predict.predict_files(_block_max_detector(4), [path, path], image_size=64,
+                                  output_dir=tmp_path / "twice", max_side=100, progress=False)
+    assert [Path(p.heatmap).name for p in twice] == ["777_p_MG_R_CC_ANON.png",
+                                                      "777_p_MG_R_CC_ANON_2.png"]
     reduced, stride = heatmap.downsample(np.ones((360, 280)), 100)
     assert reduced.shape == (90, 70) and stride == 4
     # Block means, the last (partial) block padded with its edge values.
@@ -207,7 +214,8 @@ def test_cli_predictions_csv_bad_files_and_exit_status(tmp_path, workdir):
     (bad / "broken.dcm").write_bytes(b"DICM but not really" * 3)
     (bad / "empty.png").write_bytes(b"")
     out = tmp_path / "out"
-    done = _cli(f"--checkpoint={workdir}", f"--output={out}", "--batch_size=3",
+    relative = os.path.relpath(workdir, tmp_path)  # relative paths work too
+    done = _cli(f"--checkpoint={relative}", "--output=out", "--batch_size=3",
                 bad / "broken.dcm", data, bad / "empty.png", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     with (out / "predictions.csv").open() as f:
@@ -237,7 +245,7 @@ def test_cli_predictions_csv_bad_files_and_exit_status(tmp_path, workdir):
         assert 0 <= box[0] < box[2] <= H and 0 <= box[1] < box[3] <= W
         cy, cx = float(r["center_y"]), float(r["center_x"])
         assert box[0] <= cy < box[2] and box[1] <= cx < box[3]
-        assert Path(r["heatmap"]).is_file() and Path(r["heatmap"]).parent == out / "heatmaps"
+        assert Path(r["heatmap"]).parent == Path("heatmaps") and (out / r["heatmap"]).is_file()
     assert "2 file(s) could not be read" in done.stderr
 
     nothing = _cli(f"--checkpoint={workdir}", f"--output={tmp_path / 'none'}", "--noheatmaps",

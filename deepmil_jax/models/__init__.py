@@ -1,4 +1,4 @@
-"""Flax NNX models: AlexNet features (caffe and torchvision variants), the MIL network, the baseline.
+"""Flax NNX models: AlexNet features (caffe, torchvision variants), the MIL network, the baseline.
 
 Public API::
 

@@ -56,7 +56,9 @@ NORMALIZATIONS: dict[str, Normalization] = {
     "keras": Normalization(255.0, (123.68, 116.779, 103.939), (1.0, 1.0, 1.0), False),
     # Caffe BVLC (and bvlc_alexnet.npy): BGR on 0-255 minus the ILSVRC-2012 mean image's
     # per-channel means, in BGR order.
-    "caffe": Normalization(255.0, (104.00698793, 116.66876762, 122.67891434), (1.0, 1.0, 1.0), True),
+    "caffe": Normalization(
+        255.0, (104.00698793, 116.66876762, 122.67891434), (1.0, 1.0, 1.0), True
+    ),
     # torchvision: RGB on [0, 1], ImageNet mean and std.
     "torchvision": Normalization(1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), False),
 }
@@ -353,8 +355,10 @@ class AlexNet(nnx.Module):
         s = weights_lib.CONV_SPECS[self.variant][0]
         std = jnp.asarray(spec.std, jnp.float32)
         kernel = self.conv1.kernel[...].astype(jnp.float32)  # (kh, kw, 3, out)
-        k_scale = jnp.einsum("hwco,c->hwo", kernel, spec.scale / std)[:, :, None, :]
-        k_mean = jnp.einsum("hwco,c->hwo", kernel, jnp.asarray(spec.mean) / std)[:, :, None, :]
+        exact = lax.Precision.HIGHEST  # tiny contractions; keep them float32 on TPUs too
+        k_scale = jnp.einsum("hwco,c->hwo", kernel, spec.scale / std, precision=exact)
+        k_mean = jnp.einsum("hwco,c->hwo", kernel, jnp.asarray(spec.mean) / std, precision=exact)
+        k_scale, k_mean = k_scale[:, :, None, :], k_mean[:, :, None, :]
         bias = self.conv1.bias[...].astype(jnp.float32)
         if s.padding == 0:
             offset = bias - k_mean.sum(axis=(0, 1, 2))  # (out,)
@@ -366,6 +370,7 @@ class AlexNet(nnx.Module):
                 (s.stride, s.stride),
                 ((s.padding, s.padding), (s.padding, s.padding)),
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                precision=exact,
             )  # (1, h, w, out)
         y = self._conv(images, k_scale, s.stride, s.padding) + offset.astype(self.dtype)
         return self._after_conv1(y)

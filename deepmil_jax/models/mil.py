@@ -98,7 +98,11 @@ class AlexNetClassifier(nnx.Module):
         size = weights_lib.FC_SIZE
         self.backbone = backbone
         self.fc6 = nnx.Linear(
-            grid * grid * backbone.out_features, size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            grid * grid * backbone.out_features,
+            size,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
         self.fc7 = nnx.Linear(size, size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.fc8 = nnx.Linear(size, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -179,8 +183,7 @@ class AlexNetClassifier(nnx.Module):
                 value = np.asarray(params[name][kind])
                 if value.shape != var.shape:
                     raise WeightsError(
-                        f"{where}: {name} {kind} has shape {value.shape}, expected "
-                        f"{var.shape}"
+                        f"{where}: {name} {kind} has shape {value.shape}, expected {var.shape}"
                     )
                 var.set_value(jnp.asarray(value, dtype=var.dtype))
 
@@ -264,4 +267,6 @@ def build_model(
         return AlexNetClassifier.from_converted(
             params, metadata, dropout=dropout, **kw, rngs=rngs, where=str(path)
         )
-    return DeepMIL(features, InstanceHead(features.out_features, tuple(head_hidden), **kw, rngs=rngs))
+    return DeepMIL(
+        features, InstanceHead(features.out_features, tuple(head_hidden), **kw, rngs=rngs)
+    )

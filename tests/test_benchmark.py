@@ -1,0 +1,197 @@
+"""The benchmark program (JSON figures and their consistency) and its PyTorch reference model.
+
+No timing is asserted: the machine is shared. The checks are that every figure is there and
+positive, that the derived figures follow from the reported ones (mfu from FLOPs, rate and peak;
+ratios from rates; medians from the per-repeat lists), that the FLOP count matches a hand count
+of the network, and that the PyTorch losses and network compute what the JAX ones do.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from flax import nnx  # noqa: E402
+
+from deepmil_jax import benchmark, losses  # noqa: E402
+from deepmil_jax import torch_reference as tr  # noqa: E402
+from deepmil_jax.models import build_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+REQUIRED = (
+    "train_images_per_sec", "eval_images_per_sec", "mfu", "pipeline_images_per_sec",
+    "preprocess_images_per_sec", "preprocess_peak_rss_mib", "torch_train_images_per_sec",
+    "train_vs_torch", "train_flops_per_step", "peak_flops_per_sec",
+    "train_from_pipeline_images_per_sec", "pipeline_overlap",
+)
+
+
+def _forward_conv_flops(size: int) -> float:
+    """2 x multiply-adds of the caffe AlexNet's convolutions (conv1 on one folded channel),
+    counting only kernel taps on real pixels, as XLA's cost analysis does; plus the 1x1 head."""
+
+    def out_and_taps(n, k, s, p):
+        out = (n + 2 * p - k) // s + 1
+        taps = sum(sum(0 <= o * s - p + t < n for t in range(k)) for o in range(out))
+        return out, taps
+
+    def pool(n):
+        return (n - 3) // 2 + 1
+
+    n, total = size, 0.0
+    layers = [  # (k, stride, pad, in per group, out, pool after)
+        (11, 4, 0, 1, 96, True), (5, 1, 2, 48, 256, True), (3, 1, 1, 256, 384, False),
+        (3, 1, 1, 192, 384, False), (3, 1, 1, 192, 256, True)]
+    for k, s, p, cin, cout, pooled in layers:
+        n_out, taps = out_and_taps(n, k, s, p)
+        total += 2.0 * taps * taps * cin * cout
+        n = pool(n_out) if pooled else n_out
+    return total + 2.0 * n * n * 256
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepmil_jax.benchmark", "--quick", f"--json={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_quick_json_has_every_figure(quick):
+    result, table = quick
+    assert result["backbone"] == "caffe" and result["scheme"] == "label_assign"
+    assert result["batch_size"] == 4 and result["image_size"] == 131
+    assert "cpu" in result["device"]
+    for key in REQUIRED:
+        value = result[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, key
+    assert "images/s" in table and "JAX / PyTorch" in table
+
+
+def test_quick_figures_are_consistent(quick):
+    r, _ = quick
+    b = r["batch_size"]
+    mfu = r["train_flops_per_step"] * r["train_images_per_sec"] / b / r["peak_flops_per_sec"]
+    assert r["mfu"] == pytest.approx(mfu, rel=1e-9)
+    assert r["train_vs_torch"] == pytest.approx(
+        r["train_images_per_sec"] / r["torch_train_images_per_sec"], rel=1e-9)
+    assert r["pipeline_overlap"] == pytest.approx(
+        r["train_from_pipeline_images_per_sec"] / r["train_fixed_batch_images_per_sec"], rel=1e-9)
+    for key, values in r["per_repeat"].items():
+        assert len(values) == r["repeats"]
+        assert r[key] == pytest.approx(float(np.median(values)), rel=1e-9), key
+    # The CPU peak is documented as cores x GHz x FLOPs/cycle.
+    assert r["peak_source"].startswith("estimate")
+    assert 1e9 < r["peak_flops_per_sec"] < 1e14
+
+
+def test_quick_flops_match_a_hand_count(quick):
+    r, _ = quick
+    forward = _forward_conv_flops(r["image_size"]) * r["batch_size"]
+    # A train step is the forward pass, the weight gradients (as many FLOPs again) and the input
+    # gradients of conv2..conv5 (not of conv1: the images need none), plus small elementwise work.
+    assert 2.5 * forward < r["train_flops_per_step"] < 3.3 * forward
+
+
+def test_preprocess_memory_is_the_workers_own(quick):
+    r, _ = quick
+    # The benchmark process holds JAX, TensorFlow and torch (over 1 GiB); a worker that counted
+    # its parent's high-water mark would report that. A fresh one with a 1024x832 DICOM does not.
+    assert 20 < r["preprocess_peak_rss_mib"] < 1024
+    assert r["preprocess_peak_rss_mib_total"] >= r["preprocess_peak_rss_mib"]
+
+
+def test_forward_flop_count_at_227():
+    # The textbook AlexNet (one grey channel into conv1): 1.19 GFLOPs with padding taps counted;
+    # without them, as XLA counts, 1.085 GFLOPs.
+    assert _forward_conv_flops(227) == pytest.approx(1.0855e9, rel=2e-3)
+
+
+def test_cpu_peak_estimate():
+    info = {"model name": "Xeon(R) CPU @ 2.00GHz", "flags": "fma avx avx2", "siblings": "4",
+            "cpu cores": "2"}
+    peak = benchmark.cpu_peak("fp32", info, cpus=4)  # 4 hyperthreads on 2 cores
+    assert peak.flops_per_sec == pytest.approx(2 * 2.0e9 * 32)
+    info = {"cpu MHz": "2500.0", "flags": "fma avx2 avx512f avx512_bf16"}
+    assert benchmark.cpu_peak("fp32", info, cpus=2).flops_per_sec == pytest.approx(2 * 2.5e9 * 64)
+    assert benchmark.cpu_peak("bf16", info, cpus=2).flops_per_sec == pytest.approx(
+        2 * 2.5e9 * 128)
+
+
+@pytest.mark.parametrize("kind, precision, tflops", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H200", "fp32", 66.9),
+    ("NVIDIA H100 PCIe", "bf16", 756.0), ("TPU v5 lite", "bf16", 197.0),
+    ("TPU v5", "bf16", 459.0), ("TPU v6 lite", "bf16", 918.0), ("TPU v4", "fp32", 275.0)])
+def test_accelerator_peaks(kind, precision, tflops):
+    device = types.SimpleNamespace(platform="gpu", device_kind=kind)
+    assert benchmark.device_peak(device, precision).flops_per_sec == pytest.approx(tflops * 1e12)
+
+
+# ---- the PyTorch reference against deepmil_jax -------------------------------------------------
+
+
+def _logits_and_labels(seed, shape=(5, 6, 6)):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 3, size=shape).astype(np.float32)
+    z[0, 0, 0], z[1, 2, 3], z[2, 1, 1] = 40.0, -40.0, 0.0  # saturated sigmoids stay finite
+    labels = np.array([1, 0, 1, 0, 1][: shape[0]], np.int32)
+    return z, labels
+
+
+@pytest.mark.parametrize("k", [1, 6, 36, 0.2])
+def test_torch_label_assign_loss_equals_jax(k):
+    z, y = _logits_and_labels(0)
+    zt = torch.tensor(z, requires_grad=True)
+    loss_t = tr.label_assign_loss(zt, torch.tensor(y), k)
+    loss_t.backward()
+    loss_j, grad_j = jax.value_and_grad(losses.label_assign_loss)(jnp.asarray(z), jnp.asarray(y), k)
+    np.testing.assert_allclose(loss_t.item(), float(loss_j), rtol=1e-6)
+    np.testing.assert_allclose(zt.grad.numpy(), np.asarray(grad_j), rtol=1e-5, atol=1e-8)
+
+
+def test_torch_max_pooling_and_sparse_losses_equal_jax():
+    z, y = _logits_and_labels(1, (4, 3, 5))
+    zt, yt = torch.tensor(z), torch.tensor(y)
+    np.testing.assert_allclose(tr.max_pooling_loss(zt, yt).item(),
+                               float(losses.max_pooling_loss(z, y)), rtol=1e-6)
+    np.testing.assert_allclose(tr.sparse_loss(zt, yt, 0.3).item(),
+                               float(losses.sparse_loss(z, y, 0.3)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("scheme, backbone, hidden", [
+    ("label_assign", "caffe", ()), ("max_pooling", "torchvision", (8,))])
+def test_torch_network_equals_the_jax_model(scheme, backbone, hidden):
+    model = build_model(scheme, backbone=backbone, head_hidden=hidden, rngs=nnx.Rngs(0))
+    model.eval()
+    net = tr.MILNet(scheme, backbone=backbone, head_hidden=hidden).eval()
+    tr.load_jax_params(net, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    images = np.random.default_rng(2).random((2, 131, 131, 1), dtype=np.float32)
+    expected = np.asarray(model(jnp.asarray(images)))
+    with torch.no_grad():
+        got = net(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    assert got.shape == expected.shape == (2, 3, 3)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_torch_trainer_step_lowers_the_loss_like_adam():
+    trainer = tr.TorchTrainer("label_assign", k=2, learning_rate=1e-3, channels_last=True)
+    images = np.random.default_rng(3).random((4, 131, 131, 1), dtype=np.float32)
+    x, y = trainer.to_device(images, np.array([1, 0, 1, 0]))
+    first = trainer.step(x, y).item()
+    for _ in range(4):
+        last = trainer.step(x, y).item()
+    assert math.isfinite(first) and last < first

@@ -1,0 +1,249 @@
+"""Models: shapes, the grey-input fold, exact normalisation, LRN, heads, schemes and dtypes.
+
+The layer-by-layer comparison against other frameworks (torch, and a numpy/scipy Theano reference)
+with converted weights is in test_weights.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+
+import deepmil_jax.models.alexnet as alexnet_mod
+from deepmil_jax.errors import ConfigError
+from deepmil_jax.models import (
+    LRNS,
+    AlexNet,
+    AlexNetClassifier,
+    DeepMIL,
+    InstanceHead,
+    build_model,
+    local_response_norm,
+    normalize,
+)
+
+SMALL = 99  # smallest handy input: a 2x2 map in both variants (99 -> 23 -> 11 -> 5 -> 2)
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def raw_images(n: int, size: int, channels: int = 1, seed: int = 0) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).random((n, size, size, channels), np.float32))
+
+
+@pytest.fixture(scope="module")
+def caffe_net() -> AlexNet:
+    return AlexNet("caffe", rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def tv_net() -> AlexNet:
+    return AlexNet("torchvision", rngs=nnx.Rngs(1))
+
+
+@pytest.mark.parametrize(
+    ("variant", "size", "grid"),
+    [
+        ("caffe", 227, 6),
+        ("torchvision", 227, 6),
+        ("torchvision", 224, 6),
+        ("caffe", 291, 8),
+        ("caffe", 454, 13),
+        ("torchvision", 454, 13),
+        ("caffe", 512, 14),
+    ],
+)
+def test_fully_convolutional_grid(caffe_net, tv_net, variant, size, grid):
+    net = caffe_net if variant == "caffe" else tv_net
+    for channels in (1, 3):
+        shape = jax.ShapeDtypeStruct((2, size, size, channels), jnp.float32)
+        assert jax.eval_shape(net, shape).shape == (2, grid, grid, 256)
+        assert jax.eval_shape(net.forward_raw, shape).shape == (2, grid, grid, 256)
+
+
+def test_parameter_shapes_match_the_two_architectures(caffe_net, tv_net):
+    caffe = {f"conv{i}": getattr(caffe_net, f"conv{i}").kernel.shape for i in range(1, 6)}
+    assert caffe == {
+        "conv1": (11, 11, 3, 96),
+        "conv2": (5, 5, 48, 256),  # 2 groups
+        "conv3": (3, 3, 256, 384),
+        "conv4": (3, 3, 192, 384),  # 2 groups
+        "conv5": (3, 3, 192, 256),  # 2 groups
+    }
+    tv = {f"conv{i}": getattr(tv_net, f"conv{i}").kernel.shape for i in range(1, 6)}
+    assert [k[-1] for k in tv.values()] == [64, 192, 384, 256, 256]
+    assert tv["conv2"] == (5, 5, 64, 192)
+
+
+@pytest.mark.parametrize("variant", ["caffe", "torchvision"])
+def test_grey_input_equals_the_image_fed_three_times(caffe_net, tv_net, variant):
+    net = caffe_net if variant == "caffe" else tv_net
+    grey = normalize(raw_images(2, SMALL), "torchvision")  # any real-valued image
+    folded = net(grey)
+    repeated = net(jnp.repeat(grey, 3, axis=-1))
+    assert rel_err(folded, repeated) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("variant", "lrn", "normalization"),
+    [
+        ("caffe", "keras", "keras"),
+        ("caffe", "caffe", "caffe"),
+        ("torchvision", None, "torchvision"),
+        ("caffe", "keras", "torchvision"),  # per-channel std too, without padding
+    ],
+)
+def test_forward_raw_grey_is_exact_per_channel_normalisation(variant, lrn, normalization):
+    """Folding per-channel mean/std into conv1 is exact, also with torchvision's padded conv1."""
+    net = AlexNet(variant, lrn=lrn, normalization=normalization, rngs=nnx.Rngs(2))
+    raw = raw_images(2, SMALL, seed=3)
+    mean = {
+        "keras": [123.68, 116.779, 103.939],
+        "caffe": [104.00698793, 116.66876762, 122.67891434],
+        "torchvision": [0.485, 0.456, 0.406],
+    }[normalization]
+    std = [0.229, 0.224, 0.225] if normalization == "torchvision" else [1.0, 1.0, 1.0]
+    scale = 1.0 if normalization == "torchvision" else 255.0
+    three = (np.repeat(np.asarray(raw), 3, axis=-1) * scale - np.array(mean)) / np.array(std)
+    ref = net(jnp.asarray(three, jnp.float32))
+    assert rel_err(net.forward_raw(raw), ref) < 1e-5
+    # ... while averaging the statistics (normalize() on one channel) is only an approximation
+    approx = net(normalize(raw, normalization))
+    if normalization == "torchvision":
+        assert rel_err(approx, ref) > 1e-4
+
+
+def test_normalize_rgb_by_hand():
+    rgb = jnp.asarray([[[[0.2, 0.4, 0.6]]]], jnp.float32)  # (1, 1, 1, 3)
+    np.testing.assert_allclose(
+        normalize(rgb, "keras")[0, 0, 0], [51 - 123.68, 102 - 116.779, 153 - 103.939], rtol=1e-5
+    )
+    np.testing.assert_allclose(  # reversed to BGR, BGR means
+        normalize(rgb, "caffe")[0, 0, 0],
+        [153 - 104.00698793, 102 - 116.66876762, 51 - 122.67891434],
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+        normalize(rgb, "torchvision")[0, 0, 0],
+        [(0.2 - 0.485) / 0.229, (0.4 - 0.456) / 0.224, (0.6 - 0.406) / 0.225],
+        rtol=1e-5,
+    )
+    grey = jnp.full((1, 1, 1, 1), 0.5)
+    np.testing.assert_allclose(normalize(grey, "keras")[0, 0, 0, 0], 127.5 - 114.7993, rtol=1e-5)
+    with pytest.raises(ConfigError, match="unknown normalization"):
+        normalize(rgb, "imagenet")
+    with pytest.raises(ConfigError, match="1 or 3 channels"):
+        normalize(jnp.zeros((1, 2, 2, 2)), "keras")
+
+
+def test_lrn_matches_keras_formula_and_torch():
+    x = np.random.default_rng(0).normal(0, 30, (2, 4, 5, 11)).astype(np.float32)  # NHWC
+    sq = np.pad(x.astype(np.float64) ** 2, ((0, 0), (0, 0), (0, 0), (2, 2)))
+    window = sum(sq[..., i : i + 11] for i in range(5))
+    keras = x / (2.0 + 1e-4 * window) ** 0.75  # convnets-keras crosschannelnormalization
+    assert rel_err(local_response_norm(jnp.asarray(x), LRNS["keras"]), keras) < 1e-6
+    caffe = F.local_response_norm(
+        torch.from_numpy(x.transpose(0, 3, 1, 2)).double(), size=5, alpha=1e-4, beta=0.75, k=1.0
+    )
+    ours = local_response_norm(jnp.asarray(x), LRNS["caffe"])
+    assert rel_err(ours, caffe.numpy().transpose(0, 2, 3, 1)) < 1e-6
+
+
+def test_lrn_placement_differs_between_flavours():
+    a = AlexNet("caffe", lrn="keras", rngs=nnx.Rngs(0))
+    b = AlexNet("caffe", lrn="caffe", rngs=nnx.Rngs(0))
+    x = normalize(raw_images(1, SMALL), "keras")
+    assert rel_err(a(x), b(x)) > 1e-3
+
+
+def test_instance_head_is_a_per_pixel_mlp():
+    head = InstanceHead(8, (5, 4), rngs=nnx.Rngs(0))
+    feats = np.random.default_rng(1).normal(size=(2, 3, 4, 8)).astype(np.float32)
+    h = feats.astype(np.float64)
+    for layer in head.hidden:
+        h = np.maximum(h @ np.asarray(layer.kernel[...]) + np.asarray(layer.bias[...]), 0)
+    ref = (h @ np.asarray(head.logit.kernel[...]) + np.asarray(head.logit.bias[...]))[..., 0]
+    out = head(jnp.asarray(feats))
+    assert out.shape == (2, 3, 4)
+    assert out.dtype == jnp.float32
+    assert rel_err(out, ref) < 1e-5
+    assert len(InstanceHead(256, rngs=nnx.Rngs(0)).hidden) == 0  # logistic regression
+
+
+def test_deep_mil_gives_instance_logits(caffe_net):
+    head = InstanceHead(256, rngs=nnx.Rngs(3))
+    model = DeepMIL(caffe_net, head)
+    raw = raw_images(3, SMALL)
+    out = model(raw)
+    assert out.shape == (3, 2, 2)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, head(caffe_net.forward_raw(raw)), rtol=1e-6)
+
+
+def test_classifier_shape_dropout_and_size_error():
+    clf = build_model("alexnet", rngs=nnx.Rngs(0))
+    assert isinstance(clf, AlexNetClassifier)
+    raw = raw_images(2, 227)
+    clf.eval()
+    a, b = clf(raw), clf(raw)
+    assert a.shape == (2, 1, 1)
+    np.testing.assert_array_equal(a, b)  # no dropout in eval mode
+    clf.train()
+    assert not np.allclose(clf(raw), a)  # dropout active in train mode
+    with pytest.raises(ConfigError, match=r"6x6 feature map.*227x227"):
+        clf(raw_images(1, 291))
+
+
+def test_build_model_schemes():
+    for scheme in ("max_pooling", "label_assign", "sparse"):
+        model = build_model(scheme, head_hidden=(128, 128), rngs=nnx.Rngs(0))
+        assert isinstance(model, DeepMIL)
+        assert model.backbone.variant == "caffe"
+        assert [layer.kernel.shape for layer in model.head.hidden] == [(256, 128), (128, 128)]
+    model = build_model("sparse", backbone="torchvision", init="random", rngs=nnx.Rngs(0))
+    assert (model.backbone.variant, model.backbone.normalization) == ("torchvision", "torchvision")
+    with pytest.raises(ConfigError, match="unknown scheme"):
+        build_model("mean_pooling", rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="unknown AlexNet variant"):
+        build_model("sparse", backbone="vgg", rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="checkpoint"):
+        build_model("sparse", init="checkpoint:/x", rngs=nnx.Rngs(0))
+
+
+def test_bf16_compute_keeps_float32_params():
+    f32 = build_model("max_pooling", rngs=nnx.Rngs(0))
+    bf16 = build_model("max_pooling", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    params = jax.tree.leaves(nnx.state(bf16, nnx.Param))
+    assert {p.dtype for p in params} == {jnp.dtype(jnp.float32)}
+    raw = raw_images(2, SMALL)
+    out = bf16(raw)
+    assert out.dtype == jnp.float32
+    assert bf16.backbone.forward_raw(raw).dtype == jnp.bfloat16
+    assert rel_err(out, f32(raw)) < 0.1  # same parameters, bf16 rounding only
+
+
+def test_split_and_native_grouped_convolutions_agree_with_gradients(monkeypatch):
+    """The CPU lowering (one convolution per group) equals feature_group_count, values and grads."""
+    model = build_model("max_pooling", rngs=nnx.Rngs(0))
+    raw = raw_images(2, SMALL)
+
+    def loss_and_grads():
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean(jax.nn.softplus(m(raw))))(model)
+        return loss, jax.tree.leaves(grads)
+
+    monkeypatch.setattr(alexnet_mod, "GROUPED_CONV", "split")
+    loss_s, grads_s = loss_and_grads()
+    monkeypatch.setattr(alexnet_mod, "GROUPED_CONV", "native")
+    loss_n, grads_n = loss_and_grads()
+    assert abs(float(loss_s) - float(loss_n)) < 1e-5 * abs(float(loss_n))
+    for gs, gn in zip(grads_s, grads_n, strict=True):
+        assert np.all(np.isfinite(gs))
+        assert rel_err(gs, gn) < 1e-4
