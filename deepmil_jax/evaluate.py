@@ -37,14 +37,16 @@ NAMES = {
     "sparse": "Pretrained deep MIL, sparse",
 }
 
-flags.DEFINE_list("schemes", list(train.SCHEMES), "Schemes to cross-validate (--scheme is "
-                  "ignored here).")
+flags.DEFINE_list(
+    "schemes", list(train.SCHEMES), "Schemes to cross-validate (--scheme is ignored here)."
+)
 flags.DEFINE_list("folds", [], "Folds to run; default all of 0..num_folds-1.")
 FLAGS = flags.FLAGS
 
 
-def cross_validate(config: train.Config, schemes: list[str], folds: list[int],
-                   workdir: Path) -> dict:
+def cross_validate(
+    config: train.Config, schemes: list[str], folds: list[int], workdir: Path
+) -> dict:
     """Runs (or reuses) every scheme x fold and returns the per-fold test results by scheme."""
     results: dict[str, list[dict]] = {}
     for scheme in schemes:
@@ -74,13 +76,21 @@ def grid_shape(config: train.Config) -> tuple[int, int]:
     abstract = nnx.eval_shape(lambda: train.create_model(config, nnx.Rngs(0), warn=False))
     graphdef, state = nnx.split(abstract)
     size = config.image_size
-    out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
-                         jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32))
+    out = jax.eval_shape(
+        lambda s, x: nnx.merge(graphdef, s)(x),
+        state,
+        jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32),
+    )
     return int(out.shape[1]), int(out.shape[2])
 
 
-def localization(run_dir: str | Path, mass_boxes: dict[str, np.ndarray], *,
-                 grid_shape: tuple[int, int], image_size: int) -> dict[str, float | int]:
+def localization(
+    run_dir: str | Path,
+    mass_boxes: dict[str, np.ndarray],
+    *,
+    grid_shape: tuple[int, int],
+    image_size: int,
+) -> dict[str, float | int]:
     """Pointing game of one run: ``heatmap.pointing_game`` over its ``test_predictions.csv``.
 
     Args:
@@ -96,8 +106,9 @@ def localization(run_dir: str | Path, mass_boxes: dict[str, np.ndarray], *,
         rows = list(csv.DictReader(f))
     top = {r["file_id"]: (int(r["top_patch_row"]), int(r["top_patch_col"])) for r in rows}
     labels = {r["file_id"]: int(r["label"]) for r in rows}
-    return heatmap.pointing_game(top, mass_boxes, labels, grid_shape=grid_shape,
-                                 image_shape=(image_size, image_size))
+    return heatmap.pointing_game(
+        top, mass_boxes, labels, grid_shape=grid_shape, image_shape=(image_size, image_size)
+    )
 
 
 def add_localization(config: train.Config, results: dict[str, list[dict]]) -> None:
@@ -117,8 +128,9 @@ def add_localization(config: train.Config, results: dict[str, list[dict]]) -> No
             key = (scheme, run_config.backbone, run_config.image_size, run_config.head_hidden)
             if key not in grids:
                 grids[key] = grid_shape(run_config)
-            run["localization"] = localization(run["run_dir"], boxes, grid_shape=grids[key],
-                                               image_size=run_config.image_size)
+            run["localization"] = localization(
+                run["run_dir"], boxes, grid_shape=grids[key], image_size=run_config.image_size
+            )
 
 
 def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
@@ -165,23 +177,37 @@ def write_report(table: dict[str, dict], results: dict[str, list[dict]], workdir
         out = csv.writer(f)
         header = ["scheme", "folds", "accuracy_mean", "accuracy_std", "auc_mean", "auc_std"]
         if with_loc:
-            header += ["localization_mean", "localization_std", "localization_hits",
-                       "localization_evaluated"]
+            header += [
+                "localization_mean",
+                "localization_std",
+                "localization_hits",
+                "localization_evaluated",
+            ]
         out.writerow(header)
         for scheme, row in table.items():
-            line = [scheme, row["folds"], row["accuracy"]["mean"], row["accuracy"]["std"],
-                    row["auc"]["mean"], row["auc"]["std"]]
+            line = [
+                scheme,
+                row["folds"],
+                row["accuracy"]["mean"],
+                row["accuracy"]["std"],
+                row["auc"]["mean"],
+                row["auc"]["std"],
+            ]
             if with_loc:
                 loc = row.get("localization")
-                line += ([loc["mean"], loc["std"], loc["hits"], loc["evaluated"]] if loc
-                         else ["", "", "", ""])
+                line += (
+                    [loc["mean"], loc["std"], loc["hits"], loc["evaluated"]]
+                    if loc
+                    else ["", "", "", ""]
+                )
             out.writerow(line)
     lines = [
-        "| Method | Accuracy | AUC | Paper AUC (INbreast) |" + (" Pointing game |" if with_loc
-                                                               else ""),
+        "| Method | Accuracy | AUC | Paper AUC (INbreast) |"
+        + (" Pointing game |" if with_loc else ""),
         "|---|---|---|---|" + ("---|" if with_loc else ""),
     ]
     for scheme, row in table.items():
+
         def cell(m: str, row: dict = row) -> str:
             return f"{row[m]['mean']:.2f} ± {row[m]['std']:.2f}"
 
@@ -189,19 +215,28 @@ def write_report(table: dict[str, dict], results: dict[str, list[dict]], workdir
         line = f"| {NAMES.get(scheme, scheme)} | {cell('accuracy')} | {cell('auc')} | {paper} |"
         if with_loc:
             loc = row.get("localization")
-            line += (f" {loc['mean']:.2f} ± {loc['std']:.2f} ({loc['hits']}/{loc['evaluated']})"
-                     " |" if loc else " - |")
+            line += (
+                f" {loc['mean']:.2f} ± {loc['std']:.2f} ({loc['hits']}/{loc['evaluated']}) |"
+                if loc
+                else " - |"
+            )
         lines.append(line)
     folds = max(row["folds"] for row in table.values())
-    lines += ["", f"Test-fold mean ± standard deviation over {folds} folds; accuracy at the "
-              "threshold chosen on each fold's validation set. Paper: INbreast, Zhu et al. 2017, "
-              "Table 1."]
+    lines += [
+        "",
+        f"Test-fold mean ± standard deviation over {folds} folds; accuracy at the "
+        "threshold chosen on each fold's validation set. Paper: INbreast, Zhu et al. 2017, "
+        "Table 1.",
+    ]
     if with_loc:
-        lines += ["", "Pointing game: of the positive test images with annotated masses, the "
-                  "fraction whose highest-scoring patch (instance (r, c) of an h x w grid taken "
-                  "as rows [r H/h, (r+1) H/h) and columns likewise of the preprocessed image) "
-                  "overlaps a mass box; mean ± standard deviation over folds, and hits/images "
-                  "over all folds. The AlexNet baseline has one instance, so no score."]
+        lines += [
+            "",
+            "Pointing game: of the positive test images with annotated masses, the "
+            "fraction whose highest-scoring patch (instance (r, c) of an h x w grid taken "
+            "as rows [r H/h, (r+1) H/h) and columns likewise of the preprocessed image) "
+            "overlaps a mass box; mean ± standard deviation over folds, and hits/images "
+            "over all folds. The AlexNet baseline has one instance, so no score.",
+        ]
     (workdir / "report.md").write_text("\n".join(lines) + "\n")
     for scheme, runs in results.items():
         plot_roc(scheme, runs, workdir / f"roc_{scheme}.png")
@@ -226,8 +261,13 @@ def plot_roc(scheme: str, runs: list[dict], path: Path) -> None:
         fpr, tpr, _ = roc_curve(labels, probs)
         ax.plot(fpr, tpr, lw=1.2, label=f"fold {run['fold']} (AUC {run['test']['auc']:.2f})")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=NAMES.get(scheme, scheme),
-           xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(
+        xlabel="1 - specificity",
+        ylabel="sensitivity",
+        title=NAMES.get(scheme, scheme),
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()

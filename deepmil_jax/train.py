@@ -61,11 +61,15 @@ class Config:
     scheme: str = "label_assign"  # alexnet | max_pooling | label_assign | sparse
     k: float = 6  # label assignment: top-k instances take the image label (paper: k=6 of m=36)
     mu: float = 1e-5  # sparse MIL: weight of the L1 term on sorted instance probabilities
-    weight_decay: float | None = None  # lambda of lambda/2 ||theta||^2; None: 5e-6 sparse, else 1e-5
-    learning_rate: float = 5e-5  # Adam (paper)
-    batch_size: int = 32  # global batch, split over every device of every process
-    eval_batch_size: int = 64
-    epochs: int = 30
+    weight_decay: float | None = (
+        None  # lambda of lambda/2 ||theta||^2; None: 5e-6 sparse, else 1e-5
+    )
+    # Adam. None: the paper's 5e-5 when fine-tuning (--init=imagenet:/checkpoint:), 3e-4 from
+    # random initialisation, where 5e-5 barely moves in a CPU-sized run (see README).
+    learning_rate: float | None = None
+    batch_size: int = 8  # global batch, split over every device of every process
+    eval_batch_size: int = 32
+    epochs: int = 15
     dataset: str = "synthetic"  # synthetic | inbreast | folder
     data_dir: str = "~/.cache/deepmil_jax"  # prepared TFDS datasets (and generated synthetic data)
     manual_dir: str = ""  # inbreast: the INbreast folder; folder: the CSV file
@@ -84,6 +88,13 @@ class Config:
     precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 parameters and optimiser state)
     augment: bool = True
     seed: int = 0
+
+    @property
+    def lr(self) -> float:
+        """The learning rate in effect (see ``learning_rate``)."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 3e-4 if self.init == "random" else 5e-5
 
     @property
     def lam(self) -> float:
@@ -126,7 +137,7 @@ class Config:
             fail("init", f"must be random, imagenet:PATH or checkpoint:PATH; got {self.init!r}.")
         if kind != "random" and not Path(self.init.split(":", 1)[1]).expanduser().exists():
             fail("init", f"{self.init.split(':', 1)[1]} does not exist.")
-        if self.learning_rate <= 0:
+        if self.learning_rate is not None and self.learning_rate <= 0:
             fail("learning_rate", f"must be positive; got {self.learning_rate}.")
 
     @property
@@ -165,8 +176,9 @@ def load_examples(config: Config):
 
         raw = data_dir / f"synthetic_inbreast_n{config.synthetic_images}"
         if jax.process_index() == 0 and not (raw / "INbreast.csv").exists():
-            logging.info("Generating the synthetic INbreast (%d images) in %s",
-                         config.synthetic_images, raw)
+            logging.info(
+                "Generating the synthetic INbreast (%d images) in %s", config.synthetic_images, raw
+            )
             tmp = raw.with_name(raw.name + ".partial")
             synthetic.write_synthetic_inbreast(tmp, num_images=config.synthetic_images, seed=0)
             tmp.rename(raw)
@@ -178,11 +190,18 @@ def load_examples(config: Config):
         # one TFDS folder per raw dataset, so two INbreast copies never share a prepared dataset
         digest = hashlib.sha1(str(manual_dir).encode()).hexdigest()[:10]
         tfds_dir = data_dir / f"tfds_{source}_{manual_dir.name}_{digest}"
-    kwargs = dict(manual_dir=manual_dir, data_dir=tfds_dir, image_size=config.image_size,
-                  skip_bad=config.skip_bad)
+    kwargs = dict(
+        manual_dir=manual_dir,
+        data_dir=tfds_dir,
+        image_size=config.image_size,
+        skip_bad=config.skip_bad,
+    )
     if source == "folder":
-        kwargs.update(image_column=config.image_column, label_column=config.label_column,
-                      patient_column=config.patient_column or None)
+        kwargs.update(
+            image_column=config.image_column,
+            label_column=config.label_column,
+            patient_column=config.patient_column or None,
+        )
     if jax.process_index() == 0:
         examples = datasets.prepare(source, **kwargs)
     multihost_utils.sync_global_devices("dataset prepared")
@@ -226,7 +245,7 @@ class Trainer:
         self.train_graph, params, self.rest = nnx.split(model, nnx.Param, ...)
         model.eval()
         self.eval_graph = nnx.graphdef(model)
-        self.optimizer = optax.adam(config.learning_rate)
+        self.optimizer = optax.adam(config.lr)
         state = {"params": params, "opt_state": self.optimizer.init(params)}
         self.state = jax.device_put(state, self.replicated)
         self.rest = jax.device_put(self.rest, self.replicated)
@@ -268,16 +287,24 @@ class Trainer:
         for batch in batches:
             logits = self._predict(self.state["params"], self.to_global(batch["image"]))
             gathered = multihost_utils.process_allgather(
-                {"logits": logits, "mask": self.to_global(batch["mask"]),
-                 "index": self.to_global(batch["index"])}, tiled=True)
+                {
+                    "logits": logits,
+                    "mask": self.to_global(batch["mask"]),
+                    "index": self.to_global(batch["index"]),
+                },
+                tiled=True,
+            )
             keep = np.asarray(gathered["mask"])
             indices.append(np.asarray(gathered["index"])[keep])
             instance.append(np.asarray(gathered["logits"])[keep])
         order = np.argsort(np.concatenate(indices))
         instance_logits = np.concatenate(instance)[order]
         bag = instance_logits.reshape(len(instance_logits), -1).max(axis=1)
-        return {"index": np.concatenate(indices)[order], "instance_logits": instance_logits,
-                "probability": 1.0 / (1.0 + np.exp(-bag))}
+        return {
+            "index": np.concatenate(indices)[order],
+            "instance_logits": instance_logits,
+            "probability": 1.0 / (1.0 + np.exp(-bag)),
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +352,9 @@ class Checkpoints:
     def save(manager: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
         manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
             force=True,
         )
         manager.wait_until_finished()
@@ -351,7 +380,7 @@ class Checkpoints:
 
 def restore_params(path: str, like_state) -> Any:
     """Parameters of another run's best (or latest) checkpoint, for --init=checkpoint:PATH."""
-    root = Path(path).expanduser()
+    root = Path(path).expanduser().absolute()
     for sub in ("checkpoints/best", "checkpoints/latest", ""):
         directory = root / sub if sub else root
         if directory.is_dir() and ocp.CheckpointManager(directory).latest_step() is not None:
@@ -374,7 +403,7 @@ def restore_params(path: str, like_state) -> Any:
 
 def load_trained(workdir: str | os.PathLike, *, which: str = "best") -> tuple[Config, nnx.Module]:
     """The config and the model (in eval mode) of a training workdir's best or latest checkpoint."""
-    workdir = Path(workdir).expanduser()
+    workdir = Path(workdir).expanduser().absolute()
     config_file = workdir / "config.json"
     if not config_file.exists():
         raise ConfigError(
@@ -388,8 +417,9 @@ def load_trained(workdir: str | os.PathLike, *, which: str = "best") -> tuple[Co
     _, params, _ = nnx.split(model, nnx.Param, ...)
     manager = ocp.CheckpointManager(workdir / "checkpoints" / which)
     try:
-        restored = Checkpoints.restore(manager, {"params": params, "opt_state": optax.adam(
-            config.learning_rate).init(params)})
+        restored = Checkpoints.restore(
+            manager, {"params": params, "opt_state": optax.adam(config.lr).init(params)}
+        )
     finally:
         manager.close()
     if restored is None:
@@ -435,12 +465,30 @@ def _write_predictions(path: Path, examples, indices, probs, instance_logits) ->
     h, w = instance_logits.shape[1:]
     with path.open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["file_id", "patient_id", "label", "birads", "probability", "top_patch_row",
-                      "top_patch_col"])
+        out.writerow(
+            [
+                "file_id",
+                "patient_id",
+                "label",
+                "birads",
+                "probability",
+                "top_patch_row",
+                "top_patch_col",
+            ]
+        )
         for i, p, z in zip(indices, probs, instance_logits, strict=True):
             row, col = divmod(int(np.argmax(z)), w)
-            out.writerow([examples.file_ids[i], examples.patient_ids[i], int(examples.labels[i]),
-                          examples.birads[i], f"{p:.6f}", row, col])
+            out.writerow(
+                [
+                    examples.file_ids[i],
+                    examples.patient_ids[i],
+                    int(examples.labels[i]),
+                    examples.birads[i],
+                    f"{p:.6f}",
+                    row,
+                    col,
+                ]
+            )
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -457,7 +505,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
     from data_pipeline import folds, input_pipeline
 
     config.validate()
-    workdir = Path(workdir).expanduser()
+    workdir = Path(workdir).expanduser().absolute()
     lead = jax.process_index() == 0
     mesh = make_mesh()
     n_dev = mesh.devices.size
@@ -472,12 +520,24 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
         _write_json(workdir / "config.json", config.to_json())
 
     examples = load_examples(config)
-    split = folds.make_split(examples.labels, examples.patient_ids, num_folds=config.num_folds,
-                             fold=config.fold, split=config.split, seed=config.seed)
+    split = folds.make_split(
+        examples.labels,
+        examples.patient_ids,
+        num_folds=config.num_folds,
+        fold=config.fold,
+        split=config.split,
+        seed=config.seed,
+    )
     if lead:
         folds.write_split(split, examples.file_ids, workdir / "split.json")
-        logging.info("Fold %d: %d train, %d validation, %d test images on %d device(s)",
-                     config.fold, len(split.train), len(split.validation), len(split.test), n_dev)
+        logging.info(
+            "Fold %d: %d train, %d validation, %d test images on %d device(s)",
+            config.fold,
+            len(split.train),
+            len(split.validation),
+            len(split.test),
+            n_dev,
+        )
 
     trainer = Trainer(config, mesh)
     if config.init.startswith("checkpoint:"):
@@ -485,14 +545,24 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
         trainer.state["params"] = jax.device_put(params, trainer.replicated)
 
     checkpoints = Checkpoints(workdir)
-    meta = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_epoch": None,
-            "best_auc": -1.0, "history": []}
+    meta = {
+        "epoch": 0,
+        "step_in_epoch": 0,
+        "global_step": 0,
+        "best_epoch": None,
+        "best_auc": -1.0,
+        "history": [],
+    }
     resumed = Checkpoints.restore(checkpoints.latest, trainer.state)
     if resumed is not None:
         trainer.state = jax.device_put(resumed[0], trainer.replicated)
         meta = resumed[1]
-        logging.info("Resuming from %s at epoch %d, step %d", workdir, meta["epoch"] + 1,
-                     meta["step_in_epoch"])
+        logging.info(
+            "Resuming from %s at epoch %d, step %d",
+            workdir,
+            meta["epoch"] + 1,
+            meta["step_in_epoch"],
+        )
     if meta["history"] and lead:
         _rewrite_metrics(workdir, meta["history"])
 
@@ -501,8 +571,11 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
 
     def eval_stream(indices):
         return input_pipeline.eval_dataset(
-            examples.images[indices], examples.labels[indices],
-            batch_size=config.eval_batch_size, **proc).as_numpy_iterator()
+            examples.images[indices],
+            examples.labels[indices],
+            batch_size=config.eval_batch_size,
+            **proc,
+        ).as_numpy_iterator()
 
     def evaluate(indices) -> tuple[dict[str, np.ndarray], np.ndarray]:
         out = trainer.predict(eval_stream(indices))
@@ -514,13 +587,23 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
         while meta["epoch"] < config.epochs:
             epoch = meta["epoch"]
             stream: Iterator = input_pipeline.train_dataset(
-                examples.images[split.train], examples.labels[split.train],
-                batch_size=config.batch_size, seed=config.seed * 100_003 + epoch,
-                augment=config.augment, **proc).as_numpy_iterator()
+                examples.images[split.train],
+                examples.labels[split.train],
+                batch_size=config.batch_size,
+                seed=config.seed * 100_003 + epoch,
+                augment=config.augment,
+                **proc,
+            ).as_numpy_iterator()
             for _ in range(meta["step_in_epoch"]):
                 next(stream)
-            bar = tqdm(total=steps_per_epoch, initial=meta["step_in_epoch"], disable=not lead,
-                       desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", leave=False)
+            bar = tqdm(
+                total=steps_per_epoch,
+                initial=meta["step_in_epoch"],
+                disable=not lead,
+                desc=f"epoch {epoch + 1}/{config.epochs}",
+                unit="step",
+                leave=False,
+            )
             step_losses, start, seen = [], time.perf_counter(), 0
             while meta["step_in_epoch"] < steps_per_epoch:
                 out = trainer.train_step(next(stream), meta["global_step"])
@@ -529,8 +612,10 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
                 meta["global_step"] += 1
                 seen += config.batch_size
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(out['loss']):.4f}",
-                                img_s=f"{seen / (time.perf_counter() - start):.1f}")
+                bar.set_postfix(
+                    loss=f"{float(out['loss']):.4f}",
+                    img_s=f"{seen / (time.perf_counter() - start):.1f}",
+                )
                 if not np.isfinite(float(out["loss"])):
                     bar.close()
                     checkpoints.close()
@@ -544,36 +629,48 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
                     Checkpoints.save(checkpoints.latest, meta["global_step"], trainer.state, meta)
                     checkpoints.close()
                     bar.close()
-                    logging.warning("SIGTERM: saved the state at epoch %d step %d; re-run the "
-                                    "same command to resume.", epoch + 1, meta["step_in_epoch"])
+                    logging.warning(
+                        "SIGTERM: saved the state at epoch %d step %d; re-run the "
+                        "same command to resume.",
+                        epoch + 1,
+                        meta["step_in_epoch"],
+                    )
                     raise SystemExit(0)
             bar.close()
             train_seconds = time.perf_counter() - start
             val, val_labels = evaluate(split.validation)
             record = {
                 "epoch": epoch + 1,
-                "train_loss": float(np.mean([float(x) for x in step_losses])) if step_losses
+                "train_loss": float(np.mean([float(x) for x in step_losses]))
+                if step_losses
                 else None,
                 "train_images_per_sec": seen / train_seconds if seen else None,
                 "validation_auc": binary_metrics(val_labels, val["probability"], 0.5)["auc"],
                 "validation_accuracy": binary_metrics(val_labels, val["probability"], 0.5)[
-                    "accuracy"],
+                    "accuracy"
+                ],
             }
             meta["history"].append(record)
             meta["epoch"] += 1
             meta["step_in_epoch"] = 0
             auc = record["validation_auc"]
             if meta["best_epoch"] is None or (np.isfinite(auc) and auc > meta["best_auc"]):
-                meta["best_epoch"], meta["best_auc"] = epoch + 1, float(auc) if np.isfinite(
-                    auc) else -1.0
+                meta["best_epoch"], meta["best_auc"] = (
+                    epoch + 1,
+                    float(auc) if np.isfinite(auc) else -1.0,
+                )
                 Checkpoints.save(checkpoints.best, meta["global_step"], trainer.state, meta)
             Checkpoints.save(checkpoints.latest, meta["global_step"], trainer.state, meta)
             if lead:
                 _rewrite_metrics(workdir, meta["history"])
                 _write_summary(summary, record)
-                logging.info("epoch %d: loss %.4f, validation AUC %.3f, accuracy %.3f",
-                             epoch + 1, record["train_loss"] or float("nan"), auc,
-                             record["validation_accuracy"])
+                logging.info(
+                    "epoch %d: loss %.4f, validation AUC %.3f, accuracy %.3f",
+                    epoch + 1,
+                    record["train_loss"] or float("nan"),
+                    auc,
+                    record["validation_accuracy"],
+                )
                 if preempted.requested:
                     logging.warning("SIGTERM: stopped after epoch %d; re-run to resume.", epoch + 1)
             if preempted.requested:
@@ -594,14 +691,30 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
         "test": binary_metrics(test_labels, test["probability"], threshold),
     }
     if lead:
-        _write_predictions(workdir / "validation_predictions.csv", examples, val["index"],
-                           val["probability"], val["instance_logits"])
-        _write_predictions(workdir / "test_predictions.csv", examples, test["index"],
-                           test["probability"], test["instance_logits"])
+        _write_predictions(
+            workdir / "validation_predictions.csv",
+            examples,
+            val["index"],
+            val["probability"],
+            val["instance_logits"],
+        )
+        _write_predictions(
+            workdir / "test_predictions.csv",
+            examples,
+            test["index"],
+            test["probability"],
+            test["instance_logits"],
+        )
         _write_json(workdir / "results.json", results)
-        logging.info("Best epoch %d. Test AUC %.3f, accuracy %.3f (threshold %.3f from "
-                     "validation). Results in %s", results["best_epoch"], results["test"]["auc"],
-                     results["test"]["accuracy"], threshold, workdir / "results.json")
+        logging.info(
+            "Best epoch %d. Test AUC %.3f, accuracy %.3f (threshold %.3f from "
+            "validation). Results in %s",
+            results["best_epoch"],
+            results["test"]["auc"],
+            results["test"]["accuracy"],
+            threshold,
+            workdir / "results.json",
+        )
     return results
 
 
@@ -631,65 +744,145 @@ def _write_summary(writer, record: dict) -> None:
 # Command line
 
 _D = Config()
-flags.DEFINE_enum("scheme", _D.scheme, SCHEMES,
-                  "MIL scheme: alexnet (the paper's baseline: AlexNet with its fully connected "
-                  "layers), max_pooling (Eq. 4), label_assign (Eq. 6), sparse (Eq. 7).")
-flags.DEFINE_float("k", _D.k, "label_assign: the top-k instances of each image take its label; "
-                   "an integer count (paper: 6 of 36) or a fraction in (0, 1) of the instances.")
-flags.DEFINE_float("mu", _D.mu, "sparse: weight of the L1 term on the sorted instance "
-                   "probabilities (paper: 1e-5).")
-flags.DEFINE_float("weight_decay", None, "lambda of the lambda/2 ||theta||^2 term in the loss "
-                   "(default: the paper's 1e-5, or 5e-6 for --scheme=sparse).")
-flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate (paper: 5e-5).")
-flags.DEFINE_integer("batch_size", _D.batch_size, "Global training batch, split over all devices "
-                     "of all processes; must be a multiple of the device count.")
+flags.DEFINE_enum(
+    "scheme",
+    _D.scheme,
+    SCHEMES,
+    "MIL scheme: alexnet (the paper's baseline: AlexNet with its fully connected "
+    "layers), max_pooling (Eq. 4), label_assign (Eq. 6), sparse (Eq. 7).",
+)
+flags.DEFINE_float(
+    "k",
+    _D.k,
+    "label_assign: the top-k instances of each image take its label; "
+    "an integer count (paper: 6 of 36) or a fraction in (0, 1) of the instances.",
+)
+flags.DEFINE_float(
+    "mu", _D.mu, "sparse: weight of the L1 term on the sorted instance probabilities (paper: 1e-5)."
+)
+flags.DEFINE_float(
+    "weight_decay",
+    None,
+    "lambda of the lambda/2 ||theta||^2 term in the loss "
+    "(default: the paper's 1e-5, or 5e-6 for --scheme=sparse).",
+)
+flags.DEFINE_float(
+    "learning_rate",
+    None,
+    "Adam learning rate; default: the paper's 5e-5 when "
+    "fine-tuning (--init=imagenet:... or checkpoint:...), 3e-4 from --init=random.",
+)
+flags.DEFINE_integer(
+    "batch_size",
+    _D.batch_size,
+    "Global training batch, split over all devices "
+    "of all processes; must be a multiple of the device count.",
+)
 flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Global evaluation batch.")
-flags.DEFINE_integer("epochs", _D.epochs, "Training epochs; the epoch with the best validation "
-                     "AUC is the one tested.")
-flags.DEFINE_enum("dataset", _D.dataset, DATASETS,
-                  "synthetic: generated INbreast-like data (no download needed); inbreast: the "
-                  "INbreast database at --manual_dir; folder: your CSV of images and labels at "
-                  "--manual_dir (see README).")
-flags.DEFINE_string("data_dir", _D.data_dir, "Where prepared datasets (and the synthetic data) "
-                    "are kept.")
-flags.DEFINE_string("manual_dir", _D.manual_dir, "inbreast: the INbreast folder (AllDICOMs, "
-                    "AllXML, INbreast.csv); folder: the CSV file.")
-flags.DEFINE_string("image_column", _D.image_column, "--dataset=folder: the CSV column of image "
-                    "paths (DICOM, PNG or TIFF; relative to the CSV).")
-flags.DEFINE_string("label_column", _D.label_column, "--dataset=folder: the CSV column of labels "
-                    "(0/1, or MALIGNANT/BENIGN).")
-flags.DEFINE_string("patient_column", _D.patient_column, "--dataset=folder: the CSV column of "
-                    "patient ids, so that folds keep a patient's images together.")
+flags.DEFINE_integer(
+    "epochs",
+    _D.epochs,
+    "Training epochs; the epoch with the best validation AUC is the one tested.",
+)
+flags.DEFINE_enum(
+    "dataset",
+    _D.dataset,
+    DATASETS,
+    "synthetic: generated INbreast-like data (no download needed); inbreast: the "
+    "INbreast database at --manual_dir; folder: your CSV of images and labels at "
+    "--manual_dir (see README).",
+)
+flags.DEFINE_string(
+    "data_dir", _D.data_dir, "Where prepared datasets (and the synthetic data) are kept."
+)
+flags.DEFINE_string(
+    "manual_dir",
+    _D.manual_dir,
+    "inbreast: the INbreast folder (AllDICOMs, AllXML, INbreast.csv); folder: the CSV file.",
+)
+flags.DEFINE_string(
+    "image_column",
+    _D.image_column,
+    "--dataset=folder: the CSV column of image paths (DICOM, PNG or TIFF; relative to the CSV).",
+)
+flags.DEFINE_string(
+    "label_column",
+    _D.label_column,
+    "--dataset=folder: the CSV column of labels (0/1, or MALIGNANT/BENIGN).",
+)
+flags.DEFINE_string(
+    "patient_column",
+    _D.patient_column,
+    "--dataset=folder: the CSV column of "
+    "patient ids, so that folds keep a patient's images together.",
+)
 flags.DEFINE_integer("synthetic_images", _D.synthetic_images, "Images in the synthetic dataset.")
-flags.DEFINE_integer("image_size", _D.image_size, "Preprocessed image side in pixels (paper: "
-                     "227, a 6x6 grid of instances; 454 gives 13x13).")
-flags.DEFINE_bool("skip_bad", _D.skip_bad, "List unreadable images in a summary and go on, "
-                  "instead of stopping at the first.")
+flags.DEFINE_integer(
+    "image_size",
+    _D.image_size,
+    "Preprocessed image side in pixels (paper: 227, a 6x6 grid of instances; 454 gives 13x13).",
+)
+flags.DEFINE_bool(
+    "skip_bad",
+    _D.skip_bad,
+    "List unreadable images in a summary and go on, instead of stopping at the first.",
+)
 flags.DEFINE_integer("fold", _D.fold, "Test fold; fold+1 (mod num_folds) is the validation fold.")
 flags.DEFINE_integer("num_folds", _D.num_folds, "Cross-validation folds (paper: 5).")
-flags.DEFINE_enum("split", _D.split, ["patient", "image"],
-                  "patient: no patient's images in two of train/validation/test; image: the "
-                  "paper's image-level split.")
-flags.DEFINE_string("init", _D.init, "random, imagenet:PATH (a python -m "
-                    "deepmil_jax.convert_weights output, as the paper did), or checkpoint:PATH "
-                    "(another run's workdir, e.g. label_assign fine-tuned from max_pooling).")
-flags.DEFINE_enum("backbone", _D.backbone, ["caffe", "torchvision"],
-                  "AlexNet variant: caffe (the paper's, grouped convolutions and LRN) or "
-                  "torchvision.")
-flags.DEFINE_list("head_hidden", [], "Hidden 1x1 layers before the instance logit, e.g. 128,128 "
-                  "(the paper's released code); empty for the paper's logistic regression.")
-flags.DEFINE_enum("precision", _D.precision, ["fp32", "bf16"],
-                  "bf16: bfloat16 compute with float32 parameters and optimiser state.")
-flags.DEFINE_bool("augment", _D.augment, "The paper's augmentation: flip, shift, rotation, a "
-                  "zeroed box.")
-flags.DEFINE_integer("seed", _D.seed, "Seeds every random choice (splits, init, shuffling, "
-                     "augmentation).")
-flags.DEFINE_string("workdir", None, "Output folder; default runs/<scheme>_fold<fold>. An "
-                    "existing workdir is resumed.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (Cloud TPU pods and "
-                  "clusters it detects); see --coordinator_address for others.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process "
-                    "training without cluster auto-detection.")
+flags.DEFINE_enum(
+    "split",
+    _D.split,
+    ["patient", "image"],
+    "patient: no patient's images in two of train/validation/test; image: the "
+    "paper's image-level split.",
+)
+flags.DEFINE_string(
+    "init",
+    _D.init,
+    "random, imagenet:PATH (a python -m "
+    "deepmil_jax.convert_weights output, as the paper did), or checkpoint:PATH "
+    "(another run's workdir, e.g. label_assign fine-tuned from max_pooling).",
+)
+flags.DEFINE_enum(
+    "backbone",
+    _D.backbone,
+    ["caffe", "torchvision"],
+    "AlexNet variant: caffe (the paper's, grouped convolutions and LRN) or torchvision.",
+)
+flags.DEFINE_list(
+    "head_hidden",
+    [],
+    "Hidden 1x1 layers before the instance logit, e.g. 128,128 "
+    "(the paper's released code); empty for the paper's logistic regression.",
+)
+flags.DEFINE_enum(
+    "precision",
+    _D.precision,
+    ["fp32", "bf16"],
+    "bf16: bfloat16 compute with float32 parameters and optimiser state.",
+)
+flags.DEFINE_bool(
+    "augment", _D.augment, "The paper's augmentation: flip, shift, rotation, a zeroed box."
+)
+flags.DEFINE_integer(
+    "seed", _D.seed, "Seeds every random choice (splits, init, shuffling, augmentation)."
+)
+flags.DEFINE_string(
+    "workdir",
+    None,
+    "Output folder; default runs/<scheme>_fold<fold>. An existing workdir is resumed.",
+)
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() (Cloud TPU pods and "
+    "clusters it detects); see --coordinator_address for others.",
+)
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0, for multi-process training without cluster auto-detection.",
+)
 flags.DEFINE_integer("num_processes", None, "With --coordinator_address: number of processes.")
 flags.DEFINE_integer("process_id", None, "With --coordinator_address: this process's index.")
 
@@ -708,8 +901,7 @@ def config_from_flags() -> Config:
 
 def initialize_distributed() -> None:
     if FLAGS.coordinator_address:
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                                   FLAGS.process_id)
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     elif FLAGS.distributed:
         jax.distributed.initialize()
 

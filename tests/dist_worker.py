@@ -24,9 +24,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 if args.num_processes > 1:
-    jax.distributed.initialize(
-        f"127.0.0.1:{args.port}", args.num_processes, args.process_id
-    )
+    jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
 
 from deepmil_jax import train  # noqa: E402
 
