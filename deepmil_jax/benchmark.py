@@ -9,7 +9,7 @@ Every figure is a median over ``--repeats`` timed repeats after ``--warmup`` unt
 ``train_images_per_sec``           the jitted train step of ``deepmil_jax.train.Trainer`` (model,
                                    ``train.scheme_loss`` + L2, Adam), fed a fixed batch already
                                    on the devices
-``eval_images_per_sec``            the jitted forward pass (``Trainer._predict``)
+``eval_images_per_sec``            the jitted forward pass of the Trainer (``predict``'s step)
 ``mfu``                            model FLOPs utilisation: ``train_flops_per_step *
                                    train_images_per_sec / batch_size / peak_flops_per_sec``
 ``pipeline_images_per_sec``        ``data_pipeline.input_pipeline.train_dataset`` alone (random
@@ -67,6 +67,7 @@ on a shared machine absolute numbers are noisy, the interleaved ratio much less 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import platform
@@ -127,8 +128,7 @@ def _cpuinfo() -> dict[str, str]:
     return info
 
 
-def cpu_peak(precision: str, info: dict[str, str] | None = None,
-             cpus: int | None = None) -> Peak:
+def cpu_peak(precision: str, info: dict[str, str] | None = None, cpus: int | None = None) -> Peak:
     """Estimated peak FLOP/s of the CPUs this process may use: cores x GHz x FLOPs/cycle."""
     info = _cpuinfo() if info is None else info
     cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
@@ -154,8 +154,11 @@ def cpu_peak(precision: str, info: dict[str, str] | None = None,
     else:
         per_cycle, isa = 8, "SSE"
     flops = physical * ghz * 1e9 * per_cycle
-    return Peak(flops, f"estimate: {physical} cores x {ghz:.2f} GHz ({ghz_from}) x {per_cycle} "
-                       f"{precision} FLOPs/cycle ({isa})")
+    return Peak(
+        flops,
+        f"estimate: {physical} cores x {ghz:.2f} GHz ({ghz_from}) x {per_cycle} "
+        f"{precision} FLOPs/cycle ({isa})",
+    )
 
 
 def device_peak(device: jax.Device, precision: str) -> Peak:
@@ -167,8 +170,10 @@ def device_peak(device: jax.Device, precision: str) -> Peak:
         if key in kind:
             tflops = bf16 if precision == "bf16" else fp32
             return Peak(tflops * 1e12, f"table: {device.device_kind} {precision} {tflops} TFLOP/s")
-    raise ConfigError(f"no peak FLOP/s known for device kind {device.device_kind!r}; add it to "
-                      "deepmil_jax.benchmark.PEAKS (mfu needs it)")
+    raise ConfigError(
+        f"no peak FLOP/s known for device kind {device.device_kind!r}; add it to "
+        "deepmil_jax.benchmark.PEAKS (mfu needs it)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +182,15 @@ def device_peak(device: jax.Device, precision: str) -> Peak:
 
 def _median(values: list[float]) -> float:
     return float(np.median(values)) if values else float("nan")
+
+
+def _arguments(fn: Callable[..., Any], known: dict[str, Any]) -> list[Any]:
+    """The positional arguments of one of Trainer's step functions, by parameter name."""
+    names = [n for n in inspect.signature(fn).parameters if n != "self"]
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise RuntimeError(f"the benchmark does not know {fn.__qualname__}'s arguments {missing}")
+    return [known[n] for n in names]
 
 
 def _cost_flops(compiled: Any) -> float:
@@ -273,8 +287,9 @@ _WORKER = textwrap.dedent("""
 # to the new address space and starts from zero at exec.
 
 
-def benchmark_preprocess(*, num_images: int, workers: int, distinct: int,
-                         shape: tuple[int, int], size: int) -> dict[str, float]:
+def benchmark_preprocess(
+    *, num_images: int, workers: int, distinct: int, shape: tuple[int, int], size: int
+) -> dict[str, float]:
     """preprocess_file throughput of ``workers`` processes started together; their peak RSS."""
     with tempfile.TemporaryDirectory(prefix="deepmil_bench_") as tmp:
         files = []
@@ -285,9 +300,14 @@ def benchmark_preprocess(*, num_images: int, workers: int, distinct: int,
         jobs = [files[i % len(files)] for i in range(num_images)]
         code = _WORKER.replace("SIZE", str(int(size)))
         procs = [
-            subprocess.Popen([sys.executable, "-c", code, json.dumps(jobs[k::workers])],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            for k in range(workers) if jobs[k::workers]
+            subprocess.Popen(
+                [sys.executable, "-c", code, json.dumps(jobs[k::workers])],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for k in range(workers)
+            if jobs[k::workers]
         ]
         for p in procs:
             if p.stdout.readline().strip() != "ready":
@@ -341,9 +361,19 @@ class Settings:
     @staticmethod
     def quick() -> Settings:
         """Tiny sizes and few repeats: 131x131 images (a 3x3 grid), batch 4, small DICOMs."""
-        return Settings(batch_size=4, image_size=131, k=2, repeats=2, steps_per_repeat=1,
-                        warmup=1, pipeline_images=16, pipeline_batches=2, preprocess_images=4,
-                        preprocess_distinct=2, preprocess_shape=(1024, 832))
+        return Settings(
+            batch_size=4,
+            image_size=131,
+            k=2,
+            repeats=2,
+            steps_per_repeat=1,
+            warmup=1,
+            pipeline_images=16,
+            pipeline_batches=2,
+            preprocess_images=4,
+            preprocess_distinct=2,
+            preprocess_shape=(1024, 832),
+        )
 
 
 def _torch_trainer(settings: Settings, config: train.Config, on_accelerator: bool):
@@ -356,20 +386,31 @@ def _torch_trainer(settings: Settings, config: train.Config, on_accelerator: boo
 
     device = "cuda" if on_accelerator and torch.cuda.is_available() else "cpu"
     if on_accelerator and device == "cpu":
-        logging.warning("JAX runs on %s but torch sees no CUDA device; torch runs on the CPU",
-                        jax.default_backend())
+        logging.warning(
+            "JAX runs on %s but torch sees no CUDA device; torch runs on the CPU",
+            jax.default_backend(),
+        )
     return torch_reference.TorchTrainer(
-        config.scheme, backbone=config.backbone, head_hidden=config.head_hidden, k=config.top_k,
-        mu=config.mu, lam=config.lam, learning_rate=config.learning_rate, device=device,
-        channels_last=settings.torch_channels_last, autocast_bf16=config.precision == "bf16",
-        seed=config.seed)
+        config.scheme,
+        backbone=config.backbone,
+        head_hidden=config.head_hidden,
+        k=config.top_k,
+        mu=config.mu,
+        lam=config.lam,
+        learning_rate=getattr(config, "lr", None) or config.learning_rate,
+        device=device,
+        channels_last=settings.torch_channels_last,
+        autocast_bf16=config.precision == "bf16",
+        seed=config.seed,
+    )
 
 
 def run_benchmark(
     settings: Settings,
     *,
-    parts: frozenset[str] = frozenset({"train", "eval", "pipeline", "overlap", "preprocess",
-                                       "torch"}),
+    parts: frozenset[str] = frozenset(
+        {"train", "eval", "pipeline", "overlap", "preprocess", "torch"}
+    ),
     base_config: train.Config | None = None,
 ) -> dict[str, Any]:
     """Measures the figures of the module docstring; returns the JSON object.
@@ -385,53 +426,86 @@ def run_benchmark(
     batch = settings.batch_size or (256 if on_accelerator else 32)
     precision = settings.precision or ("bf16" if on_accelerator else "fp32")
     config = dataclasses.replace(
-        base_config or train.Config(), scheme=settings.scheme, backbone=settings.backbone,
-        batch_size=batch, eval_batch_size=batch, image_size=settings.image_size, k=settings.k,
-        precision=precision, head_hidden=settings.head_hidden, seed=settings.seed,
-        init="random")
+        base_config or train.Config(),
+        scheme=settings.scheme,
+        backbone=settings.backbone,
+        batch_size=batch,
+        eval_batch_size=batch,
+        image_size=settings.image_size,
+        k=settings.k,
+        precision=precision,
+        head_hidden=settings.head_hidden,
+        seed=settings.seed,
+        init="random",
+    )
     config.validate()
     mesh = train.make_mesh()
     n_dev = mesh.devices.size
     if batch % n_dev:
-        raise ConfigError(f"--batch_size={batch} cannot be split over {n_dev} devices; use a "
-                          f"multiple of {n_dev}.")
+        raise ConfigError(
+            f"--batch_size={batch} cannot be split over {n_dev} devices; use a multiple of {n_dev}."
+        )
     size = settings.image_size
     result: dict[str, Any] = {
-        "backbone": settings.backbone, "scheme": settings.scheme, "batch_size": batch,
-        "device": f"{n_dev} x {device.device_kind} ({device.platform})", "precision": precision,
-        "image_size": size, "load_average_start": os.getloadavg()[0],
-        "cpu_count": len(os.sched_getaffinity(0)), "jax_version": jax.__version__,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), "python": platform.python_version(),
+        "backbone": settings.backbone,
+        "scheme": settings.scheme,
+        "batch_size": batch,
+        "device": f"{n_dev} x {device.device_kind} ({device.platform})",
+        "precision": precision,
+        "image_size": size,
+        "load_average_start": os.getloadavg()[0],
+        "cpu_count": len(os.sched_getaffinity(0)),
+        "jax_version": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "python": platform.python_version(),
     }
     rng = np.random.default_rng(settings.seed)
     images = rng.random((batch, size, size, 1), dtype=np.float32)
     labels = (np.arange(batch) % 2).astype(np.int32)
     fixed = {"image": images, "label": labels}
 
-    logging.info("Compiling the %s train step (batch %d, %dx%d, %s)", settings.scheme, batch,
-                 size, size, precision)
+    logging.info(
+        "Compiling the %s train step (batch %d, %dx%d, %s)",
+        settings.scheme,
+        batch,
+        size,
+        size,
+        precision,
+    )
     trainer = train.Trainer(config, mesh)
     x, y = trainer.to_global(images), trainer.to_global(labels)
-    flops = _cost_flops(trainer._train_step.lower(trainer.state, x, y, 0).compile()) * n_dev
+    on_device = {"image": x, "label": y}  # train_step's to_global passes these through
+    known = {
+        "state": trainer.state,
+        "params": trainer.state["params"],
+        "rest": getattr(trainer, "rest", None),
+        "images": x,
+        "labels": y,
+        "step": 0,
+    }
+    step_args = _arguments(trainer._train_step_impl, known)
+    flops = _cost_flops(trainer._train_step.lower(*step_args).compile()) * n_dev
     peak = device_peak(device, precision)
-    result.update(train_flops_per_step=flops, peak_flops_per_sec=peak.flops_per_sec * n_dev,
-                  peak_source=peak.source)
+    result.update(
+        train_flops_per_step=flops,
+        peak_flops_per_sec=peak.flops_per_sec * n_dev,
+        peak_source=peak.source,
+    )
 
     step = 0
 
     def jax_steps(n: int) -> int:
-        # The jitted step of train.Trainer on a batch already on the devices, as torch's below
-        # (the overlap measurement includes the host-to-device copies of train_step).
+        # train.Trainer.train_step on a batch already on the devices, as torch's below (the
+        # overlap measurement includes the host-to-device copies).
         nonlocal step
         for _ in range(n):
-            trainer.state, out = trainer._train_step(trainer.state, x, y, step)
+            out = trainer.train_step(on_device, step)
             step += 1
         jax.block_until_ready(out["loss"])
         return n * batch
 
     jax_steps(settings.warmup)
-    bodies: dict[str, Callable[[], int]] = {
-        "jax": lambda: jax_steps(settings.steps_per_repeat)}
+    bodies: dict[str, Callable[[], int]] = {"jax": lambda: jax_steps(settings.steps_per_repeat)}
 
     torch_trainer = _torch_trainer(settings, config, on_accelerator) if "torch" in parts else None
     if torch_trainer is not None:
@@ -447,12 +521,16 @@ def run_benchmark(
 
         torch_steps(settings.warmup)
         bodies["torch"] = lambda: torch_steps(settings.steps_per_repeat)
-        result.update(torch_version=torch.__version__, torch_device=str(torch_trainer.device),
-                      torch_channels_last=settings.torch_channels_last,
-                      torch_autocast_bf16=torch_trainer.autocast_bf16,
-                      torch_threads=torch.get_num_threads())
-    logging.info("Timing the train step%s", " against PyTorch, interleaved" if torch_trainer
-                 else "")
+        result.update(
+            torch_version=torch.__version__,
+            torch_device=str(torch_trainer.device),
+            torch_channels_last=settings.torch_channels_last,
+            torch_autocast_bf16=torch_trainer.autocast_bf16,
+            torch_threads=torch.get_num_threads(),
+        )
+    logging.info(
+        "Timing the train step%s", " against PyTorch, interleaved" if torch_trainer else ""
+    )
     timed = Interleaved(bodies)
     rates = timed.run(settings.repeats)
     result["train_images_per_sec"] = rates["jax"]
@@ -466,11 +544,12 @@ def run_benchmark(
         result["train_vs_torch_paired_median"] = _median(paired)
 
     if "eval" in parts:
-        params = trainer.state["params"]
+        known["params"] = trainer.state["params"]
+        predict_args = _arguments(trainer._predict_impl, known)
 
         def eval_steps(n: int) -> int:
             for _ in range(n):
-                logits = trainer._predict(params, x)
+                logits = trainer._predict(*predict_args)
             jax.block_until_ready(logits)
             return n * batch
 
@@ -482,12 +561,11 @@ def run_benchmark(
     if parts & {"pipeline", "overlap"}:
         from data_pipeline import input_pipeline
 
-        pool = rng.integers(0, 65536, size=(settings.pipeline_images, size, size),
-                            dtype=np.uint16)
+        pool = rng.integers(0, 65536, size=(settings.pipeline_images, size, size), dtype=np.uint16)
         pool_labels = (np.arange(settings.pipeline_images) % 2).astype(np.int32)
-        stream = input_pipeline.train_dataset(pool, pool_labels, batch_size=batch,
-                                              seed=settings.seed, augment=True
-                                              ).as_numpy_iterator()
+        stream = input_pipeline.train_dataset(
+            pool, pool_labels, batch_size=batch, seed=settings.seed, augment=True
+        ).as_numpy_iterator()
         for _ in range(3):  # start the threads, fill the prefetch buffer
             next(stream)
 
@@ -520,8 +598,12 @@ def run_benchmark(
                     float(out["loss"])
                 return n * batch
 
-            overlap = Interleaved({"fixed": lambda: fixed_steps(settings.steps_per_repeat),
-                                   "stream": lambda: streamed_steps(settings.steps_per_repeat)})
+            overlap = Interleaved(
+                {
+                    "fixed": lambda: fixed_steps(settings.steps_per_repeat),
+                    "stream": lambda: streamed_steps(settings.steps_per_repeat),
+                }
+            )
             o = overlap.run(settings.repeats)
             result["train_from_pipeline_images_per_sec"] = o["stream"]
             result["train_fixed_batch_images_per_sec"] = o["fixed"]
@@ -530,12 +612,20 @@ def run_benchmark(
             detail["train_fixed_batch_images_per_sec"] = overlap.rates["fixed"]
 
     if "preprocess" in parts:
-        logging.info("Timing preprocess_file on %d %dx%d 16-bit DICOMs", settings.preprocess_images,
-                     *settings.preprocess_shape)
-        result.update(benchmark_preprocess(
-            num_images=settings.preprocess_images,
-            workers=settings.preprocess_workers or len(os.sched_getaffinity(0)),
-            distinct=settings.preprocess_distinct, shape=settings.preprocess_shape, size=size))
+        logging.info(
+            "Timing preprocess_file on %d %dx%d 16-bit DICOMs",
+            settings.preprocess_images,
+            *settings.preprocess_shape,
+        )
+        result.update(
+            benchmark_preprocess(
+                num_images=settings.preprocess_images,
+                workers=settings.preprocess_workers or len(os.sched_getaffinity(0)),
+                distinct=settings.preprocess_distinct,
+                shape=settings.preprocess_shape,
+                size=size,
+            )
+        )
 
     result["load_average_end"] = os.getloadavg()[0]
     result["repeats"] = settings.repeats
@@ -564,17 +654,21 @@ _ROWS = (
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"deepmil-jax benchmark: {result['scheme']}, {result['backbone']} AlexNet, batch "
-             f"{result['batch_size']}, {result['image_size']}x{result['image_size']}, "
-             f"{result['precision']}, on {result['device']}"]
+    lines = [
+        f"deepmil-jax benchmark: {result['scheme']}, {result['backbone']} AlexNet, batch "
+        f"{result['batch_size']}, {result['image_size']}x{result['image_size']}, "
+        f"{result['precision']}, on {result['device']}"
+    ]
     for key, name, unit in _ROWS:
         if key in result:
             value = result[key]
             text = f"{value:.3g}" if abs(value) >= 1e4 or key == "mfu" else f"{value:.2f}"
             lines.append(f"  {name:<32} {text:>10} {unit}")
     lines.append(f"  peak: {result['peak_source']}")
-    lines.append(f"  load average: {result['load_average_start']:.2f} at start, "
-                 f"{result['load_average_end']:.2f} at end, on {result['cpu_count']} CPUs")
+    lines.append(
+        f"  load average: {result['load_average_start']:.2f} at start, "
+        f"{result['load_average_end']:.2f} at end, on {result['cpu_count']} CPUs"
+    )
     return "\n".join(lines)
 
 
@@ -588,36 +682,72 @@ def format_table(result: dict[str, Any]) -> str:
 
 _PARTS = ("train", "eval", "pipeline", "overlap", "preprocess", "torch")
 _S = Settings()
-for _name in ("scheme", "backbone", "batch_size", "image_size", "k", "precision", "head_hidden",
-              "seed"):
+for _name in (
+    "scheme",
+    "backbone",
+    "batch_size",
+    "image_size",
+    "k",
+    "precision",
+    "head_hidden",
+    "seed",
+):
     flags.declare_key_flag(_name, flag_values=flags.FLAGS)
 flags.DEFINE_string("json", None, "Also write the figures as one JSON object to this file.")
 flags.DEFINE_integer("repeats", _S.repeats, "Timed repeats; every figure is the median over them.")
 flags.DEFINE_integer("steps_per_repeat", _S.steps_per_repeat, "Train/eval steps per repeat.")
 flags.DEFINE_integer("warmup", _S.warmup, "Untimed steps after compilation.")
-flags.DEFINE_integer("preprocess_images", _S.preprocess_images,
-                     "Full-size (4084x3328, 16-bit) DICOMs preprocessed in the timed part.")
-flags.DEFINE_integer("preprocess_workers", None,
-                     "Preprocessing processes, each a fresh interpreter (default: CPU count).")
-flags.DEFINE_bool("torch", True, "Time the same step in PyTorch (deepmil_jax.torch_reference), "
-                  "interleaved with JAX; needs the torch extra.")
-flags.DEFINE_bool("torch_channels_last", _S.torch_channels_last,
-                  "PyTorch in the channels_last memory format.")
+flags.DEFINE_integer(
+    "preprocess_images",
+    _S.preprocess_images,
+    "Full-size (4084x3328, 16-bit) DICOMs preprocessed in the timed part.",
+)
+flags.DEFINE_integer(
+    "preprocess_workers",
+    None,
+    "Preprocessing processes, each a fresh interpreter (default: CPU count).",
+)
+flags.DEFINE_bool(
+    "torch",
+    True,
+    "Time the same step in PyTorch (deepmil_jax.torch_reference), "
+    "interleaved with JAX; needs the torch extra.",
+)
+flags.DEFINE_bool(
+    "torch_channels_last", _S.torch_channels_last, "PyTorch in the channels_last memory format."
+)
 flags.DEFINE_list("parts", list(_PARTS), f"What to measure, a subset of {','.join(_PARTS)}.")
-flags.DEFINE_bool("quick", False, "Smoke test: 131x131 images (3x3 instances), k=2, batch 4, "
-                  "2 repeats, small DICOMs; the figures mean little.")
+flags.DEFINE_bool(
+    "quick",
+    False,
+    "Smoke test: 131x131 images (3x3 instances), k=2, batch 4, "
+    "2 repeats, small DICOMs; the figures mean little.",
+)
 
 
 def settings_from_flags() -> Settings:
     """The benchmark's settings from the command line (``--quick`` changes the defaults)."""
     f = flags.FLAGS
     base = Settings.quick() if f.quick else Settings()
-    overrides: dict[str, Any] = {"scheme": f.scheme, "backbone": f.backbone,
-                                 "torch_channels_last": f.torch_channels_last, "seed": f.seed,
-                                 "head_hidden": tuple(int(h) for h in f.head_hidden),
-                                 "torch": f.torch}
-    for name in ("batch_size", "image_size", "k", "precision", "repeats", "steps_per_repeat",
-                 "warmup", "preprocess_images", "preprocess_workers"):
+    overrides: dict[str, Any] = {
+        "scheme": f.scheme,
+        "backbone": f.backbone,
+        "torch_channels_last": f.torch_channels_last,
+        "seed": f.seed,
+        "head_hidden": tuple(int(h) for h in f.head_hidden),
+        "torch": f.torch,
+    }
+    for name in (
+        "batch_size",
+        "image_size",
+        "k",
+        "precision",
+        "repeats",
+        "steps_per_repeat",
+        "warmup",
+        "preprocess_images",
+        "preprocess_workers",
+    ):
         if f[name].present:
             overrides[name] = getattr(f, name)
     settings = dataclasses.replace(base, **overrides)

@@ -113,7 +113,11 @@ def sparse_loss(instance_logits: torch.Tensor, labels: torch.Tensor, mu: float) 
 
 
 def scheme_loss(
-    scheme: str, instance_logits: torch.Tensor, labels: torch.Tensor, *, k: int | float = 6,
+    scheme: str,
+    instance_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    k: int | float = 6,
     mu: float = 1e-5,
 ) -> torch.Tensor:
     """The data term of ``scheme`` (as ``deepmil_jax.train.scheme_loss``)."""

@@ -252,11 +252,11 @@ class Trainer:
         self._train_step = jax.jit(self._train_step_impl, donate_argnums=0)
         self._predict = jax.jit(self._predict_impl)
 
-    def _train_step_impl(self, state, images, labels, step):
+    def _train_step_impl(self, state, rest, images, labels, step):
         dropout_key = jax.random.fold_in(jax.random.key(self.config.seed + 2), step)
 
         def loss_fn(params):
-            model = nnx.merge(self.train_graph, params, self.rest)
+            model = nnx.merge(self.train_graph, params, rest, copy=True)
             nnx.reseed(model, dropout=dropout_key)
             logits = model(images).astype(jnp.float32)
             data_loss = scheme_loss(self.config, logits, labels)
@@ -267,8 +267,8 @@ class Trainer:
         params = optax.apply_updates(state["params"], updates)
         return {"params": params, "opt_state": opt_state}, {"loss": loss, "data_loss": data_loss}
 
-    def _predict_impl(self, params, images):
-        model = nnx.merge(self.eval_graph, params, self.rest)
+    def _predict_impl(self, params, rest, images):
+        model = nnx.merge(self.eval_graph, params, rest)
         return model(images).astype(jnp.float32)  # (N, h, w) instance logits
 
     def to_global(self, batch: np.ndarray) -> jax.Array:
@@ -278,14 +278,14 @@ class Trainer:
     def train_step(self, batch: dict[str, np.ndarray], step: int) -> dict[str, jax.Array]:
         images = self.to_global(batch["image"])
         labels = self.to_global(batch["label"].astype(np.int32))
-        self.state, out = self._train_step(self.state, images, labels, step)
+        self.state, out = self._train_step(self.state, self.rest, images, labels, step)
         return out
 
     def predict(self, batches) -> dict[str, np.ndarray]:
         """Instance logits of every real (unmasked) example of an eval stream, by index."""
         indices, instance = [], []
         for batch in batches:
-            logits = self._predict(self.state["params"], self.to_global(batch["image"]))
+            logits = self._predict(self.state["params"], self.rest, self.to_global(batch["image"]))
             gathered = multihost_utils.process_allgather(
                 {
                     "logits": logits,
@@ -491,6 +491,22 @@ def _write_predictions(path: Path, examples, indices, probs, instance_logits) ->
             )
 
 
+def _check_same_run(workdir: Path, config: Config) -> None:
+    """Refuses to resume a workdir that was trained with other settings (only --epochs may grow)."""
+    saved_file = workdir / "config.json"
+    if not saved_file.exists():
+        return
+    saved = json.loads(saved_file.read_text())
+    current = json.loads(json.dumps(config.to_json()))  # tuples as lists, like the saved file
+    changed = sorted(k for k in current if k != "epochs" and saved.get(k) != current[k])
+    if changed:
+        details = ", ".join(f"--{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ConfigError(
+            f"{workdir} holds a run with other settings ({details}); re-run with the same flags to "
+            "resume it, or give a new --workdir."
+        )
+
+
 def make_mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((jax.device_count(),), ("data",))
 
@@ -515,6 +531,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
                 f"--{name}={getattr(config, name)} cannot be split evenly over {n_dev} devices; "
                 f"use a multiple of {n_dev}."
             )
+    _check_same_run(workdir, config)
     workdir.mkdir(parents=True, exist_ok=True)
     if lead:
         _write_json(workdir / "config.json", config.to_json())

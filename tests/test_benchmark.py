@@ -30,10 +30,18 @@ from deepmil_jax.models import build_model  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 REQUIRED = (
-    "train_images_per_sec", "eval_images_per_sec", "mfu", "pipeline_images_per_sec",
-    "preprocess_images_per_sec", "preprocess_peak_rss_mib", "torch_train_images_per_sec",
-    "train_vs_torch", "train_flops_per_step", "peak_flops_per_sec",
-    "train_from_pipeline_images_per_sec", "pipeline_overlap",
+    "train_images_per_sec",
+    "eval_images_per_sec",
+    "mfu",
+    "pipeline_images_per_sec",
+    "preprocess_images_per_sec",
+    "preprocess_peak_rss_mib",
+    "torch_train_images_per_sec",
+    "train_vs_torch",
+    "train_flops_per_step",
+    "peak_flops_per_sec",
+    "train_from_pipeline_images_per_sec",
+    "pipeline_overlap",
 )
 
 
@@ -51,8 +59,12 @@ def _forward_conv_flops(size: int) -> float:
 
     n, total = size, 0.0
     layers = [  # (k, stride, pad, in per group, out, pool after)
-        (11, 4, 0, 1, 96, True), (5, 1, 2, 48, 256, True), (3, 1, 1, 256, 384, False),
-        (3, 1, 1, 192, 384, False), (3, 1, 1, 192, 256, True)]
+        (11, 4, 0, 1, 96, True),
+        (5, 1, 2, 48, 256, True),
+        (3, 1, 1, 256, 384, False),
+        (3, 1, 1, 192, 384, False),
+        (3, 1, 1, 192, 256, True),
+    ]
     for k, s, p, cin, cout, pooled in layers:
         n_out, taps = out_and_taps(n, k, s, p)
         total += 2.0 * taps * taps * cin * cout
@@ -66,7 +78,12 @@ def quick(tmp_path_factory):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "deepmil_jax.benchmark", "--quick", f"--json={out}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 
@@ -88,9 +105,11 @@ def test_quick_figures_are_consistent(quick):
     mfu = r["train_flops_per_step"] * r["train_images_per_sec"] / b / r["peak_flops_per_sec"]
     assert r["mfu"] == pytest.approx(mfu, rel=1e-9)
     assert r["train_vs_torch"] == pytest.approx(
-        r["train_images_per_sec"] / r["torch_train_images_per_sec"], rel=1e-9)
+        r["train_images_per_sec"] / r["torch_train_images_per_sec"], rel=1e-9
+    )
     assert r["pipeline_overlap"] == pytest.approx(
-        r["train_from_pipeline_images_per_sec"] / r["train_fixed_batch_images_per_sec"], rel=1e-9)
+        r["train_from_pipeline_images_per_sec"] / r["train_fixed_batch_images_per_sec"], rel=1e-9
+    )
     for key, values in r["per_repeat"].items():
         assert len(values) == r["repeats"]
         assert r[key] == pytest.approx(float(np.median(values)), rel=1e-9), key
@@ -122,20 +141,31 @@ def test_forward_flop_count_at_227():
 
 
 def test_cpu_peak_estimate():
-    info = {"model name": "Xeon(R) CPU @ 2.00GHz", "flags": "fma avx avx2", "siblings": "4",
-            "cpu cores": "2"}
+    info = {
+        "model name": "Xeon(R) CPU @ 2.00GHz",
+        "flags": "fma avx avx2",
+        "siblings": "4",
+        "cpu cores": "2",
+    }
     peak = benchmark.cpu_peak("fp32", info, cpus=4)  # 4 hyperthreads on 2 cores
     assert peak.flops_per_sec == pytest.approx(2 * 2.0e9 * 32)
     info = {"cpu MHz": "2500.0", "flags": "fma avx2 avx512f avx512_bf16"}
     assert benchmark.cpu_peak("fp32", info, cpus=2).flops_per_sec == pytest.approx(2 * 2.5e9 * 64)
-    assert benchmark.cpu_peak("bf16", info, cpus=2).flops_per_sec == pytest.approx(
-        2 * 2.5e9 * 128)
+    assert benchmark.cpu_peak("bf16", info, cpus=2).flops_per_sec == pytest.approx(2 * 2.5e9 * 128)
 
 
-@pytest.mark.parametrize("kind, precision, tflops", [
-    ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H200", "fp32", 66.9),
-    ("NVIDIA H100 PCIe", "bf16", 756.0), ("TPU v5 lite", "bf16", 197.0),
-    ("TPU v5", "bf16", 459.0), ("TPU v6 lite", "bf16", 918.0), ("TPU v4", "fp32", 275.0)])
+@pytest.mark.parametrize(
+    "kind, precision, tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.4),
+        ("NVIDIA H200", "fp32", 66.9),
+        ("NVIDIA H100 PCIe", "bf16", 756.0),
+        ("TPU v5 lite", "bf16", 197.0),
+        ("TPU v5", "bf16", 459.0),
+        ("TPU v6 lite", "bf16", 918.0),
+        ("TPU v4", "fp32", 275.0),
+    ],
+)
 def test_accelerator_peaks(kind, precision, tflops):
     device = types.SimpleNamespace(platform="gpu", device_kind=kind)
     assert benchmark.device_peak(device, precision).flops_per_sec == pytest.approx(tflops * 1e12)
@@ -166,14 +196,18 @@ def test_torch_label_assign_loss_equals_jax(k):
 def test_torch_max_pooling_and_sparse_losses_equal_jax():
     z, y = _logits_and_labels(1, (4, 3, 5))
     zt, yt = torch.tensor(z), torch.tensor(y)
-    np.testing.assert_allclose(tr.max_pooling_loss(zt, yt).item(),
-                               float(losses.max_pooling_loss(z, y)), rtol=1e-6)
-    np.testing.assert_allclose(tr.sparse_loss(zt, yt, 0.3).item(),
-                               float(losses.sparse_loss(z, y, 0.3)), rtol=1e-6)
+    np.testing.assert_allclose(
+        tr.max_pooling_loss(zt, yt).item(), float(losses.max_pooling_loss(z, y)), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        tr.sparse_loss(zt, yt, 0.3).item(), float(losses.sparse_loss(z, y, 0.3)), rtol=1e-6
+    )
 
 
-@pytest.mark.parametrize("scheme, backbone, hidden", [
-    ("label_assign", "caffe", ()), ("max_pooling", "torchvision", (8,))])
+@pytest.mark.parametrize(
+    "scheme, backbone, hidden",
+    [("label_assign", "caffe", ()), ("max_pooling", "torchvision", (8,))],
+)
 def test_torch_network_equals_the_jax_model(scheme, backbone, hidden):
     model = build_model(scheme, backbone=backbone, head_hidden=hidden, rngs=nnx.Rngs(0))
     model.eval()

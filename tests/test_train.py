@@ -286,3 +286,28 @@ def test_bf16_computes_in_bfloat16_and_keeps_float32_state():
         assert ("bfloat16" in str(conv)) == (precision == "bf16")
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
     assert losses["bf16"] != losses["fp32"]
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(SMALL.to_json()))
+    other = dataclasses.replace(SMALL, scheme="sparse", k=3)
+    with pytest.raises(ConfigError, match="--scheme: 'label_assign' -> 'sparse'"):
+        train.train_and_evaluate(other, tmp_path)
+
+
+def test_alexnet_baseline_trains_with_dropout():
+    config = dataclasses.replace(SMALL, scheme="alexnet", image_size=227, batch_size=2)
+    trainer = train.Trainer(config, train.make_mesh())
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.random((2, 227, 227, 1), dtype=np.float32), "label": np.array([1, 0])}
+    before = _params(trainer.state)
+    first = float(trainer.train_step(batch, 0)["loss"])
+    assert np.isfinite(first)
+    assert any(not np.array_equal(before[k], v) for k, v in _params(trainer.state).items())
+    # evaluation is deterministic (dropout off): the same images give the same bag logits
+    stream = [{"image": batch["image"], "mask": np.ones(2, bool), "index": np.arange(2)}] * 2
+    out = trainer.predict(stream)
+    logits = out["instance_logits"]  # sorted by index: image 0 twice, then image 1 twice
+    np.testing.assert_array_equal(out["index"], [0, 0, 1, 1])
+    np.testing.assert_array_equal(logits[0], logits[1])
+    np.testing.assert_array_equal(logits[2], logits[3])
