@@ -457,6 +457,7 @@ def run_benchmark(
         "cpu_count": len(os.sched_getaffinity(0)),
         "jax_version": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "python": platform.python_version(),
     }
     rng = np.random.default_rng(settings.seed)
@@ -535,10 +536,16 @@ def run_benchmark(
     rates = timed.run(settings.repeats)
     result["train_images_per_sec"] = rates["jax"]
     result["mfu"] = flops * rates["jax"] / batch / result["peak_flops_per_sec"]
+    # The best repeat estimates the speed on an idle machine (load only ever slows a repeat).
+    result["train_images_per_sec_best"] = max(timed.rates["jax"])
     detail: dict[str, Any] = {"train_images_per_sec": timed.rates["jax"]}
     if "torch" in rates:
         result["torch_train_images_per_sec"] = rates["torch"]
         result["train_vs_torch"] = rates["jax"] / rates["torch"]
+        result["torch_train_images_per_sec_best"] = max(timed.rates["torch"])
+        result["train_vs_torch_best"] = (
+            result["train_images_per_sec_best"] / result["torch_train_images_per_sec_best"]
+        )
         detail["torch_train_images_per_sec"] = timed.rates["torch"]
         paired = [a / b for a, b in zip(timed.rates["jax"], timed.rates["torch"], strict=True)]
         result["train_vs_torch_paired_median"] = _median(paired)
@@ -641,6 +648,7 @@ _ROWS = (
     ("train_images_per_sec", "train step (JAX)", "images/s"),
     ("torch_train_images_per_sec", "train step (PyTorch)", "images/s"),
     ("train_vs_torch", "JAX / PyTorch", "x"),
+    ("train_vs_torch_best", "JAX / PyTorch, best repeats", "x"),
     ("eval_images_per_sec", "eval forward", "images/s"),
     ("mfu", "model FLOPs utilisation", ""),
     ("train_flops_per_step", "FLOPs per train step", "FLOP"),
@@ -729,6 +737,8 @@ def settings_from_flags() -> Settings:
     """The benchmark's settings from the command line (``--quick`` changes the defaults)."""
     f = flags.FLAGS
     base = Settings.quick() if f.quick else Settings()
+    if f.quick and f.scheme == "alexnet":  # its fully connected layers need the 6x6 map of 227
+        base = dataclasses.replace(base, image_size=227)
     overrides: dict[str, Any] = {
         "scheme": f.scheme,
         "backbone": f.backbone,

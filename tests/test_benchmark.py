@@ -113,6 +113,11 @@ def test_quick_figures_are_consistent(quick):
     for key, values in r["per_repeat"].items():
         assert len(values) == r["repeats"]
         assert r[key] == pytest.approx(float(np.median(values)), rel=1e-9), key
+    for key in ("train_images_per_sec", "torch_train_images_per_sec"):
+        assert r[f"{key}_best"] == pytest.approx(max(r["per_repeat"][key]), rel=1e-9)
+    assert r["train_vs_torch_best"] == pytest.approx(
+        r["train_images_per_sec_best"] / r["torch_train_images_per_sec_best"], rel=1e-9
+    )
     # The CPU peak is documented as cores x GHz x FLOPs/cycle.
     assert r["peak_source"].startswith("estimate")
     assert 1e9 < r["peak_flops_per_sec"] < 1e14
