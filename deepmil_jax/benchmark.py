@@ -344,8 +344,8 @@ class Settings:
     image_size: int = 227
     k: float = 6
     precision: str | None = None  # None: fp32 on CPU, bf16 on accelerators
-    repeats: int = 5
-    steps_per_repeat: int = 2
+    repeats: int = 10
+    steps_per_repeat: int = 1
     warmup: int = 2
     pipeline_images: int = 256  # images held in memory by the pipeline benchmark
     pipeline_batches: int = 8  # batches per timed pipeline repeat
