@@ -55,13 +55,20 @@ On a CPU the peak is an ESTIMATE: ``cores x GHz x FLOPs/cycle``, cores = physica
 process may use, GHz from ``/proc/cpuinfo`` (the ``@ x.xxGHz`` of the model name, else
 ``cpu MHz``), FLOPs/cycle per core from its flags: AVX-512 = 2 FMA units x 16 fp32 lanes x 2 = 64
 (bf16: 128 with ``avx512_bf16``, 1024 with ``amx_bf16``), AVX2 + FMA = 32, otherwise 8. Turbo
-clocks, a single FMA unit or frequency drops under AVX-512 make the real peak differ.
+clocks, a single FMA unit or frequency drops under AVX-512 make the real peak differ (in a VM
+``cpu MHz`` is often the base clock: one core was measured above 2.3 GHz x 64 FLOP/cycle, so
+there the estimate is low and mfu high).
 
 Defaults: batch 32 on CPU and 256 on GPU/TPU; precision fp32 on CPU and bf16 on GPU/TPU (JAX:
 ``--precision=bf16`` of ``deepmil_jax.train``, bf16 compute with fp32 parameters; PyTorch: bf16
 autocast). PyTorch uses ``channels_last`` and ``torch.set_num_threads(cpu count)``, on the GPU
-when JAX runs on one and torch sees CUDA. The machine's load average is recorded with the figures:
-on a shared machine absolute numbers are noisy, the interleaved ratio much less so.
+when JAX runs on one and torch sees CUDA.
+
+Load: the machine's load average is recorded with the figures. Other processes slow the two
+frameworks unequally: PyTorch's OpenMP threads spin at barriers and lose far more than XLA's
+thread pool when a core is taken (on 2 shared cores, torch steps of 40 ms were seen to take
+1.5 s), so under load the median ``train_vs_torch`` flatters JAX. ``*_best`` (the fastest repeat
+of each) estimates the idle machine; trust figures taken with a load average below the core count.
 """
 
 from __future__ import annotations

@@ -247,3 +247,20 @@ def test_split_and_native_grouped_convolutions_agree_with_gradients(monkeypatch)
     for gs, gn in zip(grads_s, grads_n, strict=True):
         assert np.all(np.isfinite(gs))
         assert rel_err(gs, gn) < 1e-4
+
+
+def test_custom_max_pool_gradient_equals_xla(monkeypatch):
+    """The CPU max-pool gradient (alexnet.POOL_GRADIENT="custom") equals XLA's, ties included."""
+    from deepmil_jax.models import alexnet
+
+    rng = np.random.default_rng(0)
+    # coarse values so that many windows hold tied maxima
+    x = jnp.asarray(rng.integers(0, 4, (2, 27, 31, 5)).astype(np.float32))
+    cotangent = jnp.asarray(rng.standard_normal((2, 13, 15, 5)).astype(np.float32))
+    grads = {}
+    for mode in ("xla", "custom"):
+        monkeypatch.setattr(alexnet, "POOL_GRADIENT", mode)
+        y, vjp = jax.vjp(alexnet.max_pool, x)
+        grads[mode] = (np.asarray(y), np.asarray(vjp(cotangent)[0]))
+    np.testing.assert_array_equal(grads["custom"][0], grads["xla"][0])
+    np.testing.assert_allclose(grads["custom"][1], grads["xla"][1], rtol=1e-6, atol=1e-6)

@@ -171,8 +171,10 @@ def test_one_four_devices_and_two_processes_agree(tmp_path):
         _finish(p)
     one, four, two = (dict(np.load(tmp_path / f"{n}.npz")) for n in ("one", "four", "two"))
     assert (int(one.pop("devices")), int(four.pop("devices")), int(two.pop("devices"))) == (1, 4, 4)
-    _assert_same_params(one, four, rtol=2e-4, atol=2e-6)
-    _assert_same_params(four, two, rtol=2e-4, atol=2e-6)
+    # Adam moves every weight by about lr per step whatever its gradient's size, so a weight whose
+    # gradient is near zero can differ by a few 1e-6 when the all-reduce sums in another order.
+    _assert_same_params(one, four, rtol=2e-4, atol=2e-5)
+    _assert_same_params(four, two, rtol=2e-4, atol=2e-5)
 
 
 def test_batch_must_divide_over_devices(tmp_path):
