@@ -59,8 +59,9 @@ def top_cell(instance_logits: np.ndarray) -> tuple[int, int]:
     return row, col
 
 
-def cell_box(row: int, col: int, grid_shape: Sequence[int],
-             image_shape: Sequence[int]) -> np.ndarray:
+def cell_box(
+    row: int, col: int, grid_shape: Sequence[int], image_shape: Sequence[int]
+) -> np.ndarray:
     """Edge-coordinate box ``(y0, x0, y1, x1)`` float64 of instance (row, col) in the preprocessed
     image: rows ``[row * H / h', (row + 1) * H / h')``, columns likewise (see the module docstring
     for this approximation of the receptive field)."""
@@ -98,8 +99,7 @@ def box_to_pixel_slice(box: np.ndarray, shape: Sequence[int]) -> tuple[int, int,
     return (min(max(r0, 0), H), min(max(c0, 0), W), min(max(r1, 0), H), min(max(c1, 0), W))
 
 
-def instance_map_to_original(values: np.ndarray, geometry: Any, *,
-                             stride: int = 1) -> np.ndarray:
+def instance_map_to_original(values: np.ndarray, geometry: Any, *, stride: int = 1) -> np.ndarray:
     """Paint an ``(h', w')`` instance map onto the original image's pixel grid.
 
     Args:
@@ -216,8 +216,9 @@ def render_heatmap(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.imshow(small, cmap="gray", vmin=0.0, vmax=1.0, extent=extent, interpolation="antialiased")
-    shown = ax.imshow(heat, cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha, extent=extent,
-                      interpolation="nearest")
+    shown = ax.imshow(
+        heat, cmap=cmap, vmin=0.0, vmax=1.0, alpha=alpha, extent=extent, interpolation="nearest"
+    )
     handles = []
     for outline in outlines:
         o = np.asarray(outline, dtype=np.float64).reshape(-1, 2)
@@ -249,8 +250,9 @@ def render_heatmap(
 # Localisation: the pointing game
 
 
-def patch_hits_boxes(row: int, col: int, grid_shape: Sequence[int], image_shape: Sequence[int],
-                     boxes: np.ndarray) -> bool:
+def patch_hits_boxes(
+    row: int, col: int, grid_shape: Sequence[int], image_shape: Sequence[int], boxes: np.ndarray
+) -> bool:
     """Whether instance (row, col)'s patch overlaps any of ``boxes``.
 
     Args:
@@ -301,5 +303,8 @@ def pointing_game(
             continue
         evaluated += 1
         hits += patch_hits_boxes(int(row), int(col), grid_shape, image_shape, boxes)
-    return {"hits": hits, "evaluated": evaluated,
-            "score": hits / evaluated if evaluated else float("nan")}
+    return {
+        "hits": hits,
+        "evaluated": evaluated,
+        "score": hits / evaluated if evaluated else float("nan"),
+    }

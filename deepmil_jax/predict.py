@@ -63,8 +63,21 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = DICOM_SUFFIXES | RASTER_SUFFIXES
-CSV_COLUMNS = ("file", "probability", "top_patch_row", "top_patch_col", "center_y", "center_x",
-               "box_y0", "box_x0", "box_y1", "box_x1", "flipped", "heatmap", "error")
+CSV_COLUMNS = (
+    "file",
+    "probability",
+    "top_patch_row",
+    "top_patch_col",
+    "center_y",
+    "center_x",
+    "box_y0",
+    "box_x0",
+    "box_y1",
+    "box_x1",
+    "flipped",
+    "heatmap",
+    "error",
+)
 
 # (N, H, W, 1) float32 images in [0, 1] -> (N, h', w') instance logits.
 PredictFn = Callable[[np.ndarray], np.ndarray]
@@ -112,14 +125,18 @@ class Prediction:
             "box_y1": str(self.box[2]),
             "box_x1": str(self.box[3]),
             "flipped": str(int(self.geometry.flipped)),
-            "heatmap": (os.path.relpath(self.heatmap, relative_to) if self.heatmap and relative_to
-                        is not None else self.heatmap or ""),
+            "heatmap": (
+                os.path.relpath(self.heatmap, relative_to)
+                if self.heatmap and relative_to is not None
+                else self.heatmap or ""
+            ),
             "error": "",
         }
 
 
-def find_images(inputs: Iterable[str | os.PathLike], *,
-                exclude: str | os.PathLike | None = None) -> list[Path]:
+def find_images(
+    inputs: Iterable[str | os.PathLike], *, exclude: str | os.PathLike | None = None
+) -> list[Path]:
     """Files to predict: each input file as given, and the DICOM/PNG/TIFF files under each folder
     (recursively, sorted, hidden files and anything under ``exclude`` left out). A path that does
     not exist is kept, so that it is reported as a bad file."""
@@ -131,14 +148,19 @@ def find_images(inputs: Iterable[str | os.PathLike], *,
             out.append(path)
             continue
         for p in sorted(path.rglob("*")):
-            if (p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
-                    and (skip is None or not p.resolve().is_relative_to(skip))):
+            if (
+                p.suffix.lower() in IMAGE_SUFFIXES
+                and p.is_file()
+                and not p.name.startswith(".")
+                and (skip is None or not p.resolve().is_relative_to(skip))
+            ):
                 out.append(p)
     return out
 
 
-def find_mass_xml(image: str | os.PathLike, xml_dir: str | os.PathLike | None = None
-                  ) -> Path | None:
+def find_mass_xml(
+    image: str | os.PathLike, xml_dir: str | os.PathLike | None = None
+) -> Path | None:
     """The INbreast XML of an image: ``<xml_dir>/<id>.xml`` if ``xml_dir`` is given, else
     ``AllXML/<id>.xml`` in the image's folder or up to three folders above it (or ``<id>.xml``
     beside the image); ``id`` is the file name up to the first ``_`` (INbreast's numeric id)."""
@@ -148,8 +170,9 @@ def find_mass_xml(image: str | os.PathLike, xml_dir: str | os.PathLike | None = 
         candidates = [Path(xml_dir) / f"{file_id}.xml"]
     else:
         folders = [image.parent, *list(image.parent.parents)[:3]]
-        candidates = [image.parent / f"{file_id}.xml"] + [f / "AllXML" / f"{file_id}.xml"
-                                                           for f in folders]
+        candidates = [image.parent / f"{file_id}.xml"] + [
+            f / "AllXML" / f"{file_id}.xml" for f in folders
+        ]
     return next((c for c in candidates if c.is_file()), None)
 
 
@@ -183,11 +206,11 @@ def model_predict_fn(model, batch_size: int) -> PredictFn:
         images = np.asarray(images, np.float32)
         outs = []
         for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
+            chunk = images[start : start + batch_size]
             pad = batch_size - len(chunk)
             if pad:
                 chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
-            outs.append(np.asarray(run(state, chunk))[:batch_size - pad])
+            outs.append(np.asarray(run(state, chunk))[: batch_size - pad])
         return np.concatenate(outs)
 
     return predict
@@ -242,7 +265,7 @@ def predict_files(
     results: list[Prediction] = []
     bar = tqdm(total=len(files), desc="predict", unit="image", disable=not progress)
     for start in range(0, len(files), batch_size):
-        batch = [Prediction(file=str(p)) for p in files[start:start + batch_size]]
+        batch = [Prediction(file=str(p)) for p in files[start : start + batch_size]]
         images = []
         for pred in batch:
             try:
@@ -255,8 +278,10 @@ def predict_files(
         if good:
             logits = np.asarray(predict_fn(np.stack(images)[..., None]), np.float32)
             if logits.ndim != 3 or logits.shape[0] != len(good):
-                raise ValueError(f"predict_fn returned shape {logits.shape}; expected "
-                                 f"({len(good)}, h', w') instance logits")
+                raise ValueError(
+                    f"predict_fn returned shape {logits.shape}; expected "
+                    f"({len(good)}, h', w') instance logits"
+                )
             for pred, z in zip(good, logits, strict=True):
                 _finish(pred, z, size)
                 if heatmaps:
@@ -274,8 +299,9 @@ def _finish(pred: Prediction, logits: np.ndarray, size: tuple[int, int]) -> None
     pred.instance_logits = logits
     pred.probability = float(heatmap.sigmoid(logits.max()))
     pred.top_patch = heatmap.top_cell(logits)
-    edges = heatmap.box_to_original(heatmap.cell_box(*pred.top_patch, logits.shape, size),
-                                    pred.geometry)
+    edges = heatmap.box_to_original(
+        heatmap.cell_box(*pred.top_patch, logits.shape, size), pred.geometry
+    )
     pred.center = (float(edges[0] + edges[2]) / 2 - 0.5, float(edges[1] + edges[3]) / 2 - 0.5)
     pred.box = heatmap.box_to_pixel_slice(edges, pred.geometry.original_shape)
 
@@ -317,20 +343,39 @@ def write_csv(predictions: Sequence[Prediction], path: str | os.PathLike) -> Non
 
 
 def _define_flags() -> None:
-    flags.DEFINE_string("checkpoint", None, "A training workdir (python -m deepmil_jax.train "
-                        "--workdir=...): its config.json and checkpoints/ are used.",
-                        required=True)
-    flags.DEFINE_enum("which", "best", ["best", "latest"], "Which checkpoint of the workdir: "
-                      "best by validation AUC, or the latest.")
+    flags.DEFINE_string(
+        "checkpoint",
+        None,
+        "A training workdir (python -m deepmil_jax.train "
+        "--workdir=...): its config.json and checkpoints/ are used.",
+        required=True,
+    )
+    flags.DEFINE_enum(
+        "which",
+        "best",
+        ["best", "latest"],
+        "Which checkpoint of the workdir: best by validation AUC, or the latest.",
+    )
     flags.DEFINE_string("output", "predictions", "Folder for predictions.csv and heatmaps/.")
     # deepmil_jax.train defines a training --batch_size; this one replaces it in this program.
-    flags.DEFINE_integer("batch_size", 8, "Images preprocessed and run through the network at a "
-                         "time.", allow_override=True)
+    flags.DEFINE_integer(
+        "batch_size",
+        8,
+        "Images preprocessed and run through the network at a time.",
+        allow_override=True,
+    )
     flags.DEFINE_bool("heatmaps", True, "Draw a heatmap PNG per image.")
-    flags.DEFINE_integer("max_side", 1024, "Longest side of the heatmap pictures in pixels (the "
-                         "CSV keeps full-resolution coordinates).")
-    flags.DEFINE_string("xml_dir", None, "Folder of INbreast <id>.xml mass outlines (default: "
-                        "AllXML/ near each image).")
+    flags.DEFINE_integer(
+        "max_side",
+        1024,
+        "Longest side of the heatmap pictures in pixels (the "
+        "CSV keeps full-resolution coordinates).",
+    )
+    flags.DEFINE_string(
+        "xml_dir",
+        None,
+        "Folder of INbreast <id>.xml mass outlines (default: AllXML/ near each image).",
+    )
 
 
 def _main(argv: Sequence[str]) -> None:
@@ -340,9 +385,11 @@ def _main(argv: Sequence[str]) -> None:
     if FLAGS.batch_size < 1:
         raise DataError(f"--batch_size must be positive; got {FLAGS.batch_size}.")
     if len(argv) < 2:
-        raise DataError("No input: give image files or folders after the flags, e.g. "
-                        "python -m deepmil_jax.predict --checkpoint=runs/label_assign_fold0 "
-                        "scans/.")
+        raise DataError(
+            "No input: give image files or folders after the flags, e.g. "
+            "python -m deepmil_jax.predict --checkpoint=runs/label_assign_fold0 "
+            "scans/."
+        )
     output = Path(FLAGS.output).expanduser()
     files = find_images(argv[1:], exclude=output)
     if not files:
@@ -350,23 +397,43 @@ def _main(argv: Sequence[str]) -> None:
     # Absolute: Orbax refuses relative checkpoint paths.
     checkpoint = Path(FLAGS.checkpoint).expanduser().absolute()
     config, model = train.load_trained(checkpoint, which=FLAGS.which)
-    logging.info("Loaded %s (%s, image_size %d); predicting %d file(s).", checkpoint,
-                 config.scheme, config.image_size, len(files))
+    logging.info(
+        "Loaded %s (%s, image_size %d); predicting %d file(s).",
+        checkpoint,
+        config.scheme,
+        config.image_size,
+        len(files),
+    )
     output.mkdir(parents=True, exist_ok=True)
     predictions = predict_files(
-        model_predict_fn(model, FLAGS.batch_size), files, image_size=config.image_size,
-        output_dir=output, batch_size=FLAGS.batch_size, heatmaps=FLAGS.heatmaps,
-        max_side=FLAGS.max_side, xml_dir=FLAGS.xml_dir)
+        model_predict_fn(model, FLAGS.batch_size),
+        files,
+        image_size=config.image_size,
+        output_dir=output,
+        batch_size=FLAGS.batch_size,
+        heatmaps=FLAGS.heatmaps,
+        max_side=FLAGS.max_side,
+        xml_dir=FLAGS.xml_dir,
+    )
     write_csv(predictions, output / "predictions.csv")
     bad = [p for p in predictions if p.error is not None]
-    logging.info("%d of %d file(s) predicted; results in %s.", len(predictions) - len(bad),
-                 len(predictions), output / "predictions.csv")
+    logging.info(
+        "%d of %d file(s) predicted; results in %s.",
+        len(predictions) - len(bad),
+        len(predictions),
+        output / "predictions.csv",
+    )
     if bad:
-        logging.warning("%d file(s) could not be read (see the error column):\n%s", len(bad),
-                        "\n".join(f"  {p.error}" for p in bad))
+        logging.warning(
+            "%d file(s) could not be read (see the error column):\n%s",
+            len(bad),
+            "\n".join(f"  {p.error}" for p in bad),
+        )
     if len(bad) == len(predictions):
-        raise DataError(f"None of the {len(files)} file(s) could be predicted; the reasons are "
-                        f"in {output / 'predictions.csv'}.")
+        raise DataError(
+            f"None of the {len(files)} file(s) could be predicted; the reasons are "
+            f"in {output / 'predictions.csv'}."
+        )
 
 
 def main(argv: Sequence[str]) -> None:

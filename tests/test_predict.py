@@ -40,7 +40,8 @@ def test_cell_boxes_map_back_through_flip_crop_and_resize_by_hand():
     # Not flipped: cell (0, 0) is on the left of the crop.
     g2 = Geometry(original_shape=(100, 80), crop=(10, 20, 90, 60), flipped=False, size=(40, 20))
     np.testing.assert_allclose(
-        heatmap.box_to_original(heatmap.cell_box(0, 0, (4, 2), (40, 20)), g2), [10, 20, 30, 40])
+        heatmap.box_to_original(heatmap.cell_box(0, 0, (4, 2), (40, 20)), g2), [10, 20, 30, 40]
+    )
 
 
 @pytest.mark.parametrize("flipped", [False, True])
@@ -54,7 +55,8 @@ def test_painted_map_agrees_with_the_boxes(flipped):
     for r in range(3):
         for c in range(4):
             y0, x0, y1, x1 = heatmap.box_to_pixel_slice(
-                heatmap.box_to_original(heatmap.cell_box(r, c, (3, 4), (24, 24)), g), (103, 77))
+                heatmap.box_to_original(heatmap.cell_box(r, c, (3, 4), (24, 24)), g), (103, 77)
+            )
             block = painted[y0:y1, x0:x1]
             assert block.size and np.all(block == ids[r, c]), (r, c)
             assert np.count_nonzero(painted == ids[r, c]) == block.size
@@ -106,8 +108,9 @@ def test_lesion_lands_under_the_heatmap_maximum(tmp_path, right_side):
     path = tmp_path / "12345_patient_MG_L_CC_ANON.png"
     _mammogram(path, lesion_yx=lesion, right_side=right_side)
 
-    (pred,) = predict.predict_files(_block_max_detector(4), [path], image_size=64,
-                                    output_dir=tmp_path / "out", progress=False)
+    (pred,) = predict.predict_files(
+        _block_max_detector(4), [path], image_size=64, output_dir=tmp_path / "out", progress=False
+    )
     assert pred.error is None
     assert pred.geometry.flipped == right_side  # the flip is undone in the second case
     # Independently of the mapping: the lesion's preprocessed cell is where the preprocessed
@@ -131,16 +134,32 @@ def test_lesion_lands_under_the_heatmap_maximum(tmp_path, right_side):
 def test_downsampled_picture_keeps_full_resolution_coordinates(tmp_path):
     path = tmp_path / "777_p_MG_R_CC_ANON.png"
     _mammogram(path, lesion_yx=(250, 95), right_side=True)
-    small, big = (predict.predict_files(_block_max_detector(4), [path], image_size=64,
-                                        output_dir=tmp_path / name, max_side=m, progress=False)[0]
-                  for name, m in (("small", 100), ("big", 1024)))
+    small, big = (
+        predict.predict_files(
+            _block_max_detector(4),
+            [path],
+            image_size=64,
+            output_dir=tmp_path / name,
+            max_side=m,
+            progress=False,
+        )[0]
+        for name, m in (("small", 100), ("big", 1024))
+    )
     assert small.box == big.box and small.center == big.center
     assert Path(small.heatmap).is_file() and Path(big.heatmap).is_file()
     # The same name twice: two pictures.
-    twice = predict.predict_files(_block_max_detector(4), [path, path], image_size=64,
-                                  output_dir=tmp_path / "twice", max_side=100, progress=False)
-    assert [Path(p.heatmap).name for p in twice] == ["777_p_MG_R_CC_ANON.png",
-                                                      "777_p_MG_R_CC_ANON_2.png"]
+    twice = predict.predict_files(
+        _block_max_detector(4),
+        [path, path],
+        image_size=64,
+        output_dir=tmp_path / "twice",
+        max_side=100,
+        progress=False,
+    )
+    assert [Path(p.heatmap).name for p in twice] == [
+        "777_p_MG_R_CC_ANON.png",
+        "777_p_MG_R_CC_ANON_2.png",
+    ]
     reduced, stride = heatmap.downsample(np.ones((360, 280)), 100)
     assert reduced.shape == (90, 70) and stride == 4
     # Block means, the last (partial) block padded with its edge values.
@@ -160,7 +179,10 @@ def test_find_images_and_xml(tmp_path):
     xml = tmp_path / "AllXML" / "22580192.xml"
     xml.write_text("")
     assert predict.find_images([tmp_path / "AllDICOMs", tmp_path / "missing.dcm"]) == [
-        a, b, tmp_path / "missing.dcm"]
+        a,
+        b,
+        tmp_path / "missing.dcm",
+    ]
     assert predict.find_images([tmp_path], exclude=tmp_path / "AllDICOMs" / "sub") == [a]
     assert predict.find_mass_xml(a) == xml
     assert predict.find_mass_xml(b) is None
@@ -187,8 +209,13 @@ def workdir(tmp_path_factory):
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "deepmil_jax.predict", *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "deepmil_jax.predict", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _expected_box(geometry: Geometry, row: int, col: int, grid: tuple[int, int]):
@@ -215,8 +242,15 @@ def test_cli_predictions_csv_bad_files_and_exit_status(tmp_path, workdir):
     (bad / "empty.png").write_bytes(b"")
     out = tmp_path / "out"
     relative = os.path.relpath(workdir, tmp_path)  # relative paths work too
-    done = _cli(f"--checkpoint={relative}", "--output=out", "--batch_size=3",
-                bad / "broken.dcm", data, bad / "empty.png", cwd=tmp_path)
+    done = _cli(
+        f"--checkpoint={relative}",
+        "--output=out",
+        "--batch_size=3",
+        bad / "broken.dcm",
+        data,
+        bad / "empty.png",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     with (out / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -234,8 +268,7 @@ def test_cli_predictions_csv_bad_files_and_exit_status(tmp_path, workdir):
         image, geometry = preprocess_file(r["file"], PreprocessConfig(size=(99, 99)))
         logits = np.asarray(model(image[None, :, :, None]))[0]
         assert logits.shape == (2, 2)
-        assert float(r["probability"]) == pytest.approx(1 / (1 + np.exp(-logits.max())),
-                                                        abs=2e-6)
+        assert float(r["probability"]) == pytest.approx(1 / (1 + np.exp(-logits.max())), abs=2e-6)
         row, col = np.unravel_index(np.argmax(logits), logits.shape)
         assert (int(r["top_patch_row"]), int(r["top_patch_col"])) == (row, col)
         assert r["flipped"] == str(int(geometry.flipped))
@@ -248,8 +281,13 @@ def test_cli_predictions_csv_bad_files_and_exit_status(tmp_path, workdir):
         assert Path(r["heatmap"]).parent == Path("heatmaps") and (out / r["heatmap"]).is_file()
     assert "2 file(s) could not be read" in done.stderr
 
-    nothing = _cli(f"--checkpoint={workdir}", f"--output={tmp_path / 'none'}", "--noheatmaps",
-                   bad / "broken.dcm", cwd=tmp_path)
+    nothing = _cli(
+        f"--checkpoint={workdir}",
+        f"--output={tmp_path / 'none'}",
+        "--noheatmaps",
+        bad / "broken.dcm",
+        cwd=tmp_path,
+    )
     assert nothing.returncode != 0
     assert "None of the 1 file(s) could be predicted" in nothing.stderr
     assert "Traceback" not in nothing.stderr
@@ -266,8 +304,9 @@ def test_patch_hits_boxes_hand_computed():
     assert not heatmap.patch_hits_boxes(0, 1, grid, size, small)
     assert not heatmap.patch_hits_boxes(1, 1, grid, size, small)
     central = np.array([[40, 40, 60, 60]])  # straddles all four patches
-    assert all(heatmap.patch_hits_boxes(r, c, grid, size, central)
-               for r in range(2) for c in range(2))
+    assert all(
+        heatmap.patch_hits_boxes(r, c, grid, size, central) for r in range(2) for c in range(2)
+    )
     on_edge = np.array([[49.5, 10, 49.5, 10]])  # a point at edge y = 50: the second row's
     assert not heatmap.patch_hits_boxes(0, 0, grid, size, on_edge)
     assert heatmap.patch_hits_boxes(1, 0, grid, size, on_edge)
@@ -283,8 +322,12 @@ def test_patch_hits_boxes_hand_computed():
 
 
 def test_pointing_game_counts_only_positives_with_masses():
-    boxes = {"hit": np.array([[10, 10, 20, 20]]), "miss": np.array([[70, 70, 80, 80]]),
-             "neg": np.array([[10, 10, 20, 20]]), "nobox": np.zeros((0, 4))}
+    boxes = {
+        "hit": np.array([[10, 10, 20, 20]]),
+        "miss": np.array([[70, 70, 80, 80]]),
+        "neg": np.array([[10, 10, 20, 20]]),
+        "nobox": np.zeros((0, 4)),
+    }
     top = {"hit": (0, 0), "miss": (0, 0), "neg": (1, 1), "nobox": (0, 0), "unknown": (0, 0)}
     labels = {"hit": 1, "miss": 1, "neg": 0, "nobox": 1, "unknown": 1}
     out = heatmap.pointing_game(top, boxes, labels, grid_shape=(2, 2), image_shape=(100, 100))
@@ -297,8 +340,17 @@ def _fake_run(run_dir: Path, rows: list[tuple], auc: float) -> dict:
     run_dir.mkdir(parents=True)
     with (run_dir / "test_predictions.csv").open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["file_id", "patient_id", "label", "birads", "probability", "top_patch_row",
-                      "top_patch_col"])
+        out.writerow(
+            [
+                "file_id",
+                "patient_id",
+                "label",
+                "birads",
+                "probability",
+                "top_patch_row",
+                "top_patch_col",
+            ]
+        )
         for file_id, label, r, c in rows:
             out.writerow([file_id, "p", label, "5" if label else "1", 0.5, r, c])
     test = {"auc": auc, "accuracy": 0.5, "sensitivity": 0.5, "specificity": 0.5, "threshold": 0.5}
@@ -308,21 +360,30 @@ def _fake_run(run_dir: Path, rows: list[tuple], auc: float) -> dict:
 def test_evaluate_reports_the_pointing_game(tmp_path):
     from deepmil_jax import train
 
-    boxes = {"a": np.array([[10, 10, 20, 20]]), "b": np.array([[60, 60, 70, 70]]),
-             "c": np.array([[60, 10, 70, 20]]), "d": np.zeros((0, 4))}
-    fold0 = _fake_run(tmp_path / "label_assign" / "fold0",
-                      [("a", 1, 0, 0), ("b", 1, 0, 0), ("d", 1, 1, 1)], 0.8)  # 1 of 2
-    fold1 = _fake_run(tmp_path / "label_assign" / "fold1", [("c", 1, 1, 0), ("a", 0, 1, 1)],
-                      0.9)  # 1 of 1
+    boxes = {
+        "a": np.array([[10, 10, 20, 20]]),
+        "b": np.array([[60, 60, 70, 70]]),
+        "c": np.array([[60, 10, 70, 20]]),
+        "d": np.zeros((0, 4)),
+    }
+    fold0 = _fake_run(
+        tmp_path / "label_assign" / "fold0", [("a", 1, 0, 0), ("b", 1, 0, 0), ("d", 1, 1, 1)], 0.8
+    )  # 1 of 2
+    fold1 = _fake_run(
+        tmp_path / "label_assign" / "fold1", [("c", 1, 1, 0), ("a", 0, 1, 1)], 0.9
+    )  # 1 of 1
     for fold, run in enumerate((fold0, fold1)):
         run["fold"] = fold
-        run["localization"] = evaluate.localization(run["run_dir"], boxes, grid_shape=(2, 2),
-                                                    image_size=100)
+        run["localization"] = evaluate.localization(
+            run["run_dir"], boxes, grid_shape=(2, 2), image_size=100
+        )
     assert fold0["localization"] == {"hits": 1, "evaluated": 2, "score": 0.5}
     assert fold1["localization"] == {"hits": 1, "evaluated": 1, "score": 1.0}
     base = _fake_run(tmp_path / "alexnet" / "fold0", [("a", 1, 0, 0)], 0.7)
-    results = {"alexnet": [{**base, "fold": 0, "localization": None}],
-               "label_assign": [fold0, fold1]}
+    results = {
+        "alexnet": [{**base, "fold": 0, "localization": None}],
+        "label_assign": [fold0, fold1],
+    }
     table = evaluate.summarize(results)
     loc = table["label_assign"]["localization"]
     assert loc["mean"] == pytest.approx(0.75)
