@@ -31,10 +31,10 @@ from deepmil_jax.errors import ConfigError
 # The paper's Table 1 (INbreast, 5-fold cross-validation), for comparison in the report.
 PAPER_AUC = {"alexnet": 0.79, "max_pooling": 0.83, "label_assign": 0.84, "sparse": 0.89}
 NAMES = {
-    "alexnet": "Pretrained AlexNet",
-    "max_pooling": "Pretrained deep MIL (max pooling)",
-    "label_assign": "Pretrained deep MIL, label assignment",
-    "sparse": "Pretrained deep MIL, sparse",
+    "alexnet": "AlexNet (fully connected layers)",
+    "max_pooling": "Deep MIL, max pooling",
+    "label_assign": "Deep MIL, label assignment",
+    "sparse": "Deep MIL, sparse",
 }
 
 flags.DEFINE_list(
