@@ -677,16 +677,15 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
             bar.close()
             train_seconds = time.perf_counter() - start
             val, val_labels = evaluate(split.validation)
+            at_half = binary_metrics(val_labels, val["probability"], 0.5)
             record = {
                 "epoch": epoch + 1,
                 "train_loss": float(np.mean([float(x) for x in step_losses]))
                 if step_losses
                 else None,
                 "train_images_per_sec": seen / train_seconds if seen else None,
-                "validation_auc": binary_metrics(val_labels, val["probability"], 0.5)["auc"],
-                "validation_accuracy": binary_metrics(val_labels, val["probability"], 0.5)[
-                    "accuracy"
-                ],
+                "validation_auc": at_half["auc"],
+                "validation_accuracy": at_half["accuracy"],
             }
             meta["history"].append(record)
             meta["epoch"] += 1
