@@ -157,6 +157,21 @@ def test_lrn_matches_keras_formula_and_torch():
     assert rel_err(ours, caffe.numpy().transpose(0, 2, 3, 1)) < 1e-6
 
 
+@pytest.mark.parametrize("flavour", ["keras", "caffe"])
+def test_lrn_gradient_matches_torch_autograd(flavour):
+    """The hand-written LRN gradient against torch's autograd of its own LRN, in float64."""
+    spec = LRNS[flavour]
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 40, (2, 3, 4, 9)).astype(np.float32)  # large values: the power matters
+    cotangent = rng.normal(size=x.shape).astype(np.float32)
+    _, vjp = jax.vjp(lambda v: local_response_norm(v, spec), jnp.asarray(x))
+    ours = np.asarray(vjp(jnp.asarray(cotangent))[0])
+    tx = torch.from_numpy(x.transpose(0, 3, 1, 2)).double().requires_grad_()
+    ty = F.local_response_norm(tx, size=spec.n, alpha=spec.alpha * spec.n, beta=spec.beta, k=spec.k)
+    ty.backward(torch.from_numpy(cotangent.transpose(0, 3, 1, 2)).double())
+    assert rel_err(ours, tx.grad.numpy().transpose(0, 2, 3, 1)) < 1e-5
+
+
 def test_lrn_placement_differs_between_flavours():
     a = AlexNet("caffe", lrn="keras", rngs=nnx.Rngs(0))
     b = AlexNet("caffe", lrn="caffe", rngs=nnx.Rngs(0))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -119,16 +120,46 @@ def normalize(images: jax.Array, kind: str) -> jax.Array:
     return ((x * spec.scale - mean) / std).astype(x.dtype)
 
 
+def _channel_window_sum(v: jax.Array, n: int) -> jax.Array:
+    """``sum_{|c'-c| <= n//2} v[..., c']`` over the last axis, zero beyond the ends."""
+    half, c = n // 2, v.shape[-1]
+    padded = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(half, half)])
+    window = padded[..., 0:c]
+    for i in range(1, n):  # n shifted slices: XLA fuses them into one loop
+        window = window + padded[..., i : i + c]
+    return window
+
+
+# The LRN's gradient is written by hand: with s = k + alpha * W(x^2) (W the channel window sum,
+# which is its own transpose) and y = x * s^-beta,
+#     dx = g * s^-beta - 2 * alpha * beta * x * W(g * x * s^-beta / s).
+# Autodiff of the forward gives the same values but transposes the n shifted slices into n pads
+# and recomputes the power in each; measured on 2 CPU cores, fwd+bwd of the first LRN (batch 32,
+# 27x27x96) took 56 ms that way and 11 ms this way (35 ms and 7 ms for the second); in the whole
+# train step, where XLA fuses differently, 1-3% (573-585 ms against 585-608 ms per step).
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _lrn(x: jax.Array, lrn: LRN) -> jax.Array:
+    return _lrn_fwd(x, lrn)[0]
+
+
+def _lrn_fwd(x: jax.Array, lrn: LRN) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    s = lrn.k + lrn.alpha * _channel_window_sum(jnp.square(x), lrn.n)
+    t = s**-lrn.beta
+    return x * t, (x, s, t)
+
+
+def _lrn_bwd(lrn: LRN, res: tuple[jax.Array, ...], g: jax.Array) -> tuple[jax.Array]:
+    x, s, t = res
+    back = _channel_window_sum(g * x * t / s, lrn.n)
+    return (g * t - (2 * lrn.alpha * lrn.beta) * x * back,)
+
+
+_lrn.defvjp(_lrn_fwd, _lrn_bwd)
+
+
 def local_response_norm(x: jax.Array, lrn: LRN) -> jax.Array:
     """Cross-channel LRN over the last axis of NHWC ``x`` (computed in float32)."""
-    half = lrn.n // 2
-    x32 = x.astype(jnp.float32)
-    sq = jnp.pad(jnp.square(x32), [(0, 0)] * (x.ndim - 1) + [(half, half)])
-    c = x.shape[-1]
-    window = sq[..., 0:c]
-    for i in range(1, lrn.n):  # n shifted slices: XLA fuses them into one loop
-        window = window + sq[..., i : i + c]
-    return (x32 * (lrn.k + lrn.alpha * window) ** -lrn.beta).astype(x.dtype)
+    return _lrn(x.astype(jnp.float32), lrn).astype(x.dtype)
 
 
 # How grouped convolutions are lowered: "auto" splits them into one convolution per group on CPU,
