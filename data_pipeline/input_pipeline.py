@@ -23,7 +23,6 @@ that JAX needs.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +35,6 @@ __all__ = [
     "AugmentConfig",
     "augment",
     "apply_transform",
-    "benchmark",
     "eval_dataset",
     "to_float",
     "train_dataset",
@@ -379,55 +377,3 @@ def eval_dataset(
     ds = tf.data.Dataset.from_tensor_slices((index, valid)).batch(local_batch, drop_remainder=True)
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-
-
-def benchmark(
-    *,
-    image_size: int = 227,
-    num_images: int = 512,
-    batch_size: int = 64,
-    num_batches: int = 50,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Augmented training images per second from ``train_dataset`` on this machine's CPUs.
-
-    Random uint16 images (the cost does not depend on the content); the first batches (tracing,
-    warm-up) are not timed.
-
-    Returns:
-      {"images_per_second", "seconds", "images"}.
-    """
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 2**16, size=(num_images, image_size, image_size), dtype=np.uint16)
-    labels = rng.integers(0, 2, size=num_images)
-    iterator = iter(train_dataset(images, labels, batch_size=batch_size, seed=seed))
-    for _ in range(3):
-        next(iterator)["image"].numpy()
-    start = time.perf_counter()
-    for _ in range(num_batches):
-        next(iterator)["image"].numpy()
-    seconds = time.perf_counter() - start
-    count = num_batches * batch_size
-    return {"images_per_second": count / seconds, "seconds": seconds, "images": float(count)}
-
-
-def _main(argv: list[str]) -> None:
-    from absl import flags
-
-    del argv
-    f = flags.FLAGS
-    result = benchmark(image_size=f.image_size, batch_size=f.batch_size, num_batches=f.num_batches)
-    print(
-        f"train_dataset, augmented, {f.image_size}x{f.image_size}, batch {f.batch_size}: "
-        f"{result['images_per_second']:.0f} images/s ({result['images']:.0f} images in "
-        f"{result['seconds']:.1f} s)"
-    )
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_integer("image_size", 227, "Image side in pixels (227 in the paper).")
-    flags.DEFINE_integer("batch_size", 64, "Batch size.")
-    flags.DEFINE_integer("num_batches", 50, "Batches timed after 3 warm-up batches.")
-    app.run(_main)

@@ -20,18 +20,15 @@ pixel coordinates (pixel centres at integer coordinates; (y, x) order).
 
 Speed: for 16-bit DICOMs the LUTs are evaluated once per possible stored value (65536 entries) and
 applied by table lookup, and only the crop is ever converted to float32. On one core a full-size
-4084 x 3328 16-bit DICOM takes well under 0.2 s (`python -m data_pipeline.preprocess --benchmark`).
+4084 x 3328 16-bit DICOM takes well under 0.2 s (`python -m deepmil_jax.benchmark
+--parts=preprocess`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import resource
-import tempfile
-import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +47,6 @@ __all__ = [
     "RASTER_SUFFIXES",
     "Geometry",
     "PreprocessConfig",
-    "benchmark",
     "preprocess_file",
     "preprocess_image",
     "read_image",
@@ -575,117 +571,13 @@ def preprocess_file(
     return _preprocess(_decode(path), config, str(path))
 
 
-# --------------------------------------------------------------------------------------------------
-# Benchmark: throughput and peak memory on full-size 16-bit DICOMs.
-
-
-def _write_benchmark_dicom(path: Path, shape: tuple[int, int], seed: int) -> None:
-    """A full-size 16-bit MONOCHROME2 mammogram-like DICOM: textured half-ellipse plus a marker."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    rng = np.random.default_rng(seed)
-    H, W = shape
-    yy = (np.arange(H, dtype=np.float32)[:, None] - H * rng.uniform(0.45, 0.55)) / (H * 0.42)
-    xx = np.arange(W, dtype=np.float32)[None, :] / (W * rng.uniform(0.6, 0.8))
-    inside = yy**2 + xx**2 < 1.0
-    img = rng.integers(0, 200, size=shape, dtype=np.uint16)
-    tissue = rng.integers(6000, 30000, size=shape, dtype=np.uint16)
-    img[inside] = tissue[inside]
-    img[H // 20 : H // 20 + 120, W - 400 : W - 150] = 65535
-    if seed % 2:
-        img = np.ascontiguousarray(img[:, ::-1])
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"
-    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(seed)])
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "MG"
-    ds.Rows, ds.Columns = H, W
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = img.tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
-def _peak_rss_mib(who: int) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024.0  # Linux reports KiB
-
-
-def _bench_worker(args: tuple[list[str], PreprocessConfig]) -> tuple[float, float]:
-    """Preprocess `paths`; returns (CPU seconds used, peak RSS in MiB) of this worker."""
-    paths, config = args
-    cpu = time.process_time()
-    for p in paths:
-        preprocess_file(p, config)
-    return time.process_time() - cpu, _peak_rss_mib(resource.RUSAGE_SELF)
-
-
-def benchmark(
-    *,
-    num_images: int = 40,
-    workers: int = 2,
-    shape: tuple[int, int] = (4084, 3328),
-    distinct_files: int = 4,
-    config: PreprocessConfig = PreprocessConfig(),
-) -> dict[str, float]:
-    """Time `preprocess_file` on full-size 16-bit DICOMs written to a temporary folder.
-
-    `distinct_files` DICOMs are written and each is preprocessed repeatedly (`num_images` in all) by
-    `workers` processes; one warm-up pass per worker is not timed.
-
-    Returns:
-      {"images_per_second", "seconds", "cpu_seconds_per_image", "num_images", "workers",
-       "peak_rss_mib_per_worker", "peak_rss_mib_total"}: wall-clock throughput, CPU time per image
-       (what an idle core would need), peak resident memory of the busiest worker, and the sum
-       over workers plus the parent process.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for i in range(distinct_files):
-            p = Path(tmp) / f"bench_{i}.dcm"
-            _write_benchmark_dicom(p, shape, seed=i)
-            paths.append(str(p))
-        jobs = [paths[i % len(paths)] for i in range(num_images)]
-        chunks = [(jobs[k::workers], config) for k in range(workers)]
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(_bench_worker, [([paths[0]], config)] * workers))  # start and warm up
-            start = time.perf_counter()
-            results = list(pool.map(_bench_worker, chunks))
-            seconds = time.perf_counter() - start
-        peaks = [r[1] for r in results]
-    cpu = sum(r[0] for r in results)
-    return {
-        "images_per_second": num_images / seconds,
-        "seconds": seconds,
-        "cpu_seconds_per_image": cpu / num_images,
-        "num_images": float(num_images),
-        "workers": float(workers),
-        "peak_rss_mib_per_worker": max(peaks),
-        "peak_rss_mib_total": sum(peaks) + _peak_rss_mib(resource.RUSAGE_SELF),
-    }
-
-
 def _main(argv: Sequence[str]) -> None:
     from absl import flags
 
     del argv
     f = flags.FLAGS
-    if f.benchmark:
-        result = benchmark(num_images=f.num_images, workers=f.workers)
-        print(
-            f"preprocess_file on {f.num_images} 4084x3328 16-bit DICOMs, {f.workers} worker(s): "
-            f"{result['images_per_second']:.1f} images/s "
-            f"({1000 * result['cpu_seconds_per_image']:.0f} ms CPU per image), peak RSS "
-            f"{result['peak_rss_mib_per_worker']:.0f} MiB per worker, "
-            f"{result['peak_rss_mib_total']:.0f} MiB in all"
-        )
-        return
     if not f.input:
-        raise SystemExit("give --input=FILE (and --output=PNG), or --benchmark")
+        raise SystemExit("give --input=FILE (and --output=PNG)")
     config = dataclasses.replace(PreprocessConfig(), size=(f.size, f.size), flip=f.flip)
     image, geometry = preprocess_file(f.input, config)
     print(geometry)
@@ -700,9 +592,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("output", None, "Where to write the preprocessed image as a 16-bit PNG.")
     flags.DEFINE_integer("size", 227, "Output height and width in pixels (227 in the paper).")
     flags.DEFINE_bool("flip", True, "Flip so that the chest wall is on the left.")
-    flags.DEFINE_bool(
-        "benchmark", False, "Measure throughput on generated full-size 16-bit DICOMs."
-    )
-    flags.DEFINE_integer("num_images", 40, "Images preprocessed by --benchmark.")
-    flags.DEFINE_integer("workers", 2, "Worker processes for --benchmark.")
     app.run(_main)

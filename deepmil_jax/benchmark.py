@@ -237,9 +237,7 @@ INBREAST_SHAPE = (4084, 3328)  # rows x columns of an INbreast mammogram (3328 x
 def write_dicom(path: Path, shape: tuple[int, int], seed: int) -> None:
     """A 16-bit MONOCHROME2 mammogram-like DICOM: textured half-ellipse breast, dark background,
     a bright label in a corner; the breast faces left or right by seed."""
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from data_pipeline.synthetic import write_dicom as write
 
     rng = np.random.default_rng(seed)
     h, w = shape
@@ -254,18 +252,7 @@ def write_dicom(path: Path, shape: tuple[int, int], seed: int) -> None:
     image[h // 20 : h // 20 + h // 40, w - w // 8 : w - w // 20] = 65535
     if seed % 2:
         image = np.ascontiguousarray(image[:, ::-1])
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"  # digital mammography
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PhotometricInterpretation = "MG", "MONOCHROME2"
-    ds.Rows, ds.Columns, ds.SamplesPerPixel = h, w, 1
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = image.tobytes()
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    write(path, image, uid_seed=str(seed))
 
 
 # Run by each preprocessing worker: a fresh interpreter importing only data_pipeline.preprocess.
@@ -793,5 +780,22 @@ def _main() -> None:
         logging.info("Wrote %s", f.json)
 
 
+def _show_device_defaults() -> None:
+    """--help: an absent --batch_size or --precision is chosen by the device, not train's default.
+    (Only when run as a program: importing this module leaves train's flags alone.)"""
+    f = flags.FLAGS
+    f.set_default("batch_size", None)
+    f["batch_size"].help = (
+        "Global batch, split over all devices; a multiple of the device count "
+        "(absent: 32 on CPU, 256 on GPU/TPU)."
+    )
+    f.set_default("precision", None)
+    f["precision"].help = (
+        "bf16: bfloat16 compute with float32 parameters and optimiser state "
+        "(absent: fp32 on CPU, bf16 on GPU/TPU)."
+    )
+
+
 if __name__ == "__main__":
+    _show_device_defaults()
     train.run_main(_main)
