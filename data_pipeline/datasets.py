@@ -536,13 +536,21 @@ def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
     return (Path(os.fspath(builder.data_path)) / "dataset_info.json").exists()
 
 
-def _ensure_synthetic(manual_dir: Path) -> None:
+def _ensure_synthetic(manual_dir: Path, num_images: int) -> None:
     if manual_dir.is_dir() and any(p.name.lower() == "inbreast.csv" for p in manual_dir.iterdir()):
         return
     from data_pipeline.synthetic import write_synthetic_inbreast
 
-    logging.info("No synthetic INbreast at %s; writing one (seed 0).", manual_dir)
-    write_synthetic_inbreast(manual_dir)
+    logging.info(
+        "No synthetic INbreast at %s; writing one (%d images, seed 0).", manual_dir, num_images
+    )
+    if manual_dir.is_dir() and any(manual_dir.iterdir()):
+        write_synthetic_inbreast(manual_dir, num_images=num_images)
+        return
+    # written aside and renamed, so that an interrupted run leaves no half-written dataset
+    partial = manual_dir.with_name(manual_dir.name + ".partial")
+    write_synthetic_inbreast(partial, num_images=num_images)
+    partial.rename(manual_dir)
 
 
 def _load(builder: tfds.core.DatasetBuilder) -> Examples:
@@ -592,6 +600,7 @@ def prepare(
     image_column: str = "image",
     label_column: str = "label",
     patient_column: str | None = None,
+    synthetic_images: int = 80,
 ) -> Examples:
     """Prepares a dataset once with TFDS, then loads all of it into memory.
 
@@ -606,6 +615,7 @@ def prepare(
         builder; if ``manual_dir`` holds no ``INbreast.csv`` yet, the synthetic dataset is written
         there first) or ``"folder"`` (``manual_dir`` = a CSV file, or a folder with one CSV or a
         ``labels.csv``; columns ``image_column``, ``label_column``, ``patient_column``).
+      synthetic_images: ``"synthetic"``: how many images to write when ``manual_dir`` holds none.
       manual_dir: where the raw data is.
       data_dir: where TFDS datasets are written (use one per raw dataset: a second INbreast-layout
         folder prepared into the same ``data_dir`` would find the first one's dataset).
@@ -650,7 +660,7 @@ def prepare(
                 f"it from. {builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
             )
         if source == "synthetic":
-            _ensure_synthetic(manual)
+            _ensure_synthetic(manual, synthetic_images)
         if not manual.is_dir() or not any(manual.iterdir()):
             raise DataError(
                 f"{manual}: no such folder, or it is empty; check manual_dir. "

@@ -171,19 +171,9 @@ def load_examples(config: Config):
     from data_pipeline import datasets
 
     data_dir = Path(config.data_dir).expanduser()
-    if config.dataset == "synthetic":
-        from data_pipeline import synthetic
-
-        raw = data_dir / f"synthetic_inbreast_n{config.synthetic_images}"
-        if jax.process_index() == 0 and not (raw / "INbreast.csv").exists():
-            logging.info(
-                "Generating the synthetic INbreast (%d images) in %s", config.synthetic_images, raw
-            )
-            tmp = raw.with_name(raw.name + ".partial")
-            synthetic.write_synthetic_inbreast(tmp, num_images=config.synthetic_images, seed=0)
-            tmp.rename(raw)
-        multihost_utils.sync_global_devices("synthetic data written")
-        source, manual_dir = "inbreast", raw
+    if config.dataset == "synthetic":  # written by the first prepare() if missing
+        source = "synthetic"
+        manual_dir = data_dir / f"synthetic_inbreast_n{config.synthetic_images}"
         tfds_dir = data_dir / f"tfds_synthetic_n{config.synthetic_images}"
     else:
         source, manual_dir = config.dataset, Path(config.manual_dir).expanduser().resolve()
@@ -195,6 +185,7 @@ def load_examples(config: Config):
         data_dir=tfds_dir,
         image_size=config.image_size,
         skip_bad=config.skip_bad,
+        synthetic_images=config.synthetic_images,
     )
     if source == "folder":
         kwargs.update(
