@@ -523,6 +523,18 @@ def make_mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((jax.device_count(),), ("data",))
 
 
+def _finite_loss(loss: jax.Array, step: int, *, epoch: int, workdir: Path) -> float:
+    """The loss as a float (waits for its step), or TrainingDiverged if it is not finite."""
+    value = float(loss)
+    if not np.isfinite(value):
+        raise TrainingDiverged(
+            f"The loss became {value} at epoch {epoch + 1}, step {step}. The last good checkpoint "
+            f"is kept in {workdir / 'checkpoints' / 'latest'}; lower --learning_rate or check the "
+            "data, then re-run to resume from it."
+        )
+    return value
+
+
 def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, Any]:
     """Trains ``config.scheme`` on one fold, keeps the best epoch by validation AUC, tests it.
 
@@ -634,37 +646,42 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
                 leave=False,
             )
             step_losses, start, seen = [], time.perf_counter(), 0
-            while meta["step_in_epoch"] < steps_per_epoch:
-                out = trainer.train_step(next(stream), meta["global_step"])
-                step_losses.append(out["loss"])
-                meta["step_in_epoch"] += 1
-                meta["global_step"] += 1
-                seen += config.batch_size
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{float(out['loss']):.4f}",
-                    img_s=f"{seen / (time.perf_counter() - start):.1f}",
-                )
-                if not np.isfinite(float(out["loss"])):
-                    bar.close()
-                    checkpoints.close()
-                    raise TrainingDiverged(
-                        f"The loss became {float(out['loss'])} at epoch {epoch + 1}, step "
-                        f"{meta['step_in_epoch']}. The last good checkpoint is kept in "
-                        f"{workdir / 'checkpoints' / 'latest'}; lower --learning_rate or check "
-                        "the data, then re-run to resume from it."
-                    )
-                if preempted.requested and meta["step_in_epoch"] < steps_per_epoch:
-                    Checkpoints.save(checkpoints.latest, meta["global_step"], trainer.state, meta)
-                    checkpoints.close()
-                    bar.close()
-                    logging.warning(
-                        "SIGTERM: saved the state at epoch %d step %d; re-run the "
-                        "same command to resume.",
-                        epoch + 1,
-                        meta["step_in_epoch"],
-                    )
-                    raise SystemExit(0)
+            # A step's loss is read (a host sync) only after the next step is dispatched, so
+            # the device never waits for the host between steps.
+            previous: tuple[jax.Array, int] | None = None
+            try:
+                while meta["step_in_epoch"] < steps_per_epoch:
+                    out = trainer.train_step(next(stream), meta["global_step"])
+                    step_losses.append(out["loss"])
+                    meta["step_in_epoch"] += 1
+                    meta["global_step"] += 1
+                    seen += config.batch_size
+                    bar.update(1)
+                    if previous is not None:
+                        loss = _finite_loss(*previous, epoch=epoch, workdir=workdir)
+                        rate = seen / (time.perf_counter() - start)
+                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
+                    previous = (out["loss"], meta["step_in_epoch"])
+                    if preempted.requested and meta["step_in_epoch"] < steps_per_epoch:
+                        _finite_loss(*previous, epoch=epoch, workdir=workdir)
+                        Checkpoints.save(
+                            checkpoints.latest, meta["global_step"], trainer.state, meta
+                        )
+                        checkpoints.close()
+                        bar.close()
+                        logging.warning(
+                            "SIGTERM: saved the state at epoch %d step %d; re-run the "
+                            "same command to resume.",
+                            epoch + 1,
+                            meta["step_in_epoch"],
+                        )
+                        raise SystemExit(0)
+                if previous is not None:
+                    _finite_loss(*previous, epoch=epoch, workdir=workdir)
+            except TrainingDiverged:
+                bar.close()
+                checkpoints.close()
+                raise
             bar.close()
             train_seconds = time.perf_counter() - start
             val, val_labels = evaluate(split.validation)
