@@ -234,3 +234,20 @@ def test_torch_trainer_step_lowers_the_loss_like_adam():
     for _ in range(4):
         last = trainer.step(x, y).item()
     assert math.isfinite(first) and last < first
+
+
+def test_help_gives_the_device_dependent_defaults():
+    """--help must not show train's batch 8 / fp32 as the benchmark's defaults."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepmil_jax.benchmark", "--helpshort"],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    text = " ".join((proc.stdout + proc.stderr).split())
+    batch = text.split("--batch_size:")[1].split("--")[0]
+    assert "32 on CPU, 256 on GPU/TPU" in batch and "default: '8'" not in batch
+    precision = text.split("--precision:")[1].split("--")[0]
+    assert "fp32 on CPU, bf16 on GPU/TPU" in precision and "default:" not in precision
