@@ -615,7 +615,6 @@ def prepare(
         builder; if ``manual_dir`` holds no ``INbreast.csv`` yet, the synthetic dataset is written
         there first) or ``"folder"`` (``manual_dir`` = a CSV file, or a folder with one CSV or a
         ``labels.csv``; columns ``image_column``, ``label_column``, ``patient_column``).
-      synthetic_images: ``"synthetic"``: how many images to write when ``manual_dir`` holds none.
       manual_dir: where the raw data is.
       data_dir: where TFDS datasets are written (use one per raw dataset: a second INbreast-layout
         folder prepared into the same ``data_dir`` would find the first one's dataset).
@@ -623,6 +622,8 @@ def prepare(
       skip_bad: leave out unreadable files instead of failing; they are recorded in the dataset's
         metadata (``metadata.json``, ``Examples.bad_files``) and summarised in the log.
       num_workers: preprocessing processes (None: ``os.cpu_count()``; 0: in this process).
+      synthetic_images: for ``"synthetic"``, how many images to write when ``manual_dir`` holds
+        none.
 
     Returns:
       ``Examples`` in file-id order.
