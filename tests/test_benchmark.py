@@ -251,3 +251,25 @@ def test_help_gives_the_device_dependent_defaults():
     assert "32 on CPU, 256 on GPU/TPU" in batch and "default: '8'" not in batch
     precision = text.split("--precision:")[1].split("--")[0]
     assert "fp32 on CPU, bf16 on GPU/TPU" in precision and "default:" not in precision
+
+
+def test_train_and_eval_parts_need_no_tensorflow_or_dicom_stack():
+    """The accelerator machine may lack TensorFlow, TFDS, pydicom and scikit-image: the train-step
+    and eval parts must run without them (they are imported only by the parts that use them)."""
+    code = (
+        "import runpy, sys\n"
+        "for m in ('tensorflow', 'tensorflow_datasets', 'pydicom', 'skimage'):\n"
+        "    sys.modules[m] = None  # any import of them raises ImportError\n"
+        "sys.argv = ['benchmark', '--quick', '--parts=train,eval', '--notorch']\n"
+        "runpy.run_module('deepmil_jax.benchmark', run_name='__main__')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train step (JAX)" in proc.stdout and "eval forward" in proc.stdout
