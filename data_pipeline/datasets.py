@@ -175,18 +175,9 @@ def _features(size: tuple[int, int]) -> tfds.features.FeaturesDict:
 # Generation: preprocessing in a bounded process pool, yielding examples one by one.
 
 
-def _box(geometry: Geometry, outline: np.ndarray) -> np.ndarray:
-    """(4,) float32 (y0, x0, y1, x1) bounding box of an original-pixel outline, clipped."""
-    points = np.asarray(geometry.from_original(np.asarray(outline, np.float64))).reshape(-1, 2)
-    h, w = geometry.size
-    lo = np.clip(points.min(axis=0), 0, [h - 1, w - 1])
-    hi = np.clip(points.max(axis=0), 0, [h - 1, w - 1])
-    return np.array([lo[0], lo[1], hi[0], hi[1]], dtype=np.float32)
-
-
 def _example(record: Record, image: np.ndarray, geometry: Geometry) -> dict[str, Any]:
     pixels = np.round(np.clip(image, 0.0, 1.0) * _UINT16_MAX).astype(np.uint16)
-    boxes = [_box(geometry, outline) for outline in record.masses if len(outline)]
+    boxes = [geometry.box_from_original(outline) for outline in record.masses if len(outline)]
     return {
         "image": pixels[:, :, None],
         "label": int(record.label),

@@ -436,21 +436,8 @@ def _main(argv: Sequence[str]) -> None:
         )
 
 
-def main(argv: Sequence[str]) -> None:
-    """absl entry point: the project's errors become one line on stderr and exit status 1."""
-    from deepmil_jax.errors import DeepMILError
-
-    try:
-        _main(argv)
-    except DeepMILError as e:
-        logging.error("%s", e)
-        raise SystemExit(f"error: {e}") from None
-
-
 if __name__ == "__main__":
-    from absl import app
-
-    from deepmil_jax import train as _train  # noqa: F401  (defines the shared flags first)
+    from deepmil_jax import train  # defines the shared flags first
 
     _define_flags()
-    app.run(main)
+    train.run_main(_main, positional=True)

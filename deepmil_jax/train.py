@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from sklearn import metrics as skmetrics  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from deepmil_jax import losses  # noqa: E402
+from deepmil_jax import heatmap, losses  # noqa: E402
 from deepmil_jax.errors import ConfigError, DeepMILError  # noqa: E402
 from deepmil_jax.models import build_model  # noqa: E402
 
@@ -315,7 +315,7 @@ class Trainer:
         return {
             "index": np.concatenate(indices)[order],
             "instance_logits": instance_logits,
-            "probability": 1.0 / (1.0 + np.exp(-bag)),
+            "probability": heatmap.sigmoid(bag),
         }
 
 
@@ -474,7 +474,6 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _write_predictions(path: Path, examples, indices, probs, instance_logits) -> None:
-    h, w = instance_logits.shape[1:]
     with path.open("w", newline="") as f:
         out = csv.writer(f)
         out.writerow(
@@ -489,7 +488,7 @@ def _write_predictions(path: Path, examples, indices, probs, instance_logits) ->
             ]
         )
         for i, p, z in zip(indices, probs, instance_logits, strict=True):
-            row, col = divmod(int(np.argmax(z)), w)
+            row, col = heatmap.top_cell(z)
             out.writerow(
                 [
                     examples.file_ids[i],
@@ -957,16 +956,20 @@ def _quiet_libraries(record) -> bool:
     return record.levelno >= 30 or not any(n in record.pathname for n in noisy)
 
 
-def run_main(body) -> None:
-    """Runs ``body`` under absl, turning the project's errors into one clear line and exit 2."""
+def run_main(body, *, positional: bool = False) -> None:
+    """Runs ``body`` under absl, turning the project's errors into one clear line and exit status
+    1. ``body()`` takes no arguments, or with ``positional`` the command line's ``argv``."""
 
     def main(argv):
-        if len(argv) > 1:
+        if not positional and len(argv) > 1:
             raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
         logging.get_absl_handler().addFilter(_quiet_libraries)
         try:
             initialize_distributed()
-            body()
+            if positional:
+                body(argv)
+            else:
+                body()
         except DeepMILError as e:
             logging.error("%s", e)
             raise SystemExit(f"error: {e}") from None
