@@ -38,11 +38,11 @@ from flax import nnx  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-from sklearn import metrics as skmetrics  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from deepmil_jax import heatmap, losses  # noqa: E402
 from deepmil_jax.errors import ConfigError, DeepMILError  # noqa: E402
+from deepmil_jax.metrics import binary_metrics, choose_threshold  # noqa: E402
 from deepmil_jax.models import build_model  # noqa: E402
 
 SCHEMES = ("alexnet", "max_pooling", "label_assign", "sparse")
@@ -317,35 +317,6 @@ class Trainer:
             "instance_logits": instance_logits,
             "probability": heatmap.sigmoid(bag),
         }
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics
-
-
-def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
-    """AUC, and accuracy, sensitivity and specificity at ``threshold`` (predict 1 if p >= t)."""
-    labels = np.asarray(labels).astype(int)
-    predicted = np.asarray(probs) >= threshold
-    pos, neg = labels == 1, labels == 0
-    auc = skmetrics.roc_auc_score(labels, probs) if pos.any() and neg.any() else float("nan")
-    return {
-        "auc": float(auc),
-        "accuracy": float(np.mean(predicted == pos)),
-        "sensitivity": float(predicted[pos].mean()) if pos.any() else float("nan"),
-        "specificity": float((~predicted[neg]).mean()) if neg.any() else float("nan"),
-        "threshold": float(threshold),
-    }
-
-
-def choose_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
-    """The validation threshold that maximises Youden's J = sensitivity + specificity - 1."""
-    labels = np.asarray(labels).astype(int)
-    if labels.min() == labels.max():
-        return 0.5
-    fpr, tpr, thresholds = skmetrics.roc_curve(labels, probs)
-    best = int(np.argmax(tpr - fpr))
-    return float(min(thresholds[best], 1.0))
 
 
 # ---------------------------------------------------------------------------------------------
