@@ -39,7 +39,9 @@ __all__ = [
     "Record",
     "TableRow",
     "birads_label",
+    "canonical_image_path",
     "find_images",
+    "listed_images",
     "read_folder",
     "read_inbreast",
     "read_inbreast_table",
@@ -66,8 +68,8 @@ class Record:
     """One mammogram.
 
     Attributes:
-      file_id: INbreast's numeric id (the "File Name" column); for `read_folder` the image path
-        relative to the CSV, as written there.
+      file_id: INbreast's numeric id (the "File Name" column); for `read_folder` the image's
+        canonical path relative to the CSV's folder (`canonical_image_path`).
       path: the image file.
       label: 1 for BI-RADS >= 4 (malignant in the paper's sense), else 0.
       birads: "1" ... "6" with "4a"/"4b"/"4c"; "" when the source has none.
@@ -567,6 +569,48 @@ def _find_column(header: list[str], name: str) -> int | None:
     return keys.index(key) if key in keys else None
 
 
+def canonical_image_path(csv_dir: str | os.PathLike, image: str) -> tuple[str, Path]:
+    """(file id, path) of an image path as written in a CSV in ``csv_dir``.
+
+    The path is made absolute (relative paths are relative to ``csv_dir``) and normalised
+    (``./``, ``//`` and ``x/..`` removed; symbolic links are not followed), so that ``img/a.dcm``,
+    ``./img/a.dcm`` and ``img//a.dcm`` name one image. The file id is that path relative to
+    ``csv_dir`` with ``/`` separators, or the absolute path for an image outside ``csv_dir``.
+    """
+    base = Path(os.path.abspath(csv_dir))
+    text = image.strip()
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        path = base / path
+    path = Path(os.path.normpath(path))
+    try:
+        file_id = path.relative_to(base).as_posix()
+    except ValueError:  # outside the CSV's folder
+        file_id = path.as_posix()
+    return file_id, path
+
+
+def listed_images(csv_path: str | os.PathLike, image_column: str = "image") -> list[Path]:
+    """The canonical paths of the images a folder CSV lists (see ``canonical_image_path``), in
+    CSV order without repeats; [] when the CSV or its column cannot be read (``read_folder``
+    reports those). Reads only the CSV: used to fingerprint a prepared dataset's sources."""
+    csv_path = Path(csv_path)
+    try:
+        rows = _read_csv_text(csv_path)
+    except DataError:
+        return []
+    if not rows:
+        return []
+    column = _find_column(rows[0], image_column)
+    if column is None:
+        return []
+    seen: dict[Path, None] = {}
+    for row in rows[1:]:
+        if column < len(row) and row[column].strip():
+            seen.setdefault(canonical_image_path(csv_path.parent, row[column])[1], None)
+    return list(seen)
+
+
 def read_folder(
     csv_path: str | os.PathLike,
     *,
@@ -577,18 +621,23 @@ def read_folder(
 ) -> tuple[list[Record], list[BadFile]]:
     """Read a CSV that lists mammograms (DICOM, PNG or TIFF) and their labels.
 
-    Paths in `image_column` are relative to the CSV's folder (or absolute). Labels: 0/1 (also
-    true/false, benign/malignant, BENIGN_WITHOUT_CALLBACK). Optional columns, found by name:
-    `patient_column` (else each image is its own patient), "birads", "laterality", "view". Several
-    rows for one image are merged; the image is positive if any of its rows is (as a MIL bag is).
-    The CSV may be comma-, semicolon- or tab-separated.
+    Paths in `image_column` are relative to the CSV's folder (or absolute). Each is canonicalised
+    (`canonical_image_path`): the record's file id is the normalised path relative to the CSV's
+    folder (absolute for images outside it), so `img/a.dcm`, `./img/a.dcm` and `img//a.dcm` are
+    one image. Labels: 0/1 (also true/false, benign/malignant, BENIGN_WITHOUT_CALLBACK). Optional
+    columns, found by name: `patient_column` (else each image is its own patient), "birads",
+    "laterality", "view". Several rows for one image are merged (several findings): the image is
+    positive if any of its rows is (as a MIL bag is), and takes the first non-empty patient id.
+    The CSV may be comma-, semicolon- or tab-separated. (Copies of one image under two names are
+    found later, by their pixels, when the dataset is prepared.)
 
     Returns:
       (records in CSV order, bad files).
 
     Raises:
-      DataError: unreadable CSV, missing columns, no rows, or (unless skip_bad) rows whose image is
-        missing or whose label cannot be read, all listed in one message.
+      DataError: unreadable CSV, missing columns, no rows, rows of one image that name different
+        patients (always, naming the rows), or (unless skip_bad) rows whose image is missing or
+        whose label cannot be read, all listed in one message.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -640,35 +689,43 @@ def read_folder(
                 "correct it",
             )
             continue
-        path = Path(image)
-        if not path.is_absolute():
-            path = csv_path.parent / path
+        file_id, path = canonical_image_path(csv_path.parent, image)
         if not path.is_file():
             problems.add(
                 where, f"image {image} not found (looked for {path}); fix the path or the row"
             )
             continue
         birads = _normalise_birads(cell(row, "birads")) if "birads" in columns else ""
-        entry = merged.get(image)
+        patient = cell(row, "patient") if patient_column else ""
+        entry = merged.get(file_id)
         if entry is None:
-            patient = cell(row, "patient") if patient_column else ""
-            merged[image] = dict(
-                file_id=image,
+            merged[file_id] = dict(
+                file_id=file_id,
                 path=path,
                 label=label,
                 birads=birads,
-                patient_id=patient or image,
+                patient_id=patient,
                 laterality=cell(row, "laterality").upper()[:1] if "laterality" in columns else "",
                 view=cell(row, "view").upper(),
+                patient_line=line,
             )
-        else:
-            entry["label"] = max(entry["label"], label)
+            continue
+        entry["label"] = max(entry["label"], label)
+        if patient and not entry["patient_id"]:
+            entry["patient_id"], entry["patient_line"] = patient, line
+        elif patient and patient != entry["patient_id"]:
+            raise DataError(
+                f"{csv_path}: lines {entry['patient_line']} and {line} give image {file_id} two "
+                f"patients ({entry['patient_id']!r} in column {patient_column!r}, then "
+                f"{patient!r}); one image belongs to one patient. Correct the rows."
+            )
     bad = problems.finish()
     if not merged:
         raise DataError(f"{csv_path}: no usable rows; add rows with an image path and a label.")
     records = []
     for e in merged.values():
+        e.pop("patient_line")
         lat = e["laterality"] if e["laterality"] in ("L", "R") else ""
-        view = e["view"]
-        records.append(Record(**(e | {"laterality": lat, "view": view}), masses=()))
+        patient = e["patient_id"] or e["file_id"]
+        records.append(Record(**(e | {"laterality": lat, "patient_id": patient}), masses=()))
     return records, bad

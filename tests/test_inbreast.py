@@ -417,7 +417,7 @@ def test_read_folder(tmp_path):
     assert [(r.file_id, r.label, r.patient_id, r.view, r.laterality) for r in records] == [
         ("imgs/a.dcm", 1, "P1", "CC", "L"),
         ("imgs/b.png", 1, "P1", "MLO", "R"),
-        (str(tmp_path / "c.png"), 0, "P2", "", ""),
+        ("c.png", 0, "P2", "", ""),  # written absolute, inside the CSV's folder
     ]
     assert records[0].path == tmp_path / "imgs" / "a.dcm" and records[0].masses == ()
     for r in records:
@@ -425,6 +425,58 @@ def test_read_folder(tmp_path):
     # Without a patient column each image is its own patient.
     records, _ = read_folder(csv_path, image_column="path", label_column="cancer")
     assert [r.patient_id for r in records] == [r.file_id for r in records]
+
+
+def test_read_folder_one_image_under_three_spellings(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "data").mkdir()
+    write_dicom(tmp_path / "img" / "a.dcm", tiny_mammogram("L").astype(np.uint16))
+    write_dicom(tmp_path / "img" / "b.dcm", tiny_mammogram("R").astype(np.uint16))
+    outside = tmp_path / "elsewhere" / "c.dcm"
+    outside.parent.mkdir()
+    write_dicom(outside, tiny_mammogram("L").astype(np.uint16))
+    csv_path = tmp_path / "data" / "list.csv"
+    csv_path.write_text(
+        "image,label,patient\n"
+        "../img/a.dcm,0,P1\n"
+        "./../img/b.dcm,0,P2\n"
+        ".././img/a.dcm,1,\n"  # a second finding of a.dcm, patient left blank
+        "..//img//a.dcm,0,P1\n"
+        f"{tmp_path}/data/../elsewhere/c.dcm,1,P3\n"
+    )
+    records, bad = read_folder(csv_path, patient_column="patient")
+    assert bad == []
+    # All three lie outside the CSV's folder, so their ids are absolute paths without "..".
+    expected = [
+        (str(tmp_path / "img" / "a.dcm"), tmp_path / "img" / "a.dcm", 1, "P1"),
+        (str(tmp_path / "img" / "b.dcm"), tmp_path / "img" / "b.dcm", 0, "P2"),
+        (str(outside), outside, 1, "P3"),
+    ]
+    assert [(r.file_id, r.path, r.label, r.patient_id) for r in records] == expected
+    # Inside the CSV's folder the id is relative: four spellings, one image.
+    write_dicom(tmp_path / "data" / "d.dcm", tiny_mammogram("R").astype(np.uint16))
+    (tmp_path / "data" / "sub").mkdir()
+    csv_path.write_text("image,label\nd.dcm,0\n./d.dcm,1\nsub/../d.dcm,0\n.//d.dcm,0\n")
+    records, _ = read_folder(csv_path)
+    assert [(r.file_id, r.path, r.label, r.patient_id) for r in records] == [
+        ("d.dcm", tmp_path / "data" / "d.dcm", 1, "d.dcm")
+    ]
+
+
+def test_read_folder_one_image_two_patients_is_an_error(tmp_path):
+    write_dicom(tmp_path / "a.dcm", tiny_mammogram("L").astype(np.uint16))
+    write_dicom(tmp_path / "b.dcm", tiny_mammogram("R").astype(np.uint16))
+    csv_path = tmp_path / "list.csv"
+    csv_path.write_text("image,label,woman\na.dcm,0,P1\nb.dcm,0,P2\n./a.dcm,1,P9\n")
+    for skip_bad in (False, True):
+        with pytest.raises(DataError) as info:
+            read_folder(csv_path, patient_column="woman", skip_bad=skip_bad)
+        message = str(info.value)
+        assert "list.csv: lines 2 and 4" in message and "a.dcm" in message
+        assert "'P1'" in message and "'P9'" in message and "Correct the rows" in message
+    # Without the patient column the rows do not conflict.
+    records, _ = read_folder(csv_path)
+    assert [(r.file_id, r.label) for r in records] == [("a.dcm", 1), ("b.dcm", 0)]
 
 
 def test_read_folder_bad_rows(tmp_path):
