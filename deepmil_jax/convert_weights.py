@@ -61,8 +61,7 @@ def main(argv: list[str]) -> None:
         out = weights.convert(
             _FORMAT.value, _INPUT.value, _OUTPUT.value, overwrite=_OVERWRITE.value
         )
-    except DeepMILError as e:
-        logging.error("%s", e)
+    except DeepMILError as e:  # one line, naming the file and the fix; no traceback
         print(f"convert_weights: error: {e}", file=sys.stderr)
         sys.exit(1)
     meta = weights.SOURCES[_FORMAT.value]

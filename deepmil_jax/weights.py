@@ -48,6 +48,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -175,6 +176,49 @@ def _f32(a: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a, dtype=np.float32))
 
 
+def _weights_array(where: str, name: str, value: Any) -> np.ndarray:
+    """``value`` as a float32 array, refusing non-numbers and NaN/inf (a damaged or diverged file).
+
+    ``name`` ("layer 'conv_1' kernel", "key 'features.0.weight'") is the file's own name for the
+    weight, so the message points at it.
+    """
+    try:
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":
+            raise TypeError(f"{array.dtype} values")
+        array = _f32(array)
+    except Exception as e:  # strings, objects, complex numbers, unreadable data
+        detail = f"{type(e).__name__}: {e}".strip()
+        raise WeightsError(
+            f"{where}: {name} does not hold real numbers ({detail}); the file is damaged or not "
+            "an AlexNet weights file"
+        ) from e
+    if not np.all(np.isfinite(array)):
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise WeightsError(
+            f"{where}: {name} holds {bad} NaN or infinite value(s); the file is damaged or was "
+            "saved from a diverged model. Use an intact copy of the pretrained file"
+        )
+    return array
+
+
+def _one_line(text: str) -> str:
+    """``text`` without terminal colour codes, its whitespace (newlines too) collapsed."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
+
+
+def _torch_load_cause(e: BaseException) -> str:
+    """The whole cause of a ``torch.load`` failure, on one line.
+
+    For ``weights_only`` refusals torch wraps the cause ("WeightsUnpickler error: Unsupported
+    global: ...") in advice to load with ``weights_only=False``, which we never give; keep only
+    the cause.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    m = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\s*\n|$)", text, re.S)
+    return f"{type(e).__name__}: {_one_line(m.group(1) if m else text)}".rstrip(": ")
+
+
 # ----------------------------------------------------------------------------- torchvision
 
 
@@ -203,7 +247,7 @@ def read_torchvision(path: str | os.PathLike) -> Params:
     except Exception as e:  # torch raises many kinds for a file that is not a state_dict
         raise WeightsError(
             f"{where}: cannot be read as a PyTorch state_dict with torch.load(weights_only=True) "
-            f"({type(e).__name__}: {str(e)[:200]}); --format=torchvision expects "
+            f"({_torch_load_cause(e)}); --format=torchvision expects "
             "torchvision's alexnet-owt-*.pth"
         ) from e
     if (
@@ -222,9 +266,23 @@ def read_torchvision(path: str | os.PathLike) -> Params:
                 f"{where}: key {key!r} is missing (expected shape {shape}); found keys "
                 f"{sorted(state)[:20]}; is this torchvision's AlexNet state_dict?"
             )
-        array = state[key].detach().cpu().numpy() if hasattr(state[key], "detach") else state[key]
-        _check(where, f"key {key!r}", np.asarray(array), shape, "torchvision AlexNet")
-        return _f32(array)
+        value = state[key]
+        if isinstance(value, torch.Tensor):
+            _check(where, f"key {key!r}", value, shape, "torchvision AlexNet")
+            try:  # bfloat16, half, quantized or sparse tensors: to a dense float32 first
+                value = value.detach().cpu()
+                value = value.dequantize() if value.is_quantized else value
+                value = value.to_dense() if value.layout != torch.strided else value
+                value = value.to(torch.float32).numpy()
+            except Exception as e:
+                raise WeightsError(
+                    f"{where}: key {key!r} is a {value.dtype} tensor that cannot be converted to "
+                    f"float32 ({_one_line(f'{type(e).__name__}: {e}')})"
+                ) from e
+        else:
+            value = _weights_array(where, f"key {key!r}", value)
+            _check(where, f"key {key!r}", value, shape, "torchvision AlexNet")
+        return _weights_array(where, f"key {key!r}", value)
 
     params: Params = {}
     for spec in CONV_SPECS["torchvision"]:
@@ -269,24 +327,65 @@ def theano_kernel_to_hwio(kernel: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(kernel[:, :, ::-1, ::-1].transpose(2, 3, 1, 0))
 
 
-def _keras_layer_arrays(root: Any, layer: str, where: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(kernel, bias) of one Keras layer group (the 1-D dataset is the bias); None if empty."""
+_KERAS_HINT = "is this convnets-keras' AlexNet alexnet_weights.h5?"
+
+
+def _keras_weight_names(group: Any, layer: str, where: str) -> list[str]:
+    """The names in a layer's ``weight_names`` attribute (bytes or str, one or a list)."""
+    raw = group.attrs.get("weight_names")
+    if raw is None:
+        return []
+    values = np.asarray(raw).reshape(-1)
+    if values.dtype.kind == "S":
+        return [v.decode("utf-8", errors="replace") for v in values]
+    if values.dtype.kind == "U" or (
+        values.dtype.kind == "O" and all(isinstance(v, (str, bytes)) for v in values)
+    ):
+        return [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v for v in values]
+    raise WeightsError(
+        f"{where}: layer {layer!r} has a weight_names attribute of {values.dtype} values, not "
+        f"dataset names; {_KERAS_HINT}"
+    )
+
+
+def _keras_layer_arrays(root: Any, layer: str, where: str) -> tuple[Any, Any] | None:
+    """(kernel, bias) datasets of one Keras layer group (the 1-D one is the bias); None if empty.
+
+    The datasets are returned unread, so that their shapes are checked before any data is read.
+    """
+    import h5py
+
     group = root[layer]
-    names = [
-        n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs.get("weight_names", [])
-    ]
+    if not isinstance(group, h5py.Group):
+        raise WeightsError(
+            f"{where}: {layer!r} is a {type(group).__name__}, not a layer group holding weight "
+            f"datasets; {_KERAS_HINT}"
+        )
+    names = _keras_weight_names(group, layer, where)
     if not names:  # no attribute: every dataset under the group
-        names = []
-        group.visititems(lambda n, obj: names.append(n) if hasattr(obj, "shape") else None)
-    arrays = [np.asarray(group[n]) for n in names]
-    if not arrays:
+        group.visititems(lambda n, obj: names.append(n) if isinstance(obj, h5py.Dataset) else None)
+    datasets = []
+    for n in names:
+        try:
+            obj = group.get(n)
+        except Exception:  # a dangling external or soft link, a name h5py cannot use
+            obj = None
+        if not isinstance(obj, h5py.Dataset):
+            what = "which does not exist" if obj is None else f"which is a {type(obj).__name__}"
+            raise WeightsError(
+                f"{where}: layer {layer!r} lists weight {n!r} in its weight_names attribute, "
+                f"{what}, not a dataset; the file is damaged; {_KERAS_HINT}"
+            )
+        datasets.append(obj)
+    if not datasets:
         return None
-    kernels = [a for a in arrays if a.ndim > 1]
-    biases = [a for a in arrays if a.ndim == 1]
+    shapes = [tuple(d.shape or ()) for d in datasets]
+    kernels = [d for d, s in zip(datasets, shapes, strict=True) if len(s) > 1]
+    biases = [d for d, s in zip(datasets, shapes, strict=True) if len(s) == 1]
     if len(kernels) != 1 or len(biases) != 1:
         raise WeightsError(
-            f"{where}: layer {layer!r} holds weights {names} of shapes "
-            f"{[a.shape for a in arrays]}; expected one kernel and one bias"
+            f"{where}: layer {layer!r} holds weights {names} of shapes {shapes}; expected one "
+            "kernel and one bias"
         )
     return kernels[0], biases[0]
 
@@ -316,51 +415,70 @@ def read_keras_h5(path: str | os.PathLike) -> Params:
             "alexnet_weights.h5"
         ) from e
     with f:
-        root = f["model_weights"] if "model_weights" in f else f
-        layers = set(root.keys())
-        params: Params = {}
-        for spec in CONV_SPECS["caffe"]:
-            parts = _KERAS_CONV_LAYERS[spec.name]
-            k, g = spec.kernel, spec.groups
-            kernels, biases = [], []
-            for part in parts:
-                shape = (spec.out_features // g, spec.in_features // g, k, k)
-                if part not in layers:
-                    raise WeightsError(
-                        f"{where}: layer {part!r} is missing (expected kernel {shape} and bias "
-                        f"({spec.out_features // g},)); found layers {sorted(layers)}; "
-                        "is this convnets-keras' AlexNet alexnet_weights.h5?"
-                    )
-                arrays = _keras_layer_arrays(root, part, where)
-                if arrays is None:
-                    raise WeightsError(
-                        f"{where}: layer {part!r} holds no weights (expected kernel {shape}); "
-                        "is this convnets-keras' AlexNet alexnet_weights.h5?"
-                    )
-                w, b = arrays
-                _check(where, f"layer {part!r} kernel", w, shape, "Theano layout (out, in, kh, kw)")
-                _check(where, f"layer {part!r} bias", b, (spec.out_features // g,), "bias")
-                kernels.append(w)
-                biases.append(b)
-            w = np.concatenate(kernels, axis=0)  # group i -> output channels of block i
-            params[spec.name] = {
-                "kernel": _f32(theano_kernel_to_hwio(w)),
-                "bias": _f32(np.concatenate(biases)),
-            }
-        channels = CONV_SPECS["caffe"][-1].out_features
-        fc_in = {"fc6": FC_GRID * FC_GRID * channels, "fc7": FC_SIZE}
-        for name, layer in _KERAS_FC_LAYERS.items():
-            arrays = _keras_layer_arrays(root, layer, where) if layer in layers else None
+        try:
+            return _read_keras_root(f, where)
+        except WeightsError:
+            raise
+        except Exception as e:  # h5py raises OSError, KeyError, ValueError, ... on damaged files
+            raise WeightsError(
+                f"{where}: cannot read the HDF5 content ({_one_line(f'{type(e).__name__}: {e}')}); "
+                f"the file is damaged; {_KERAS_HINT}"
+            ) from e
+
+
+def _read_keras_root(f: Any, where: str) -> Params:
+    import h5py
+
+    root = f.get("model_weights", f) if "model_weights" in f else f
+    if not isinstance(root, h5py.Group):
+        raise WeightsError(
+            f"{where}: 'model_weights' is a {type(root).__name__}, not a group of layers; "
+            f"{_KERAS_HINT}"
+        )
+    layers = set(root.keys())
+    params: Params = {}
+    for spec in CONV_SPECS["caffe"]:
+        parts = _KERAS_CONV_LAYERS[spec.name]
+        k, g = spec.kernel, spec.groups
+        kernels, biases = [], []
+        for part in parts:
+            shape = (spec.out_features // g, spec.in_features // g, k, k)
+            if part not in layers:
+                raise WeightsError(
+                    f"{where}: layer {part!r} is missing (expected kernel {shape} and bias "
+                    f"({spec.out_features // g},)); found layers {sorted(layers)}; "
+                    "is this convnets-keras' AlexNet alexnet_weights.h5?"
+                )
+            arrays = _keras_layer_arrays(root, part, where)
             if arrays is None:
-                continue
+                raise WeightsError(
+                    f"{where}: layer {part!r} holds no weights (expected kernel {shape}); "
+                    "is this convnets-keras' AlexNet alexnet_weights.h5?"
+                )
             w, b = arrays
-            _check(
-                where, f"layer {layer!r} kernel", w, (fc_in[name], FC_SIZE), "Keras Dense (in, out)"
-            )
-            _check(where, f"layer {layer!r} bias", b, (FC_SIZE,), "bias")
-            if name == "fc6":
-                w = _chw_rows_to_hwc(w, channels)
-            params[name] = {"kernel": _f32(w), "bias": _f32(b)}
+            _check(where, f"layer {part!r} kernel", w, shape, "Theano layout (out, in, kh, kw)")
+            _check(where, f"layer {part!r} bias", b, (spec.out_features // g,), "bias")
+            kernels.append(_weights_array(where, f"layer {part!r} kernel", w))
+            biases.append(_weights_array(where, f"layer {part!r} bias", b))
+        w = np.concatenate(kernels, axis=0)  # group i -> output channels of block i
+        params[spec.name] = {
+            "kernel": _f32(theano_kernel_to_hwio(w)),
+            "bias": _f32(np.concatenate(biases)),
+        }
+    channels = CONV_SPECS["caffe"][-1].out_features
+    fc_in = {"fc6": FC_GRID * FC_GRID * channels, "fc7": FC_SIZE}
+    for name, layer in _KERAS_FC_LAYERS.items():
+        arrays = _keras_layer_arrays(root, layer, where) if layer in layers else None
+        if arrays is None:
+            continue
+        w, b = arrays
+        _check(where, f"layer {layer!r} kernel", w, (fc_in[name], FC_SIZE), "Keras Dense (in, out)")
+        _check(where, f"layer {layer!r} bias", b, (FC_SIZE,), "bias")
+        w = _weights_array(where, f"layer {layer!r} kernel", w)
+        b = _weights_array(where, f"layer {layer!r} bias", b)
+        if name == "fc6":
+            w = _chw_rows_to_hwc(w, channels)
+        params[name] = {"kernel": _f32(w), "bias": b}
     return params
 
 
@@ -466,9 +584,14 @@ def load_npy_pickle_safely(path: str | os.PathLike) -> Any:
     return obj
 
 
+def _key(k: Any) -> str:
+    """A pickled dict key as text (Python 2 pickles give bytes, not always UTF-8)."""
+    return k.decode("utf-8", errors="replace") if isinstance(k, bytes) else str(k)
+
+
 def _caffe_pair(value: Any, layer: str, where: str) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(value, Mapping):  # newer caffe-tensorflow: {"weights": W, "biases": b}
-        value = {k.decode() if isinstance(k, bytes) else k: v for k, v in value.items()}
+        value = {_key(k): v for k, v in value.items()}
         value = [value.get("weights"), value.get("biases")]
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise WeightsError(
@@ -495,7 +618,7 @@ def read_caffe_npy(path: str | os.PathLike) -> Params:
             f"{where}: holds a {type(data).__name__}, not a dict of layers; --format=caffe_npy "
             "expects bvlc_alexnet.npy (a pickled dict {layer: [W, b]})"
         )
-    data = {k.decode() if isinstance(k, bytes) else str(k): v for k, v in data.items()}
+    data = {_key(k): v for k, v in data.items()}
     shapes = expected_shapes("caffe")
     params: Params = {}
     for layer, shape in shapes.items():
@@ -509,7 +632,10 @@ def read_caffe_npy(path: str | os.PathLike) -> Params:
         w, b = _caffe_pair(data[layer], layer, where)
         _check(where, f"layer {layer!r} W", w, shape["kernel"], "HWIO (kh, kw, in/groups, out)")
         _check(where, f"layer {layer!r} b", b, shape["bias"], "bias")
-        params[layer] = {"kernel": _f32(w), "bias": _f32(b)}
+        params[layer] = {
+            "kernel": _weights_array(where, f"layer {layer!r} W", w),
+            "bias": _weights_array(where, f"layer {layer!r} b", b),
+        }
     return params
 
 

@@ -634,3 +634,75 @@ def test_cli_converts_and_reports_errors(tmp_path):
     proc = run_cli("--format=caffe_npy", f"--input={src}", f"--output={tmp_path / 'o2'}")
     assert proc.returncode == 1
     assert "not a .npy file" in proc.stderr
+
+
+# ------------------------------------------------------------------ damaged files (issue 11)
+
+
+class _NotAllowed:
+    """A class that torch.load(weights_only=True) must refuse to rebuild."""
+
+
+def test_keras_layer_that_is_a_dataset_is_refused(tmp_path):
+    src = tmp_path / "alexnet_weights.h5"
+    write_keras_h5(src, fc=False)
+    with h5py.File(src, "a") as f:
+        del f["conv_3"]
+        f.create_dataset("conv_3", data=np.zeros(3, np.float32))
+    with pytest.raises(WeightsError, match=r"'conv_3' is a Dataset, not a layer group"):
+        weights.read_weights("keras_h5", src)
+
+
+def test_keras_dangling_weight_name_is_refused(tmp_path):
+    src = tmp_path / "alexnet_weights.h5"
+    write_keras_h5(src, fc=False)
+    with h5py.File(src, "a") as f:
+        f["conv_4_2"].attrs["weight_names"] = [b"conv_4_2_W", b"conv_4_2_gone"]
+    with pytest.raises(WeightsError, match=r"'conv_4_2' lists weight 'conv_4_2_gone'.*not exist"):
+        weights.read_weights("keras_h5", src)
+
+
+def test_nan_and_inf_weights_are_refused_naming_the_layer(tmp_path):
+    src = tmp_path / "alexnet_weights.h5"
+    write_keras_h5(src, fc=False)
+    with h5py.File(src, "a") as f:
+        f["conv_5_1"]["conv_5_1_W"][3, 2, 1, 0] = np.nan
+    with pytest.raises(WeightsError, match=r"'conv_5_1' kernel holds 1 NaN or infinite"):
+        weights.read_weights("keras_h5", src)
+
+    layers = caffe_layers(5, fc=False)
+    layers["conv3"][1][7] = np.inf
+    npy = tmp_path / "bvlc_alexnet.npy"
+    np.save(npy, layers, allow_pickle=True)
+    with pytest.raises(WeightsError, match=r"'conv3' b holds 1 NaN or infinite"):
+        weights.read_weights("caffe_npy", npy)
+
+    state = {k: v.float() for k, v in torchvision_model(6).features.state_dict().items()}
+    state = {f"features.{k}": v for k, v in state.items()}
+    state["features.8.weight"][0, 0, 0, :2] = float("-inf")
+    pth = tmp_path / "alexnet.pth"
+    torch.save(state, pth)
+    with pytest.raises(WeightsError, match=r"'features.8.weight' holds 2 NaN or infinite"):
+        weights.read_weights("torchvision", pth)
+
+
+def test_torch_load_error_gives_the_whole_cause_on_one_line(tmp_path):
+    pth = tmp_path / "alexnet.pth"
+    torch.save({"features.0.weight": _NotAllowed()}, pth)
+    with pytest.raises(WeightsError) as info:
+        weights.read_weights("torchvision", pth)
+    message = str(info.value)
+    assert "Unsupported global" in message and "_NotAllowed was not an allowed global" in message
+    assert "\n" not in message and "\x1b" not in message
+    assert "weights_only` set to `False`" not in message  # torch's advice to run the file's code
+
+
+def test_cli_damaged_h5_gives_one_line(tmp_path):
+    src = tmp_path / "alexnet_weights.h5"
+    write_keras_h5(src, fc=False)
+    with h5py.File(src, "a") as f:
+        f["conv_1"].attrs["weight_names"] = [b"conv_1_W", b"nowhere"]
+    proc = run_cli("--format=keras_h5", f"--input={src}", f"--output={tmp_path / 'out'}")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "alexnet_weights.h5" in lines[0] and "'nowhere'" in lines[0], lines
