@@ -36,9 +36,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
+import hashlib
+import inspect
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import types
 from collections.abc import Iterator, Sequence
@@ -53,9 +57,18 @@ import tensorflow_datasets as tfds
 from absl import logging
 from tqdm import tqdm
 
+from data_pipeline import inbreast as _reader
+from data_pipeline import preprocess as _preprocess_module
 from data_pipeline.errors import DataError
-from data_pipeline.inbreast import BadFile, Record, read_folder, read_inbreast
-from data_pipeline.preprocess import Geometry, PreprocessConfig, preprocess_file
+from data_pipeline.inbreast import BadFile, Record, listed_images, read_folder, read_inbreast
+from data_pipeline.preprocess import (
+    DICOM_SUFFIXES,
+    RASTER_SUFFIXES,
+    Geometry,
+    PreprocessConfig,
+    preprocess_file,
+)
+from data_pipeline.workers import die_with
 
 __all__ = [
     "SOURCES",
@@ -175,8 +188,43 @@ def _features(size: tuple[int, int]) -> tfds.features.FeaturesDict:
 # Generation: preprocessing in a bounded process pool, yielding examples one by one.
 
 
+def _pixels(image: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(image, 0.0, 1.0) * _UINT16_MAX).astype(np.uint16)
+
+
+def _pixel_digest(pixels: np.ndarray, geometry: Geometry) -> str:
+    """Identifies an image by its content: sha256 of the preprocessed uint16 pixels with the
+    original shape, crop box and flip. Two files with the same decoded pixels give the same
+    digest (preprocessing is deterministic); two different mammograms would have to agree on
+    their original shape, breast box and every preprocessed pixel to collide. (Hashing the
+    preprocessed image rather than the decoded one keeps ``preprocess_file`` as the workers'
+    one job; a copy converted with a loss, e.g. DICOM to 8-bit PNG, is not detected.)"""
+    digest = hashlib.sha256(np.ascontiguousarray(pixels).tobytes())
+    digest.update(repr((geometry.original_shape, geometry.crop, geometry.flipped)).encode())
+    return digest.hexdigest()
+
+
+def _check_copies(kept: Record, copy: Record) -> None:
+    """Raises DataError when two files with the same pixels disagree on label or patient.
+
+    A patient id equal to the file id is the readers' stand-in for "unknown" (each image its own
+    patient), so it does not disagree with anything."""
+    problems = []
+    if kept.label != copy.label:
+        problems.append(f"label {kept.label} vs {copy.label}")
+    known = [r.patient_id for r in (kept, copy) if r.patient_id != r.file_id]
+    if kept.patient_id != copy.patient_id and len(known) == 2:
+        problems.append(f"patient {kept.patient_id!r} vs {copy.patient_id!r}")
+    if problems:
+        raise DataError(
+            f"{kept.path} (image {kept.file_id}) and {copy.path} (image {copy.file_id}) hold the "
+            f"same pixels but disagree: {', '.join(problems)}. Correct the label or patient of "
+            "one of them in the table, or remove one of the copies."
+        )
+
+
 def _example(record: Record, image: np.ndarray, geometry: Geometry) -> dict[str, Any]:
-    pixels = np.round(np.clip(image, 0.0, 1.0) * _UINT16_MAX).astype(np.uint16)
+    pixels = _pixels(image)
     boxes = [geometry.box_from_original(outline) for outline in record.masses if len(outline)]
     return {
         "image": pixels[:, :, None],
@@ -216,14 +264,21 @@ def _executor(num_workers: int) -> ProcessPoolExecutor:
     This process has TensorFlow loaded (maybe JAX too), so workers are not forked from it: they
     come from a ``forkserver`` (``spawn`` where there is none). A ProcessPoolExecutor rather than
     a multiprocessing.Pool, so that a worker that dies (a decoder crash, out of memory) gives an
-    error instead of a hang.
+    error instead of a hang. The workers die with this process (``data_pipeline.workers``), so a
+    killed preparation leaves no process behind.
     """
     methods = multiprocessing.get_all_start_methods()
     method = "forkserver" if "forkserver" in methods else "spawn"
     context = multiprocessing.get_context(method)
     if method == "forkserver":
-        context.set_forkserver_preload(["data_pipeline.preprocess"])
-    return ProcessPoolExecutor(max_workers=num_workers, mp_context=context)
+        context.set_forkserver_preload(["data_pipeline.preprocess", "data_pipeline.workers"])
+    # Each worker exits when this process dies, even by kill -9 (data_pipeline.workers).
+    return ProcessPoolExecutor(
+        max_workers=num_workers,
+        mp_context=context,
+        initializer=die_with,
+        initargs=(os.getpid(),),
+    )
 
 
 def _preprocessed(
@@ -296,7 +351,9 @@ class _MammogramBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         """
         self._skip_bad = skip_bad
         self._num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+        self._fingerprint: dict[str, Any] | None = None  # set by prepare(); kept in the metadata
         super().__init__(**kwargs)
+        self._final_dir = Path(os.fspath(self.data_dir))  # TFDS writes to incomplete.* first
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -321,6 +378,8 @@ class _MammogramBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         manual_dir = Path(os.fspath(dl_manager.manual_dir))
         records, bad = self._read_records(manual_dir)
         self.info.metadata.update(self._source_metadata(manual_dir))
+        if self._fingerprint is not None:
+            self.info.metadata["fingerprint"] = self._fingerprint
         # One split holding every example (folds are chosen later). TFDS reserves the name "all"
         # (it means the union of all splits when reading), so the split is called "train".
         return {"train": self._generate_examples(records, list(bad))}
@@ -334,6 +393,8 @@ class _MammogramBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
             "Preprocessing %d images to %s with %d worker(s).", len(records), config.size, workers
         )
         key = 0
+        seen: dict[str, Record] = {}  # pixel digest -> the record kept
+        duplicates: list[list[str]] = []
         stream = _preprocessed(records, config, workers)
         for record, image, geometry, error in tqdm(
             stream, total=len(records), desc=f"Preprocessing {self.name}", unit="image"
@@ -346,6 +407,18 @@ class _MammogramBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
                 logging.warning("left out %s: %s", record.path, error)
                 bad.append(BadFile(str(record.path), str(error)))
                 continue
+            digest = _pixel_digest(_pixels(image), geometry)
+            kept = seen.setdefault(digest, record)
+            if kept is not record:
+                _check_copies(kept, record)
+                logging.warning(
+                    "%s and %s hold the same image (identical pixels); keeping only %s.",
+                    kept.path,
+                    record.path,
+                    kept.file_id,
+                )
+                duplicates.append([str(kept.path), str(record.path)])
+                continue
             yield key, _example(record, image, geometry)
             key += 1
         if key == 0:
@@ -355,12 +428,13 @@ class _MammogramBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
             )
         self.info.metadata["bad_files"] = [dataclasses.asdict(b) for b in bad]
         self.info.metadata["num_examples"] = key
+        self.info.metadata["duplicates"] = duplicates
         if bad:
             logging.warning(
                 "%d file(s) left out of %s (listed in %s/metadata.json): %s",
                 len(bad),
                 self.name,
-                self.data_dir,
+                self._final_dir,  # not self.data_dir: the incomplete.* folder, renamed at the end
                 "; ".join(f"{b.path}: {b.reason}" for b in bad[:5])
                 + (" ..." if len(bad) > 5 else ""),
             )
@@ -523,6 +597,157 @@ def get_builder(
     return Inbreast(config=config, **kwargs), manual
 
 
+# --------------------------------------------------------------------------------------------------
+# Fingerprints: a prepared dataset is reused only if it was made from the same inputs.
+
+_FINGERPRINT_FORMAT = 1
+_TABLE_NAMES = ("inbreast.csv", "inbreast.xls", "inbreast.xlsx")
+_SOURCE_SUFFIXES = DICOM_SUFFIXES | RASTER_SUFFIXES | {".xml"}
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+@functools.cache
+def _code_version() -> str:
+    """Hash of the code that decides a prepared dataset's content: the source of
+    ``data_pipeline.preprocess`` and of the readers (``data_pipeline.inbreast``), and of the
+    example encoding here. Any edit there prepares datasets anew, so there is no version to bump.
+    Computed once, when this module is imported: the code this process runs, even if the files
+    are edited later."""
+    digest = hashlib.sha256()
+    for module in (_preprocess_module, _reader):
+        digest.update(Path(module.__file__).read_bytes())
+    for function in (_pixels, _pixel_digest, _example, _features):
+        digest.update(inspect.getsource(function).encode())
+    digest.update(inspect.getsource(_MammogramBuilder._generate_examples).encode())
+    return digest.hexdigest()[:16]
+
+
+def _source_key(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _fingerprint(builder: _MammogramBuilder, manual: Path, skip_bad: bool) -> dict[str, Any]:
+    """Everything that decides a prepared dataset's content, cheaply (stat, no image decoding).
+
+    The source files (every image and XML under an INbreast-layout folder; every image a folder
+    CSV lists) by path relative to ``manual`` with size and modification time in ns (None when
+    missing), the tables' sha256, the config (image size, flip, CSV name and columns),
+    ``skip_bad``, the builder's name and version, and the code version (``_code_version``).
+    """
+    config = builder.builder_config
+    fingerprint: dict[str, Any] = {
+        "format": _FINGERPRINT_FORMAT,
+        "builder": builder.name,
+        "version": str(builder.version),
+        "image_size": [int(v) for v in config.image_size],
+        "flip": bool(config.flip),
+        "skip_bad": bool(skip_bad),
+    }
+    tables: dict[str, str | None] = {}
+    if isinstance(config, FolderConfig):
+        fingerprint.update(
+            csv_name=config.csv_name,
+            image_column=config.image_column,
+            label_column=config.label_column,
+            patient_column=config.patient_column,
+        )
+        csv_path = manual / config.csv_name
+        tables[config.csv_name] = _sha256(csv_path)
+        paths = listed_images(csv_path, config.image_column)
+    else:
+        paths = []
+        for path in sorted(manual.rglob("*")):
+            if path.name.lower() in _TABLE_NAMES:
+                tables[_source_key(path, manual)] = _sha256(path)
+            elif path.suffix.lower() in _SOURCE_SUFFIXES:
+                paths.append(path)
+    files: dict[str, list[int] | None] = {}
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            files[_source_key(path, manual)] = None
+        else:
+            if not os.path.isdir(path):
+                files[_source_key(path, manual)] = [int(stat.st_size), int(stat.st_mtime_ns)]
+    fingerprint["tables"] = tables
+    fingerprint["files"] = files
+    fingerprint["code"] = _code_version()
+    return fingerprint
+
+
+_code_version()  # now, while the files are those that were imported
+
+
+def _digest(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """What changed between two fingerprints, in one line."""
+    if not old:
+        return "it carries no fingerprint (prepared by an older version)"
+    parts = []
+    for key in sorted((set(old) | set(new)) - {"tables", "files", "code"}):
+        if old.get(key) == new.get(key):
+            continue
+        parts.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
+    if old.get("code") != new.get("code"):
+        parts.append("preprocessing code changed")
+    old_tables, new_tables = old.get("tables") or {}, new.get("tables") or {}
+    for name in sorted(set(old_tables) | set(new_tables)):
+        if old_tables.get(name) != new_tables.get(name):
+            parts.append(f"table {name} changed")
+    old_files, new_files = old.get("files") or {}, new.get("files") or {}
+    changed = [k for k in new_files if k in old_files and old_files[k] != new_files[k]]
+    added = [k for k in new_files if k not in old_files]
+    removed = [k for k in old_files if k not in new_files]
+    if changed or added or removed:
+        first = sorted(changed + added + removed)[0]
+        parts.append(
+            f"{len(changed) + len(added) + len(removed)} source file(s) changed/added/removed "
+            f"({len(changed)}/{len(added)}/{len(removed)}; first: {first})"
+        )
+    return "; ".join(parts) or "the fingerprint differs"
+
+
+def _copy_prefix(builder: tfds.core.DatasetBuilder) -> str:
+    return f"{builder.name}_{builder.builder_config.name}_"
+
+
+def _version_dir(copy: Path, builder: tfds.core.DatasetBuilder) -> Path:
+    return copy / builder.name / builder.builder_config.name / str(builder.version)
+
+
+def _prepared_copies(data_dir: Path, builder: tfds.core.DatasetBuilder) -> list[Path]:
+    """The complete prepared copies of ``builder``'s dataset and config under ``data_dir``
+    (folders ``<builder>_<config>_<fingerprint digest>``), newest first."""
+    if not data_dir.is_dir():
+        return []
+    found = []
+    for copy in data_dir.glob(_copy_prefix(builder) + "*"):
+        info = _version_dir(copy, builder) / "dataset_info.json"
+        if info.is_file():
+            found.append((info.stat().st_mtime_ns, copy))
+    return [copy for _, copy in sorted(found, reverse=True)]
+
+
+def _stored_fingerprint(version_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((version_dir / "metadata.json").read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
     return (Path(os.fspath(builder.data_path)) / "dataset_info.json").exists()
 
@@ -596,10 +821,17 @@ def prepare(
     """Prepares a dataset once with TFDS, then loads all of it into memory.
 
     The first call preprocesses every image (``preprocess_file``, in ``num_workers`` processes,
-    with a progress bar) and writes the TFDS dataset under ``data_dir``; later calls with the same
-    ``source``, ``data_dir`` and ``image_size`` only load it (``manual_dir`` is then not read).
-    An interrupted preparation leaves no dataset behind (TFDS writes to an ``incomplete.*`` folder
-    and renames it at the end), so the next call prepares again.
+    with a progress bar) and writes the TFDS dataset under
+    ``data_dir/<builder>_<config>_<digest>/`` (a TFDS data_dir), where ``<digest>`` is a hash of
+    the dataset's fingerprint: everything that decides its content (the source files' paths,
+    sizes and modification times, the tables' bytes, the CSV columns, the image size,
+    ``skip_bad`` and the preprocessing/reader code; see ``_fingerprint``). Every later call
+    computes the fingerprint again (stat calls and one table hash: cheap) and only loads the copy
+    when it matches; otherwise it logs in one line what changed and prepares anew into the new
+    digest's folder. The old copy stays untouched and usable until the new one is complete
+    (TFDS writes to an ``incomplete.*`` folder and renames it at the end), and is deleted then.
+    An interrupted preparation leaves no dataset behind, so the next call prepares again. With
+    ``manual_dir=None`` the newest prepared copy is loaded unchecked (with a warning).
 
     Args:
       source: ``"inbreast"`` (``manual_dir`` = the INbreast folder), ``"synthetic"`` (the same
@@ -608,7 +840,7 @@ def prepare(
         ``labels.csv``; columns ``image_column``, ``label_column``, ``patient_column``).
       manual_dir: where the raw data is.
       data_dir: where TFDS datasets are written (use one per raw dataset: a second INbreast-layout
-        folder prepared into the same ``data_dir`` would find the first one's dataset).
+        folder prepared into the same ``data_dir`` would replace the first one's copy).
       image_size: side of the square images (227 in the paper) or (h, w).
       skip_bad: leave out unreadable files instead of failing; they are recorded in the dataset's
         metadata (``metadata.json``, ``Examples.bad_files``) and summarised in the log.
@@ -620,12 +852,11 @@ def prepare(
       ``Examples`` in file-id order.
 
     Raises:
-      DataError: unknown source, missing/unreadable data (naming the file and the fix).
+      DataError: unknown source, missing/unreadable data (naming the file and the fix), two
+        copies of one image (identical pixels) with different labels or patients.
     """
-    builder, manual = get_builder(
-        source,
+    builder_kwargs = dict(
         manual_dir=manual_dir,
-        data_dir=data_dir,
         image_size=image_size,
         skip_bad=skip_bad,
         num_workers=num_workers,
@@ -633,45 +864,90 @@ def prepare(
         label_column=label_column,
         patient_column=patient_column,
     )
-    if _is_prepared(builder):
-        logging.info("Loading the prepared dataset %s from %s.", builder.name, builder.data_dir)
-        recorded = (builder.info.metadata or {}).get("manual_dir")
-        if manual is not None and recorded and Path(recorded) != manual.resolve():
-            logging.warning(
-                "The dataset in %s was prepared from %s, not from %s; using it as it is. Use "
-                "another data_dir to prepare %s.",
-                builder.data_dir,
-                recorded,
-                manual,
-                manual,
-            )
-    else:
-        if manual is None:
+    base, manual = get_builder(source, data_dir=data_dir, **builder_kwargs)
+    data_dir = Path(os.fspath(data_dir)).expanduser()
+    copies = _prepared_copies(data_dir, base)
+    legacy = Path(os.fspath(base.data_path)) if _is_prepared(base) else None
+    if manual is None:
+        if copies:
+            builder, _ = get_builder(source, data_dir=copies[0], **builder_kwargs)
+        elif legacy is not None:
+            builder = base
+        else:
             raise DataError(
-                f"No prepared {builder.name} dataset in {data_dir} and no manual_dir to prepare "
-                f"it from. {builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+                f"No prepared {base.name} dataset in {data_dir} and no manual_dir to prepare "
+                f"it from. {base.MANUAL_DOWNLOAD_INSTRUCTIONS}"
             )
-        if source == "synthetic":
-            _ensure_synthetic(manual, synthetic_images)
-        if not manual.is_dir() or not any(manual.iterdir()):
-            raise DataError(
-                f"{manual}: no such folder, or it is empty; check manual_dir. "
-                f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
-            )
-        config_dir = Path(os.fspath(builder.data_path)).parent
-        stale = sorted(config_dir.glob("incomplete.*")) if config_dir.is_dir() else []
-        if stale:
-            logging.warning(
-                "%s holds %d folder(s) left by an interrupted preparation (%s); they are not used "
-                "and can be deleted once no other process is preparing this dataset.",
-                config_dir,
-                len(stale),
-                ", ".join(p.name for p in stale),
-            )
-        download_config = tfds.download.DownloadConfig(
-            manual_dir=os.fspath(manual), try_download_gcs=False
+        logging.warning(
+            "Loading the prepared dataset %s from %s without checking it against its sources "
+            "(no manual_dir given).",
+            builder.name,
+            builder.data_dir,
         )
-        builder.download_and_prepare(download_config=download_config)
+        return _loaded(builder)
+
+    if source == "synthetic":
+        _ensure_synthetic(manual, synthetic_images)
+    if not manual.is_dir() or not any(manual.iterdir()):
+        raise DataError(
+            f"{manual}: no such folder, or it is empty; check manual_dir. "
+            f"{base.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+        )
+    fingerprint = _fingerprint(base, manual, skip_bad)
+    target = data_dir / (_copy_prefix(base) + _digest(fingerprint))
+    builder, _ = get_builder(source, data_dir=target, **builder_kwargs)
+    if _is_prepared(builder) and _stored_fingerprint(Path(builder.data_dir)) == fingerprint:
+        logging.info(
+            "Loading the prepared dataset %s from %s (made from the same sources and settings).",
+            builder.name,
+            builder.data_dir,
+        )
+        return _loaded(builder)
+
+    old = [c for c in copies if c != target]
+    if old or legacy is not None:
+        previous = _version_dir(old[0], base) if old else legacy
+        logging.warning(
+            "Preparing %s again in %s: the prepared copy in %s was made from other inputs (%s).",
+            builder.name,
+            builder.data_dir,
+            previous,
+            _difference(_stored_fingerprint(previous), fingerprint),
+        )
+    else:
+        logging.info("Preparing %s in %s.", builder.name, builder.data_dir)
+    config_dir = Path(os.fspath(builder.data_path)).parent
+    stale = sorted(config_dir.glob("incomplete.*")) if config_dir.is_dir() else []
+    if stale:
+        logging.warning(
+            "%s holds %d folder(s) left by an interrupted preparation (%s); they are not used "
+            "and can be deleted once no other process is preparing this dataset.",
+            config_dir,
+            len(stale),
+            ", ".join(p.name for p in stale),
+        )
+    if _is_prepared(builder):  # same digest, other fingerprint (cannot happen by chance)
+        shutil.rmtree(builder.data_dir)
+    builder._fingerprint = fingerprint
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=os.fspath(manual), try_download_gcs=False
+    )
+    # TFDS writes into an incomplete.* folder and renames it when done: until then the old
+    # copies stay complete and usable; only then are they deleted.
+    builder.download_and_prepare(download_config=download_config)
+    for copy in old:
+        logging.info("Deleting the outdated prepared copy %s.", copy)
+        shutil.rmtree(copy, ignore_errors=True)
+    if legacy is not None:
+        logging.warning(
+            "%s holds a copy prepared by an older version (without a fingerprint); it is not "
+            "used any more and can be deleted.",
+            legacy,
+        )
+    return _loaded(builder)
+
+
+def _loaded(builder: tfds.core.DatasetBuilder) -> Examples:
     examples = _load(builder)
     if examples.bad_files:
         logging.warning(

@@ -34,6 +34,17 @@ def _dicoms(root: Path) -> dict[str, Path]:
     return {p.name.split("_")[0]: p for p in (root / "AllDICOMs").glob("*.dcm")}
 
 
+def _copies(data_dir: Path, builder: str = "inbreast", config: str = str(SIZE)) -> list[Path]:
+    """Version folders of the complete prepared copies: <builder>_<config>_<digest>/..."""
+    pattern = f"{builder}_{config}_*/{builder}/{config}/1.0.0/dataset_info.json"
+    return sorted(p.parent for p in data_dir.glob(pattern))
+
+
+def _copy(data_dir: Path, builder: str = "inbreast", config: str = str(SIZE)) -> Path:
+    (copy,) = _copies(data_dir, builder, config)  # exactly one
+    return copy
+
+
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("inbreast")
@@ -102,7 +113,7 @@ def test_prepared_images_and_boxes_match_preprocess_file(raw, prepared):
 
 def test_second_prepare_only_loads(raw, prepared, monkeypatch):
     examples, data_dir = prepared
-    data_path = data_dir / "inbreast" / str(SIZE) / "1.0.0"
+    data_path = _copy(data_dir)
     before = {p.name: p.stat().st_mtime_ns for p in data_path.iterdir()}
 
     def fail(*args, **kwargs):
@@ -120,16 +131,18 @@ def test_second_prepare_only_loads(raw, prepared, monkeypatch):
     assert len(prepare("inbreast", manual_dir=None, data_dir=data_dir, image_size=SIZE)) == 12
 
 
-def test_bad_file_fails_cleanly_or_is_skipped_and_recorded(raw, tmp_path):
+def test_bad_file_fails_cleanly_or_is_skipped_and_recorded(raw, tmp_path, caplog):
     broken = tmp_path / "broken"
     shutil.copytree(raw, broken)
     victim = sorted((broken / "AllDICOMs").glob("*.dcm"))[3]
-    victim.write_bytes(victim.read_bytes()[:300])
+    intact = victim.read_bytes()
+    victim.write_bytes(intact[:300])
     data_dir = tmp_path / "data"
     with pytest.raises(DataError, match="skip_bad"):
         prepare("inbreast", manual_dir=broken, data_dir=data_dir, image_size=SIZE, num_workers=0)
-    leftovers = list((data_dir / "inbreast" / str(SIZE)).glob("*"))
-    assert leftovers == []  # neither a dataset nor an incomplete folder is left behind
+    # neither a dataset nor an incomplete folder is left behind
+    assert not list(data_dir.rglob("dataset_info.json"))
+    assert not list(data_dir.rglob("incomplete.*"))
 
     examples = prepare(
         "inbreast",
@@ -142,13 +155,24 @@ def test_bad_file_fails_cleanly_or_is_skipped_and_recorded(raw, tmp_path):
     assert len(examples) == NUM_IMAGES - 1
     assert victim.name.split("_")[0] not in examples.file_ids
     assert [b.path for b in examples.bad_files] == [str(victim)]
-    metadata = json.loads(
-        (data_dir / "inbreast" / str(SIZE) / "1.0.0" / "metadata.json").read_text()
-    )
+    # The summary names the final folder, not TFDS's temporary incomplete.* one.
+    (summary,) = [r.getMessage() for r in caplog.records if "left out of inbreast" in r.message]
+    assert f"listed in {_copy(data_dir)}/metadata.json" in summary and "incomplete" not in summary
+    metadata = json.loads((_copy(data_dir) / "metadata.json").read_text())
     assert [b["path"] for b in metadata["bad_files"]] == [str(victim)]
     assert metadata["num_examples"] == NUM_IMAGES - 1
-    reloaded = prepare("inbreast", manual_dir=broken, data_dir=data_dir, image_size=SIZE)
+    reloaded = prepare(
+        "inbreast", manual_dir=broken, data_dir=data_dir, image_size=SIZE, skip_bad=True
+    )
     assert reloaded.bad_files == examples.bad_files
+    # Once the file is fixed, the next preparation includes it (the old copy is not reused).
+    victim.write_bytes(intact)
+    fixed = prepare(
+        "inbreast", manual_dir=broken, data_dir=data_dir, image_size=SIZE, skip_bad=True
+    )
+    assert len(fixed) == NUM_IMAGES and fixed.bad_files == []
+    assert victim.name.split("_")[0] in fixed.file_ids
+    assert len(_copies(data_dir)) == 1  # the outdated copy was deleted
 
 
 def test_a_killed_preparation_is_not_used(raw, tmp_path):
@@ -172,7 +196,7 @@ def test_a_killed_preparation_is_not_used(raw, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
     assert result.returncode == 3, result.stderr.decode()[-2000:]
-    config_dir = data_dir / "inbreast" / str(SIZE)
+    (config_dir,) = data_dir.glob(f"inbreast_{SIZE}_*/inbreast/{SIZE}")
     assert not (config_dir / "1.0.0").exists()
     assert [p.name for p in config_dir.iterdir() if p.name.startswith("incomplete")]
 
@@ -213,7 +237,7 @@ def test_folder_source_reads_a_csv(raw, tmp_path):
         assert examples.labels[i] == int(table[file_id]["Bi-Rads"][0] >= "4")
         assert examples.patient_ids[i] == f"w{file_id[-3:]}"
         assert examples.mass_boxes[i].shape == (0, 4)
-    assert (tmp_path / "data" / "mammogram_folder" / f"{SIZE}x48" / "1.0.0").is_dir()
+    assert _copy(tmp_path / "data", "mammogram_folder", f"{SIZE}x48").is_dir()
 
 
 def test_synthetic_source_writes_the_data_first(tmp_path, monkeypatch):
