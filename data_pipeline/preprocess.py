@@ -16,7 +16,15 @@ The steps, shared by every data source, training and prediction (`preprocess_fil
    then `skimage.transform.resize` on the small remainder, which keeps full-size mammograms fast.
 
 `Geometry` records the crop and the flip, and maps points exactly between original and preprocessed
-pixel coordinates (pixel centres at integer coordinates; (y, x) order).
+pixel coordinates (pixel centres at integer coordinates; (y, x) order). `mass_boxes` turns lesion
+outlines into boxes in the preprocessed image, dropping (with a warning) outlines that lie mostly
+outside their image.
+
+Limits (module constants): every decoder reads the image's dimensions from its header first and
+refuses more than `MAX_PIXELS` (100 megapixels; a full-field mammogram is 10-40) before decoding,
+so a small compressed file cannot expand into gigabytes; preprocessing refuses an image with a
+side under `MIN_SIDE` (32 pixels; even 200-micron scans are over 1000 pixels a side, and the
+synthetic data's reduced images are at least 64), which cannot be a mammogram.
 
 Speed: for 16-bit DICOMs the LUTs are evaluated once per possible stored value (65536 entries) and
 applied by table lookup, and only the crop is ever converted to float32. On one core a full-size
@@ -39,14 +47,20 @@ import skimage.filters
 import skimage.io
 import skimage.measure
 import skimage.transform
+from absl import logging
 
 from data_pipeline.errors import DataError
 
 __all__ = [
     "DICOM_SUFFIXES",
+    "MAX_PIXELS",
+    "MIN_OUTLINE_INSIDE",
+    "MIN_SIDE",
     "RASTER_SUFFIXES",
     "Geometry",
     "PreprocessConfig",
+    "mass_boxes",
+    "outline_inside_fraction",
     "preprocess_file",
     "preprocess_image",
     "read_image",
@@ -54,6 +68,16 @@ __all__ = [
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic"})
 RASTER_SUFFIXES = frozenset({".png", ".tif", ".tiff"})
+
+# The most pixels (rows x columns) a decoder accepts, read from the file's header before any pixel
+# data is decoded. Full-field mammograms are 10-40 megapixels (INbreast 4084 x 3328 = 13.6).
+MAX_PIXELS = 100_000_000
+# The least side (pixels) of an image that preprocessing accepts: smaller is no mammogram (a
+# thumbnail, an icon, a 2 x 2 test image). The synthetic data's reduced images are at least 64.
+MIN_SIDE = 32
+# An outline is kept when at least this fraction of its bounding box (each point counting as its
+# pixel) lies inside the original image; one mostly outside is a damaged or mismatched outline.
+MIN_OUTLINE_INSIDE = 0.5
 
 _DECODER_HELP = (
     "Install a decoder (pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or "
@@ -154,6 +178,63 @@ def _points(points_yx: np.ndarray) -> np.ndarray:
     return p
 
 
+def outline_inside_fraction(outline_yx: np.ndarray, shape: tuple[int, int]) -> float:
+    """The fraction of an outline's bounding box that lies inside an image of `shape` (H, W).
+
+    The box spans the outline's points, each counting as its pixel (half a pixel around the
+    point), so a one-point outline has a 1 x 1 box; the image spans [-0.5, H - 0.5] x
+    [-0.5, W - 0.5] (pixel centres at integers, as in `Geometry`).
+
+    Args:
+      outline_yx: (P, 2) points (y, x) in original image pixels, P >= 1.
+      shape: (H, W) of the original image.
+    """
+    q = _points(outline_yx).reshape(-1, 2)
+    if q.shape[0] == 0:
+        raise ValueError("an outline needs at least one point")
+    lo, hi = q.min(axis=0) - 0.5, q.max(axis=0) + 0.5
+    inside_lo = np.maximum(lo, -0.5)
+    inside_hi = np.minimum(hi, np.asarray(shape, dtype=np.float64) - 0.5)
+    inside = np.prod(np.clip(inside_hi - inside_lo, 0.0, None))
+    return float(inside / np.prod(hi - lo))
+
+
+def mass_boxes(
+    geometry: Geometry, outlines: Sequence[np.ndarray], *, where: str = "image"
+) -> np.ndarray:
+    """Boxes (K, 4) float32 (y0, x0, y1, x1) in preprocessed pixels of the outlines that fit.
+
+    Each outline (P, 2) (y, x) in original pixels becomes `Geometry.box_from_original` (clipped to
+    the image). An outline with no points is skipped; one whose bounding box lies mostly outside
+    the original image (less than `MIN_OUTLINE_INSIDE`, one half, of it inside; see
+    `outline_inside_fraction`) is dropped with a warning naming `where`: clipping it would make a
+    box in the image's corner or edge that marks no lesion.
+    """
+    boxes = []
+    for i, outline in enumerate(outlines):
+        if len(outline) == 0:
+            continue
+        fraction = outline_inside_fraction(outline, geometry.original_shape)
+        if fraction < MIN_OUTLINE_INSIDE:
+            q = _points(outline).reshape(-1, 2)
+            logging.warning(
+                "%s: dropped mass outline %d: only %.0f%% of its bounding box (y %.1f-%.1f, "
+                "x %.1f-%.1f) lies inside the %d x %d image; is the outline file for another "
+                "image?",
+                where,
+                i,
+                100 * fraction,
+                q[:, 0].min(),
+                q[:, 0].max(),
+                q[:, 1].min(),
+                q[:, 1].max(),
+                *geometry.original_shape,
+            )
+            continue
+        boxes.append(geometry.box_from_original(outline))
+    return np.array(boxes, np.float32).reshape(-1, 4)
+
+
 # --------------------------------------------------------------------------------------------------
 # Decoding. A decoded image is either integer stored values with a float32 lookup table that maps
 # each possible value to its displayed intensity in [0, 1], or a float32 array in [0, 1].
@@ -223,6 +304,27 @@ def _is_dicom(path: Path) -> bool:
         f"{path}: unknown image type {suffix or '(no suffix)'!r}; use DICOM (.dcm) or "
         f"PNG/TIFF ({', '.join(sorted(RASTER_SUFFIXES))}), 8 or 16 bit grayscale."
     )
+
+
+def _check_size(path: Path, rows: int, cols: int, samples: int = 1, frames: int = 1) -> None:
+    """Refuse, from the header's numbers and before decoding, more than MAX_PIXELS pixels."""
+    if rows * cols > MAX_PIXELS:
+        raise DataError(
+            f"{path}: the image is {rows} x {cols} pixels ({rows * cols / 1e6:.0f} megapixels), "
+            f"more than the {MAX_PIXELS // 10**6}-megapixel cap on a decoded image "
+            "(data_pipeline.preprocess.MAX_PIXELS; mammograms are 10-40 megapixels). Downsample "
+            "it, or check that the file is not damaged."
+        )
+    if samples > 4:
+        raise DataError(
+            f"{path}: {samples} samples per pixel; expected a grayscale image (1) or RGB (3). "
+            "Save one grayscale image per file."
+        )
+    if frames > 1:
+        raise DataError(
+            f"{path}: holds {frames} images (pages or frames); expected one. Save one grayscale "
+            "image per file."
+        )
 
 
 def _lut_from(values: np.ndarray, transform, vmin: float, vmax: float, where: Path) -> np.ndarray:
@@ -326,6 +428,8 @@ def _decode_dicom(path: Path) -> _Decoded:
             raise DataError(
                 f"{path}: {frames} frames; expected one image per file. Split the frames."
             )
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        _check_size(path, rows, cols, int(ds.get("SamplesPerPixel", 1) or 1))
         arr = ds.pixel_array
     except DataError:
         raise
@@ -351,7 +455,48 @@ def _decode_dicom(path: Path) -> _Decoded:
         ) from e
 
 
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF and BigTIFF
+
+
+def _raster_header(path: Path) -> tuple[int, int, int, int]:
+    """(rows, columns, samples per pixel, images) of a PNG/TIFF, from its header alone."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head in _TIFF_MAGIC:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            samples = int(page.samplesperpixel) * int(page.imagedepth)
+            return int(page.imagelength), int(page.imagewidth), samples, len(tif.pages)
+    import warnings
+
+    import PIL.Image
+
+    with warnings.catch_warnings():  # PIL warns above 89 megapixels; MAX_PIXELS decides here
+        warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+        try:
+            with PIL.Image.open(path) as image:  # reads the header, decodes nothing
+                frames = int(getattr(image, "n_frames", 1))
+                return image.height, image.width, len(image.getbands()), frames
+        except PIL.Image.DecompressionBombError as e:
+            raise DataError(
+                f"{path}: more pixels than the {MAX_PIXELS // 10**6}-megapixel cap on a decoded "
+                f"image ({e}); downsample it, or check that the file is not damaged."
+            ) from e
+
+
 def _decode_raster(path: Path) -> _Decoded:
+    try:
+        rows, cols, samples, frames = _raster_header(path)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(
+            f"{path}: cannot read the image ({_describe(e)}); the file is damaged or not a "
+            "PNG/TIFF. Export it again."
+        ) from e
+    _check_size(path, rows, cols, samples, frames)
     try:
         arr = np.asarray(skimage.io.imread(path))
     except Exception as e:
@@ -488,6 +633,12 @@ def _preprocess(
     decoded: _Decoded, config: PreprocessConfig, where: str
 ) -> tuple[np.ndarray, Geometry]:
     H, W = decoded.shape
+    if min(H, W) < MIN_SIDE:
+        raise DataError(
+            f"{where}: the image is {H} x {W} pixels, too small to be a mammogram (each side must "
+            f"be at least {MIN_SIDE} pixels, data_pipeline.preprocess.MIN_SIDE); use the "
+            "full-resolution image."
+        )
     stride = max(1, -(-max(H, W) // config.mask_size))
     small = decoded.region(slice(None, None, stride), slice(None, None, stride))
     mask, chest_wall_left = _breast_mask(small, where)
@@ -574,15 +725,36 @@ def preprocess_file(
 def _main(argv: Sequence[str]) -> None:
     from absl import flags
 
-    del argv
+    if len(argv) > 1:
+        raise SystemExit(f"error: unexpected arguments {' '.join(argv[1:])}; give flags only")
     f = flags.FLAGS
+    # Flags first, so that a mistake costs no decoding; then one line per error, no traceback.
     if not f.input:
-        raise SystemExit("give --input=FILE (and --output=PNG)")
+        raise SystemExit("error: give --input=FILE (and --output=PNG)")
+    if f.size < 1:
+        raise SystemExit(
+            f"error: --size={f.size}: the output side must be a positive number of pixels "
+            "(227 in the paper)"
+        )
+    if f.output:
+        output = Path(f.output)
+        if output.suffix.lower() not in {".png", ".tif", ".tiff"}:
+            raise SystemExit(f"error: --output={output}: give a .png (or .tif) file name")
+        if not output.parent.is_dir():
+            raise SystemExit(f"error: --output={output}: the folder {output.parent} does not exist")
     config = dataclasses.replace(PreprocessConfig(), size=(f.size, f.size), flip=f.flip)
-    image, geometry = preprocess_file(f.input, config)
+    try:
+        image, geometry = preprocess_file(f.input, config)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
     print(geometry)
     if f.output:
-        skimage.io.imsave(f.output, (image * 65535 + 0.5).astype(np.uint16), check_contrast=False)
+        try:
+            skimage.io.imsave(
+                f.output, (image * 65535 + 0.5).astype(np.uint16), check_contrast=False
+            )
+        except OSError as e:
+            raise SystemExit(f"error: --output={f.output}: cannot write it ({e})") from None
 
 
 if __name__ == "__main__":

@@ -484,9 +484,22 @@ def _main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
-    out = write_synthetic_inbreast(
-        f.out, num_images=f.num_images, seed=f.seed, image_shape=(f.height, f.width)
-    )
+    # Flags first; then one line per error, no traceback.
+    if f.num_images < 1:
+        raise SystemExit(f"error: --num_images={f.num_images}: write at least one image")
+    for name in ("height", "width"):
+        if f[name].value < 64:
+            raise SystemExit(
+                f"error: --{name}={f[name].value}: images must be at least 64 pixels a side"
+            )
+    try:
+        out = write_synthetic_inbreast(
+            f.out, num_images=f.num_images, seed=f.seed, image_shape=(f.height, f.width)
+        )
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"error: --out={f.out}: cannot write there ({e})") from None
     logging.info("wrote %d synthetic mammograms to %s", f.num_images, out)
     print(out)
 

@@ -1,6 +1,8 @@
 """Tests of data_pipeline.preprocess: decoding (LUTs, MONOCHROME1, bit depths), mask, crop, flip,
 resize geometry, and bad input. References are written here in numpy, independently of the code."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -366,3 +368,125 @@ def test_fuzz_dicom_reader(tmp_path, cut, edits):
         return
     assert image.ndim == 2 and image.dtype == np.float32
     assert np.all(np.isfinite(image)) and image.min() >= 0 and image.max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits, outlines outside the image, and the command line (issue 11).
+
+
+def png_bytes(height: int, width: int, bit_depth: int = 8, rows: int = 1) -> bytes:
+    """A grayscale PNG whose header says height x width, with only `rows` rows of pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    row = b"\x00" + bytes(width * bit_depth // 8)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(row * rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_decoders_refuse_more_than_the_pixel_cap_before_decoding(tmp_path):
+    import tifffile
+
+    # A 20000 x 20000 deflate TIFF of a few hundred KB: 400 megapixels once decoded.
+    def tiles():
+        for i in range(20 * 20):
+            yield np.full((1024, 1024), i % 251, np.uint8)
+
+    tif = tmp_path / "bomb.tif"
+    tifffile.imwrite(
+        tif, tiles(), shape=(20000, 20000), dtype=np.uint8, tile=(1024, 1024), compression="zlib"
+    )
+    assert tif.stat().st_size < 5_000_000
+    with pytest.raises(DataError, match=r"bomb.tif.*20000 x 20000 pixels.*100-megapixel cap"):
+        read_image(tif)
+    # 110 megapixels: over the cap, under PIL's own decompression-bomb limit.
+    png = tmp_path / "big.png"
+    png.write_bytes(png_bytes(11000, 10000))
+    with pytest.raises(DataError, match=r"big.png.*11000 x 10000 pixels.*100-megapixel cap"):
+        preprocess_file(png)
+    # A DICOM header claiming 20000 x 20000 pixels is refused before its pixel data is read.
+    ds = pydicom.dcmread(write_dicom(tmp_path / "ok.dcm", ramp()))
+    ds.Rows = ds.Columns = 20000
+    ds.save_as(tmp_path / "huge.dcm")
+    with pytest.raises(DataError, match=r"huge.dcm.*20000 x 20000 pixels.*100-megapixel cap"):
+        read_image(tmp_path / "huge.dcm")
+
+
+def test_images_too_small_to_be_a_mammogram_are_refused(tmp_path):
+    tiny = np.array([[0.0, 1.0], [0.5, 0.25]], np.float32)
+    with pytest.raises(DataError, match=r"image: the image is 2 x 2 pixels, too small.*32"):
+        preprocess_image(tiny)
+    skimage.io.imsave(tmp_path / "tiny.png", (tiny * 255).astype(np.uint8), check_contrast=False)
+    with pytest.raises(DataError, match=r"tiny.png: the image is 2 x 2 pixels, too small"):
+        preprocess_file(tmp_path / "tiny.png")
+    narrow = np.round(breast_phantom((300, 31), centre_y=150, half_height=100, depth=20) * 4095)
+    with pytest.raises(DataError, match=r"narrow.dcm: the image is 300 x 31 pixels"):
+        preprocess_file(write_dicom(tmp_path / "narrow.dcm", narrow.astype(np.uint16)))
+    ok = np.round(breast_phantom((32, 32), centre_y=16, half_height=12, depth=20) * 4095)
+    out, _ = preprocess_file(write_dicom(tmp_path / "ok.dcm", ok.astype(np.uint16)))
+    assert out.shape == (227, 227)
+
+
+def test_mass_boxes_drop_outlines_mostly_outside_the_image(caplog):
+    from data_pipeline.preprocess import mass_boxes, outline_inside_fraction
+
+    shape = (100, 80)  # the image spans y in [-0.5, 99.5], x in [-0.5, 79.5]
+    inside = np.array([[10.0, 10.0], [29.0, 19.0]])
+    half = np.array([[60.0, 10.0], [139.0, 29.0]])  # box y [59.5, 139.5]: 40 of 80 rows inside
+    mostly_out = np.array([[70.0, 10.0], [149.0, 29.0]])  # 30 of 80 rows inside
+    corner = np.array([[-300.0, -200.0], [-250.0, -100.0], [-260.0, -150.0]])
+    assert outline_inside_fraction(inside, shape) == 1.0
+    assert outline_inside_fraction(half, shape) == 0.5
+    assert outline_inside_fraction(mostly_out, shape) == 0.375
+    assert outline_inside_fraction(corner, shape) == 0.0
+    assert outline_inside_fraction(np.array([[99.0, 79.0]]), shape) == 1.0  # one pixel
+    g = Geometry(shape, (0, 0, 100, 80), False, (50, 40))
+    with caplog.at_level("WARNING"):
+        boxes = mass_boxes(g, [inside, half, np.zeros((0, 2)), mostly_out, corner], where="x.dcm")
+    np.testing.assert_allclose(boxes, [g.box_from_original(inside), g.box_from_original(half)])
+    assert boxes.dtype == np.float32 and boxes.shape == (2, 4)
+    # Where clipping would have put them: at the image's edge and corner, marking no lesion.
+    np.testing.assert_allclose(g.box_from_original(corner), [0, 0, 0, 0])
+    dropped = [r.getMessage() for r in caplog.records if "dropped mass outline" in r.getMessage()]
+    assert len(dropped) == 2 and all(m.startswith("x.dcm: ") for m in dropped)
+    assert "38%" in dropped[0] and "0%" in dropped[1]
+    assert mass_boxes(g, []).shape == (0, 4)
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_errors_are_one_line_naming_the_file_or_flag(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    cases = [
+        ([f"--input={tmp_path / 'missing.dcm'}"], "missing.dcm: no such file"),
+        ([f"--input={tmp_path / 'notes.txt'}"], "notes.txt: unknown image type"),
+        ([f"--input={tmp_path / 'missing.dcm'}", "--size=0"], "--size=0"),
+    ]
+    for args, expected in cases:
+        proc = run_module("data_pipeline.preprocess", *args)
+        assert proc.returncode != 0
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    image = np.round(breast_phantom((120, 96), centre_y=60, half_height=45, depth=60) * 4095)
+    dcm = write_dicom(tmp_path / "ok.dcm", image.astype(np.uint16))
+    out = tmp_path / "o.png"
+    proc = run_module("data_pipeline.preprocess", f"--input={dcm}", f"--output={out}", "--size=64")
+    assert proc.returncode == 0, proc.stderr
+    assert skimage.io.imread(tmp_path / "o.png").shape == (64, 64)

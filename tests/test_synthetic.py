@@ -201,3 +201,26 @@ def test_data_pipeline_imports_no_jax():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_cli_errors_are_one_line_naming_the_flag(tmp_path):
+    def run(*args: str) -> list[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "data_pipeline.synthetic", *args],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode != 0
+        return proc.stderr.strip().splitlines()
+
+    lines = run(f"--out={tmp_path / 'a'}", "--num_images=0")
+    assert lines == ["error: --num_images=0: write at least one image"]
+    lines = run(f"--out={tmp_path / 'b'}", "--height=8")
+    assert len(lines) == 1 and lines[0].startswith("error: --height=8"), lines
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # A folder holding other images: the DataError, on one line.
+    write_synthetic_inbreast(tmp_path / "c", num_images=2, seed=0, image_shape=(64, 416))
+    lines = run(f"--out={tmp_path / 'c'}", "--num_images=2", "--seed=1", "--height=64")
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "AllDICOMs" in lines[0], lines
