@@ -225,7 +225,8 @@ def _check_copies(kept: Record, copy: Record) -> None:
 
 def _example(record: Record, image: np.ndarray, geometry: Geometry) -> dict[str, Any]:
     pixels = _pixels(image)
-    boxes = [geometry.box_from_original(outline) for outline in record.masses if len(outline)]
+    # Outlines mostly outside the image are dropped with a warning (preprocess.mass_boxes).
+    boxes = _preprocess_module.mass_boxes(geometry, record.masses, where=str(record.path))
     return {
         "image": pixels[:, :, None],
         "label": int(record.label),
@@ -234,7 +235,7 @@ def _example(record: Record, image: np.ndarray, geometry: Geometry) -> dict[str,
         "laterality": record.laterality,
         "view": record.view,
         "file_id": record.file_id,
-        "mass_boxes": np.array(boxes, np.float32).reshape(-1, 4),
+        "mass_boxes": boxes,
         "original_shape": np.array(geometry.original_shape, np.int32),
         "crop": np.array(geometry.crop, np.int32),
         "flipped": bool(geometry.flipped),
