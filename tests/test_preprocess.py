@@ -490,3 +490,156 @@ def test_cli_errors_are_one_line_naming_the_file_or_flag(tmp_path):
     proc = run_module("data_pipeline.preprocess", f"--input={dcm}", f"--output={out}", "--size=64")
     assert proc.returncode == 0, proc.stderr
     assert skimage.io.imread(tmp_path / "o.png").shape == (64, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Property-based tests of the readers: any bytes, any header value -> an image or a DataError.
+
+fuzz = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+def assert_image_or_data_error(path: Path) -> None:
+    """read_image and preprocess_file either work or raise a DataError naming the file."""
+    for read in (read_image, lambda p: preprocess_file(p, PreprocessConfig(size=(32, 32)))[0]):
+        try:
+            image = read(path)
+        except DataError as e:
+            assert path.name in str(e)
+            continue
+        assert image.ndim == 2 and image.dtype == np.float32
+        assert np.all(np.isfinite(image)) and image.min() >= 0 and image.max() <= 1
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@fuzz
+@given(
+    suffix=st.sampled_from([".png", ".tif", ".tiff"]),
+    prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*", b"II+\x00"]),
+    data=st.binary(max_size=300),
+)
+def test_fuzz_raster_reader_random_bytes(tmp_path, suffix, prefix, data):
+    path = tmp_path / f"fuzz{suffix}"
+    path.write_bytes(prefix + data)
+    assert_image_or_data_error(path)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@fuzz
+@given(
+    shape=st.tuples(st.integers(1, 70), st.integers(1, 70)),
+    extra=st.sampled_from([(), (1,), (2,), (3,), (4,), (5,)]),
+    pages=st.integers(1, 2),
+    dtype=st.sampled_from("uint8 uint16 int16 int32 uint32 float32 float64 bool complex64".split()),
+    special=st.sampled_from([None, np.nan, np.inf, -np.inf, 0]),
+    compression=st.sampled_from([None, "zlib"]),
+    cut=st.integers(0, 400),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_tiff_header_values(
+    tmp_path, shape, extra, pages, dtype, special, compression, cut, seed
+):
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    full = (pages, *shape, *extra) if pages > 1 else (*shape, *extra)
+    values = rng.uniform(-1000, 70000, full)
+    if special is not None:
+        values.flat[rng.integers(values.size)] = special
+    with np.errstate(all="ignore"):
+        array = values.astype(dtype)
+    path = tmp_path / "fuzz.tif"
+    try:
+        tifffile.imwrite(path, array, compression=compression)
+    except Exception:  # a combination tifffile will not write
+        return
+    data = path.read_bytes()
+    if cut:
+        path.write_bytes(data[: max(8, len(data) - cut)])
+    assert_image_or_data_error(path)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@fuzz
+@given(
+    shape=st.tuples(st.integers(1, 70), st.integers(1, 70)),
+    mode=st.sampled_from(["L", "I;16", "I", "F", "RGB", "RGBA", "LA", "P", "1"]),
+    declared=st.one_of(st.none(), st.tuples(st.integers(0, 2**31), st.integers(0, 2**31))),
+    cut=st.integers(0, 200),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_png_header_values(tmp_path, shape, mode, declared, cut, seed):
+    import struct
+    import zlib
+
+    import PIL.Image
+
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 256, (shape[1], shape[0], 4), dtype=np.uint8).tobytes()
+    image = PIL.Image.frombytes("RGBA", shape, values).convert(mode if mode != "I;16" else "I")
+    if mode == "I;16":
+        image = image.convert("I;16")
+    path = tmp_path / "fuzz.png"
+    try:
+        image.save(path)
+    except Exception:  # a mode PNG cannot hold
+        return
+    data = bytearray(path.read_bytes())
+    if declared is not None:  # another width and height in IHDR, with a valid CRC
+        data[16:24] = struct.pack(">II", *declared)
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data[: max(8, len(data) - cut)]))
+    assert_image_or_data_error(path)
+
+
+DICOM_INT_FIELDS = (
+    "Rows Columns BitsAllocated BitsStored HighBit PixelRepresentation SamplesPerPixel "
+    "NumberOfFrames PlanarConfiguration"
+).split()
+DICOM_TEXT_FIELDS = {
+    "PhotometricInterpretation": "CS",
+    "VOILUTFunction": "CS",
+    "RescaleSlope": "DS",
+    "RescaleIntercept": "DS",
+    "WindowCenter": "DS",
+    "WindowWidth": "DS",
+}
+DICOM_TEXT_VALUES = [
+    "MONOCHROME1", "RGB", "PALETTE COLOR", "0", "-1", "1e300", "nan", "inf", "-5", "SIGMOID",
+    "LINEAR_EXACT", "", "x", "2\\3",
+]  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@fuzz
+@given(
+    fields=st.dictionaries(
+        st.sampled_from(DICOM_INT_FIELDS),
+        st.integers(0, 70000),
+        max_size=4,
+    ),
+    texts=st.dictionaries(
+        st.sampled_from(sorted(DICOM_TEXT_FIELDS)),
+        st.sampled_from(DICOM_TEXT_VALUES),
+        max_size=3,
+    ),
+)
+def test_fuzz_dicom_header_values(tmp_path, fields, texts):
+    image = np.round(breast_phantom((48, 40), centre_y=24, half_height=18, depth=26) * 4095)
+    ds = pydicom.dcmread(write_dicom(tmp_path / "ok.dcm", image.astype(np.uint16)))
+    for key, value in fields.items():
+        setattr(ds, key, value)
+    path = tmp_path / "fuzz.dcm"
+    try:
+        for key, value in texts.items():
+            ds.add_new(key, DICOM_TEXT_FIELDS[key], value)
+        ds.save_as(path)
+    except Exception:  # a value pydicom will not write; the raw-byte fuzz covers damaged files
+        return
+    assert_image_or_data_error(path)
