@@ -417,7 +417,9 @@ def run_benchmark(
     """
     device = jax.devices()[0]
     on_accelerator = device.platform != "cpu"
-    batch = settings.batch_size or (256 if on_accelerator else 32)
+    batch = (
+        settings.batch_size if settings.batch_size is not None else (256 if on_accelerator else 32)
+    )
     precision = settings.precision or ("bf16" if on_accelerator else "fp32")
     config = dataclasses.replace(
         base_config or train.Config(),
@@ -738,7 +740,7 @@ def settings_from_flags() -> Settings:
         "backbone": f.backbone,
         "torch_channels_last": f.torch_channels_last,
         "seed": f.seed,
-        "head_hidden": tuple(int(h) for h in f.head_hidden),
+        "head_hidden": train.config_from_flags().head_hidden,
         "torch": f.torch,
     }
     for name in (
@@ -755,8 +757,8 @@ def settings_from_flags() -> Settings:
         if f[name].present:
             overrides[name] = getattr(f, name)
     settings = dataclasses.replace(base, **overrides)
-    for name in ("repeats", "steps_per_repeat", "preprocess_images", "image_size"):
-        if getattr(settings, name) < 1:
+    for name in ("repeats", "steps_per_repeat", "preprocess_images", "image_size", "batch_size"):
+        if getattr(settings, name) is not None and getattr(settings, name) < 1:
             raise ConfigError(f"--{name} must be positive; got {getattr(settings, name)}.")
     if settings.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0; got {settings.warmup}.")

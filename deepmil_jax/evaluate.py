@@ -54,34 +54,23 @@ def cross_validate(
         for fold in folds:
             run_dir = workdir / scheme / f"fold{fold}"
             done = run_dir / "results.json"
-            if done.exists():
+            run_config = dataclasses.replace(config, scheme=scheme, fold=fold).canonical()
+            if done.exists() and _finished_config(done) == run_config.to_json():
                 logging.info("Reusing %s", done)
                 result = json.loads(done.read_text())
-            else:
+            else:  # trains, resumes, or refuses a run with other settings (naming the flag)
                 logging.info("Training %s on fold %d in %s", scheme, fold, run_dir)
-                result = train.train_and_evaluate(
-                    dataclasses.replace(config, scheme=scheme, fold=fold), run_dir
-                )
+                result = train.train_and_evaluate(run_config, run_dir)
             results[scheme].append({"fold": fold, "run_dir": str(run_dir), **result})
     return results
 
 
-def grid_shape(config: train.Config) -> tuple[int, int]:
-    """(h', w') of the instance grid of ``config``'s model at ``config.image_size`` (shapes only,
-    nothing is computed)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    abstract = nnx.eval_shape(lambda: train.create_model(config, nnx.Rngs(0), warn=False))
-    graphdef, state = nnx.split(abstract)
-    size = config.image_size
-    out = jax.eval_shape(
-        lambda s, x: nnx.merge(graphdef, s)(x),
-        state,
-        jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32),
-    )
-    return int(out.shape[1]), int(out.shape[2])
+def _finished_config(results_file: Path) -> dict | None:
+    """The settings a finished run's results.json was made with (None if unreadable)."""
+    try:
+        return json.loads(results_file.read_text()).get("config")
+    except (ValueError, AttributeError):
+        return None
 
 
 def localization(
@@ -127,7 +116,7 @@ def add_localization(config: train.Config, results: dict[str, list[dict]]) -> No
                 boxes = dict(zip(examples.file_ids.tolist(), examples.mass_boxes, strict=True))
             key = (scheme, run_config.backbone, run_config.image_size, run_config.head_hidden)
             if key not in grids:
-                grids[key] = grid_shape(run_config)
+                grids[key] = train.grid_shape(run_config)
             run["localization"] = localization(
                 run["run_dir"], boxes, grid_shape=grids[key], image_size=run_config.image_size
             )
@@ -284,6 +273,10 @@ def _main() -> None:
         folds = [int(f) for f in FLAGS.folds] or list(range(config.num_folds))
     except ValueError as e:
         raise ConfigError(f"--folds: {FLAGS.folds} is not a list of integers.") from e
+    for scheme in FLAGS.schemes:  # every flag checked before the first run trains
+        dataclasses.replace(config, scheme=scheme).canonical().validate()
+    for fold in folds:
+        dataclasses.replace(config, fold=fold).validate()
     # Absolute: Orbax refuses relative checkpoint paths.
     workdir = Path(FLAGS.workdir or "runs/cv").expanduser().absolute()
     results = cross_validate(config, FLAGS.schemes, folds, workdir)

@@ -24,8 +24,8 @@ Instance ``(r, c)`` of an ``(h', w')`` grid is taken to cover the preprocessed r
 ``[r * H / h', (r + 1) * H / h')`` and the columns likewise (``deepmil_jax.heatmap``): an
 approximation of its receptive field, which is larger and overlaps its neighbours'.
 
-Unreadable files are reported (log and ``error`` column) and the others go on; the exit status is
-non-zero only when no file could be predicted.
+Unreadable files are reported (log and ``error`` column) and the others go on; the CSV is written
+either way, and the exit status is non-zero when any file could not be predicted.
 """
 
 from __future__ import annotations
@@ -384,6 +384,8 @@ def _main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     if FLAGS.batch_size < 1:
         raise DataError(f"--batch_size must be positive; got {FLAGS.batch_size}.")
+    if FLAGS.max_side < 16:
+        raise DataError(f"--max_side must be at least 16 pixels; got {FLAGS.max_side}.")
     if len(argv) < 2:
         raise DataError(
             "No input: give image files or folders after the flags, e.g. "
@@ -429,10 +431,10 @@ def _main(argv: Sequence[str]) -> None:
             len(bad),
             "\n".join(f"  {p.error}" for p in bad),
         )
-    if len(bad) == len(predictions):
+    if bad:
         raise DataError(
-            f"None of the {len(files)} file(s) could be predicted; the reasons are "
-            f"in {output / 'predictions.csv'}."
+            f"{len(bad)} of the {len(files)} file(s) could not be predicted; the reasons are "
+            f"in the error column of {output / 'predictions.csv'}."
         )
 
 

@@ -13,6 +13,7 @@ validation and test predictions as CSV. Re-running with the same workdir resumes
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -33,14 +34,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from deepmil_jax import heatmap, losses  # noqa: E402
+from deepmil_jax import checkpoints, heatmap, losses  # noqa: E402
 from deepmil_jax.errors import ConfigError, DeepMILError  # noqa: E402
 from deepmil_jax.metrics import binary_metrics, choose_threshold  # noqa: E402
 from deepmil_jax.models import build_model  # noqa: E402
@@ -139,6 +139,46 @@ class Config:
             fail("init", f"{self.init.split(':', 1)[1]} does not exist.")
         if self.learning_rate is not None and self.learning_rate <= 0:
             fail("learning_rate", f"must be positive; got {self.learning_rate}.")
+        if self.mu < 0:
+            fail("mu", f"must be 0 or more; got {self.mu}.")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            fail("weight_decay", f"must be 0 or more; got {self.weight_decay}.")
+        if any(h < 1 for h in self.head_hidden):
+            fail("head_hidden", f"layer widths must be positive; got {list(self.head_hidden)}.")
+        rows, cols = grid_shape(self)
+        if rows < 1 or cols < 1:
+            fail(
+                "image_size",
+                f"{self.image_size} is too small for the {self.backbone} AlexNet: its "
+                "feature map would be empty; use 67 or more (the paper: 227).",
+            )
+        if self.scheme == "label_assign" and self.k >= 1 and self.k > rows * cols:
+            fail(
+                "k",
+                f"{self.top_k} is more than the {rows * cols} instances of --image_size="
+                f"{self.image_size} (a {rows}x{cols} grid); use at most {rows * cols}, or a "
+                "fraction < 1.",
+            )
+
+    def canonical(self) -> Config:
+        """The same settings with every path absolute and normalised (``/x/`` and ``/x`` are one
+        setting), the form that is saved and compared."""
+
+        def path(p: str) -> str:
+            return os.path.abspath(os.path.expanduser(p)) if p else p
+
+        init = self.init
+        if ":" in init:
+            kind, where = init.split(":", 1)
+            init = f"{kind}:{path(where)}"
+        return dataclasses.replace(
+            self,
+            data_dir=path(self.data_dir),
+            manual_dir=path(self.manual_dir),
+            init=init,
+            k=float(self.k),
+            head_hidden=tuple(int(h) for h in self.head_hidden),
+        )
 
     @property
     def top_k(self) -> int | float:
@@ -146,7 +186,8 @@ class Config:
         return int(self.k) if self.k >= 1 else float(self.k)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as JSON values (tuples as lists), as config.json holds them."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +262,24 @@ def create_model(config: Config, rngs: nnx.Rngs, *, warn: bool = True) -> nnx.Mo
         dtype=jnp.bfloat16 if config.precision == "bf16" else jnp.float32,
         rngs=rngs,
     )
+
+
+def grid_shape(config: Config) -> tuple[int, int]:
+    """(h', w') of the instance grid of ``config``'s model at ``config.image_size`` (shapes only,
+    nothing is computed); (0, 0) when the image is too small for the backbone."""
+    config = dataclasses.replace(config, init="random")  # shapes only: no weight file is read
+    abstract = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(0), warn=False))
+    graphdef, state = nnx.split(abstract)
+    size = config.image_size
+    try:
+        out = jax.eval_shape(
+            lambda s, x: nnx.merge(graphdef, s)(x),
+            state,
+            jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32),
+        )
+    except (ValueError, TypeError, IndexError):  # a feature map shrank to nothing
+        return 0, 0
+    return int(out.shape[1]), int(out.shape[2])
 
 
 def cpu_compiler_options() -> dict[str, str] | None:
@@ -320,93 +379,72 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-class Checkpoints:
-    """Orbax managers for the latest state (resume) and the best state by validation AUC."""
-
-    def __init__(self, workdir: Path):
-        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-        self.latest = ocp.CheckpointManager(workdir / "checkpoints" / "latest", options=options)
-        self.best = ocp.CheckpointManager(workdir / "checkpoints" / "best", options=options)
-
-    @staticmethod
-    def save(manager: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
-        manager.wait_until_finished()
-
-    @staticmethod
-    def restore(manager: ocp.CheckpointManager, like) -> tuple[Any, dict] | None:
-        step = manager.latest_step()
-        if step is None:
-            return None
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-            ),
-        )
-        return restored["state"], restored["meta"]
-
-    def close(self) -> None:
-        self.latest.close()
-        self.best.close()
+# Checkpoints (the protocol is deepmil_jax.checkpoints)
 
 
 def restore_params(path: str, like_state) -> Any:
-    """Parameters of another run's best (or latest) checkpoint, for --init=checkpoint:PATH."""
+    """Parameters of another run's best checkpoint, for --init=checkpoint:PATH (a training
+    workdir, or its checkpoints/ folder)."""
     root = Path(path).expanduser().absolute()
-    for sub in ("checkpoints/best", "checkpoints/latest", ""):
-        directory = root / sub if sub else root
-        if directory.is_dir() and ocp.CheckpointManager(directory).latest_step() is not None:
-            manager = ocp.CheckpointManager(directory)
-            try:
-                state, _ = Checkpoints.restore(manager, like_state)
-            except (ValueError, KeyError, TypeError) as e:
-                raise ConfigError(
-                    f"--init=checkpoint:{path}: its parameters do not fit this model ({e}). "
-                    "Use a checkpoint of the same --backbone and --head_hidden."
-                ) from e
-            finally:
-                manager.close()
-            return state["params"]
-    raise ConfigError(
-        f"--init=checkpoint:{path}: no checkpoint found; give a training workdir "
-        "(with checkpoints/best) or an Orbax checkpoint directory."
-    )
+    directory = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    store = checkpoints.RunCheckpoints(directory, create=False)
+    try:
+        restored = store.restore_best(like_state)
+    except checkpoints.CheckpointError as e:
+        raise ConfigError(
+            f"--init=checkpoint:{path}: {e} If the run used another --backbone or --head_hidden, "
+            "its parameters cannot fit this model."
+        ) from None
+    finally:
+        store.close()
+    if restored is None:
+        raise ConfigError(
+            f"--init=checkpoint:{path}: no checkpoint found; give a training workdir "
+            "(with checkpoints/) of a run that finished at least one epoch."
+        )
+    return restored[0]["params"]
 
 
-def load_trained(workdir: str | os.PathLike, *, which: str = "best") -> tuple[Config, nnx.Module]:
-    """The config and the model (in eval mode) of a training workdir's best or latest checkpoint."""
-    workdir = Path(workdir).expanduser().absolute()
+def read_config(workdir: Path) -> Config:
+    """The canonical Config saved in a training workdir's config.json (ConfigError if unusable)."""
     config_file = workdir / "config.json"
     if not config_file.exists():
         raise ConfigError(
             f"{workdir} is not a training workdir (no config.json); give the --workdir of a "
             "python -m deepmil_jax.train run."
         )
-    fields = json.loads(config_file.read_text())
-    fields["head_hidden"] = tuple(fields.get("head_hidden", ()))
-    config = dataclasses.replace(Config(**fields), init="random")
+    try:
+        fields = json.loads(config_file.read_text())
+        if not isinstance(fields, dict):
+            raise TypeError("not a JSON object")
+        known = {f.name for f in dataclasses.fields(Config)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise TypeError(f"unknown settings {', '.join(unknown)}")
+        fields["head_hidden"] = tuple(fields.get("head_hidden", ()))
+        return Config(**fields).canonical()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(
+            f"{config_file} cannot be read ({e}); it was not written by this version of "
+            "deepmil_jax.train or was edited. Restore it, or retrain in a new --workdir."
+        ) from None
+
+
+def load_trained(workdir: str | os.PathLike, *, which: str = "best") -> tuple[Config, nnx.Module]:
+    """The config and the model (in eval mode) of a training workdir's best or latest checkpoint
+    (checksums verified; ``latest`` falls back to the newest intact step with a warning)."""
+    workdir = Path(workdir).expanduser().absolute()
+    config = dataclasses.replace(read_config(workdir), init="random")
     model = create_model(config, nnx.Rngs(0), warn=False)
     _, params, _ = nnx.split(model, nnx.Param, ...)
-    manager = ocp.CheckpointManager(workdir / "checkpoints" / which)
+    like = {"params": params, "opt_state": optax.adam(config.lr).init(params)}
+    store = checkpoints.RunCheckpoints(workdir / "checkpoints", create=False)
     try:
-        restored = Checkpoints.restore(
-            manager, {"params": params, "opt_state": optax.adam(config.lr).init(params)}
-        )
+        restored = store.restore_best(like) if which == "best" else store.restore(like)
     finally:
-        manager.close()
+        store.close()
     if restored is None:
-        raise ConfigError(f"{workdir / 'checkpoints' / which} holds no checkpoint yet.")
+        raise ConfigError(f"{workdir / 'checkpoints'} holds no checkpoint yet.")
     nnx.update(model, restored[0]["params"])
     model.eval()
     return config, model
@@ -445,7 +483,8 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _write_predictions(path: Path, examples, indices, probs, instance_logits) -> None:
-    with path.open("w", newline="") as f:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="") as f:
         out = csv.writer(f)
         out.writerow(
             [
@@ -471,17 +510,21 @@ def _write_predictions(path: Path, examples, indices, probs, instance_logits) ->
                     col,
                 ]
             )
+    tmp.replace(path)
 
 
 def _check_same_run(workdir: Path, config: Config) -> None:
-    """Refuses to resume a workdir that was trained with other settings (only --epochs may grow)."""
-    saved_file = workdir / "config.json"
-    if not saved_file.exists():
+    """Refuses a workdir that holds a run with other settings (only --epochs may grow).
+
+    Settings are compared canonically (paths absolute and normalised). A workdir whose run never
+    saved a checkpoint holds nothing to resume and is taken over."""
+    if not (workdir / "config.json").exists():
         return
-    saved = json.loads(saved_file.read_text())
-    current = json.loads(json.dumps(config.to_json()))  # tuples as lists, like the saved file
+    saved = read_config(workdir).to_json()
+    current = config.to_json()
     changed = sorted(k for k in current if k != "epochs" and saved.get(k) != current[k])
-    if changed:
+    has_run = (workdir / "results.json").exists() or any((workdir / "checkpoints").glob("[0-9]*"))
+    if changed and has_run:
         details = ", ".join(f"--{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
         raise ConfigError(
             f"{workdir} holds a run with other settings ({details}); re-run with the same flags to "
@@ -489,34 +532,88 @@ def _check_same_run(workdir: Path, config: Config) -> None:
         )
 
 
+def _check_epochs(workdir: Path, config: Config, done: int) -> None:
+    if done > config.epochs:
+        raise ConfigError(
+            f"--epochs={config.epochs}: {workdir} has already trained {done} epochs; give "
+            f"--epochs={done} or more (more continues training), or a new --workdir."
+        )
+
+
 def make_mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((jax.device_count(),), ("data",))
 
 
-def _finite_loss(loss: jax.Array, step: int, *, epoch: int, workdir: Path) -> float:
+def _finite_loss(loss: jax.Array, step: int, *, epoch: int, workdir: Path, saved: int) -> float:
     """The loss as a float (waits for its step), or TrainingDiverged if it is not finite."""
     value = float(loss)
     if not np.isfinite(value):
         raise TrainingDiverged(
             f"The loss became {value} at epoch {epoch + 1}, step {step}. The last good checkpoint "
-            f"is kept in {workdir / 'checkpoints' / 'latest'}; lower --learning_rate or check the "
-            "data, then re-run to resume from it."
+            f"(step {saved}, verified) is kept in {workdir / 'checkpoints'}; lower "
+            "--learning_rate or check the data, then re-run to resume from it."
         )
     return value
 
 
-def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Trains ``config.scheme`` on one fold, keeps the best epoch by validation AUC, tests it.
+def _new_meta() -> dict[str, Any]:
+    """The loop's position, saved with every checkpoint. ``loss_sum``/``loss_steps``: the running
+    sum of this epoch's step losses, so that a mid-epoch resume reports the whole epoch's mean."""
+    return {
+        "epoch": 0,
+        "step_in_epoch": 0,
+        "global_step": 0,
+        "loss_sum": 0.0,
+        "loss_steps": 0,
+        "best_epoch": None,
+        "best_step": None,
+        "best_auc": -1.0,
+        "history": [],
+    }
 
-    Returns the dictionary also written to ``workdir/results.json``:
-    ``{"config", "best_epoch", "validation": {auc, accuracy, ...}, "test": {auc, accuracy,
-    sensitivity, specificity, threshold}}``, the threshold chosen on the validation set.
-    """
-    from data_pipeline import folds, input_pipeline
 
-    config.validate()
-    workdir = Path(workdir).expanduser().absolute()
-    lead = jax.process_index() == 0
+@dataclasses.dataclass
+class _Run:
+    """What the loop's named steps share."""
+
+    config: Config
+    workdir: Path
+    examples: Any
+    split: Any
+    trainer: Trainer
+    store: checkpoints.RunCheckpoints
+    meta: dict[str, Any]
+    lead: bool
+    saved_step: int | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, -(-len(self.split.train) // self.config.batch_size))
+
+    def evaluate(self, indices: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        from data_pipeline import input_pipeline
+
+        stream = input_pipeline.eval_dataset(
+            self.examples.images[indices],
+            self.examples.labels[indices],
+            batch_size=self.config.eval_batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        ).as_numpy_iterator()
+        out = self.trainer.predict(stream)
+        out["index"] = indices[out["index"]]
+        return out, self.examples.labels[out["index"]]
+
+    def save(self) -> None:
+        self.store.save(self.meta["global_step"], self.trainer.state, self.meta)
+        self.saved_step = self.meta["global_step"]
+
+
+def _prepare(config: Config, workdir: Path) -> _Run:
+    """Checks the settings and the workdir, loads the data and the split, builds the trainer
+    and restores the newest intact checkpoint. Writes nothing into the workdir."""
+    from data_pipeline import folds
+
     mesh = make_mesh()
     n_dev = mesh.devices.size
     for name in ("batch_size", "eval_batch_size"):
@@ -526,10 +623,9 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
                 f"use a multiple of {n_dev}."
             )
     _check_same_run(workdir, config)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if lead:
-        _write_json(workdir / "config.json", config.to_json())
-
+    if (workdir / "results.json").exists():
+        finished = json.loads((workdir / "results.json").read_text()).get("config", {})
+        _check_epochs(workdir, config, int(finished.get("epochs", 0)))
     examples = load_examples(config)
     split = folds.make_split(
         examples.labels,
@@ -539,198 +635,209 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
         split=config.split,
         seed=config.seed,
     )
-    if lead:
-        folds.write_split(split, examples.file_ids, workdir / "split.json")
-        logging.info(
-            "Fold %d: %d train, %d validation, %d test images on %d device(s)",
-            config.fold,
-            len(split.train),
-            len(split.validation),
-            len(split.test),
-            n_dev,
-        )
-
     trainer = Trainer(config, mesh)
     if config.init.startswith("checkpoint:"):
         params = restore_params(config.init.split(":", 1)[1], trainer.state)
         trainer.state["params"] = jax.device_put(params, trainer.replicated)
-
-    checkpoints = Checkpoints(workdir)
-    meta = {
-        "epoch": 0,
-        "step_in_epoch": 0,
-        "global_step": 0,
-        "best_epoch": None,
-        "best_auc": -1.0,
-        "history": [],
-    }
-    resumed = Checkpoints.restore(checkpoints.latest, trainer.state)
+    store = checkpoints.RunCheckpoints(workdir / "checkpoints")
+    meta, saved_step = _new_meta(), None
+    resumed = store.restore(trainer.state)
     if resumed is not None:
         trainer.state = jax.device_put(resumed[0], trainer.replicated)
-        meta = resumed[1]
+        meta, saved_step = _new_meta() | resumed[1], resumed[2]
+        _check_epochs(workdir, config, meta["epoch"])
         logging.info(
             "Resuming from %s at epoch %d, step %d",
             workdir,
             meta["epoch"] + 1,
             meta["step_in_epoch"],
         )
-    if meta["history"] and lead:
-        _rewrite_metrics(workdir, meta["history"])
+    lead = jax.process_index() == 0
+    return _Run(config, workdir, examples, split, trainer, store, meta, lead, saved_step)
 
-    proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    steps_per_epoch = max(1, -(-len(split.train) // config.batch_size))
 
-    def eval_stream(indices):
-        return input_pipeline.eval_dataset(
-            examples.images[indices],
-            examples.labels[indices],
-            batch_size=config.eval_batch_size,
-            **proc,
-        ).as_numpy_iterator()
+def _start(run: _Run) -> None:
+    """Writes config.json, split.json and the history so far: the run has started."""
+    if not run.lead:
+        return
+    from data_pipeline import folds
 
-    def evaluate(indices) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        out = trainer.predict(eval_stream(indices))
-        out["index"] = indices[out["index"]]
-        return out, examples.labels[out["index"]]
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    _write_json(run.workdir / "config.json", run.config.to_json())
+    folds.write_split(run.split, run.examples.file_ids, run.workdir / "split.json")
+    _rewrite_metrics(run.workdir, run.meta["history"])
+    logging.info(
+        "Fold %d: %d train, %d validation, %d test images on %d device(s)",
+        run.config.fold,
+        len(run.split.train),
+        len(run.split.validation),
+        len(run.split.test),
+        run.trainer.mesh.devices.size,
+    )
 
-    summary = _summary_writer(workdir) if lead else None
-    with _Preempted() as preempted:
-        while meta["epoch"] < config.epochs:
-            epoch = meta["epoch"]
-            stream: Iterator = input_pipeline.train_dataset(
-                examples.images[split.train],
-                examples.labels[split.train],
-                batch_size=config.batch_size,
-                seed=config.seed * 100_003 + epoch,
-                augment=config.augment,
-                **proc,
-            ).as_numpy_iterator()
-            for _ in range(meta["step_in_epoch"]):
-                next(stream)
-            bar = tqdm(
-                total=steps_per_epoch,
-                initial=meta["step_in_epoch"],
-                disable=not lead,
-                desc=f"epoch {epoch + 1}/{config.epochs}",
-                unit="step",
-                leave=False,
-            )
-            step_losses, start, seen = [], time.perf_counter(), 0
-            # A step's loss is read (a host sync) only after the next step is dispatched, so
-            # the device never waits for the host between steps.
-            previous: tuple[jax.Array, int] | None = None
-            try:
-                while meta["step_in_epoch"] < steps_per_epoch:
-                    out = trainer.train_step(next(stream), meta["global_step"])
-                    step_losses.append(out["loss"])
-                    meta["step_in_epoch"] += 1
-                    meta["global_step"] += 1
-                    seen += config.batch_size
-                    bar.update(1)
-                    if previous is not None:
-                        loss = _finite_loss(*previous, epoch=epoch, workdir=workdir)
-                        rate = seen / (time.perf_counter() - start)
-                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
-                    previous = (out["loss"], meta["step_in_epoch"])
-                    if preempted.requested and meta["step_in_epoch"] < steps_per_epoch:
-                        _finite_loss(*previous, epoch=epoch, workdir=workdir)
-                        Checkpoints.save(
-                            checkpoints.latest, meta["global_step"], trainer.state, meta
-                        )
-                        checkpoints.close()
-                        bar.close()
-                        logging.warning(
-                            "SIGTERM: saved the state at epoch %d step %d; re-run the "
-                            "same command to resume.",
-                            epoch + 1,
-                            meta["step_in_epoch"],
-                        )
-                        raise SystemExit(0)
-                if previous is not None:
-                    _finite_loss(*previous, epoch=epoch, workdir=workdir)
-            except TrainingDiverged:
-                bar.close()
-                checkpoints.close()
-                raise
-            bar.close()
-            train_seconds = time.perf_counter() - start
-            val, val_labels = evaluate(split.validation)
-            at_half = binary_metrics(val_labels, val["probability"], 0.5)
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": float(np.mean([float(x) for x in step_losses]))
-                if step_losses
-                else None,
-                "train_images_per_sec": seen / train_seconds if seen else None,
-                "validation_auc": at_half["auc"],
-                "validation_accuracy": at_half["accuracy"],
-            }
-            meta["history"].append(record)
-            meta["epoch"] += 1
-            meta["step_in_epoch"] = 0
-            auc = record["validation_auc"]
-            if meta["best_epoch"] is None or (np.isfinite(auc) and auc > meta["best_auc"]):
-                meta["best_epoch"], meta["best_auc"] = (
+
+def _train_epoch(run: _Run, preempted: _Preempted) -> tuple[float, int]:
+    """Trains the rest of the current epoch; returns its training seconds. On SIGTERM saves the
+    state mid-epoch and exits (status 0)."""
+    from data_pipeline import input_pipeline
+
+    config, meta, epoch = run.config, run.meta, run.meta["epoch"]
+    stream: Iterator = input_pipeline.train_dataset(
+        run.examples.images[run.split.train],
+        run.examples.labels[run.split.train],
+        batch_size=config.batch_size,
+        seed=config.seed * 100_003 + epoch,
+        augment=config.augment,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    ).as_numpy_iterator()
+    for _ in range(meta["step_in_epoch"]):
+        next(stream)
+    bar = tqdm(
+        total=run.steps_per_epoch,
+        initial=meta["step_in_epoch"],
+        disable=not run.lead,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        unit="step",
+        leave=False,
+    )
+    start, seen = time.perf_counter(), 0
+
+    def account(loss: jax.Array, step: int) -> float:
+        value = _finite_loss(
+            loss, step, epoch=epoch, workdir=run.workdir, saved=run.saved_step or 0
+        )
+        meta["loss_sum"] += value
+        meta["loss_steps"] += 1
+        return value
+
+    # A step's loss is read (a host sync) only after the next step is dispatched, so the device
+    # never waits for the host between steps.
+    previous: tuple[jax.Array, int] | None = None
+    with contextlib.closing(bar):
+        while meta["step_in_epoch"] < run.steps_per_epoch:
+            out = run.trainer.train_step(next(stream), meta["global_step"])
+            meta["step_in_epoch"] += 1
+            meta["global_step"] += 1
+            seen += config.batch_size
+            bar.update(1)
+            if previous is not None:
+                loss = account(*previous)
+                rate = seen / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
+            previous = (out["loss"], meta["step_in_epoch"])
+            if preempted.requested and meta["step_in_epoch"] < run.steps_per_epoch:
+                account(*previous)
+                run.save()
+                run.store.close()
+                logging.warning(
+                    "SIGTERM: saved the state at epoch %d step %d; re-run the same command to "
+                    "resume.",
                     epoch + 1,
-                    float(auc) if np.isfinite(auc) else -1.0,
+                    meta["step_in_epoch"],
                 )
-                Checkpoints.save(checkpoints.best, meta["global_step"], trainer.state, meta)
-            Checkpoints.save(checkpoints.latest, meta["global_step"], trainer.state, meta)
-            if lead:
-                _rewrite_metrics(workdir, meta["history"])
-                _write_summary(summary, record)
-                logging.info(
-                    "epoch %d: loss %.4f, validation AUC %.3f, accuracy %.3f",
-                    epoch + 1,
-                    record["train_loss"] or float("nan"),
-                    auc,
-                    record["validation_accuracy"],
-                )
-                if preempted.requested:
-                    logging.warning("SIGTERM: stopped after epoch %d; re-run to resume.", epoch + 1)
-            if preempted.requested:
-                checkpoints.close()
                 raise SystemExit(0)
+        if previous is not None:
+            account(*previous)
+    return time.perf_counter() - start, seen
 
-    best = Checkpoints.restore(checkpoints.best, trainer.state)
-    checkpoints.close()
-    trainer.state = jax.device_put(best[0], trainer.replicated)
-    val, val_labels = evaluate(split.validation)
-    test, test_labels = evaluate(split.test)
+
+def _end_epoch(run: _Run, train_seconds: float, seen: int, summary) -> None:
+    """Validates, records the epoch and saves the checkpoint (marking it best if it is)."""
+    meta, epoch = run.meta, run.meta["epoch"]
+    val, val_labels = run.evaluate(run.split.validation)
+    at_half = binary_metrics(val_labels, val["probability"], 0.5)
+    record = {
+        "epoch": epoch + 1,
+        "train_loss": meta["loss_sum"] / meta["loss_steps"] if meta["loss_steps"] else None,
+        "train_images_per_sec": seen / train_seconds if seen else None,
+        "validation_auc": at_half["auc"],
+        "validation_accuracy": at_half["accuracy"],
+    }
+    meta["history"].append(record)
+    meta.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, loss_steps=0)
+    auc = record["validation_auc"]
+    if meta["best_epoch"] is None or (np.isfinite(auc) and auc > meta["best_auc"]):
+        meta["best_epoch"] = epoch + 1
+        meta["best_step"] = meta["global_step"]
+        meta["best_auc"] = float(auc) if np.isfinite(auc) else -1.0
+    run.save()
+    if run.lead:
+        _rewrite_metrics(run.workdir, meta["history"])
+        _write_summary(summary, record)
+        logging.info(
+            "epoch %d: loss %.4f, validation AUC %.3f, accuracy %.3f",
+            epoch + 1,
+            record["train_loss"] or float("nan"),
+            auc,
+            record["validation_accuracy"],
+        )
+
+
+def _test(run: _Run) -> dict[str, Any]:
+    """Restores the best epoch, tests it once and writes results.json and the predictions."""
+    best = run.store.restore(run.trainer.state, run.meta["best_step"])
+    run.trainer.state = jax.device_put(best[0], run.trainer.replicated)
+    val, val_labels = run.evaluate(run.split.validation)
+    test, test_labels = run.evaluate(run.split.test)
     threshold = choose_threshold(val_labels, val["probability"])
     val_metrics = binary_metrics(val_labels, val["probability"], threshold)
     results = {
-        "config": config.to_json(),
-        "best_epoch": meta["best_epoch"],
+        "config": run.config.to_json(),
+        "best_epoch": run.meta["best_epoch"],
         "validation": {"auc": val_metrics["auc"], "accuracy": val_metrics["accuracy"]},
         "test": binary_metrics(test_labels, test["probability"], threshold),
     }
-    if lead:
-        _write_predictions(
-            workdir / "validation_predictions.csv",
-            examples,
-            val["index"],
-            val["probability"],
-            val["instance_logits"],
-        )
-        _write_predictions(
-            workdir / "test_predictions.csv",
-            examples,
-            test["index"],
-            test["probability"],
-            test["instance_logits"],
-        )
-        _write_json(workdir / "results.json", results)
+    if run.lead:
+        for name, out in (("validation", val), ("test", test)):
+            _write_predictions(
+                run.workdir / f"{name}_predictions.csv",
+                run.examples,
+                out["index"],
+                out["probability"],
+                out["instance_logits"],
+            )
+        _write_json(run.workdir / "results.json", results)
         logging.info(
-            "Best epoch %d. Test AUC %.3f, accuracy %.3f (threshold %.3f from "
-            "validation). Results in %s",
+            "Best epoch %d. Test AUC %.3f, accuracy %.3f (threshold %.3f from validation). "
+            "Results in %s",
             results["best_epoch"],
             results["test"]["auc"],
             results["test"]["accuracy"],
             threshold,
-            workdir / "results.json",
+            run.workdir / "results.json",
         )
     return results
+
+
+def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Trains ``config.scheme`` on one fold, keeps the best epoch by validation AUC, tests it.
+
+    Returns the dictionary also written to ``workdir/results.json``:
+    ``{"config", "best_epoch", "validation": {auc, accuracy, ...}, "test": {auc, accuracy,
+    sensitivity, specificity, threshold}}``, the threshold chosen on the validation set.
+    Re-running with the same settings resumes (bit-identically on CPU) from the newest intact
+    checkpoint; other settings are refused, naming the flag.
+    """
+    config = config.canonical()
+    config.validate()
+    workdir = Path(workdir).expanduser().absolute()
+    run = _prepare(config, workdir)
+    try:
+        _start(run)
+        summary = _summary_writer(workdir) if run.lead else None
+        with _Preempted() as preempted:
+            while run.meta["epoch"] < config.epochs:
+                seconds, seen = _train_epoch(run, preempted)
+                _end_epoch(run, seconds, seen, summary)
+                if preempted.requested:
+                    logging.warning(
+                        "SIGTERM: stopped after epoch %d; re-run to resume.", run.meta["epoch"]
+                    )
+                    raise SystemExit(0)
+        return _test(run)
+    finally:
+        run.store.close()
 
 
 def _rewrite_metrics(workdir: Path, history: list[dict]) -> None:

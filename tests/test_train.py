@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from deepmil_jax import train
+from deepmil_jax.checkpoints import RunCheckpoints
 from deepmil_jax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,10 +79,18 @@ def test_end_to_end_learns_the_synthetic_lesions(tmp_path):
     assert results["test"]["auc"] > 0.75, results
 
 
+def _latest(config, workdir):
+    """(state, meta) of the newest intact checkpoint of ``workdir``."""
+    trainer = train.Trainer(config, train.make_mesh())
+    store = RunCheckpoints(Path(workdir) / "checkpoints")
+    state, meta, _ = store.restore(trainer.state)
+    store.close()
+    return state, meta
+
+
 def _run_and_params(config, workdir):
     train.train_and_evaluate(config, workdir)
-    trainer = train.Trainer(config, train.make_mesh())
-    state, meta = train.Checkpoints.restore(train.Checkpoints(workdir).latest, trainer.state)
+    state, meta = _latest(config, workdir)
     return _params(state), meta
 
 
@@ -129,10 +138,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     with pytest.raises(train.TrainingDiverged, match="last good checkpoint"):
         train.train_and_evaluate(dataclasses.replace(config, epochs=2), tmp_path / "run")
     monkeypatch.undo()
-    trainer = train.Trainer(config, train.make_mesh())
-    state, meta = train.Checkpoints.restore(
-        train.Checkpoints(tmp_path / "run").latest, trainer.state
-    )
+    state, meta = _latest(config, tmp_path / "run")
     assert meta["epoch"] == 1
     _assert_same_params(good, _params(state), rtol=0, atol=0)
 
@@ -292,6 +298,7 @@ def test_bf16_computes_in_bfloat16_and_keeps_float32_state():
 
 def test_resuming_with_other_settings_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(SMALL.to_json()))
+    (tmp_path / "results.json").write_text(json.dumps({"config": SMALL.to_json()}))
     other = dataclasses.replace(SMALL, scheme="sparse", k=3)
     with pytest.raises(ConfigError, match="--scheme: 'label_assign' -> 'sparse'"):
         train.train_and_evaluate(other, tmp_path)
