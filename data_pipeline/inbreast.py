@@ -569,6 +569,14 @@ def _find_column(header: list[str], name: str) -> int | None:
     return keys.index(key) if key in keys else None
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False also for a name the system refuses (too long, ...) instead of OSError."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def canonical_image_path(csv_dir: str | os.PathLike, image: str) -> tuple[str, Path]:
     """(file id, path) of an image path as written in a CSV in ``csv_dir``.
 
@@ -579,7 +587,11 @@ def canonical_image_path(csv_dir: str | os.PathLike, image: str) -> tuple[str, P
     """
     base = Path(os.path.abspath(csv_dir))
     text = image.strip()
-    path = Path(text).expanduser()
+    path = Path(text)
+    try:
+        path = path.expanduser()
+    except RuntimeError:  # "~user/..." of no such user: a relative path like any other
+        pass
     if not path.is_absolute():
         path = base / path
     path = Path(os.path.normpath(path))
@@ -690,7 +702,7 @@ def read_folder(
             )
             continue
         file_id, path = canonical_image_path(csv_path.parent, image)
-        if not path.is_file():
+        if not _is_file(path):
             problems.add(
                 where, f"image {image} not found (looked for {path}); fix the path or the row"
             )

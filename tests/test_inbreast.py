@@ -494,3 +494,76 @@ def test_read_folder_bad_rows(tmp_path):
         read_folder(csv_path, label_column="cancer")
     with pytest.raises(DataError, match="no such CSV"):
         read_folder(tmp_path / "nope.csv")
+
+
+# ---------------------------------------------------------------------------------------------
+# Property-based tests of the readers (issue 11): any bytes, any field -> records or a DataError.
+
+fuzz_more = settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+path_cells = st.one_of(
+    st.sampled_from(["a.dcm", "./a.dcm", "sub/../a.dcm", "~", "~nobody_here/a.dcm", "~/a.dcm",
+                     "/", ".", "..", "a.dcm/x", "a" * 300, "d/" * 3000, "é.png", " a.dcm "]),
+    st.text(alphabet=st.sampled_from(list("a./~\\ é-_0")), max_size=20),
+)  # fmt: skip
+label_cells = st.sampled_from(["0", "1", "yes", "MALIGNANT", "maybe", "", "1.0", "nan"])
+
+
+@fuzz_more
+@given(
+    rows=st.lists(st.tuples(path_cells, label_cells, st.text(max_size=5)), max_size=6),
+    delimiter=st.sampled_from([",", ";", "\t"]),
+)
+def test_fuzz_folder_reader_fields(tmp_path, rows, delimiter):
+    import csv
+    import io
+
+    if not (tmp_path / "a.dcm").exists():
+        write_dicom(tmp_path / "a.dcm", tiny_mammogram("L").astype(np.uint16))
+    text = io.StringIO()
+    writer = csv.writer(text, delimiter=delimiter)
+    writer.writerow(["image", "label", "patient"])
+    writer.writerows(rows)
+    path = tmp_path / "list.csv"
+    path.write_text(text.getvalue(), encoding="utf-8")
+    for skip_bad in (False, True):
+        try:
+            records, bad = read_folder(path, patient_column="patient", skip_bad=skip_bad)
+        except DataError as e:
+            assert "list.csv" in str(e)
+            continue
+        assert records and all(r.path.is_file() and r.label in (0, 1) for r in records)
+        assert len({r.file_id for r in records}) == len(records)
+
+
+@fuzz_more
+@given(data=st.binary(max_size=400), name=st.sampled_from(["INbreast.csv", "list.csv"]))
+def test_fuzz_table_readers_random_bytes(tmp_path, data, name):
+    path = tmp_path / name
+    path.write_bytes(data)
+    try:
+        if name == "INbreast.csv":
+            read_inbreast_table(path)
+        else:
+            read_folder(path)
+    except DataError as e:
+        assert name in str(e)
+
+
+@fuzz_more
+@given(
+    prefix=st.sampled_from([b"", b"bplist00", b'<?xml version="1.0"?>', b"<plist><dict>"]),
+    data=st.binary(max_size=300),
+)
+def test_fuzz_xml_reader_random_bytes(tmp_path, prefix, data):
+    path = tmp_path / "7.xml"
+    path.write_bytes(prefix + data)
+    try:
+        outlines = read_mass_outlines(path)
+    except DataError as e:
+        assert "7.xml" in str(e)
+        return
+    assert all(o.ndim == 2 and o.shape[1] == 2 and np.isfinite(o).all() for o in outlines)
