@@ -2,9 +2,16 @@
 
 Preparing a dataset runs ``data_pipeline.preprocess.preprocess_file`` on every image once, in a
 process pool, and writes the preprocessed images (16-bit PNG inside TFRecords) with their labels
-and metadata to ``data_dir/<builder>/<config>/<version>/``. TFDS writes into an ``incomplete.*``
+and metadata. ``prepare`` keeps each prepared copy in its own TFDS data_dir,
+``data_dir/<builder>_<config>_<digest>/<builder>/<config>/<version>/``, where ``<digest>`` hashes
+the copy's fingerprint (its source files' paths, sizes and modification times, the tables'
+bytes, the columns, image size, ``skip_bad`` and the preprocessing code; stored in its
+``metadata.json``); a copy is loaded only while its fingerprint still matches, otherwise a new one
+is prepared (and the log says in one line what changed). TFDS writes into an ``incomplete.*``
 folder that is renamed only when everything is written, so an interrupted preparation is never
-mistaken for a dataset: the next ``prepare`` call starts again.
+mistaken for a dataset: the next ``prepare`` call starts again, and the previous copy stays
+usable until the new one is complete. Two files with identical pixels are one image (the second
+is left out with a warning, or a DataError if they disagree on label or patient).
 
 Builders (registered with TFDS when this module is imported):
 
