@@ -1,0 +1,203 @@
+"""Tests of deepmil_jax.heatmap: patch geometry by hand, brute-force references for the maps."""
+
+import math
+
+import numpy as np
+import pytest
+
+from data_pipeline.preprocess import Geometry
+from deepmil_jax import heatmap as hm
+
+
+def test_sigmoid_is_the_logistic_function_and_stable():
+    x = np.array([-5.0, -1.0, 0.0, 0.5, 3.0])
+    np.testing.assert_allclose(hm.sigmoid(x), 1.0 / (1.0 + np.exp(-x)), rtol=1e-12)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        big = hm.sigmoid(np.array([-1000.0, 1000.0]))
+    np.testing.assert_array_equal(big, [0.0, 1.0])
+    assert hm.sigmoid(np.float32(2.0)).dtype == np.float64
+
+
+def test_top_cell_is_the_first_maximum_in_row_major_order():
+    z = np.zeros((3, 4))
+    z[1, 2] = 5.0
+    assert hm.top_cell(z) == (1, 2)
+    z[2, 0] = 5.0  # a tie later in row-major order does not win
+    assert hm.top_cell(z) == (1, 2)
+    z[0, 3] = 5.0  # ... an earlier one does
+    assert hm.top_cell(z) == (0, 3)
+    assert hm.top_cell(np.arange(12.0).reshape(2, 6)) == (1, 5)
+    with pytest.raises(ValueError, match="h', w'"):
+        hm.top_cell(np.zeros(4))
+
+
+def test_cell_box_by_hand():
+    np.testing.assert_allclose(
+        hm.cell_box(1, 2, (6, 6), (227, 227)), [227 / 6, 2 * 227 / 6, 2 * 227 / 6, 3 * 227 / 6]
+    )
+    # a non-square grid on a non-square image: rows from H and h', columns from W and w'
+    np.testing.assert_array_equal(hm.cell_box(2, 1, (3, 4), (90, 200)), [60, 50, 90, 100])
+    np.testing.assert_array_equal(hm.cell_box(0, 3, (3, 4), (90, 200)), [0, 150, 30, 200])
+    for row, col in [(3, 0), (0, 4), (-1, 0), (0, -1)]:
+        with pytest.raises(ValueError, match="outside"):
+            hm.cell_box(row, col, (3, 4), (90, 200))
+
+
+def _geometry(flipped):
+    # crop 300 x 300 at (100, 50), preprocessed to 100 x 100: 3 original pixels per pixel
+    return Geometry(
+        original_shape=(500, 400), crop=(100, 50, 400, 350), flipped=flipped, size=(100, 100)
+    )
+
+
+def test_box_to_original_by_hand():
+    unflipped, flipped = _geometry(False), _geometry(True)
+    np.testing.assert_allclose(hm.box_to_original([0, 0, 100, 100], unflipped), [100, 50, 400, 350])
+    np.testing.assert_allclose(
+        hm.box_to_original([10, 20, 30, 40], unflipped), [130, 110, 190, 170]
+    )
+    # flipped: preprocessed x in [20, 40) is unflipped x in [60, 80), original 50 + 3 * [60, 80)
+    np.testing.assert_allclose(hm.box_to_original([10, 20, 30, 40], flipped), [130, 230, 190, 290])
+    stacked = hm.box_to_original(np.array([[0, 0, 10, 20], [10, 20, 30, 40]]), flipped)
+    np.testing.assert_allclose(stacked, [[100, 290, 130, 350], [130, 230, 190, 290]])
+
+
+def _slice_by_brute_force(box, shape):
+    y0, x0, y1, x1 = box
+    rows = [i for i in range(shape[0]) if y0 <= i + 0.5 < y1]
+    cols = [j for j in range(shape[1]) if x0 <= j + 0.5 < x1]
+    r = (rows[0], rows[-1] + 1) if rows else None
+    c = (cols[0], cols[-1] + 1) if cols else None
+    return r, c
+
+
+def test_box_to_pixel_slice_by_hand_and_by_brute_force():
+    assert hm.box_to_pixel_slice((0.5, 0.4, 2.5, 3.6), (10, 10)) == (0, 0, 2, 4)
+    assert hm.box_to_pixel_slice((1.0, 1.5, 3.0, 3.5), (10, 10)) == (1, 1, 3, 3)
+    assert hm.box_to_pixel_slice((-5.0, -2.0, 20.0, 30.0), (10, 12)) == (0, 0, 10, 12)
+    assert hm.box_to_pixel_slice((12.0, 13.0, 20.0, 30.0), (10, 12)) == (10, 12, 10, 12)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        y0, x0 = rng.uniform(-3, 14, size=2).round(2)
+        y1, x1 = y0 + rng.uniform(0, 9), x0 + rng.uniform(0, 9)
+        box = (y0, x0, y1, x1)
+        ry0, rx0, ry1, rx1 = hm.box_to_pixel_slice(box, (11, 13))
+        r, c = _slice_by_brute_force(box, (11, 13))
+        if r is not None:
+            assert (ry0, ry1) == r
+        else:
+            assert ry0 == ry1
+        if c is not None:
+            assert (rx0, rx1) == c
+        else:
+            assert rx0 == rx1
+
+
+def _map_by_brute_force(values, geometry, stride):
+    """Each block's centre -> preprocessed coordinates -> the grid cell whose patch holds it."""
+    gh, gw = values.shape
+    H, W = geometry.original_shape
+    hp, wp = geometry.size
+    out = np.full((-(-H // stride), -(-W // stride)), np.nan)
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            centre = np.array([(i + 0.5) * stride - 0.5, (j + 0.5) * stride - 0.5])
+            py, px = geometry.from_original(centre) + 0.5  # edge coordinates
+            if 0 <= py < hp and 0 <= px < wp:
+                out[i, j] = values[int(py * gh // hp), int(px * gw // wp)]
+    return out
+
+
+@pytest.mark.parametrize("flipped", [False, True])
+@pytest.mark.parametrize("stride", [1, 3])
+def test_instance_map_to_original_matches_brute_force(flipped, stride):
+    # 303 x 411 crop, 5 x 7 grid: no patch edge falls on a pixel centre, so no tie to break
+    geometry = Geometry(
+        original_shape=(360, 470), crop=(20, 31, 323, 442), flipped=flipped, size=(227, 227)
+    )
+    values = np.arange(35.0).reshape(5, 7)
+    out = hm.instance_map_to_original(values, geometry, stride=stride)
+    assert out.shape == (-(-360 // stride), -(-470 // stride))
+    np.testing.assert_array_equal(out, _map_by_brute_force(values, geometry, stride))
+    if stride == 1:  # a hand check: the crop's corners and the NaN border
+        left, right = (6.0, 0.0) if flipped else (0.0, 6.0)
+        assert out[20, 31] == left and out[322, 441] == 28.0 + right
+        assert np.isnan(out[19, 100]) and np.isnan(out[100, 30]) and np.isnan(out[323, 100])
+        assert np.isnan(out[100, 442]) and not np.isnan(out[100, 441])
+    with pytest.raises(ValueError, match="h', w'"):
+        hm.instance_map_to_original(np.zeros(3), geometry)
+
+
+def test_downsample_is_a_block_mean_with_edge_padding():
+    rng = np.random.default_rng(1)
+    image = rng.uniform(size=(7, 10)).astype(np.float32)
+    same, stride = hm.downsample(image, max_side=10)
+    assert stride == 1 and same is not None
+    np.testing.assert_array_equal(same, image)
+    small, stride = hm.downsample(image, max_side=4)  # ceil(10 / 4) = 3
+    assert stride == 3 and small.shape == (3, 4) and small.dtype == np.float32
+    padded = np.pad(image, ((0, 2), (0, 2)), mode="edge")
+    for i in range(3):
+        for j in range(4):
+            block = padded[3 * i : 3 * i + 3, 3 * j : 3 * j + 3]
+            assert small[i, j] == pytest.approx(block.mean(), rel=1e-6)
+    assert hm.downsample(image, max_side=5)[1] == 2
+    tall, stride = hm.downsample(np.ones((9, 2)), max_side=3)
+    assert stride == 3 and tall.shape == (3, 1)
+
+
+def test_patch_hits_boxes_at_the_edges():
+    grid, image = (2, 2), (10, 10)  # cell (0, 0) is edges [0, 5) x [0, 5)
+    # a mass box (centre convention) covers edges [y0 + 0.5, y1 + 0.5]
+    assert hm.patch_hits_boxes(0, 0, grid, image, [[1, 1, 2, 2]])
+    assert not hm.patch_hits_boxes(0, 0, grid, image, [[4.5, 1, 6, 2]])  # starts at edge 5
+    assert hm.patch_hits_boxes(0, 0, grid, image, [[4.4, 1, 6, 2]])
+    assert not hm.patch_hits_boxes(0, 0, grid, image, [[1, 4.5, 2, 6]])
+    assert hm.patch_hits_boxes(0, 0, grid, image, [[1, 4.4, 2, 6]])
+    assert hm.patch_hits_boxes(1, 1, grid, image, [[0, 0, 4.5, 4.5]])  # ends at edge 5: closed
+    assert not hm.patch_hits_boxes(1, 1, grid, image, [[0, 0, 4.4, 9]])
+    assert not hm.patch_hits_boxes(1, 1, grid, image, [[0, 0, 9, 4.4]])
+    assert not hm.patch_hits_boxes(0, 1, grid, image, [[1, 1, 2, 2]])  # right rows, wrong columns
+    assert not hm.patch_hits_boxes(1, 0, grid, image, [[1, 1, 2, 2]])  # right columns, wrong rows
+    assert hm.patch_hits_boxes(0, 1, grid, image, [[1, 1, 2, 2], [1, 7, 2, 8]])  # any box
+    assert not hm.patch_hits_boxes(0, 0, grid, image, np.zeros((0, 4)))
+    assert hm.patch_hits_boxes(0, 0, grid, image, np.array([1, 1, 2, 2]))  # one box, flat
+
+
+def test_pointing_game_by_hand():
+    grid, image = (2, 2), (10, 10)
+    box = np.array([[1.0, 1.0, 2.0, 2.0]])  # in cell (0, 0)
+    top = {"hit": (0, 0), "miss": (1, 1), "negative": (0, 0), "no_box": (0, 0), "empty": (0, 0)}
+    boxes = {"hit": box, "miss": box, "negative": box, "empty": np.zeros((0, 4))}
+    labels = {"hit": 1, "miss": 1, "negative": 0, "no_box": 1, "empty": 1}
+    result = hm.pointing_game(top, boxes, labels, grid_shape=grid, image_shape=image)
+    assert result == {"hits": 1, "evaluated": 2, "score": 0.5}
+    two_hits = hm.pointing_game(
+        {"a": (0, 0), "b": (0, 0), "c": (1, 0)},
+        {"a": box, "b": box, "c": box},
+        {"a": 1, "b": 1, "c": 1},
+        grid_shape=grid,
+        image_shape=image,
+    )
+    assert two_hits == {"hits": 2, "evaluated": 3, "score": pytest.approx(2 / 3)}
+    none = hm.pointing_game({"negative": (0, 0)}, boxes, labels, grid_shape=grid, image_shape=image)
+    assert none["hits"] == 0 and none["evaluated"] == 0 and math.isnan(none["score"])
+
+
+def test_render_heatmap_writes_a_png(tmp_path):
+    geometry = _geometry(True)
+    image = np.random.default_rng(2).uniform(size=(500, 400)).astype(np.float32)
+    path = tmp_path / "heat.png"
+    hm.render_heatmap(
+        path,
+        image,
+        np.full((6, 6), 0.3),
+        geometry,
+        outlines=[np.array([[150.0, 100.0], [200.0, 100.0], [200.0, 160.0]])],
+        top_box=np.array([100.0, 50.0, 150.0, 100.0]),
+        title="t",
+        max_side=200,
+    )
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="geometry says"):
+        hm.render_heatmap(path, image[:10], np.zeros((6, 6)), geometry)
