@@ -264,3 +264,80 @@ def test_random_shift_and_rotation_stay_within_the_papers_limits():
         assert math.hypot(dx, dy) == pytest.approx(20.0, abs=0.1)
         angles.append(math.degrees(math.atan2(dy, dx)))
     assert max(abs(a) for a in angles) <= 45.1 and max(abs(a) for a in angles) > 20
+
+
+# The paper (Sec. 3): "horizontal flip, shift of up to 0.1 of the width and height, rotation up
+# to 45 degrees, and a 50x50 box set to 0" at 227x227.
+PAPER = AugmentConfig(flip=True, max_shift=0.1, max_rotation=45.0, box_size=50, reference_size=227)
+
+
+def _zero_square(image):
+    """(top, left, height, width) of the zero pixels if they form one filled axis-aligned
+    rectangle, else None."""
+    zero = np.asarray(image)[..., 0] == 0
+    if not zero.any():
+        return None
+    rows, cols = np.flatnonzero(zero.any(1)), np.flatnonzero(zero.any(0))
+    h, w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    if zero.sum() != h * w:
+        return None
+    return int(rows[0]), int(cols[0]), int(h), int(w)
+
+
+def test_defaults_are_the_papers_augmentation():
+    import inspect
+
+    assert AugmentConfig() == PAPER
+    assert AugmentConfig().box_shape(227, 227) == (50, 50)
+    assert inspect.signature(augment).parameters["config"].default == PAPER
+    assert inspect.signature(train_dataset).parameters["config"].default == PAPER
+
+
+def test_default_stream_holds_one_50x50_zero_box_per_image():
+    """With the paper's box and flip (rotation and shift, whose fill also leaves zeros, off), every
+    training image of a constant non-zero value holds exactly one 50x50 zero square."""
+    import dataclasses
+
+    n = 6
+    images = np.full((n, 227, 227), 0.6, np.float32)
+    config = dataclasses.replace(AugmentConfig(), max_shift=0.0, max_rotation=0.0)
+    batches = _take(train_dataset(images, np.zeros(n), batch_size=3, seed=1, config=config), 4)
+    corners = set()
+    for batch in batches:
+        for image in batch["image"]:
+            square = _zero_square(image)
+            assert square is not None and square[2:] == (50, 50), square
+            assert np.all((image == 0) | (image == np.float32(0.6)))
+            corners.add(square[:2])
+    assert len(corners) > 1
+
+
+def test_each_image_is_augmented_differently_in_each_epoch():
+    """The augmentation seed follows the position in the stream, not the example: the same image
+    gets a new box (and flip, rotation, shift) every epoch."""
+    n = 10
+    values = (np.arange(n, dtype=np.float32) + 1) / (n + 1)
+    images = np.broadcast_to(values[:, None, None], (n, 64, 64)).copy()
+    box_only = AugmentConfig(flip=False, max_shift=0.0, max_rotation=0.0, box_size=50)
+    batches = _take(train_dataset(images, np.zeros(n), batch_size=5, seed=3, config=box_only), 4)
+    stream = np.concatenate([b["image"] for b in batches])  # 2 epochs of 10
+    corners = {}
+    for image in stream:
+        example = int(np.argmin(np.abs(values - image.max())))
+        square = _zero_square(image)
+        assert square is not None and square[2:] == (14, 14)
+        corners.setdefault(example, []).append(square[:2])
+    assert sorted(corners) == list(range(n))
+    for example, seen in corners.items():
+        assert len(seen) == 2 and seen[0] != seen[1], (example, seen)
+    # The full augmentation too: image 0 of epoch 1 differs from the same image in epoch 2.
+    random_images = np.random.default_rng(6).uniform(0, 1, (n, 32, 32)).astype(np.float32)
+    plain = _take(
+        train_dataset(random_images, np.arange(n), batch_size=5, seed=3, augment=False), 4
+    )
+    full = _take(train_dataset(random_images, np.arange(n), batch_size=5, seed=3), 4)
+    order = np.concatenate([b["label"] for b in plain])
+    augmented = np.concatenate([b["image"] for b in full])
+    for example in range(n):
+        first, second = np.flatnonzero(order == example)
+        assert not np.allclose(augmented[first], augmented[second]), example
