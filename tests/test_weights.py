@@ -19,6 +19,8 @@ import scipy.signal
 import torch
 import torch.nn.functional as F
 from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jax import lax
 
 from deepmil_jax import weights
@@ -706,3 +708,204 @@ def test_cli_damaged_h5_gives_one_line(tmp_path):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "alexnet_weights.h5" in lines[0] and "'nowhere'" in lines[0], lines
+
+
+# ------------------------------------------------------------------ property-based (issue 11)
+
+fuzz = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+_READERS = {
+    "keras_h5": weights.read_keras_h5,
+    "caffe_npy": weights.read_caffe_npy,
+    "torchvision": weights.read_torchvision,
+}
+
+
+def assert_params_or_weights_error(fmt: str, path: Path) -> None:
+    """A reader either gives finite float32 arrays or raises a WeightsError naming the file."""
+    try:
+        params = _READERS[fmt](path)
+    except WeightsError as e:
+        assert path.name in str(e) and "\n" not in str(e)
+        return
+    for layer in params.values():
+        for array in layer.values():
+            assert array.dtype == np.float32 and np.all(np.isfinite(array))
+
+
+@fuzz
+@given(
+    fmt=st.sampled_from(sorted(_READERS)),
+    prefix=st.sampled_from([b"", b"\x93NUMPY\x01\x00", b"\x89HDF\r\n\x1a\n", b"PK\x03\x04"]),
+    data=st.binary(max_size=300),
+)
+def test_fuzz_weight_readers_random_bytes(tmp_path, fmt, prefix, data):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(prefix + data)
+    assert_params_or_weights_error(fmt, path)
+
+
+@pytest.fixture(scope="module")
+def keras_template(workdir) -> bytes:
+    path = workdir / "template.h5"
+    write_keras_h5(path, 7, fc=False)
+    return path.read_bytes()
+
+
+small_shapes = st.lists(st.integers(0, 4), max_size=4).map(tuple)
+weight_dtypes = st.sampled_from(["f4", "f8", "f2", "i1", "u2", "S3", "c8", "?"])
+specials = st.sampled_from([None, np.nan, np.inf, -np.inf])
+
+
+def random_array(shape, dtype, special, seed) -> np.ndarray:
+    values = np.random.default_rng(seed).standard_normal(shape)
+    if special is not None and values.size:
+        values.flat[0] = special
+    with np.errstate(all="ignore"):
+        return values.astype(dtype)
+
+
+@fuzz
+@given(
+    layer=st.sampled_from(["conv_1", "conv_2_2", "conv_5_1", "dense_1", "model_weights"]),
+    kind=st.sampled_from(["dataset", "names", "array", "softlink", "subgroup", "empty"]),
+    names=st.one_of(
+        st.lists(st.sampled_from(["{}_W", "{}_b", "x", "", "a/b", "/conv_3/conv_3_W"]), max_size=3),
+        st.integers(),
+        st.lists(st.floats(), max_size=2),
+    ),
+    right_shape=st.booleans(),
+    shape=small_shapes,
+    dtype=weight_dtypes,
+    special=specials,
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_keras_h5_structure(
+    tmp_path, keras_template, layer, kind, names, right_shape, shape, dtype, special, seed
+):
+    path = tmp_path / "alexnet_weights.h5"
+    path.write_bytes(keras_template)
+    kernel_shape = {
+        "conv_1": (96, 3, 11, 11),
+        "conv_2_2": (128, 48, 5, 5),
+        "conv_5_1": (128, 192, 3, 3),
+        "dense_1": (9216, 4096),
+    }.get(layer)
+    with h5py.File(path, "a") as f:
+        if layer in f:
+            del f[layer]
+        if kind == "dataset":
+            f.create_dataset(layer, data=random_array(shape, dtype, special, seed))
+            return assert_params_or_weights_error("keras_h5", path)
+        g = f.create_group(layer)
+        if kind == "empty":
+            return assert_params_or_weights_error("keras_h5", path)
+        if kind == "names":
+            if isinstance(names, list) and all(isinstance(n, str) for n in names):
+                names = [n.format(layer).encode() for n in names]
+            g.attrs["weight_names"] = names
+        elif kind == "softlink":
+            g.attrs["weight_names"] = [f"{layer}_W".encode()]
+            g[f"{layer}_W"] = h5py.SoftLink("/nowhere")
+        elif kind == "subgroup":
+            g.attrs["weight_names"] = [f"{layer}_W".encode(), f"{layer}_b".encode()]
+            g.create_group(f"{layer}_W")
+        if kind in ("names", "array"):
+            if right_shape and kernel_shape is not None and layer != "dense_1":
+                kernel = random_array(kernel_shape, dtype, special, seed)
+            else:
+                kernel = random_array(shape, dtype, special, seed)
+            g.create_dataset(f"{layer}_W", data=kernel)
+            bias_shape = (kernel_shape or (3,))[0] if right_shape else shape[:1]
+            g.create_dataset(f"{layer}_b", data=random_array(bias_shape, "f4", None, seed))
+    assert_params_or_weights_error("keras_h5", path)
+
+
+@pytest.fixture(scope="module")
+def torchvision_template() -> dict:
+    state = torchvision_model(8).features.state_dict()
+    return {f"features.{k}": v.float() for k, v in state.items()}
+
+
+@fuzz
+@given(
+    key=st.sampled_from(["features.0.weight", "features.3.bias", "classifier.4.bias"]),
+    value=st.sampled_from(["tensor", "right", "str", "int", "none", "list", "dict", "numpy"]),
+    dtype=st.sampled_from(
+        [
+            torch.float16,
+            torch.bfloat16,
+            torch.float64,
+            torch.int8,
+            torch.bool,
+            torch.complex64,
+            torch.float32,
+        ]
+    ),
+    wrapper=st.sampled_from(["plain", "state_dict", "module", "list"]),
+    shape=small_shapes,
+    special=specials,
+)
+def test_fuzz_torchvision_state_dict(
+    tmp_path, torchvision_template, key, value, dtype, wrapper, shape, special
+):
+    state = dict(torchvision_template)
+    right = tuple(state[key].shape) if key in state else (4096,)
+    if value in ("tensor", "right"):
+        tensor = torch.randn(right if value == "right" else shape, dtype=torch.float64)
+        if special is not None and tensor.numel():
+            tensor.view(-1)[0] = special
+        state[key] = tensor.to(dtype)
+    else:
+        state[key] = {
+            "str": "w",
+            "int": 3,
+            "none": None,
+            "list": [1.0, 2.0],
+            "dict": {"a": 1},
+            "numpy": np.zeros(3),
+        }[value]
+    if wrapper == "state_dict":
+        state = {"state_dict": state, "epoch": 3}
+    elif wrapper == "module":
+        state = {f"module.{k}": v for k, v in state.items()}
+    elif wrapper == "list":
+        state = list(state.values())
+    path = tmp_path / "alexnet.pth"
+    torch.save(state, path)
+    assert_params_or_weights_error("torchvision", path)
+
+
+@fuzz
+@given(
+    layer=st.sampled_from(["conv1", "conv3", "fc6", b"conv2", b"\xff\xfe"]),
+    value=st.sampled_from(["pair", "right", "dict", "triple", "str", "none", "objects"]),
+    dtype=weight_dtypes,
+    shape=small_shapes,
+    special=specials,
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_caffe_npy_values(tmp_path, layer, value, dtype, shape, special, seed):
+    layers: dict = caffe_layers(9, fc=False)
+    name = layer.decode("utf-8", "replace") if isinstance(layer, bytes) else layer
+    right = {"conv1": (11, 11, 3, 96), "conv2": (5, 5, 48, 256), "conv3": (3, 3, 256, 384)}
+    w_shape = right.get(name, shape) if value == "right" else shape
+    w = random_array(w_shape, dtype, special, seed)
+    b = random_array(w_shape[-1:] if w_shape else (), "f4", None, seed)
+    if isinstance(layer, bytes):
+        layers.pop(name, None)
+    layers[layer] = {
+        "pair": [w, b],
+        "right": [w, b],
+        "dict": {b"weights": w, "biases": b},
+        "triple": (w, b, b),
+        "str": "W",
+        "none": None,
+        "objects": [np.array([1.0, "x"], dtype=object), b],
+    }[value]
+    path = tmp_path / "bvlc_alexnet.npy"
+    np.save(path, layers, allow_pickle=True)
+    assert_params_or_weights_error("caffe_npy", path)
