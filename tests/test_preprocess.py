@@ -643,3 +643,37 @@ def test_fuzz_dicom_header_values(tmp_path, fields, texts):
     except Exception:  # a value pydicom will not write; the raw-byte fuzz covers damaged files
         return
     assert_image_or_data_error(path)
+
+
+def test_clean_phantom_equals_an_independent_resize_of_its_crop():
+    """On a breast phantom with an exactly zero background, masking must change nothing: the
+    output is the anti-aliased resize of the raw crop. The mask is computed on every 2nd pixel
+    (1000 > mask_size 512), so without its dilation the breast's edge pixels between two mask
+    samples would be zeroed (about 640 output pixels change by up to 0.49)."""
+    import skimage.transform
+
+    H, W = 1000, 800
+    y, x = np.mgrid[0:H, 0:W]
+    cy, a, b = 500.0, 205.3, 402.7  # a half-ellipse on the left (chest-wall) edge
+    inside = ((y - cy) / a) ** 2 + (x / b) ** 2 <= 1.0
+    tissue = 0.45 + 0.4 * np.exp(-((y - cy) ** 2 + (x - 150) ** 2) / (2 * 120.0**2))
+    phantom = np.where(inside, tissue, 0.0)
+    out, geometry = preprocess_image(phantom.astype(np.float32))
+    assert not geometry.flipped and geometry.size == (227, 227)
+    # The crop is the breast's bounding box, known to within the mask's stride of 2 pixels.
+    rows, cols = np.flatnonzero(inside.any(1)), np.flatnonzero(inside.any(0))
+    box = np.array([rows[0], cols[0], rows[-1] + 1, cols[-1] + 1])
+    y0, x0, y1, x1 = geometry.crop
+    assert np.all(np.abs(np.array(geometry.crop) - box) < 2) and y0 <= box[0] and x0 <= box[1]
+    assert y1 >= box[2] and x1 >= box[3]
+    # Below 2 x 227 pixels per side there is no block averaging: one resize of the raw pixels.
+    # Same pixels, same linear filter: only float32 against float64 rounding differs (~1e-7).
+    reference = skimage.transform.resize(
+        phantom[y0:y1, x0:x1],
+        (227, 227),
+        order=1,
+        mode="edge",
+        anti_aliasing=True,
+        preserve_range=True,
+    )
+    np.testing.assert_allclose(out, reference, rtol=0, atol=1e-5)
