@@ -567,3 +567,15 @@ def test_fuzz_xml_reader_random_bytes(tmp_path, prefix, data):
         assert "7.xml" in str(e)
         return
     assert all(o.ndim == 2 and o.shape[1] == 2 and np.isfinite(o).all() for o in outlines)
+
+
+def test_xml_entity_declarations_are_refused(tmp_path):
+    """A billion-laughs plist must stay a DataError (plistlib refuses entity declarations)."""
+    laughs = "".join(f'<!ENTITY l{i} "{f"&l{i - 1};" * 10}">' for i in range(1, 10))
+    path = tmp_path / "8.xml"
+    path.write_text(
+        f'<?xml version="1.0"?><!DOCTYPE plist [<!ENTITY l0 "ha">{laughs}]>'
+        "<plist><dict><key>Images</key><string>&l9;</string></dict></plist>"
+    )
+    with pytest.raises(DataError, match=r"8.xml: unreadable XML.*entity"):
+        read_mass_outlines(path)
