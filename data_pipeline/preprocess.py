@@ -61,6 +61,7 @@ __all__ = [
     "PreprocessConfig",
     "mass_boxes",
     "outline_inside_fraction",
+    "outlines_inside",
     "preprocess_file",
     "preprocess_image",
     "read_image",
@@ -199,22 +200,21 @@ def outline_inside_fraction(outline_yx: np.ndarray, shape: tuple[int, int]) -> f
     return float(inside / np.prod(hi - lo))
 
 
-def mass_boxes(
-    geometry: Geometry, outlines: Sequence[np.ndarray], *, where: str = "image"
-) -> np.ndarray:
-    """Boxes (K, 4) float32 (y0, x0, y1, x1) in preprocessed pixels of the outlines that fit.
+def outlines_inside(
+    outlines: Sequence[np.ndarray], shape: tuple[int, int], *, where: str = "image"
+) -> tuple[np.ndarray, ...]:
+    """The outlines (each (P, 2) (y, x) in original pixels) that belong to an image of `shape`.
 
-    Each outline (P, 2) (y, x) in original pixels becomes `Geometry.box_from_original` (clipped to
-    the image). An outline with no points is skipped; one whose bounding box lies mostly outside
-    the original image (less than `MIN_OUTLINE_INSIDE`, one half, of it inside; see
-    `outline_inside_fraction`) is dropped with a warning naming `where`: clipping it would make a
-    box in the image's corner or edge that marks no lesion.
+    An outline with no points is skipped; one whose bounding box lies mostly outside the image
+    (less than `MIN_OUTLINE_INSIDE`, one half, of it inside; see `outline_inside_fraction`) is
+    dropped with a warning naming `where`: it is damaged or belongs to another image, and
+    clipping it would make a box in the image's corner or edge that marks no lesion.
     """
-    boxes = []
+    kept = []
     for i, outline in enumerate(outlines):
         if len(outline) == 0:
             continue
-        fraction = outline_inside_fraction(outline, geometry.original_shape)
+        fraction = outline_inside_fraction(outline, shape)
         if fraction < MIN_OUTLINE_INSIDE:
             q = _points(outline).reshape(-1, 2)
             logging.warning(
@@ -228,10 +228,23 @@ def mass_boxes(
                 q[:, 0].max(),
                 q[:, 1].min(),
                 q[:, 1].max(),
-                *geometry.original_shape,
+                *shape,
             )
             continue
-        boxes.append(geometry.box_from_original(outline))
+        kept.append(outline)
+    return tuple(kept)
+
+
+def mass_boxes(
+    geometry: Geometry, outlines: Sequence[np.ndarray], *, where: str = "image"
+) -> np.ndarray:
+    """Boxes (K, 4) float32 (y0, x0, y1, x1) in preprocessed pixels of the outlines that fit.
+
+    Each outline of `outlines_inside(outlines, geometry.original_shape, where=where)` becomes
+    `Geometry.box_from_original` (clipped to the image); the others are dropped with a warning.
+    """
+    kept = outlines_inside(outlines, geometry.original_shape, where=where)
+    boxes = [geometry.box_from_original(outline) for outline in kept]
     return np.array(boxes, np.float32).reshape(-1, 4)
 
 

@@ -437,7 +437,7 @@ def test_images_too_small_to_be_a_mammogram_are_refused(tmp_path):
 
 
 def test_mass_boxes_drop_outlines_mostly_outside_the_image(caplog):
-    from data_pipeline.preprocess import mass_boxes, outline_inside_fraction
+    from data_pipeline.preprocess import mass_boxes, outline_inside_fraction, outlines_inside
 
     shape = (100, 80)  # the image spans y in [-0.5, 99.5], x in [-0.5, 79.5]
     inside = np.array([[10.0, 10.0], [29.0, 19.0]])
@@ -460,6 +460,8 @@ def test_mass_boxes_drop_outlines_mostly_outside_the_image(caplog):
     assert len(dropped) == 2 and all(m.startswith("x.dcm: ") for m in dropped)
     assert "38%" in dropped[0] and "0%" in dropped[1]
     assert mass_boxes(g, []).shape == (0, 4)
+    kept = outlines_inside([inside, corner, half], shape, where="y.dcm")
+    assert len(kept) == 2 and kept[0] is inside and kept[1] is half
 
 
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
