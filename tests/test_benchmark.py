@@ -273,3 +273,130 @@ def test_train_and_eval_parts_need_no_tensorflow_or_dicom_stack():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train step (JAX)" in proc.stdout and "eval forward" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The PyTorch reference against formulas written in numpy (independent of both frameworks).
+
+
+def _bce_numpy(z, y):
+    z = np.asarray(z, np.float64)
+    return np.logaddexp(0.0, -z) * y + np.logaddexp(0.0, z) * (1 - y)
+
+
+def test_torch_reference_losses_match_the_papers_equations_in_numpy():
+    rng = np.random.default_rng(7)
+    z = rng.normal(0, 3, (5, 4, 3)).astype(np.float32)
+    y = np.array([1, 0, 1, 1, 0])
+    flat = z.reshape(5, -1).astype(np.float64)
+    zt, yt = torch.tensor(z), torch.tensor(y)
+    # Eq. 4: cross-entropy of the largest instance probability, mean over images
+    eq4 = np.mean(_bce_numpy(flat.max(1), y))
+    np.testing.assert_allclose(tr.max_pooling_loss(zt, yt).item(), eq4, rtol=1e-6)
+    # Eq. 6: the k largest instances take the image label, the others 0; mean over all instances
+    for k, top in [(1, 1), (5, 5), (12, 12), (0.25, 3), (0.3, 4), (0.2, 3)]:
+        ranked = -np.sort(-flat, axis=1)
+        targets = np.where(np.arange(12)[None, :] < top, y[:, None], 0)
+        eq6 = np.mean(_bce_numpy(ranked, targets))
+        np.testing.assert_allclose(tr.label_assign_loss(zt, yt, k).item(), eq6, rtol=1e-6)
+    # Eq. 7: Eq. 4 plus mu times the L1 norm of the instance probabilities, mean over images
+    probs = 1.0 / (1.0 + np.exp(-flat))
+    eq7 = np.mean(_bce_numpy(flat.max(1), y) + 0.3 * probs.sum(1))
+    np.testing.assert_allclose(tr.sparse_loss(zt, yt, 0.3).item(), eq7, rtol=1e-6)
+    np.testing.assert_allclose(tr.scheme_loss("sparse", zt, yt, mu=0.3).item(), eq7, rtol=1e-6)
+    np.testing.assert_allclose(tr.scheme_loss("alexnet", zt, yt).item(), eq4, rtol=1e-6)
+    np.testing.assert_allclose(
+        tr.scheme_loss("label_assign", zt, yt, k=5).item(),
+        np.mean(_bce_numpy(-np.sort(-flat, 1), np.where(np.arange(12) < 5, y[:, None], 0))),
+        rtol=1e-6,
+    )
+    net = tr.MILNet("max_pooling", backbone="torchvision")
+    squares = sum(float((p.detach().double().numpy() ** 2).sum()) for p in net.parameters())
+    np.testing.assert_allclose(tr.l2_penalty(net).item(), squares / 2, rtol=1e-5)
+
+
+def _conv_numpy(x, w, b, stride, pad, groups):
+    """NCHW convolution in float64: x (N, C, H, W), w (O, C / groups, k, k)."""
+    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    k = w.shape[-1]
+    win = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
+    cin, cout = x.shape[1] // groups, w.shape[0] // groups
+    outs = [
+        np.einsum(
+            "nchwij,ocij->nohw", win[:, g * cin : (g + 1) * cin], w[g * cout : (g + 1) * cout]
+        )
+        for g in range(groups)
+    ]
+    return np.concatenate(outs, axis=1) + b[None, :, None, None]
+
+
+def _pool_numpy(x):
+    win = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(2, 3))[:, :, ::2, ::2]
+    return win.max(axis=(-2, -1))
+
+
+def _lrn_nchw(x, k, alpha, beta):
+    sq = np.pad(x**2, ((0, 0), (2, 2), (0, 0), (0, 0)))
+    return x / (k + alpha * sum(sq[:, i : i + x.shape[1]] for i in range(5))) ** beta
+
+
+# (kernel, stride, pad, groups) of conv1..conv5: Krizhevsky et al. / BVLC, and torchvision
+_ALEXNET = {
+    "caffe": [(11, 4, 0, 1), (5, 1, 2, 2), (3, 1, 1, 1), (3, 1, 1, 2), (3, 1, 1, 2)],
+    "torchvision": [(11, 4, 2, 1), (5, 1, 2, 1), (3, 1, 1, 1), (3, 1, 1, 1), (3, 1, 1, 1)],
+}
+# grey input repeated in 3 channels: x * scale - mean, / std, per channel
+_NORMALISE = {
+    "caffe": (255.0, [123.68, 116.779, 103.939], [1.0, 1.0, 1.0]),  # convnets-keras
+    "torchvision": (1.0, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+}
+
+
+def _milnet_numpy(params, images, backbone, lrn):
+    """The deep MIL network in numpy: AlexNet features, then 1x1 convolutions (hidden + logit)."""
+    scale, mean, std = _NORMALISE[backbone]
+    x = (np.repeat(images, 3, axis=1) * scale - np.array(mean)[None, :, None, None]) / np.array(
+        std
+    )[None, :, None, None]
+    norm = {
+        "keras": lambda v: _lrn_nchw(v, 2.0, 1e-4, 0.75),  # after the pooling
+        "caffe": lambda v: _lrn_nchw(v, 1.0, 1e-4 / 5, 0.75),  # before it
+    }.get(lrn)
+    for i, (k, s, p, g) in enumerate(_ALEXNET[backbone]):
+        x = np.maximum(_conv_numpy(x, *params[f"convs.{i}"], s, p, g), 0.0)
+        if i in (0, 1):
+            if lrn == "caffe":
+                x = _pool_numpy(norm(x))
+            elif lrn == "keras":
+                x = norm(_pool_numpy(x))
+            else:
+                x = _pool_numpy(x)
+    x = _pool_numpy(x)
+    j = 0
+    while f"hidden.{j}" in params:
+        x = np.maximum(_conv_numpy(x, *params[f"hidden.{j}"], 1, 0, 1), 0.0)
+        j += 1
+    return _conv_numpy(x, *params["logit"], 1, 0, 1)[:, 0]
+
+
+@pytest.mark.parametrize(
+    "backbone, lrn, hidden",
+    [("caffe", "keras", ()), ("caffe", "caffe", (4,)), ("torchvision", None, ())],
+)
+def test_torch_reference_network_matches_numpy(backbone, lrn, hidden):
+    net = tr.MILNet("label_assign", backbone=backbone, head_hidden=hidden, lrn=lrn).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # large weights, so that the LRN's denominators matter
+        for p in net.parameters():
+            fan_in = p[0].numel() if p.ndim > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 2.0 / math.sqrt(fan_in))
+    params = {}
+    for name, p in net.named_parameters():
+        layer, kind = name.rsplit(".", 1)
+        params.setdefault(layer, [None, None])[kind == "bias"] = p.detach().double().numpy()
+    images = np.random.default_rng(8).random((2, 1, 99, 99))
+    expected = _milnet_numpy(params, images, backbone, lrn)
+    with torch.no_grad():
+        got = net(torch.from_numpy(images.astype(np.float32))).numpy()
+    assert got.shape == expected.shape == (2, 2, 2)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
