@@ -363,6 +363,7 @@ def _milnet_numpy(params, images, backbone, lrn):
         "caffe": lambda v: _lrn_nchw(v, 1.0, 1e-4 / 5, 0.75),  # before it
     }.get(lrn)
     for i, (k, s, p, g) in enumerate(_ALEXNET[backbone]):
+        assert params[f"convs.{i}"][0].shape[-2:] == (k, k)
         x = np.maximum(_conv_numpy(x, *params[f"convs.{i}"], s, p, g), 0.0)
         if i in (0, 1):
             if lrn == "caffe":
