@@ -198,6 +198,8 @@ def render_heatmap(
       alpha: opacity of the overlay.
       cmap: matplotlib colormap of the overlay.
     """
+    # pragma: no mutate block, drawing only (colours, widths, layout); the geometry it draws is
+    # instance_map_to_original's, which is mutation-tested
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D

@@ -291,3 +291,15 @@ def test_l2_penalty():
 def test_docstrings_document_shapes_and_equations():
     doc = dm.label_assign_loss.__doc__
     assert "Eq. 5-6" in doc and "(N, H, W)" in doc and "Example" in doc
+
+
+def test_l2_penalty_is_a_float32_scalar_for_any_params():
+    """Docstring: a scalar in float32 at least; no floating leaf gives 0."""
+    none = dm.l2_penalty({"step": jnp.array(7, jnp.int32)})
+    assert none.shape == () and none.dtype == jnp.float32 and float(none) == 0.0
+    assert dm.l2_penalty({}).dtype == jnp.float32
+    # bfloat16 parameters are squared and summed in float32: 1 + 2^-7 squares exactly in float32
+    # (1 + 2^-6 + 2^-14) but rounds to 1 + 2^-6 in bfloat16.
+    half = dm.l2_penalty({"w": jnp.full((4,), 1 + 2**-7, jnp.bfloat16)})
+    assert half.dtype == jnp.float32
+    assert float(half) == 0.5 * 4 * (1 + 2**-7) ** 2
