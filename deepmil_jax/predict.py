@@ -47,6 +47,7 @@ from data_pipeline.preprocess import (
     RASTER_SUFFIXES,
     Geometry,
     PreprocessConfig,
+    outlines_inside,
     preprocess_file,
     read_image,
 )
@@ -176,12 +177,15 @@ def find_mass_xml(
     return next((c for c in candidates if c.is_file()), None)
 
 
-def _mass_outlines(image: Path, xml_dir: str | os.PathLike | None) -> tuple[np.ndarray, ...]:
+def _mass_outlines(
+    image: Path, xml_dir: str | os.PathLike | None, shape: tuple[int, int]
+) -> tuple[np.ndarray, ...]:
+    """The image's mass outlines, without those mostly outside its ``shape`` (with a warning)."""
     xml = find_mass_xml(image, xml_dir)
     if xml is None:
         return ()
     try:
-        return read_mass_outlines(xml)
+        return outlines_inside(read_mass_outlines(xml), shape, where=str(xml))
     except DataError as e:
         logging.warning("%s; drawing the heatmap without outlines.", e)
         return ()
@@ -319,7 +323,7 @@ def _draw(pred: Prediction, max_side: int, xml_dir: str | os.PathLike | None) ->
         original,
         heatmap.sigmoid(pred.instance_logits),
         pred.geometry,
-        outlines=_mass_outlines(Path(pred.file), xml_dir),
+        outlines=_mass_outlines(Path(pred.file), xml_dir, original.shape),
         top_box=np.array([y0, x0, y1, x1], np.float64),
         title=f"{Path(pred.file).name}\nmalignancy probability {pred.probability:.3f}",
         max_side=max_side,

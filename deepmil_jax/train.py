@@ -323,17 +323,20 @@ class Trainer:
         )
         self._predict = jax.jit(self._predict_impl, compiler_options=options)
 
-    def _train_step_impl(self, state, rest, images, labels, step):
+    def loss(self, params, rest, images, labels, step) -> tuple[jax.Array, jax.Array]:
+        """(the paper's objective: data term + lambda/2 ||theta||^2, the data term alone) of a
+        training batch; dropout is seeded by ``step``."""
         dropout_key = jax.random.fold_in(jax.random.key(self.config.seed + 2), step)
+        model = nnx.merge(self.train_graph, params, rest, copy=True)
+        nnx.reseed(model, dropout=dropout_key)
+        logits = model(images).astype(jnp.float32)
+        data_loss = scheme_loss(self.config, logits, labels)
+        return data_loss + self.config.lam * losses.l2_penalty(params), data_loss
 
-        def loss_fn(params):
-            model = nnx.merge(self.train_graph, params, rest, copy=True)
-            nnx.reseed(model, dropout=dropout_key)
-            logits = model(images).astype(jnp.float32)
-            data_loss = scheme_loss(self.config, logits, labels)
-            return data_loss + self.config.lam * losses.l2_penalty(params), data_loss
-
-        (loss, data_loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    def _train_step_impl(self, state, rest, images, labels, step):
+        (loss, data_loss), grads = jax.value_and_grad(self.loss, has_aux=True)(
+            state["params"], rest, images, labels, step
+        )
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         return {"params": params, "opt_state": opt_state}, {"loss": loss, "data_loss": data_loss}

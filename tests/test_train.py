@@ -1,5 +1,6 @@
 """The training program: end to end, data parallelism, resume, preemption, divergence, flags."""
 
+import csv
 import dataclasses
 import json
 import os
@@ -16,7 +17,7 @@ from flax import nnx
 
 from deepmil_jax import train
 from deepmil_jax.checkpoints import RunCheckpoints
-from deepmil_jax.errors import ConfigError
+from deepmil_jax.errors import ConfigError, DeepMILError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,8 +69,22 @@ def test_end_to_end_learns_the_synthetic_lesions(tmp_path):
     )
     results = train.train_and_evaluate(config, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert saved["test"]["auc"] == pytest.approx(results["test"]["auc"])
     assert set(saved) == {"config", "best_epoch", "validation", "test"}
+    # the reported numbers, recomputed from the prediction CSVs with independent formulas: the
+    # threshold maximises Youden's J on the *validation* predictions, the test metrics use it
+    val_labels, val_probs = _labels_and_probs(tmp_path / "run" / "validation_predictions.csv")
+    test_labels, test_probs = _labels_and_probs(tmp_path / "run" / "test_predictions.csv")
+    threshold = _youden_threshold(val_labels, val_probs)
+    assert saved["test"]["threshold"] == pytest.approx(threshold, abs=2e-6)
+    predicted = test_probs >= threshold
+    pos, neg = test_labels == 1, test_labels == 0
+    assert saved["test"]["sensitivity"] == pytest.approx(predicted[pos].mean())
+    assert saved["test"]["specificity"] == pytest.approx((~predicted[neg]).mean())
+    assert saved["test"]["accuracy"] == pytest.approx((predicted == pos).mean())
+    assert saved["test"]["auc"] == pytest.approx(_pairwise_auc(test_labels, test_probs), abs=1e-5)
+    assert saved["validation"]["auc"] == pytest.approx(
+        _pairwise_auc(val_labels, val_probs), abs=1e-5
+    )
     assert set(saved["test"]) == {"auc", "accuracy", "sensitivity", "specificity", "threshold"}
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [h["epoch"] for h in history] == list(range(1, 6))
@@ -77,6 +92,29 @@ def test_end_to_end_learns_the_synthetic_lesions(tmp_path):
     assert saved["best_epoch"] == best["epoch"]
     assert saved["validation"]["auc"] == pytest.approx(best["validation_auc"], abs=1e-6)
     assert results["test"]["auc"] > 0.75, results
+
+
+def _labels_and_probs(path):
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return np.array([int(r["label"]) for r in rows]), np.array(
+        [float(r["probability"]) for r in rows]
+    )
+
+
+def _youden_threshold(labels, probs):
+    """The highest threshold t among those maximising TPR - FPR of "positive iff p >= t"."""
+    best_j, best_t = -np.inf, 1.0
+    for t in sorted(set(probs.tolist()), reverse=True):
+        j = np.mean(probs[labels == 1] >= t) - np.mean(probs[labels == 0] >= t)
+        if j > best_j + 1e-12:
+            best_j, best_t = j, t
+    return best_t
+
+
+def _pairwise_auc(labels, probs):
+    pairs = [(p > n) + 0.5 * (p == n) for p in probs[labels == 1] for n in probs[labels == 0]]
+    return float(np.mean(pairs))
 
 
 def _latest(config, workdir):
@@ -99,7 +137,12 @@ def test_resume_gives_the_same_parameters_and_metrics(tmp_path, data_dir):
     straight, straight_meta = _run_and_params(config, tmp_path / "straight")
     train.train_and_evaluate(dataclasses.replace(config, epochs=1), tmp_path / "resumed")
     resumed, resumed_meta = _run_and_params(config, tmp_path / "resumed")
-    _assert_same_params(straight, resumed, rtol=1e-6, atol=1e-7)
+    _assert_same_params(straight, resumed, rtol=0, atol=0)
+    # fewer epochs than a finished run trained: refused, nothing rewritten
+    before = (tmp_path / "straight" / "results.json").read_bytes()
+    with pytest.raises(ConfigError, match="--epochs=1: .* has already trained 2 epochs"):
+        train.train_and_evaluate(dataclasses.replace(config, epochs=1), tmp_path / "straight")
+    assert (tmp_path / "straight" / "results.json").read_bytes() == before
     for a, b in zip(straight_meta["history"], resumed_meta["history"], strict=True):
         a.pop("train_images_per_sec"), b.pop("train_images_per_sec")
         assert a == pytest.approx(b, rel=1e-5)
@@ -127,7 +170,10 @@ def test_sigterm_saves_and_resumes_mid_epoch(tmp_path, data_dir, monkeypatch):
     monkeypatch.setattr(train.Trainer, "train_step", original)
     resumed, meta = _run_and_params(config, tmp_path / "preempted")
     assert meta["epoch"] == 1
-    _assert_same_params(straight, resumed, rtol=1e-6, atol=1e-7)
+    _assert_same_params(straight, resumed, rtol=0, atol=0)
+    # the resumed epoch's train_loss averages all its steps, not only those after the resume
+    _, straight_meta = _latest(config, tmp_path / "straight")
+    assert meta["history"][0]["train_loss"] == straight_meta["history"][0]["train_loss"]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
@@ -207,6 +253,11 @@ def test_batch_must_divide_over_devices(tmp_path):
         ({"init": "pretrained"}, "--init"),
         ({"dataset": "inbreast"}, "--manual_dir"),
         ({"precision": "fp16"}, "--precision"),
+        ({"k": 37}, "--k: 37 is more than the 36 instances"),
+        ({"image_size": 10}, "--image_size: 10 is too small"),
+        ({"mu": -1e-5}, "--mu"),
+        ({"weight_decay": -1.0}, "--weight_decay"),
+        ({"head_hidden": (0,)}, "--head_hidden"),
     ],
 )
 def test_bad_config_names_the_flag(changes, flag):
@@ -320,3 +371,65 @@ def test_alexnet_baseline_trains_with_dropout():
     np.testing.assert_array_equal(out["index"], [0, 0, 1, 1])
     np.testing.assert_array_equal(logits[0], logits[1])
     np.testing.assert_array_equal(logits[2], logits[3])
+
+
+def test_a_run_that_fails_early_does_not_lock_its_workdir(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match="--k"):
+        train.train_and_evaluate(dataclasses.replace(SMALL, k=5, data_dir=data_dir), workdir)
+    bad_data = dataclasses.replace(SMALL, dataset="folder", manual_dir=str(tmp_path / "nothing"))
+    with pytest.raises(DeepMILError):
+        train.train_and_evaluate(bad_data, workdir)
+    assert not (workdir / "config.json").exists()
+
+
+def test_settings_are_compared_canonically(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = dataclasses.replace(SMALL, manual_dir=f"{tmp_path}/x/", data_dir="data//d/")
+    b = dataclasses.replace(SMALL, manual_dir=f"{tmp_path}/x", data_dir=str(tmp_path / "data/d"))
+    assert a.canonical() == b.canonical()
+    assert a.canonical().to_json() == json.loads(json.dumps(b.canonical().to_json()))
+    assert (
+        dataclasses.replace(SMALL, k=6).canonical() == dataclasses.replace(SMALL, k=6.0).canonical()
+    )
+
+
+@pytest.mark.parametrize(
+    "text, why", [("{not json", "cannot be read"), ('{"scheme": "sparse", "extra": 1}', "extra")]
+)
+def test_a_broken_config_json_is_one_clear_error(tmp_path, text, why):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=why):
+        train.load_trained(tmp_path)
+
+
+def test_weight_decay_adds_exactly_lam_times_params_to_the_gradient():
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 99, 99, 1), dtype=np.float32)
+    labels = np.array([1, 0, 1, 0], np.int32)
+    grads = {}
+    for lam in (0.0, 0.5):
+        trainer = train.Trainer(dataclasses.replace(SMALL, weight_decay=lam), train.make_mesh())
+        params = trainer.state["params"]
+        grads[lam] = jax.grad(lambda p, t=trainer: t.loss(p, t.rest, images, labels, 0)[0])(params)
+    # both trainers start from the same seed, so the parameters are the same
+    flat = _params({"params": params})
+    zero, decayed = (_params({"params": grads[lam]}) for lam in (0.0, 0.5))
+    for key in flat:
+        np.testing.assert_allclose(decayed[key] - zero[key], 0.5 * flat[key], rtol=1e-4, atol=1e-6)
+
+
+def test_evaluation_probability_is_the_sigmoid_of_the_max_instance_logit():
+    config = dataclasses.replace(SMALL, scheme="label_assign", image_size=131)  # a 3x3 grid
+    trainer = train.Trainer(config, train.make_mesh())
+    rng = np.random.default_rng(1)
+    images = rng.random((5, 131, 131, 1), dtype=np.float32)
+    images[:, 40:80, 50:90] += 2.0  # a bright region, so the instances differ
+    batch = {"image": images, "mask": np.ones(5, bool), "index": np.arange(5)}
+    out = trainer.predict([batch])
+    model = nnx.merge(trainer.eval_graph, trainer.state["params"], trainer.rest)
+    logits = np.asarray(model(images)).reshape(5, -1)
+    assert np.ptp(logits, axis=1).min() > 0.1  # max, mean and any other pooling differ here
+    # jitted (CPU compiler options) and eager convolutions round differently, by ~1e-5
+    np.testing.assert_allclose(out["instance_logits"].reshape(5, -1), logits, atol=5e-5)
+    np.testing.assert_allclose(out["probability"], 1 / (1 + np.exp(-logits.max(axis=1))), atol=2e-5)
