@@ -7,7 +7,7 @@ each batch split along the batch axis, one jitted train step. With --distributed
 (Cloud TPU pods, multi-node GPU) train together, each process feeding its own shard of the data.
 
 The workdir receives: split.json (fold membership), metrics.jsonl and TensorBoard events (one line
-and one point per epoch), checkpoints/latest and checkpoints/best (Orbax), results.json and the
+and one point per epoch), checkpoints/<step> (deepmil_jax.checkpoints), results.json and the
 validation and test predictions as CSV. Re-running with the same workdir resumes.
 """
 

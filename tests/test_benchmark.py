@@ -401,3 +401,24 @@ def test_torch_reference_network_matches_numpy(backbone, lrn, hidden):
         got = net(torch.from_numpy(images.astype(np.float32))).numpy()
     assert got.shape == expected.shape == (2, 2, 2)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--batch_size=0", "--batch_size must be positive"),
+        ("--k=37", "--k: 37 is more than the 36 instances"),
+        ("--image_size=10", "--image_size: 10 is too small"),
+        ("--head_hidden=x", "--head_hidden"),
+    ],
+)
+def test_bad_flags_are_one_line_before_any_work(flag, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepmil_jax.benchmark", flag, "--parts=train", "--notorch"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr

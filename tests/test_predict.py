@@ -3,6 +3,7 @@ fake detector, so it tests the mapping and not learning), the CLI's predictions.
 model called directly, bad files, and the pointing game against hand-computed cases."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -407,3 +408,38 @@ def test_evaluate_reports_the_pointing_game(tmp_path):
     # The grid of the models: 2x2 for 99-pixel images, 6x6 for the paper's 227.
     assert train.grid_shape(train.Config(image_size=99)) == (2, 2)
     assert train.grid_shape(train.Config(image_size=227, scheme="sparse")) == (6, 6)
+
+
+def test_evaluate_reuses_only_a_run_with_the_same_settings(tmp_path, monkeypatch):
+    from deepmil_jax import train
+
+    config = train.Config(scheme="label_assign", k=6, image_size=99, data_dir=str(tmp_path))
+    run_dir = tmp_path / "cv" / "label_assign" / "fold0"
+    run_dir.mkdir(parents=True)
+    finished = {"config": config.canonical().to_json(), "test": {"auc": 0.9}}
+    (run_dir / "results.json").write_text(json.dumps(finished))
+    trained = []
+
+    def fake_train(cfg, workdir):
+        trained.append((cfg.k, Path(workdir)))
+        return {"config": cfg.to_json(), "test": {"auc": 0.5}}
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+    same = evaluate.cross_validate(config, ["label_assign"], [0], tmp_path / "cv")
+    assert trained == [] and same["label_assign"][0]["test"]["auc"] == 0.9
+    # --k=2 after a k=6 run: the k=6 numbers are not reported as k=2's
+    other = evaluate.cross_validate(
+        dataclasses.replace(config, k=2), ["label_assign"], [0], tmp_path / "cv"
+    )
+    assert trained == [(2.0, run_dir)] and other["label_assign"][0]["test"]["auc"] == 0.5
+
+
+def test_cli_bad_max_side_is_refused_before_predicting(tmp_path, workdir):
+    image = tmp_path / "x.png"
+    skimage.io.imsave(image, np.zeros((64, 64), np.uint8), check_contrast=False)
+    done = _cli(
+        f"--checkpoint={workdir}", "--max_side=0", f"--output={tmp_path / 'o'}", image, cwd=tmp_path
+    )
+    assert done.returncode != 0
+    assert "--max_side must be at least 16" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "o").exists()
