@@ -134,3 +134,40 @@ def test_write_split_records_file_ids_and_reads_back(tmp_path):
         assert np.array_equal(getattr(again, name), getattr(split, name))
     with pytest.raises(DataError, match="not in the dataset"):
         read_split(path, file_ids[:10])
+
+
+def test_write_split_checks_indices_and_writes_readable_json(tmp_path):
+    from pathlib import Path
+
+    from data_pipeline.folds import Split
+
+    ids = np.array(["a", "b", "c"])
+
+    def split(*test):
+        return Split(train=np.array([0]), validation=np.array([1]), test=np.array(test))
+
+    with pytest.raises(DataError, match="go up to 3"):
+        write_split(split(3), ids, tmp_path / "x.json")  # index n: one past the end
+    with pytest.raises(DataError, match="file ids"):
+        write_split(split(-1), ids, tmp_path / "x.json")  # negative, with max < n
+    # deep folders are created, the file can be rewritten, and metadata need not be JSON types
+    path = tmp_path / "runs" / "fold2" / "split.json"
+    for _ in range(2):
+        write_split(split(2), ids, path, metadata={"data_dir": Path("/d"), "seed": np.int64(3)})
+    text = path.read_text()
+    assert text.endswith("}\n") and text.splitlines()[1] == '  "train": ['
+    payload = json.loads(text)
+    assert payload["data_dir"] == "/d" and payload["seed"] == "3"
+    assert payload["counts"] == {"train": 1, "validation": 1, "test": 1}
+
+
+def test_read_split_gives_int64_indices_also_for_an_empty_part(tmp_path):
+    from data_pipeline.folds import Split
+
+    ids = np.array(["a", "b", "c"])
+    empty = Split(train=np.array([2, 0]), validation=np.array([], np.int64), test=np.array([1]))
+    back = read_split(write_split(empty, ids, tmp_path / "s.json"), ids)
+    for name in ("train", "validation", "test"):
+        assert getattr(back, name).dtype == np.int64
+    np.testing.assert_array_equal(back.train, [0, 2])
+    assert back.validation.size == 0

@@ -167,7 +167,8 @@ def test_patch_hits_boxes_at_the_edges():
 def test_pointing_game_by_hand():
     grid, image = (2, 2), (10, 10)
     box = np.array([[1.0, 1.0, 2.0, 2.0]])  # in cell (0, 0)
-    top = {"hit": (0, 0), "miss": (1, 1), "negative": (0, 0), "no_box": (0, 0), "empty": (0, 0)}
+    # skipped images (negative, no box, empty box list) come first: they must not end the count
+    top = {"negative": (0, 0), "no_box": (0, 0), "empty": (0, 0), "hit": (0, 0), "miss": (1, 1)}
     boxes = {"hit": box, "miss": box, "negative": box, "empty": np.zeros((0, 4))}
     labels = {"hit": 1, "miss": 1, "negative": 0, "no_box": 1, "empty": 1}
     result = hm.pointing_game(top, boxes, labels, grid_shape=grid, image_shape=image)
@@ -201,3 +202,9 @@ def test_render_heatmap_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="geometry says"):
         hm.render_heatmap(path, image[:10], np.zeros((6, 6)), geometry)
+
+
+def test_box_to_pixel_slice_takes_an_image_shape_with_channels():
+    box = (0.5, 0.4, 2.5, 30.0)
+    assert hm.box_to_pixel_slice(box, (10, 12, 3)) == hm.box_to_pixel_slice(box, (10, 12))
+    assert hm.box_to_pixel_slice(box, (10, 12, 3)) == (0, 0, 2, 12)

@@ -107,3 +107,15 @@ def test_choose_threshold_edge_cases():
     # a classifier that is always wrong: the best cut predicts nothing positive, threshold 1.0
     assert choose_threshold(np.array([0, 1]), np.array([0.9, 0.1])) == 1.0
     assert isinstance(choose_threshold(np.array([0, 1]), np.array([0.2, 0.8])), float)
+
+
+def test_one_class_metrics_are_nan_without_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of an empty slice", no undefined-AUC warning
+        for labels in (np.zeros(3), np.ones(3)):
+            m = binary_metrics(labels, np.array([0.1, 0.6, 0.7]), 0.5)
+            assert math.isnan(m["auc"])
+            assert math.isnan(m["sensitivity"]) == (labels[0] == 0)
+            assert math.isnan(m["specificity"]) == (labels[0] == 1)
