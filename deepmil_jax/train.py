@@ -350,8 +350,16 @@ class Trainer:
         return jax.make_array_from_process_local_data(self.data_sharding, batch)
 
     def train_step(self, batch: dict[str, np.ndarray], step: int) -> dict[str, jax.Array]:
+        """One optimiser step on this process's part of a batch (numpy); returns the losses."""
         images = self.to_global(batch["image"])
         labels = self.to_global(batch["label"].astype(np.int32))
+        return self.step_on_devices(images, labels, step)
+
+    def step_on_devices(
+        self, images: jax.Array, labels: jax.Array, step: int
+    ) -> dict[str, jax.Array]:
+        """The jitted step on a batch already sharded over the mesh (``to_global``): updates the
+        state, returns ``{"loss", "data_loss"}`` without waiting for them."""
         self.state, out = self._train_step(self.state, self.rest, images, labels, step)
         return out
 
