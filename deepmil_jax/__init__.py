@@ -1,19 +1,10 @@
 """deepmil-jax: Deep Multi-instance Networks with Sparse Label Assignment (Zhu et al., MICCAI 2017).
 
-The MIL losses are re-exported here; the models live in ``deepmil_jax.models`` and the programs
-users run are ``python -m deepmil_jax.train``, ``evaluate``, ``predict``, ``convert_weights`` and
-``benchmark``.
+The MIL losses are re-exported here (``dm.label_assign_loss``, ...); the models live in
+``deepmil_jax.models`` and the programs users run are ``python -m deepmil_jax.train``,
+``evaluate``, ``predict``, ``convert_weights`` and ``benchmark``. The losses are loaded on first
+use, so that a program answers ``--help`` before JAX is imported.
 """
-
-from deepmil_jax.losses import (
-    POOLINGS,
-    bag_logits,
-    l2_penalty,
-    label_assign_loss,
-    max_pooling_loss,
-    num_top_instances,
-    sparse_loss,
-)
 
 __all__ = [
     "POOLINGS",
@@ -25,3 +16,15 @@ __all__ = [
     "sparse_loss",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from deepmil_jax import losses
+
+        return getattr(losses, name)
+    raise AttributeError(f"module 'deepmil_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

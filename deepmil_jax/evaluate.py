@@ -17,15 +17,21 @@ image, ``deepmil_jax.heatmap.cell_box``) overlaps a mass box. The mass boxes com
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # flags and --help are answered before JAX and TensorFlow load
+    from deepmil_jax import config as _settings
+
+    _settings.parse_flags_early(_settings.Config, _settings.Launch, _settings.CrossValidation)
+
 import csv
 import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
-from absl import flags, logging
+from absl import logging
 
 from deepmil_jax import heatmap, train
+from deepmil_jax.config import Config, CrossValidation, Launch, from_flags
 from deepmil_jax.errors import ConfigError
 
 # The paper's Table 1 (INbreast, 5-fold cross-validation), for comparison in the report.
@@ -37,16 +43,8 @@ NAMES = {
     "sparse": "Deep MIL, sparse",
 }
 
-flags.DEFINE_list(
-    "schemes", list(train.SCHEMES), "Schemes to cross-validate (--scheme is ignored here)."
-)
-flags.DEFINE_list("folds", [], "Folds to run; default all of 0..num_folds-1.")
-FLAGS = flags.FLAGS
 
-
-def cross_validate(
-    config: train.Config, schemes: list[str], folds: list[int], workdir: Path
-) -> dict:
+def cross_validate(config: Config, schemes: list[str], folds: list[int], workdir: Path) -> dict:
     """Runs (or reuses) every scheme x fold and returns the per-fold test results by scheme."""
     results: dict[str, list[dict]] = {}
     for scheme in schemes:
@@ -100,7 +98,7 @@ def localization(
     )
 
 
-def add_localization(config: train.Config, results: dict[str, list[dict]]) -> None:
+def add_localization(config: Config, results: dict[str, list[dict]]) -> None:
     """Adds ``"localization"`` (``localization``'s dict, or None for the alexnet scheme, which has
     one instance) to every run of ``results``, loading the dataset's mass boxes once."""
     examples = None
@@ -265,21 +263,20 @@ def plot_roc(scheme: str, runs: list[dict], path: Path) -> None:
 
 
 def _main() -> None:
-    config = train.config_from_flags()
-    unknown = [s for s in FLAGS.schemes if s not in train.SCHEMES]
+    launch = from_flags(Launch)
+    train.initialize_distributed(launch)
+    config, chosen = from_flags(Config), from_flags(CrossValidation)
+    unknown = [s for s in chosen.schemes if s not in train.SCHEMES]
     if unknown:
         raise ConfigError(f"--schemes: unknown {unknown}; choose from {', '.join(train.SCHEMES)}.")
-    try:
-        folds = [int(f) for f in FLAGS.folds] or list(range(config.num_folds))
-    except ValueError as e:
-        raise ConfigError(f"--folds: {FLAGS.folds} is not a list of integers.") from e
-    for scheme in FLAGS.schemes:  # every flag checked before the first run trains
+    folds = list(chosen.folds) or list(range(config.num_folds))
+    for scheme in chosen.schemes:  # every flag checked before the first run trains
         dataclasses.replace(config, scheme=scheme).canonical().validate()
     for fold in folds:
         dataclasses.replace(config, fold=fold).validate()
     # Absolute: Orbax refuses relative checkpoint paths.
-    workdir = Path(FLAGS.workdir or "runs/cv").expanduser().absolute()
-    results = cross_validate(config, FLAGS.schemes, folds, workdir)
+    workdir = Path(launch.workdir or "runs/cv").expanduser().absolute()
+    results = cross_validate(config, list(chosen.schemes), folds, workdir)
     add_localization(config, results)
     table = summarize(results)
     write_report(table, results, workdir)

@@ -30,21 +30,25 @@ either way, and the exit status is non-zero when any file could not be predicted
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # flags and --help are answered before JAX and TensorFlow load
+    from deepmil_jax import config as _settings
+
+    _settings.parse_flags_early(_settings.Predict)
+
 import csv
 import dataclasses
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from absl import flags, logging
+from absl import logging
 from tqdm import tqdm
 
 from data_pipeline.errors import DataError
-from data_pipeline.inbreast import read_mass_outlines
+from data_pipeline.inbreast import file_id_of, read_mass_outlines
+from data_pipeline.inbreast import image_files as find_images
 from data_pipeline.preprocess import (
-    DICOM_SUFFIXES,
-    RASTER_SUFFIXES,
     Geometry,
     PreprocessConfig,
     outlines_inside,
@@ -52,6 +56,7 @@ from data_pipeline.preprocess import (
     read_image,
 )
 from deepmil_jax import heatmap
+from deepmil_jax.config import Predict, from_flags
 
 __all__ = [
     "CSV_COLUMNS",
@@ -63,7 +68,6 @@ __all__ = [
     "write_csv",
 ]
 
-IMAGE_SUFFIXES = DICOM_SUFFIXES | RASTER_SUFFIXES
 CSV_COLUMNS = (
     "file",
     "probability",
@@ -135,30 +139,6 @@ class Prediction:
         }
 
 
-def find_images(
-    inputs: Iterable[str | os.PathLike], *, exclude: str | os.PathLike | None = None
-) -> list[Path]:
-    """Files to predict: each input file as given, and the DICOM/PNG/TIFF files under each folder
-    (recursively, sorted, hidden files and anything under ``exclude`` left out). A path that does
-    not exist is kept, so that it is reported as a bad file."""
-    skip = Path(exclude).resolve() if exclude is not None else None
-    out: list[Path] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if not path.is_dir():
-            out.append(path)
-            continue
-        for p in sorted(path.rglob("*")):
-            if (
-                p.suffix.lower() in IMAGE_SUFFIXES
-                and p.is_file()
-                and not p.name.startswith(".")
-                and (skip is None or not p.resolve().is_relative_to(skip))
-            ):
-                out.append(p)
-    return out
-
-
 def find_mass_xml(
     image: str | os.PathLike, xml_dir: str | os.PathLike | None = None
 ) -> Path | None:
@@ -166,7 +146,7 @@ def find_mass_xml(
     ``AllXML/<id>.xml`` in the image's folder or up to three folders above it (or ``<id>.xml``
     beside the image); ``id`` is the file name up to the first ``_`` (INbreast's numeric id)."""
     image = Path(image)
-    file_id = image.name.split("_", 1)[0].split(".", 1)[0]
+    file_id = file_id_of(image)
     if xml_dir is not None:
         candidates = [Path(xml_dir) / f"{file_id}.xml"]
     else:
@@ -346,63 +326,29 @@ def write_csv(predictions: Sequence[Prediction], path: str | os.PathLike) -> Non
 # a library leaves absl's global flags alone).
 
 
-def _define_flags() -> None:
-    flags.DEFINE_string(
-        "checkpoint",
-        None,
-        "A training workdir (python -m deepmil_jax.train "
-        "--workdir=...): its config.json and checkpoints/ are used.",
-        required=True,
-    )
-    flags.DEFINE_enum(
-        "which",
-        "best",
-        ["best", "latest"],
-        "Which checkpoint of the workdir: best by validation AUC, or the latest.",
-    )
-    flags.DEFINE_string("output", "predictions", "Folder for predictions.csv and heatmaps/.")
-    # deepmil_jax.train defines a training --batch_size; this one replaces it in this program.
-    flags.DEFINE_integer(
-        "batch_size",
-        8,
-        "Images preprocessed and run through the network at a time.",
-        allow_override=True,
-    )
-    flags.DEFINE_bool("heatmaps", True, "Draw a heatmap PNG per image.")
-    flags.DEFINE_integer(
-        "max_side",
-        1024,
-        "Longest side of the heatmap pictures in pixels (the "
-        "CSV keeps full-resolution coordinates).",
-    )
-    flags.DEFINE_string(
-        "xml_dir",
-        None,
-        "Folder of INbreast <id>.xml mass outlines (default: AllXML/ near each image).",
-    )
-
-
 def _main(argv: Sequence[str]) -> None:
     from deepmil_jax import train
 
-    FLAGS = flags.FLAGS
-    if FLAGS.batch_size < 1:
-        raise DataError(f"--batch_size must be positive; got {FLAGS.batch_size}.")
-    if FLAGS.max_side < 16:
-        raise DataError(f"--max_side must be at least 16 pixels; got {FLAGS.max_side}.")
+    settings = from_flags(Predict)
+    if not settings.checkpoint:
+        raise DataError("--checkpoint: give the --workdir of a python -m deepmil_jax.train run.")
+    if settings.batch_size < 1:
+        raise DataError(f"--batch_size must be positive; got {settings.batch_size}.")
+    if settings.max_side < 16:
+        raise DataError(f"--max_side must be at least 16 pixels; got {settings.max_side}.")
     if len(argv) < 2:
         raise DataError(
             "No input: give image files or folders after the flags, e.g. "
             "python -m deepmil_jax.predict --checkpoint=runs/label_assign_fold0 "
             "scans/."
         )
-    output = Path(FLAGS.output).expanduser()
+    output = Path(settings.output).expanduser()
     files = find_images(argv[1:], exclude=output)
     if not files:
         raise DataError(f"No DICOM, PNG or TIFF files in {' '.join(argv[1:])}.")
     # Absolute: Orbax refuses relative checkpoint paths.
-    checkpoint = Path(FLAGS.checkpoint).expanduser().absolute()
-    config, model = train.load_trained(checkpoint, which=FLAGS.which)
+    checkpoint = Path(settings.checkpoint).expanduser().absolute()
+    config, model = train.load_trained(checkpoint, which=settings.which)
     logging.info(
         "Loaded %s (%s, image_size %d); predicting %d file(s).",
         checkpoint,
@@ -412,14 +358,14 @@ def _main(argv: Sequence[str]) -> None:
     )
     output.mkdir(parents=True, exist_ok=True)
     predictions = predict_files(
-        model_predict_fn(model, FLAGS.batch_size),
+        model_predict_fn(model, settings.batch_size),
         files,
         image_size=config.image_size,
         output_dir=output,
-        batch_size=FLAGS.batch_size,
-        heatmaps=FLAGS.heatmaps,
-        max_side=FLAGS.max_side,
-        xml_dir=FLAGS.xml_dir,
+        batch_size=settings.batch_size,
+        heatmaps=settings.heatmaps,
+        max_side=settings.max_side,
+        xml_dir=settings.xml_dir or None,
     )
     write_csv(predictions, output / "predictions.csv")
     bad = [p for p in predictions if p.error is not None]
@@ -443,7 +389,6 @@ def _main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from deepmil_jax import train  # defines the shared flags first
+    from deepmil_jax import train
 
-    _define_flags()
     train.run_main(_main, positional=True)

@@ -13,6 +13,11 @@ validation and test predictions as CSV. Re-running with the same workdir resumes
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # flags and --help are answered before JAX and TensorFlow load
+    from deepmil_jax import config as _settings
+
+    _settings.parse_flags_early(_settings.Config, _settings.Launch)
+
 import contextlib
 import csv
 import dataclasses
@@ -25,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from absl import app, flags, logging
+from absl import app, logging
 
 # TensorFlow is used for tf.data only: keep it off the accelerators before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -41,153 +46,14 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from deepmil_jax import checkpoints, heatmap, losses  # noqa: E402
+from deepmil_jax.config import DATASETS, SCHEMES, Config, Launch, from_flags  # noqa: E402, F401
 from deepmil_jax.errors import ConfigError, DeepMILError  # noqa: E402
 from deepmil_jax.metrics import binary_metrics, choose_threshold  # noqa: E402
 from deepmil_jax.models import build_model  # noqa: E402
 
-SCHEMES = ("alexnet", "max_pooling", "label_assign", "sparse")
-DATASETS = ("synthetic", "inbreast", "folder")
-
 
 class TrainingDiverged(DeepMILError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Everything a run depends on. Defaults are the paper's (Zhu et al. 2017, Sec. 3) where it
-    gives them; the others are chosen so that the default command finishes in minutes on a CPU."""
-
-    scheme: str = "label_assign"  # alexnet | max_pooling | label_assign | sparse
-    k: float = 6  # label assignment: top-k instances take the image label (paper: k=6 of m=36)
-    mu: float = 1e-5  # sparse MIL: weight of the L1 term on sorted instance probabilities
-    weight_decay: float | None = (
-        None  # lambda of lambda/2 ||theta||^2; None: 5e-6 sparse, else 1e-5
-    )
-    # Adam. None: the paper's 5e-5 when fine-tuning (--init=imagenet:/checkpoint:), 3e-4 from
-    # random initialisation, where 5e-5 barely moves in a CPU-sized run (see README).
-    learning_rate: float | None = None
-    batch_size: int = 8  # global batch, split over every device of every process
-    eval_batch_size: int = 32
-    epochs: int = 15
-    dataset: str = "synthetic"  # synthetic | inbreast | folder
-    data_dir: str = "~/.cache/deepmil_jax"  # prepared TFDS datasets (and generated synthetic data)
-    manual_dir: str = ""  # inbreast: the INbreast folder; folder: the CSV file
-    image_column: str = "image"  # folder: CSV column of image paths (relative to the CSV)
-    label_column: str = "label"  # folder: CSV column of 0/1 labels
-    patient_column: str = ""  # folder: CSV column of patient ids ("" = every image its own)
-    synthetic_images: int = 160  # size of the generated synthetic INbreast
-    image_size: int = 227  # preprocessed images are image_size x image_size (paper: 227)
-    skip_bad: bool = False  # list unreadable images and go on instead of stopping
-    fold: int = 0  # test fold; fold+1 is validation, the rest train (paper: 5-fold, 3/1/1)
-    num_folds: int = 5
-    split: str = "patient"  # patient: no patient in two parts; image: the paper's image split
-    init: str = "random"  # random | imagenet:PATH | checkpoint:PATH
-    backbone: str = "caffe"  # caffe (the paper's AlexNet) | torchvision
-    head_hidden: tuple[int, ...] = ()  # hidden 1x1 layers before the instance logit
-    precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 parameters and optimiser state)
-    augment: bool = True
-    seed: int = 0
-
-    @property
-    def lr(self) -> float:
-        """The learning rate in effect (see ``learning_rate``)."""
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return 3e-4 if self.init == "random" else 5e-5
-
-    @property
-    def lam(self) -> float:
-        if self.weight_decay is not None:
-            return self.weight_decay
-        return 5e-6 if self.scheme == "sparse" else 1e-5
-
-    def validate(self) -> None:
-        """Raises ConfigError naming the flag when a value cannot work."""
-
-        def fail(flag: str, why: str) -> None:
-            raise ConfigError(f"--{flag}: {why}")
-
-        if self.scheme not in SCHEMES:
-            fail("scheme", f"{self.scheme!r} is not one of {', '.join(SCHEMES)}.")
-        if self.dataset not in DATASETS:
-            fail("dataset", f"{self.dataset!r} is not one of {', '.join(DATASETS)}.")
-        if self.dataset != "synthetic" and not self.manual_dir:
-            fail("manual_dir", f"--dataset={self.dataset} needs the folder (or CSV) of your data.")
-        if self.scheme == "label_assign":
-            if self.k >= 1 and float(self.k) != int(self.k):
-                fail("k", f"{self.k} is neither a whole number of instances nor a fraction < 1.")
-            if self.k <= 0:
-                fail("k", f"must be positive; got {self.k}.")
-        for name in ("batch_size", "eval_batch_size", "epochs", "num_folds", "image_size"):
-            if getattr(self, name) < 1:
-                fail(name, f"must be positive; got {getattr(self, name)}.")
-        if self.num_folds < 3:
-            fail("num_folds", "needs at least 3 folds (train, validation and test).")
-        if not 0 <= self.fold < self.num_folds:
-            fail("fold", f"must be in 0..{self.num_folds - 1}; got {self.fold}.")
-        if self.split not in ("patient", "image"):
-            fail("split", f"must be patient or image; got {self.split!r}.")
-        if self.precision not in ("fp32", "bf16"):
-            fail("precision", f"must be fp32 or bf16; got {self.precision!r}.")
-        kind = self.init.split(":", 1)[0]
-        if kind not in ("random", "imagenet", "checkpoint") or (kind != "random") != (
-            ":" in self.init
-        ):
-            fail("init", f"must be random, imagenet:PATH or checkpoint:PATH; got {self.init!r}.")
-        if kind != "random" and not Path(self.init.split(":", 1)[1]).expanduser().exists():
-            fail("init", f"{self.init.split(':', 1)[1]} does not exist.")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            fail("learning_rate", f"must be positive; got {self.learning_rate}.")
-        if self.mu < 0:
-            fail("mu", f"must be 0 or more; got {self.mu}.")
-        if self.weight_decay is not None and self.weight_decay < 0:
-            fail("weight_decay", f"must be 0 or more; got {self.weight_decay}.")
-        if any(h < 1 for h in self.head_hidden):
-            fail("head_hidden", f"layer widths must be positive; got {list(self.head_hidden)}.")
-        rows, cols = grid_shape(self)
-        if rows < 1 or cols < 1:
-            fail(
-                "image_size",
-                f"{self.image_size} is too small for the {self.backbone} AlexNet: its "
-                "feature map would be empty; use 67 or more (the paper: 227).",
-            )
-        if self.scheme == "label_assign" and self.k >= 1 and self.k > rows * cols:
-            fail(
-                "k",
-                f"{self.top_k} is more than the {rows * cols} instances of --image_size="
-                f"{self.image_size} (a {rows}x{cols} grid); use at most {rows * cols}, or a "
-                "fraction < 1.",
-            )
-
-    def canonical(self) -> Config:
-        """The same settings with every path absolute and normalised (``/x/`` and ``/x`` are one
-        setting), the form that is saved and compared."""
-
-        def path(p: str) -> str:
-            return os.path.abspath(os.path.expanduser(p)) if p else p
-
-        init = self.init
-        if ":" in init:
-            kind, where = init.split(":", 1)
-            init = f"{kind}:{path(where)}"
-        return dataclasses.replace(
-            self,
-            data_dir=path(self.data_dir),
-            manual_dir=path(self.manual_dir),
-            init=init,
-            k=float(self.k),
-            head_hidden=tuple(int(h) for h in self.head_hidden),
-        )
-
-    @property
-    def top_k(self) -> int | float:
-        """k as the loss wants it: an int count, or a fraction in (0, 1)."""
-        return int(self.k) if self.k >= 1 else float(self.k)
-
-    def to_json(self) -> dict[str, Any]:
-        """The settings as JSON values (tuples as lists), as config.json holds them."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +65,7 @@ def scheme_loss(config: Config, instance_logits: jax.Array, labels: jax.Array) -
     if config.scheme in ("alexnet", "max_pooling"):  # alexnet: one instance, so plain BCE
         return losses.max_pooling_loss(instance_logits, labels)
     if config.scheme == "label_assign":
-        return losses.label_assign_loss(instance_logits, labels, config.top_k)
+        return losses.label_assign_loss(instance_logits, labels, config.k)
     return losses.sparse_loss(instance_logits, labels, config.mu)
 
 
@@ -248,7 +114,13 @@ def load_examples(config: Config):
 
 def create_model(config: Config, rngs: nnx.Rngs, *, warn: bool = True) -> nnx.Module:
     """The model of ``config.scheme``, with ImageNet weights when --init=imagenet:PATH."""
-    pretrained = config.init.split(":", 1)[1] if config.init.startswith("imagenet:") else None
+    pretrained = None
+    if config.init.startswith("imagenet:"):
+        from deepmil_jax import weights
+
+        # the MIL schemes use only the convolutions: do not read the 150 MB of fc6
+        path = config.init.split(":", 1)[1]
+        pretrained = weights.load_converted(path, fc=config.scheme == "alexnet")
     if warn and config.init == "random" and jax.process_index() == 0:
         logging.warning(
             "Training from random initialisation; the paper fine-tuned ImageNet weights "
@@ -265,21 +137,10 @@ def create_model(config: Config, rngs: nnx.Rngs, *, warn: bool = True) -> nnx.Mo
 
 
 def grid_shape(config: Config) -> tuple[int, int]:
-    """(h', w') of the instance grid of ``config``'s model at ``config.image_size`` (shapes only,
-    nothing is computed); (0, 0) when the image is too small for the backbone."""
-    config = dataclasses.replace(config, init="random")  # shapes only: no weight file is read
-    abstract = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(0), warn=False))
-    graphdef, state = nnx.split(abstract)
-    size = config.image_size
-    try:
-        out = jax.eval_shape(
-            lambda s, x: nnx.merge(graphdef, s)(x),
-            state,
-            jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32),
-        )
-    except (ValueError, TypeError, IndexError):  # a feature map shrank to nothing
-        return 0, 0
-    return int(out.shape[1]), int(out.shape[2])
+    """(h', w') of the instance grid of ``config``'s model at ``config.image_size``."""
+    from deepmil_jax.models.grid import grid_shape as shape
+
+    return shape(config.scheme, config.backbone, config.image_size, config.head_hidden)
 
 
 def cpu_compiler_options() -> dict[str, str] | None:
@@ -304,7 +165,7 @@ class Trainer:
     """Holds the model's structure, the optimiser and the jitted steps over one device mesh."""
 
     def __init__(self, config: Config, mesh: jax.sharding.Mesh):
-        self.config = config
+        self.config = config = config.canonical()
         self.mesh = mesh
         self.data_sharding = NamedSharding(mesh, P("data"))
         self.replicated = NamedSharding(mesh, P())
@@ -313,7 +174,7 @@ class Trainer:
         self.train_graph, params, self.rest = nnx.split(model, nnx.Param, ...)
         model.eval()
         self.eval_graph = nnx.graphdef(model)
-        self.optimizer = optax.adam(config.lr)
+        self.optimizer = optax.adam(config.learning_rate)
         state = {"params": params, "opt_state": self.optimizer.init(params)}
         self.state = jax.device_put(state, self.replicated)
         self.rest = jax.device_put(self.rest, self.replicated)
@@ -331,7 +192,7 @@ class Trainer:
         nnx.reseed(model, dropout=dropout_key)
         logits = model(images).astype(jnp.float32)
         data_loss = scheme_loss(self.config, logits, labels)
-        return data_loss + self.config.lam * losses.l2_penalty(params), data_loss
+        return data_loss + self.config.weight_decay * losses.l2_penalty(params), data_loss
 
     def _train_step_impl(self, state, rest, images, labels, step):
         (loss, data_loss), grads = jax.value_and_grad(self.loss, has_aux=True)(
@@ -448,7 +309,7 @@ def load_trained(workdir: str | os.PathLike, *, which: str = "best") -> tuple[Co
     config = dataclasses.replace(read_config(workdir), init="random")
     model = create_model(config, nnx.Rngs(0), warn=False)
     _, params, _ = nnx.split(model, nnx.Param, ...)
-    like = {"params": params, "opt_state": optax.adam(config.lr).init(params)}
+    like = {"params": params, "opt_state": optax.adam(config.learning_rate).init(params)}
     store = checkpoints.RunCheckpoints(workdir / "checkpoints", create=False)
     try:
         restored = store.restore_best(like) if which == "best" else store.restore(like)
@@ -876,172 +737,21 @@ def _write_summary(writer, record: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Command line
 
-_D = Config()
-flags.DEFINE_enum(
-    "scheme",
-    _D.scheme,
-    SCHEMES,
-    "MIL scheme: alexnet (the paper's baseline: AlexNet with its fully connected "
-    "layers), max_pooling (Eq. 4), label_assign (Eq. 6), sparse (Eq. 7).",
-)
-flags.DEFINE_float(
-    "k",
-    _D.k,
-    "label_assign: the top-k instances of each image take its label; "
-    "an integer count (paper: 6 of 36) or a fraction in (0, 1) of the instances.",
-)
-flags.DEFINE_float(
-    "mu", _D.mu, "sparse: weight of the L1 term on the sorted instance probabilities (paper: 1e-5)."
-)
-flags.DEFINE_float(
-    "weight_decay",
-    None,
-    "lambda of the lambda/2 ||theta||^2 term in the loss "
-    "(default: the paper's 1e-5, or 5e-6 for --scheme=sparse).",
-)
-flags.DEFINE_float(
-    "learning_rate",
-    None,
-    "Adam learning rate; default: the paper's 5e-5 when "
-    "fine-tuning (--init=imagenet:... or checkpoint:...), 3e-4 from --init=random.",
-)
-flags.DEFINE_integer(
-    "batch_size",
-    _D.batch_size,
-    "Global training batch, split over all devices "
-    "of all processes; must be a multiple of the device count.",
-)
-flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Global evaluation batch.")
-flags.DEFINE_integer(
-    "epochs",
-    _D.epochs,
-    "Training epochs; the epoch with the best validation AUC is the one tested.",
-)
-flags.DEFINE_enum(
-    "dataset",
-    _D.dataset,
-    DATASETS,
-    "synthetic: generated INbreast-like data (no download needed); inbreast: the "
-    "INbreast database at --manual_dir; folder: your CSV of images and labels at "
-    "--manual_dir (see README).",
-)
-flags.DEFINE_string(
-    "data_dir", _D.data_dir, "Where prepared datasets (and the synthetic data) are kept."
-)
-flags.DEFINE_string(
-    "manual_dir",
-    _D.manual_dir,
-    "inbreast: the INbreast folder (AllDICOMs, AllXML, INbreast.csv); folder: the CSV file.",
-)
-flags.DEFINE_string(
-    "image_column",
-    _D.image_column,
-    "--dataset=folder: the CSV column of image paths (DICOM, PNG or TIFF; relative to the CSV).",
-)
-flags.DEFINE_string(
-    "label_column",
-    _D.label_column,
-    "--dataset=folder: the CSV column of labels (0/1, or MALIGNANT/BENIGN).",
-)
-flags.DEFINE_string(
-    "patient_column",
-    _D.patient_column,
-    "--dataset=folder: the CSV column of "
-    "patient ids, so that folds keep a patient's images together.",
-)
-flags.DEFINE_integer("synthetic_images", _D.synthetic_images, "Images in the synthetic dataset.")
-flags.DEFINE_integer(
-    "image_size",
-    _D.image_size,
-    "Preprocessed image side in pixels (paper: 227, a 6x6 grid of instances; 454 gives 13x13).",
-)
-flags.DEFINE_bool(
-    "skip_bad",
-    _D.skip_bad,
-    "List unreadable images in a summary and go on, instead of stopping at the first.",
-)
-flags.DEFINE_integer("fold", _D.fold, "Test fold; fold+1 (mod num_folds) is the validation fold.")
-flags.DEFINE_integer("num_folds", _D.num_folds, "Cross-validation folds (paper: 5).")
-flags.DEFINE_enum(
-    "split",
-    _D.split,
-    ["patient", "image"],
-    "patient: no patient's images in two of train/validation/test; image: the "
-    "paper's image-level split.",
-)
-flags.DEFINE_string(
-    "init",
-    _D.init,
-    "random, imagenet:PATH (a python -m "
-    "deepmil_jax.convert_weights output, as the paper did), or checkpoint:PATH "
-    "(another run's workdir, e.g. label_assign fine-tuned from max_pooling).",
-)
-flags.DEFINE_enum(
-    "backbone",
-    _D.backbone,
-    ["caffe", "torchvision"],
-    "AlexNet variant: caffe (the paper's, grouped convolutions and LRN) or torchvision.",
-)
-flags.DEFINE_list(
-    "head_hidden",
-    [],
-    "Hidden 1x1 layers before the instance logit, e.g. 128,128 "
-    "(the paper's released code); empty for the paper's logistic regression.",
-)
-flags.DEFINE_enum(
-    "precision",
-    _D.precision,
-    ["fp32", "bf16"],
-    "bf16: bfloat16 compute with float32 parameters and optimiser state.",
-)
-flags.DEFINE_bool(
-    "augment", _D.augment, "The paper's augmentation: flip, shift, rotation, a zeroed box."
-)
-flags.DEFINE_integer(
-    "seed", _D.seed, "Seeds every random choice (splits, init, shuffling, augmentation)."
-)
-flags.DEFINE_string(
-    "workdir",
-    None,
-    "Output folder; default runs/<scheme>_fold<fold>. An existing workdir is resumed.",
-)
-flags.DEFINE_bool(
-    "distributed",
-    False,
-    "Call jax.distributed.initialize() (Cloud TPU pods and "
-    "clusters it detects); see --coordinator_address for others.",
-)
-flags.DEFINE_string(
-    "coordinator_address",
-    None,
-    "host:port of process 0, for multi-process training without cluster auto-detection.",
-)
-flags.DEFINE_integer("num_processes", None, "With --coordinator_address: number of processes.")
-flags.DEFINE_integer("process_id", None, "With --coordinator_address: this process's index.")
 
-FLAGS = flags.FLAGS
-
-
-def config_from_flags() -> Config:
-    """Builds the frozen Config from the parsed command-line flags."""
-    try:
-        head = tuple(int(x) for x in FLAGS.head_hidden)
-    except ValueError as e:
-        raise ConfigError(f"--head_hidden: {FLAGS.head_hidden} is not a list of integers.") from e
-    names = [f.name for f in dataclasses.fields(Config) if f.name != "head_hidden"]
-    return Config(head_hidden=head, **{name: getattr(FLAGS, name) for name in names})
-
-
-def initialize_distributed() -> None:
-    if FLAGS.coordinator_address:
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    elif FLAGS.distributed:
+def initialize_distributed(launch: Launch) -> None:
+    """Joins the other processes of a multi-host run (--distributed or --coordinator_address)."""
+    if launch.coordinator_address:
+        jax.distributed.initialize(
+            launch.coordinator_address, launch.num_processes, launch.process_id
+        )
+    elif launch.distributed:
         jax.distributed.initialize()
 
 
 def _quiet_libraries(record) -> bool:
-    """Keeps the libraries' INFO chatter (Orbax, TFDS) out of the program's log (30: WARNING)."""
-    noisy = ("orbax", "tensorflow_datasets", "etils")
+    """Keeps the libraries' INFO chatter (Orbax, TFDS, JAX's search for TPUs and GPUs) out of
+    the program's log (30: WARNING)."""
+    noisy = ("orbax", "tensorflow_datasets", "etils", "xla_bridge")
     return record.levelno >= 30 or not any(n in record.pathname for n in noisy)
 
 
@@ -1054,7 +764,6 @@ def run_main(body, *, positional: bool = False) -> None:
             raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
         logging.get_absl_handler().addFilter(_quiet_libraries)
         try:
-            initialize_distributed()
             if positional:
                 body(argv)
             else:
@@ -1067,9 +776,10 @@ def run_main(body, *, positional: bool = False) -> None:
 
 
 def _main() -> None:
-    config = config_from_flags()
-    workdir = FLAGS.workdir or f"runs/{config.scheme}_fold{config.fold}"
-    train_and_evaluate(config, workdir)
+    launch = from_flags(Launch)
+    initialize_distributed(launch)
+    config = from_flags(Config)
+    train_and_evaluate(config, launch.workdir or f"runs/{config.scheme}_fold{config.fold}")
 
 
 if __name__ == "__main__":

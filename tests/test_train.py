@@ -266,12 +266,42 @@ def test_bad_config_names_the_flag(changes, flag):
 
 
 def test_paper_defaults():
-    c = train.Config()
-    assert (c.lam, c.k, c.mu, c.image_size, c.num_folds) == (1e-5, 6, 1e-5, 227, 5)
-    assert dataclasses.replace(c, init="imagenet:weights").lr == 5e-5  # the paper's fine-tuning
-    assert c.lr == 3e-4  # from random initialisation
-    assert dataclasses.replace(c, learning_rate=1e-3).lr == 1e-3
-    assert dataclasses.replace(c, scheme="sparse").lam == 5e-6
+    c = train.Config().canonical()
+    assert (c.weight_decay, c.k, c.mu, c.image_size, c.num_folds) == (1e-5, 6, 1e-5, 227, 5)
+    fine_tuning = dataclasses.replace(train.Config(), init="imagenet:weights").canonical()
+    assert fine_tuning.learning_rate == 5e-5  # the paper's fine-tuning
+    assert c.learning_rate == 3e-4  # from random initialisation
+    assert dataclasses.replace(train.Config(), learning_rate=1e-3).canonical().learning_rate == 1e-3
+    assert dataclasses.replace(train.Config(), scheme="sparse").canonical().weight_decay == 5e-6
+    assert dataclasses.replace(train.Config(), k=0.15).canonical().k == 0.15
+
+
+def test_each_program_accepts_its_own_flags_only():
+    """Flags are defined when a program runs, from its dataclasses' fields."""
+    for program, own, foreign in (
+        ("train", "--k", "--checkpoint"),
+        ("evaluate", "--schemes", "--checkpoint"),
+        ("predict", "--max_side", "--scheme"),
+    ):
+        help_text = subprocess.run(
+            [sys.executable, "-m", f"deepmil_jax.{program}", "--helpfull"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+        assert own in help_text and f"{foreign}:" not in help_text, program
+        bad = subprocess.run(
+            [sys.executable, "-m", f"deepmil_jax.{program}", f"{foreign}=1"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert bad.returncode != 0 and "Unknown command line flag" in bad.stderr, program
+    from absl import flags
+
+    assert "scheme" not in flags.FLAGS  # importing the modules defines no flag
 
 
 def test_cli_help_and_bad_flag():
