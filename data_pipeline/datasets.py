@@ -68,6 +68,7 @@ from data_pipeline import inbreast as _reader
 from data_pipeline import preprocess as _preprocess_module
 from data_pipeline.errors import DataError
 from data_pipeline.inbreast import BadFile, Record, listed_images, read_folder, read_inbreast
+from data_pipeline.input_pipeline import hide_gpus
 from data_pipeline.preprocess import (
     DICOM_SUFFIXES,
     RASTER_SUFFIXES,
@@ -88,10 +89,7 @@ __all__ = [
     "prepare",
 ]
 
-try:  # Keep TensorFlow off the accelerators: JAX owns them.
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # already initialised
-    pass
+hide_gpus()
 
 SOURCES = ("inbreast", "synthetic", "folder")
 _UINT16_MAX = 65535

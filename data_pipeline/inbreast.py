@@ -24,6 +24,7 @@ import io
 import os
 import plistlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +36,15 @@ from data_pipeline.preprocess import DICOM_SUFFIXES, RASTER_SUFFIXES
 
 __all__ = [
     "BIRADS_VALUES",
+    "IMAGE_SUFFIXES",
     "BadFile",
     "Record",
     "TableRow",
     "birads_label",
     "canonical_image_path",
+    "file_id_of",
     "find_images",
+    "image_files",
     "listed_images",
     "read_folder",
     "read_inbreast",
@@ -50,7 +54,7 @@ __all__ = [
 
 # BI-RADS assessment categories that INbreast uses (0, "incomplete", does not occur there).
 BIRADS_VALUES = ("1", "2", "3", "4", "4a", "4b", "4c", "5", "6")
-_IMAGE_SUFFIXES = DICOM_SUFFIXES | RASTER_SUFFIXES
+IMAGE_SUFFIXES = DICOM_SUFFIXES | RASTER_SUFFIXES
 _TABLE_NAMES = ("inbreast.csv", "inbreast.xls", "inbreast.xlsx")
 _MAX_LISTED = 10
 
@@ -272,7 +276,7 @@ def _parse_table(path: Path, rows: list[list[str]], problems: _Problems) -> list
             TableRow(
                 file_id=file_id,
                 birads=birads,
-                label=int(birads[0] >= "4"),
+                label=birads_label(birads),
                 laterality=laterality if laterality in ("L", "R") else "",
                 view=view,
                 acr=cell(row, "acr"),
@@ -379,8 +383,37 @@ def read_mass_outlines(path: str | os.PathLike, *, name: str = "Mass") -> tuple[
 # Finding files.
 
 
-def _file_id(path: Path) -> str:
-    return path.name.split("_", 1)[0].split(".", 1)[0]
+def file_id_of(path: str | os.PathLike) -> str:
+    """INbreast's id of an image or outline file: its name up to the first "_" or ".", e.g.
+    "22678622" for 22678622_x_MG_R_CC_ANON.dcm and for 22678622.xml."""
+    return Path(path).name.split("_", 1)[0].split(".", 1)[0]
+
+
+def _images_under(folder: Path, skip: Path | None = None) -> list[Path]:
+    """The image files (by suffix) anywhere under `folder`, sorted; hidden files and anything
+    under `skip` (a resolved path) left out."""
+    return [
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not p.name.startswith(".")
+        and (skip is None or not p.resolve().is_relative_to(skip))
+    ]
+
+
+def image_files(
+    inputs: Iterable[str | os.PathLike], *, exclude: str | os.PathLike | None = None
+) -> list[Path]:
+    """Files to read: each input file as given, and the DICOM/PNG/TIFF files under each folder
+    (recursively, sorted, hidden files and anything under ``exclude`` left out). A path that does
+    not exist is kept, so that it is reported as a bad file."""
+    skip = Path(exclude).resolve() if exclude is not None else None
+    out: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        out.extend(_images_under(path, skip) if path.is_dir() else [path])
+    return out
 
 
 _PRIORITY = {s: 0 for s in DICOM_SUFFIXES} | {".png": 1, ".tif": 2, ".tiff": 2}
@@ -393,9 +426,8 @@ def find_images(root: str | os.PathLike) -> dict[str, list[Path]]:
       {file_id: [paths]} with the preferred file first (DICOM, then PNG, then TIFF).
     """
     found: dict[str, list[Path]] = {}
-    for p in sorted(Path(root).rglob("*")):
-        if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file() and not p.name.startswith("."):
-            found.setdefault(_file_id(p), []).append(p)
+    for p in _images_under(Path(root)):
+        found.setdefault(file_id_of(p), []).append(p)
     for paths in found.values():
         paths.sort(key=lambda q: (_PRIORITY[q.suffix.lower()], str(q)))
     return found
@@ -469,42 +501,13 @@ def read_inbreast(
             f"{root}: no images (.dcm, .png, .tif) under this folder; INbreast's are in AllDICOMs/ "
             "and are named <id>_<patient>_MG_<L|R>_<CC|MLO>_ANON.dcm."
         )
-    xmls: dict[str, Path] = {}
-    for p in sorted(root.rglob("*")):
-        # Outlines are <id>.xml; other XML (e.g. <id>_muscle.xml) is not about masses.
-        if p.suffix.lower() == ".xml" and "_" not in p.stem and p.is_file():
-            xmls.setdefault(p.stem, p)
-
-    by_id = {r.file_id: r for r in rows}
-    for file_id, paths in sorted(images.items()):
-        if file_id not in by_id:
-            for p in paths:
-                problems.add(
-                    p,
-                    f"image without a row in {table.name} (id {file_id}); add a row or remove "
-                    "the file",
-                )
+    _report_unlisted(images, {r.file_id for r in rows}, table, problems)
+    xmls = _outline_files(root)
     records: list[Record] = []
     anonymous = 0
     for row in rows:
-        paths = images.get(row.file_id)
-        if not paths:
-            problems.add(
-                f"{table}:{row.line}",
-                f"row for image {row.file_id} but no image file named {row.file_id}_*.dcm (or "
-                ".png, .tif) under the folder; add the image or delete the row",
-            )
-            continue
-        path = paths[0]
-        same = [
-            p for p in paths[1:] if _PRIORITY[p.suffix.lower()] == _PRIORITY[path.suffix.lower()]
-        ]
-        if same:
-            problems.add(
-                path,
-                f"several image files for id {row.file_id} "
-                f"({', '.join(p.name for p in same)}); keep one",
-            )
+        path = _image_of(row, images.get(row.file_id), table, problems)
+        if path is None:
             continue
         fields = _name_fields(path)
         patient = _patient_from_name(fields) or row.patient_id
@@ -512,15 +515,6 @@ def read_inbreast(
             patient = row.file_id
             anonymous += 1
         laterality = row.laterality or (fields[3].upper() if len(fields) >= 5 else "")
-        view = row.view or (fields[4].upper() if len(fields) >= 5 else "")
-        masses: tuple[np.ndarray, ...] = ()
-        xml = xmls.get(row.file_id)
-        if xml is not None:
-            try:
-                masses = read_mass_outlines(xml)
-            except DataError as e:
-                reason = str(e).removeprefix(f"{xml}: ")
-                problems.add(xml, f"{reason} (image {row.file_id} kept without outlines)")
         records.append(
             Record(
                 file_id=row.file_id,
@@ -529,8 +523,8 @@ def read_inbreast(
                 birads=row.birads,
                 patient_id=patient,
                 laterality=laterality if laterality in ("L", "R") else "",
-                view=view,
-                masses=masses,
+                view=row.view or (fields[4].upper() if len(fields) >= 5 else ""),
+                masses=_outlines_of(xmls.get(row.file_id), row.file_id, problems),
             )
         )
     if anonymous:
@@ -545,6 +539,66 @@ def read_inbreast(
         raise DataError(f"{root}: no usable images left; see the problems listed above.")
     records.sort(key=lambda r: (len(r.file_id), r.file_id))
     return records, bad
+
+
+def _outline_files(root: Path) -> dict[str, Path]:
+    """{id: <id>.xml} anywhere under `root` (outlines; other XML, e.g. <id>_muscle.xml, is not
+    about masses)."""
+    xmls: dict[str, Path] = {}
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() == ".xml" and "_" not in p.stem and p.is_file():
+            xmls.setdefault(p.stem, p)
+    return xmls
+
+
+def _report_unlisted(
+    images: dict[str, list[Path]], listed: set[str], table: Path, problems: _Problems
+) -> None:
+    """Every image whose id has no row in the table is a problem."""
+    for file_id, paths in sorted(images.items()):
+        if file_id not in listed:
+            for p in paths:
+                problems.add(
+                    p,
+                    f"image without a row in {table.name} (id {file_id}); add a row or remove "
+                    "the file",
+                )
+
+
+def _image_of(
+    row: TableRow, paths: list[Path] | None, table: Path, problems: _Problems
+) -> Path | None:
+    """The one image file of a table row (DICOM before PNG before TIFF); None, with a problem
+    added, when there is none or several of the preferred kind."""
+    if not paths:
+        problems.add(
+            f"{table}:{row.line}",
+            f"row for image {row.file_id} but no image file named {row.file_id}_*.dcm (or "
+            ".png, .tif) under the folder; add the image or delete the row",
+        )
+        return None
+    path = paths[0]
+    same = [p for p in paths[1:] if _PRIORITY[p.suffix.lower()] == _PRIORITY[path.suffix.lower()]]
+    if same:
+        problems.add(
+            path,
+            f"several image files for id {row.file_id} "
+            f"({', '.join(p.name for p in same)}); keep one",
+        )
+        return None
+    return path
+
+
+def _outlines_of(xml: Path | None, file_id: str, problems: _Problems) -> tuple[np.ndarray, ...]:
+    """The mass outlines in `xml`; none (with a problem added) when it cannot be read."""
+    if xml is None:
+        return ()
+    try:
+        return read_mass_outlines(xml)
+    except DataError as e:
+        reason = str(e).removeprefix(f"{xml}: ")
+        problems.add(xml, f"{reason} (image {file_id} kept without outlines)")
+        return ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -657,13 +711,28 @@ def read_folder(
     rows = _read_csv_text(csv_path)
     if not rows or not any(c.strip() for c in rows[0]):
         raise DataError(f"{csv_path}: the CSV is empty; it needs a header and one row per image.")
-    header = rows[0]
+    wanted = {"image": image_column, "label": label_column, "patient": patient_column}
+    columns = _folder_columns(csv_path, rows[0], wanted)
+    problems = _Problems(skip_bad, str(csv_path))
+    merged: dict[str, dict] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if any(c.strip() for c in row):
+            entry = _folder_entry(csv_path, line, row, columns, wanted, problems)
+            if entry is not None:
+                _merge_entry(merged, entry, csv_path, patient_column)
+    bad = problems.finish()
+    if not merged:
+        raise DataError(f"{csv_path}: no usable rows; add rows with an image path and a label.")
+    return [_folder_record(entry) for entry in merged.values()], bad
+
+
+def _folder_columns(
+    csv_path: Path, header: list[str], wanted: dict[str, str | None]
+) -> dict[str, int]:
+    """{what: column index} of the named columns (`wanted`, an error when missing) and of the
+    optional "birads", "laterality" and "view" columns that are there."""
     columns = {}
-    for what, name in (
-        ("image", image_column),
-        ("label", label_column),
-        ("patient", patient_column),
-    ):
+    for what, name in wanted.items():
         if name is None:
             continue
         i = _find_column(header, name)
@@ -678,66 +747,74 @@ def read_folder(
         i = _find_column(header, extra)
         if i is not None:
             columns[extra] = i
+    return columns
 
-    def cell(row: list[str], what: str) -> str:
+
+def _folder_entry(
+    csv_path: Path,
+    line: int,
+    row: list[str],
+    columns: dict[str, int],
+    wanted: dict[str, str | None],
+    problems: _Problems,
+) -> dict | None:
+    """One CSV row as the fields of a Record (plus the row's line, "patient_line"); None, with
+    a problem added, when its image path or label is missing or wrong."""
+
+    def cell(what: str) -> str:
         i = columns.get(what)
         return row[i].strip() if i is not None and i < len(row) else ""
 
-    problems = _Problems(skip_bad, str(csv_path))
-    merged: dict[str, dict] = {}
-    for line, row in enumerate(rows[1:], start=2):
-        if not any(c.strip() for c in row):
-            continue
-        where = f"{csv_path}:{line}"
-        image = cell(row, "image")
-        if not image:
-            problems.add(where, f"row without an image path in column {image_column!r}; fill it in")
-            continue
-        label = _parse_label(cell(row, "label"))
-        if label is None:
-            problems.add(
-                where,
-                f"label {cell(row, 'label')!r} of {image} is not 0/1 (or benign/malignant); "
-                "correct it",
-            )
-            continue
-        file_id, path = canonical_image_path(csv_path.parent, image)
-        if not _is_file(path):
-            problems.add(
-                where, f"image {image} not found (looked for {path}); fix the path or the row"
-            )
-            continue
-        birads = _normalise_birads(cell(row, "birads")) if "birads" in columns else ""
-        patient = cell(row, "patient") if patient_column else ""
-        entry = merged.get(file_id)
-        if entry is None:
-            merged[file_id] = dict(
-                file_id=file_id,
-                path=path,
-                label=label,
-                birads=birads,
-                patient_id=patient,
-                laterality=cell(row, "laterality").upper()[:1] if "laterality" in columns else "",
-                view=cell(row, "view").upper(),
-                patient_line=line,
-            )
-            continue
-        entry["label"] = max(entry["label"], label)
-        if patient and not entry["patient_id"]:
-            entry["patient_id"], entry["patient_line"] = patient, line
-        elif patient and patient != entry["patient_id"]:
-            raise DataError(
-                f"{csv_path}: lines {entry['patient_line']} and {line} give image {file_id} two "
-                f"patients ({entry['patient_id']!r} in column {patient_column!r}, then "
-                f"{patient!r}); one image belongs to one patient. Correct the rows."
-            )
-    bad = problems.finish()
-    if not merged:
-        raise DataError(f"{csv_path}: no usable rows; add rows with an image path and a label.")
-    records = []
-    for e in merged.values():
-        e.pop("patient_line")
-        lat = e["laterality"] if e["laterality"] in ("L", "R") else ""
-        patient = e["patient_id"] or e["file_id"]
-        records.append(Record(**(e | {"laterality": lat, "patient_id": patient}), masses=()))
-    return records, bad
+    where = f"{csv_path}:{line}"
+    image = cell("image")
+    if not image:
+        problems.add(where, f"row without an image path in column {wanted['image']!r}; fill it in")
+        return None
+    label = _parse_label(cell("label"))
+    if label is None:
+        problems.add(
+            where,
+            f"label {cell('label')!r} of {image} is not 0/1 (or benign/malignant); correct it",
+        )
+        return None
+    file_id, path = canonical_image_path(csv_path.parent, image)
+    if not _is_file(path):
+        problems.add(where, f"image {image} not found (looked for {path}); fix the path or the row")
+        return None
+    return dict(
+        file_id=file_id,
+        path=path,
+        label=label,
+        birads=_normalise_birads(cell("birads")),
+        patient_id=cell("patient") if wanted["patient"] else "",
+        laterality=cell("laterality").upper()[:1],
+        view=cell("view").upper(),
+        patient_line=line,
+    )
+
+
+def _merge_entry(
+    merged: dict[str, dict], entry: dict, csv_path: Path, patient_column: str | None
+) -> None:
+    """Adds a row's entry to `merged`; a second row of one image makes it positive if either
+    row is, fills in a missing patient, and must not name another patient (DataError)."""
+    kept = merged.setdefault(entry["file_id"], entry)
+    if kept is entry:
+        return
+    kept["label"] = max(kept["label"], entry["label"])
+    patient, line = entry["patient_id"], entry["patient_line"]
+    if patient and not kept["patient_id"]:
+        kept["patient_id"], kept["patient_line"] = patient, line
+    elif patient and patient != kept["patient_id"]:
+        raise DataError(
+            f"{csv_path}: lines {kept['patient_line']} and {line} give image {entry['file_id']} "
+            f"two patients ({kept['patient_id']!r} in column {patient_column!r}, then "
+            f"{patient!r}); one image belongs to one patient. Correct the rows."
+        )
+
+
+def _folder_record(entry: dict) -> Record:
+    fields = {k: v for k, v in entry.items() if k != "patient_line"}
+    laterality = fields["laterality"] if fields["laterality"] in ("L", "R") else ""
+    patient = fields["patient_id"] or fields["file_id"]
+    return Record(**(fields | {"laterality": laterality, "patient_id": patient}), masses=())

@@ -16,8 +16,8 @@ are one affine transform applied by ``ImageProjectiveTransformV3`` (bilinear, fi
 random choice is a stateless op keyed by the seed and the example's position in the stream, so a
 seed gives the same batches on every run.
 
-At import this module hides the GPUs from TensorFlow so that it never takes accelerator memory
-that JAX needs.
+At import this module hides the GPUs from TensorFlow (``hide_gpus``, also called by
+``data_pipeline.datasets``) so that TensorFlow never takes accelerator memory that JAX needs.
 """
 
 from __future__ import annotations
@@ -36,13 +36,20 @@ __all__ = [
     "augment",
     "apply_transform",
     "eval_dataset",
+    "hide_gpus",
     "to_float",
     "train_dataset",
     "transform_matrix",
 ]
 
 
-def _hide_gpus() -> None:
+def hide_gpus() -> None:
+    """Keeps TensorFlow off the GPUs: JAX owns them. Call it before TensorFlow runs anything.
+
+    On a machine whose CUDA driver cannot start, TensorFlow logs "failed call to cuInit" here
+    (it looks for GPUs to hide); only ``TF_CPP_MIN_LOG_LEVEL=3``, set before TensorFlow is
+    imported, silences that line.
+    """
     try:
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError as error:  # TF already initialised its devices.
@@ -50,7 +57,7 @@ def _hide_gpus() -> None:
             logging.warning("Could not hide the GPUs from TensorFlow: %s", error)
 
 
-_hide_gpus()
+hide_gpus()
 
 _UINT16_MAX = 65535.0
 
@@ -241,7 +248,7 @@ def _per_process_batch(batch_size: int, process_index: int, process_count: int) 
 
 def _table(array: np.ndarray) -> tf.Variable:
     """The array as a CPU variable: tf.data functions capture it by reference, whereas a captured
-    constant is copied into the dataset's graph (seconds and twice the memory for a large set)."""
+    constant is copied into the dataset's graph (slow, and twice the memory for a large set)."""
     with tf.device("/CPU:0"):
         return tf.Variable(array, trainable=False)
 
