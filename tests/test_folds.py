@@ -171,3 +171,39 @@ def test_read_split_gives_int64_indices_also_for_an_empty_part(tmp_path):
         assert getattr(back, name).dtype == np.int64
     np.testing.assert_array_equal(back.train, [0, 2])
     assert back.validation.size == 0
+
+
+def test_fold_count_boundaries_and_defaults():
+    # 3 folds (test, validation, training) is the least; 2, a float or 0 examples are errors
+    for mode in ("patient", "image"):
+        three = assign_folds(LABELS, GROUPS, num_folds=3, split=mode, seed=0)
+        assert sorted(set(three.tolist())) == [0, 1, 2]
+        four = make_split(LABELS, GROUPS, num_folds=4, fold=3, split=mode, seed=0)
+        assigned = assign_folds(LABELS, GROUPS, num_folds=4, split=mode, seed=0)
+        np.testing.assert_array_equal(four.test, np.flatnonzero(assigned == 3))
+        np.testing.assert_array_equal(four.validation, np.flatnonzero(assigned == 0))
+        assert four.train.dtype == np.int64
+    with pytest.raises(DataError, match="at least 3"):
+        assign_folds(LABELS, GROUPS, num_folds=2)
+    with pytest.raises(DataError, match="at least 3"):
+        assign_folds(LABELS, GROUPS, num_folds=5.0)
+    with pytest.raises(DataError, match="empty"):
+        assign_folds([], [], num_folds=3)
+    # the paper's defaults: 5 folds, fold 0 tested, grouped by patient, seed 0
+    default = make_split(LABELS, GROUPS)
+    explicit = make_split(LABELS, GROUPS, num_folds=5, fold=0, split="patient", seed=0)
+    for name in ("train", "validation", "test"):
+        np.testing.assert_array_equal(getattr(default, name), getattr(explicit, name))
+    np.testing.assert_array_equal(
+        assign_folds(LABELS, GROUPS), assign_folds(LABELS, GROUPS, num_folds=5, seed=0)
+    )
+
+
+def test_exactly_one_positive_or_patient_per_fold_is_enough():
+    labels = np.array([1] * 3 + [0] * 6)
+    groups = np.array([f"p{i}" for i in range(9)])
+    assert sorted(set(assign_folds(labels, None, num_folds=3, split="image").tolist())) == [0, 1, 2]
+    assert sorted(set(assign_folds(labels, groups, num_folds=3).tolist())) == [0, 1, 2]
+    few_patients = np.array(["a", "a", "a", "b", "b", "b", "c", "c", "c"])
+    mixed = np.array([1, 0, 0, 1, 0, 0, 1, 0, 0])
+    assert sorted(set(assign_folds(mixed, few_patients, num_folds=3).tolist())) == [0, 1, 2]

@@ -579,3 +579,8 @@ def test_xml_entity_declarations_are_refused(tmp_path):
     )
     with pytest.raises(DataError, match=r"8.xml: unreadable XML.*entity"):
         read_mass_outlines(path)
+
+
+@pytest.mark.parametrize("value,label", [("4 a", 1), (" 4 C", 1), ("2 ", 0), ("5 .0", 1)])
+def test_birads_label_ignores_spaces_inside_the_value(value, label):
+    assert birads_label(value) == label
