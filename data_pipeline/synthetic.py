@@ -137,72 +137,157 @@ def synthesize_image(
       marker: add a bright marker outside the breast.
       faint_blob: add a faint, round, smooth benign blob.
     """
-    H, W = shape
-    yy = np.arange(H, dtype=np.float64)[:, None]
-    xx = np.arange(W, dtype=np.float64)[None, :]
-    depth = xx if laterality == "L" else (W - 1) - xx  # distance from the chest wall edge
-
-    # The breast: a half-ellipse against the chest wall with a slightly wavy skin line.
-    a = W * (0.58 + 0.24 * size)  # how far it reaches from the chest wall
-    b = H * (0.36 + 0.09 * size)  # half its height at the chest wall
-    cy = H * rng.uniform(0.45, 0.55)
-    theta = np.arctan2(yy - cy, depth)
-    wave = 1.0 + 0.025 * np.sin(3 * theta + rng.uniform(0, 2 * np.pi))
-    r = np.sqrt(((yy - cy) / b) ** 2 + (depth / a) ** 2) / wave
-    breast = r < 1.0
-    skin = _smoothstep((1.0 - r) * (a / 3.0) + 0.5)  # a soft skin line about 3 pixels wide
-    thickness = np.sqrt(np.clip(1.0 - r**2, 0.0, 1.0))
-
-    texture = 0.75 * _smooth_noise(rng, shape, H / 40) + 0.45 * _smooth_noise(rng, shape, H / 130)
-    contrast = rng.uniform(0.035, 0.05)
-    tissue = 0.3 + 0.1 * np.sqrt(thickness) + contrast * texture * (0.5 + 0.5 * thickness)
-
-    if view == "MLO":  # the pectoral muscle: a brighter triangle in the upper chest-wall corner
-        p_h, p_w = H * rng.uniform(0.35, 0.5), a * rng.uniform(0.25, 0.4)
-        muscle = (depth < p_w * (1.0 - yy / p_h)) & breast
-        tissue = tissue + 0.1 * muscle
-    else:
-        muscle = np.zeros(shape, dtype=bool)
-
-    image = np.array(tissue, dtype=np.float64)  # tissue everywhere; the skin line cuts it
+    grid = _Grid.of(shape, laterality)
+    body = _breast(rng, grid, size)
+    image = _tissue(rng, grid, body)
+    muscle = _pectoral_muscle(rng, grid, body) if view == "MLO" else np.zeros(shape, dtype=bool)
+    image = image + 0.1 * muscle  # the muscle is brighter than the tissue
+    area = float(body.breast.sum())
+    ys, xs = np.nonzero(body.breast & ~muscle & (body.r < 0.62))  # where findings may go
     masses: list[np.ndarray] = []
-    area = float(breast.sum())
-    ys, xs = np.nonzero(breast & ~muscle & (r < 0.62))
     if lesion:
-        r0 = math.sqrt(rng.uniform(0.016, 0.024) * area / math.pi)
-        # Its centre far enough from the image's edges for the whole lesion to be in the image.
-        margin = 1.35 * r0
-        ok = (ys >= margin) & (ys < H - margin) & (xs >= margin) & (xs < W - margin)
-        ys, xs = ys[ok], xs[ok]
-        k = int(rng.integers(len(ys)))
-        ly, lx = float(ys[k]), float(xs[k])
-        harmonics = [(h, rng.uniform(0.05, 0.11), rng.uniform(0, 2 * np.pi)) for h in (2, 3, 5)]
-
-        def radius(angle: np.ndarray) -> np.ndarray:
-            return r0 * (1.0 + sum(amp * np.sin(h * angle + ph) for h, amp, ph in harmonics))
-
-        win = _window((ly, lx), 1.6 * r0, shape)
-        wy, wx = yy[win[0]], xx[:, win[1]]
-        dist = np.hypot(wy - ly, wx - lx)
-        inside = _smoothstep((radius(np.arctan2(wy - ly, wx - lx)) - dist) / (0.35 * r0) + 0.5)
-        speckle = _smooth_noise(rng, inside.shape, max(1.0, r0 / 8))
-        image[win] += rng.uniform(0.17, 0.23) * inside * (0.8 + 0.2 * speckle)
-        t = np.linspace(0.0, 2 * np.pi, 40, endpoint=False)
-        rr = radius(t)
-        masses.append(np.stack([ly + rr * np.sin(t), lx + rr * np.cos(t)], axis=1))
-    if faint_blob:  # benign-looking: round, smooth, faint and smaller
-        k = int(rng.integers(len(ys)))
-        rb = math.sqrt(rng.uniform(0.004, 0.008) * area / math.pi)
-        win = _window((ys[k], xs[k]), 4 * rb, shape)
-        d2 = (yy[win[0]] - ys[k]) ** 2 + (xx[:, win[1]] - xs[k]) ** 2
-        image[win] += rng.uniform(0.05, 0.07) * np.exp(-d2 / (2 * rb**2))
+        outline, (ys, xs) = _add_lesion(rng, image, grid, (ys, xs), area)
+        masses.append(outline)
+    if faint_blob:
+        _add_faint_blob(rng, image, grid, (ys, xs), area)
 
     # Set the breast's mean (lesion included) to its drawn brightness, independently of the label.
     target = 0.30 + 0.12 * brightness
-    image += target - image[breast].mean()
+    image += target - image[body.breast].mean()
     np.clip(image, 0.0, 0.9, out=image)
+    calcifications = _add_calcifications(rng, image, grid, (ys, xs), body.breast)
 
-    # Calcification-like dots in every image: tiny, round, at one fixed brightness.
+    # Background: dim, slightly uneven, noisy; the skin line blends into it.
+    H = shape[0]
+    background = 0.012 + 0.006 * (grid.yy / H) + rng.uniform(0.0, 0.004, size=shape)
+    image = background + (image - background) * body.skin
+    if marker:
+        _add_marker(rng, image, body.breast, laterality)
+    return SyntheticImage(np.clip(image, 0.0, 1.0), body.breast, tuple(masses), calcifications)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Pixel coordinates of an (H, W) image: rows yy (H, 1), columns xx (1, W), and depth (1, W),
+    the distance from the chest wall edge."""
+
+    shape: tuple[int, int]
+    yy: np.ndarray
+    xx: np.ndarray
+    depth: np.ndarray
+
+    @classmethod
+    def of(cls, shape: tuple[int, int], laterality: str) -> _Grid:
+        yy = np.arange(shape[0], dtype=np.float64)[:, None]
+        xx = np.arange(shape[1], dtype=np.float64)[None, :]
+        depth = xx if laterality == "L" else (shape[1] - 1) - xx
+        return cls(shape, yy, xx, depth)
+
+
+@dataclass(frozen=True)
+class _Breast:
+    """The breast's outline: r (H, W), the elliptic radius (< 1 inside); breast (H, W) bool;
+    skin (H, W) in [0, 1], the soft skin line; reach, how far it reaches from the chest wall."""
+
+    r: np.ndarray
+    breast: np.ndarray
+    skin: np.ndarray
+    reach: float
+
+
+def _breast(rng: np.random.Generator, grid: _Grid, size: float) -> _Breast:
+    """A half-ellipse against the chest wall with a slightly wavy skin line."""
+    H, W = grid.shape
+    a = W * (0.58 + 0.24 * size)  # how far it reaches from the chest wall
+    b = H * (0.36 + 0.09 * size)  # half its height at the chest wall
+    cy = H * rng.uniform(0.45, 0.55)
+    theta = np.arctan2(grid.yy - cy, grid.depth)
+    wave = 1.0 + 0.025 * np.sin(3 * theta + rng.uniform(0, 2 * np.pi))
+    r = np.sqrt(((grid.yy - cy) / b) ** 2 + (grid.depth / a) ** 2) / wave
+    skin = _smoothstep((1.0 - r) * (a / 3.0) + 0.5)  # a soft skin line about 3 pixels wide
+    return _Breast(r=r, breast=r < 1.0, skin=skin, reach=a)
+
+
+def _tissue(rng: np.random.Generator, grid: _Grid, body: _Breast) -> np.ndarray:
+    """Textured tissue everywhere (the skin line cuts it later), brighter where it is thicker."""
+    H = grid.shape[0]
+    thickness = np.sqrt(np.clip(1.0 - body.r**2, 0.0, 1.0))
+    texture = 0.75 * _smooth_noise(rng, grid.shape, H / 40)
+    texture = texture + 0.45 * _smooth_noise(rng, grid.shape, H / 130)
+    contrast = rng.uniform(0.035, 0.05)
+    return 0.3 + 0.1 * np.sqrt(thickness) + contrast * texture * (0.5 + 0.5 * thickness)
+
+
+def _pectoral_muscle(rng: np.random.Generator, grid: _Grid, body: _Breast) -> np.ndarray:
+    """The MLO view's pectoral muscle: (H, W) bool, a triangle in the upper chest-wall corner."""
+    p_h, p_w = grid.shape[0] * rng.uniform(0.35, 0.5), body.reach * rng.uniform(0.25, 0.4)
+    return (grid.depth < p_w * (1.0 - grid.yy / p_h)) & body.breast
+
+
+def _add_lesion(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    grid: _Grid,
+    places: tuple[np.ndarray, np.ndarray],
+    area: float,
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Adds a lobulated, textured, bright blob of about 2% of the breast `area` to `image`.
+
+    Its centre is one of `places` (ys, xs) far enough from the image's edges for the whole
+    lesion to be in the image. Returns its outline (40, 2) (y, x) and those places (the other
+    findings are drawn from them too).
+    """
+    H, W = grid.shape
+    ys, xs = places
+    r0 = math.sqrt(rng.uniform(0.016, 0.024) * area / math.pi)
+    margin = 1.35 * r0
+    ok = (ys >= margin) & (ys < H - margin) & (xs >= margin) & (xs < W - margin)
+    ys, xs = ys[ok], xs[ok]
+    k = int(rng.integers(len(ys)))
+    ly, lx = float(ys[k]), float(xs[k])
+    harmonics = [(h, rng.uniform(0.05, 0.11), rng.uniform(0, 2 * np.pi)) for h in (2, 3, 5)]
+
+    def radius(angle: np.ndarray) -> np.ndarray:
+        return r0 * (1.0 + sum(amp * np.sin(h * angle + ph) for h, amp, ph in harmonics))
+
+    win = _window((ly, lx), 1.6 * r0, grid.shape)
+    wy, wx = grid.yy[win[0]], grid.xx[:, win[1]]
+    dist = np.hypot(wy - ly, wx - lx)
+    inside = _smoothstep((radius(np.arctan2(wy - ly, wx - lx)) - dist) / (0.35 * r0) + 0.5)
+    speckle = _smooth_noise(rng, inside.shape, max(1.0, r0 / 8))
+    image[win] += rng.uniform(0.17, 0.23) * inside * (0.8 + 0.2 * speckle)
+    t = np.linspace(0.0, 2 * np.pi, 40, endpoint=False)
+    rr = radius(t)
+    return np.stack([ly + rr * np.sin(t), lx + rr * np.cos(t)], axis=1), (ys, xs)
+
+
+def _add_faint_blob(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    grid: _Grid,
+    places: tuple[np.ndarray, np.ndarray],
+    area: float,
+) -> None:
+    """Adds a benign-looking blob at one of `places`: round, smooth, faint and smaller."""
+    ys, xs = places
+    k = int(rng.integers(len(ys)))
+    rb = math.sqrt(rng.uniform(0.004, 0.008) * area / math.pi)
+    win = _window((ys[k], xs[k]), 4 * rb, grid.shape)
+    d2 = (grid.yy[win[0]] - ys[k]) ** 2 + (grid.xx[:, win[1]] - xs[k]) ** 2
+    image[win] += rng.uniform(0.05, 0.07) * np.exp(-d2 / (2 * rb**2))
+
+
+def _add_calcifications(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    grid: _Grid,
+    places: tuple[np.ndarray, np.ndarray],
+    breast: np.ndarray,
+) -> np.ndarray:
+    """Adds 1 to 6 calcification-like dots, tiny, round, at one fixed brightness, clustered
+    around one of `places`; returns their centres (C, 2) (y, x), C >= 1."""
+    H, W = grid.shape
+    ys, xs = places
     n_calc = int(rng.integers(1, 7))
     centre = int(rng.integers(len(ys)))
     spread = rng.uniform(4, 20)
@@ -214,8 +299,8 @@ def synthesize_image(
         if not breast[iy, ix]:
             continue
         rc = rng.uniform(0.8, 1.8)
-        win = _window((cyx[0], cyx[1]), rc + 1, shape)
-        dot = (yy[win[0]] - cyx[0]) ** 2 + (xx[:, win[1]] - cyx[1]) ** 2 <= rc**2
+        win = _window((cyx[0], cyx[1]), rc + 1, grid.shape)
+        dot = (grid.yy[win[0]] - cyx[0]) ** 2 + (grid.xx[:, win[1]] - cyx[1]) ** 2 <= rc**2
         image[win][dot & breast[win]] = _CALC_LEVEL
         image[iy, ix] = _CALC_LEVEL
         calcs.append(cyx)
@@ -223,14 +308,7 @@ def synthesize_image(
         cyx = np.array([ys[centre], xs[centre]], dtype=np.float64)
         image[int(cyx[0]), int(cyx[1])] = _CALC_LEVEL
         calcs.append(cyx)
-
-    # Background: dim, slightly uneven, noisy; the skin line blends into it.
-    background = 0.012 + 0.006 * (yy / H) + rng.uniform(0.0, 0.004, size=shape)
-    image = background + (image - background) * skin
-    if marker:
-        _add_marker(rng, image, breast, laterality)
-    calcifications = np.array(calcs, dtype=np.float64).reshape(-1, 2)
-    return SyntheticImage(np.clip(image, 0.0, 1.0), breast, tuple(masses), calcifications)
+    return np.array(calcs, dtype=np.float64).reshape(-1, 2)
 
 
 def _add_marker(rng: np.random.Generator, image: np.ndarray, breast: np.ndarray, side: str) -> None:
@@ -405,9 +483,42 @@ def write_synthetic_inbreast(
         raise ValueError(f"image_shape must be at least 64 x 64, got {image_shape}")
     out = Path(out_dir)
     dicoms, xmls = out / "AllDICOMs", out / "AllXML"
-    rng = np.random.default_rng(seed)
+    slots = _plan(np.random.default_rng(seed), num_images)
+    others = sorted(set(_image_names(dicoms)) - {s.name for s in slots}) if dicoms.is_dir() else []
+    if others:
+        raise DataError(
+            f"{dicoms}: holds {len(others)} image(s) this call would not write (e.g. {others[0]}), "
+            "from another seed or size, or real data; write into an empty folder instead."
+        )
+    dicoms.mkdir(parents=True, exist_ok=True)
+    xmls.mkdir(parents=True, exist_ok=True)
+    rows = [_write_image(out, slot, seed, i, (H, W)) for i, slot in enumerate(slots)]
+    with open(out / "INbreast.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter=";", lineterminator="\r\n")
+        writer.writerow(_HEADER)
+        writer.writerows(rows)
+    return out
 
-    # Who is who: four images per woman; a lesion is in one breast, seen in both views.
+
+@dataclass(frozen=True)
+class _Slot:
+    """One image to write: whose, which breast and view, its label and BI-RADS, and where its
+    breast's size and brightness fall in their ranges."""
+
+    file_id: str
+    name: str
+    patient: str
+    laterality: str
+    view: str
+    label: int
+    birads: str
+    size: float
+    brightness: float
+
+
+def _plan(rng: np.random.Generator, num_images: int) -> list[_Slot]:
+    """Who is who: four images per woman; a lesion is in one breast (about a quarter of them),
+    seen in both views; size and brightness stratified within each class."""
     n_patients = -(-num_images // 4)
     patients = [rng.bytes(8).hex() for _ in range(n_patients)]
     slots = [(p, lat, view) for p in range(n_patients) for lat, view in _VIEWS][:num_images]
@@ -421,61 +532,59 @@ def write_synthetic_inbreast(
     size = _stratified(rng, labels)
     brightness = _stratified(rng, labels)
     first_id = 20000000 + int(rng.integers(0, 10**7))
-    spacing = 0.07 * 4084 / H
-
-    names = [
-        f"{first_id + 24 * i}_{patients[p]}_MG_{lat}_{view}_ANON.dcm"
-        for i, (p, lat, view) in enumerate(slots)
-    ]
-    others = sorted(set(_image_names(dicoms)) - set(names)) if dicoms.is_dir() else []
-    if others:
-        raise DataError(
-            f"{dicoms}: holds {len(others)} image(s) this call would not write (e.g. {others[0]}), "
-            "from another seed or size, or real data; write into an empty folder instead."
-        )
-    dicoms.mkdir(parents=True, exist_ok=True)
-    xmls.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, (p, lat, view) in enumerate(slots):
-        image_rng = np.random.default_rng([seed, i])
-        image = synthesize_image(
-            image_rng,
-            shape=(H, W),
+    return [
+        _Slot(
+            file_id=str(first_id + 24 * i),
+            name=f"{first_id + 24 * i}_{patients[p]}_MG_{lat}_{view}_ANON.dcm",
+            patient=patients[p],
             laterality=lat,
             view=view,
-            lesion=bool(labels[i]),
+            label=int(labels[i]),
+            birads=birads_of[(p, lat)],
             size=float(size[i]),
             brightness=float(brightness[i]),
-            marker=bool(image_rng.random() < 0.4),
-            faint_blob=bool(image_rng.random() < 0.35),
         )
-        stored = np.round(image.image * _MAX_STORED).astype(np.uint16)
-        photometric = "MONOCHROME1" if image_rng.random() < 0.2 else "MONOCHROME2"
-        if photometric == "MONOCHROME1":
-            stored = _MAX_STORED - stored
-        file_id, name = str(first_id + 24 * i), names[i]
-        write_dicom(
-            dicoms / name,
-            stored,
-            photometric=photometric,
-            bits_stored=12,
-            patient_id=patients[p],
-            laterality=lat,
-            view=view,
-            uid_seed=f"{seed}-{file_id}",
-            PixelSpacing=[spacing, spacing],
-        )
-        if image.masses or len(image.calcifications):
-            _write_xml(xmls / f"{file_id}.xml", (H, W), image, spacing)
-        date = f"2010{int(image_rng.integers(1, 13)):02d}"
-        acr = str(int(image_rng.integers(1, 5)))
-        rows.append(["removed", "removed", lat, view, date, file_id, acr, birads_of[(p, lat)]])
+        for i, (p, lat, view) in enumerate(slots)
+    ]
 
-    with open(out / "INbreast.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, delimiter=";", lineterminator="\r\n")
-        writer.writerow(_HEADER)
-        writer.writerows(rows)
-    return out
+
+def _write_image(out: Path, slot: _Slot, seed: int, index: int, shape: tuple[int, int]) -> list:
+    """Draws image `index` (its own generator, from the seed and the index), writes its DICOM
+    and its XML (if it has findings) and returns its INbreast.csv row."""
+    H, W = shape
+    spacing = 0.07 * 4084 / H  # mm per pixel: INbreast's 70 microns at its 4084 rows
+    image_rng = np.random.default_rng([seed, index])
+    image = synthesize_image(
+        image_rng,
+        shape=shape,
+        laterality=slot.laterality,
+        view=slot.view,
+        lesion=bool(slot.label),
+        size=slot.size,
+        brightness=slot.brightness,
+        marker=bool(image_rng.random() < 0.4),
+        faint_blob=bool(image_rng.random() < 0.35),
+    )
+    stored = np.round(image.image * _MAX_STORED).astype(np.uint16)
+    photometric = "MONOCHROME1" if image_rng.random() < 0.2 else "MONOCHROME2"
+    if photometric == "MONOCHROME1":
+        stored = _MAX_STORED - stored
+    write_dicom(
+        out / "AllDICOMs" / slot.name,
+        stored,
+        photometric=photometric,
+        bits_stored=12,
+        patient_id=slot.patient,
+        laterality=slot.laterality,
+        view=slot.view,
+        uid_seed=f"{seed}-{slot.file_id}",
+        PixelSpacing=[spacing, spacing],
+    )
+    if image.masses or len(image.calcifications):
+        _write_xml(out / "AllXML" / f"{slot.file_id}.xml", (H, W), image, spacing)
+    date = f"2010{int(image_rng.integers(1, 13)):02d}"
+    acr = str(int(image_rng.integers(1, 5)))
+    return ["removed", "removed", slot.laterality, slot.view, date, slot.file_id, acr, slot.birads]
 
 
 def _main(argv: Sequence[str]) -> None:
