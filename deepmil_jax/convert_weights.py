@@ -23,8 +23,9 @@ Formats (--format) and where to get each file:
 
 DIR receives an Orbax checkpoint (DIR/params) and DIR/metadata.json (variant, source format,
 input file name, normalization, LRN flavour). Use it with
-`python -m deepmil_jax.train --init=imagenet:DIR` or `AlexNet.from_pretrained(DIR)`; the
-normalisation is applied by the model from the metadata, training feeds [0, 1] images.
+`python -m deepmil_jax.train --init=imagenet:DIR`, or in Python
+`build_model(scheme, pretrained=weights.load_converted(DIR), ...)`; the normalisation is applied
+by the model from the metadata, training feeds [0, 1] images.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ with converted weights is in test_weights.py.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +19,7 @@ import torch.nn.functional as F
 from flax import nnx
 
 import deepmil_jax.models.alexnet as alexnet_mod
-from deepmil_jax.errors import ConfigError
+from deepmil_jax.errors import ConfigError, WeightsError
 from deepmil_jax.models import (
     LRNS,
     AlexNet,
@@ -223,14 +227,14 @@ def test_build_model_schemes():
         assert isinstance(model, DeepMIL)
         assert model.backbone.variant == "caffe"
         assert [layer.kernel.shape for layer in model.head.hidden] == [(256, 128), (128, 128)]
-    model = build_model("sparse", backbone="torchvision", init="random", rngs=nnx.Rngs(0))
+    model = build_model("sparse", backbone="torchvision", rngs=nnx.Rngs(0))
     assert (model.backbone.variant, model.backbone.normalization) == ("torchvision", "torchvision")
     with pytest.raises(ConfigError, match="unknown scheme"):
         build_model("mean_pooling", rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="unknown AlexNet variant"):
         build_model("sparse", backbone="vgg", rngs=nnx.Rngs(0))
-    with pytest.raises(ConfigError, match="checkpoint"):
-        build_model("sparse", init="checkpoint:/x", rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match=r"is a path.*load_converted"):
+        build_model("sparse", pretrained="/x", rngs=nnx.Rngs(0))  # models read no files
 
 
 def test_bf16_compute_keeps_float32_params():
@@ -322,3 +326,48 @@ def test_each_lrn_flavour_matches_its_numpy_formula_and_place(flavour):
     other = _lrn_numpy(_max_pool_numpy(x.astype(np.float64)), k=1.0, alpha=1e-4 / 5, beta=0.75)
     if flavour == "caffe":
         assert rel_err(other, expected) > 1e-3
+
+
+def test_models_import_no_weight_reading_code():
+    """deepmil_jax.models builds modules only: importing it loads no weights code, Orbax, h5py
+    or torch."""
+    code = (
+        "import sys\n"
+        "import deepmil_jax.models\n"
+        "bad = ('orbax', 'h5py', 'torch', 'deepmil_jax.weights')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in bad or m.startswith(bad)))\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_pretrained_arrays_are_copied_and_checked():
+    """build_model(pretrained=(params, metadata)) copies the arrays; a bad one names its layer."""
+    source = AlexNet("caffe", lrn="caffe", normalization="caffe", rngs=nnx.Rngs(5))
+    params = {
+        f"conv{i}": {
+            kind: np.asarray(getattr(getattr(source, f"conv{i}"), kind)[...])
+            for kind in ("kernel", "bias")
+        }
+        for i in range(1, 6)
+    }
+    metadata = {"variant": "caffe", "lrn": "caffe", "normalization": "caffe"}
+    model = build_model("max_pooling", pretrained=(params, metadata), rngs=nnx.Rngs(0))
+    assert (model.backbone.lrn, model.backbone.normalization) == ("caffe", "caffe")
+    for i in range(1, 6):
+        for kind in ("kernel", "bias"):
+            got = getattr(getattr(model.backbone, f"conv{i}"), kind)[...]
+            np.testing.assert_array_equal(got, params[f"conv{i}"][kind])
+    clf = build_model("alexnet", pretrained=(params, metadata), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(clf.backbone.conv5.bias[...], params["conv5"]["bias"])
+    assert clf.fc6.kernel.shape == (9216, 4096)  # no fc6 in params: a fresh layer
+    bad = {**params, "conv3": {**params["conv3"], "kernel": np.zeros((3, 3, 128, 384))}}
+    with pytest.raises(WeightsError, match=r"conv3 kernel has shape \(3, 3, 128, 384\).*"):
+        build_model("sparse", pretrained=(bad, metadata), rngs=nnx.Rngs(0))
+    missing = {k: v for k, v in params.items() if k != "conv4"}
+    with pytest.raises(WeightsError, match="no layer 'conv4'"):
+        build_model("sparse", pretrained=(missing, metadata), rngs=nnx.Rngs(0))

@@ -38,6 +38,11 @@ TV_MEAN = np.array([0.485, 0.456, 0.406])
 TV_STD = np.array([0.229, 0.224, 0.225])
 
 
+def load_alexnet(out: Path) -> AlexNet:
+    """The AlexNet features of a converted folder (the program's way: read, then build)."""
+    return AlexNet.from_converted(*weights.load_converted(out, fc=False))
+
+
 @nnx.jit
 def forward_raw(model: AlexNet, raw):
     return model.forward_raw(raw)
@@ -338,7 +343,7 @@ def test_theano_kernel_flip_matches_true_convolution():
 @pytest.mark.parametrize("size", SIZES)
 def test_keras_h5_matches_theano_reference(keras_case, size):
     layers, out = keras_case
-    model = AlexNet.from_pretrained(out)
+    model = load_alexnet(out)
     assert (model.variant, model.lrn, model.normalization) == ("caffe", "keras", "keras")
     for raw in grey_and_rgb(size):
         ours = np.asarray(forward_raw(model, jnp.asarray(raw)))
@@ -354,7 +359,7 @@ def test_keras_h5_matches_theano_reference(keras_case, size):
 @pytest.mark.parametrize("size", SIZES)
 def test_caffe_npy_matches_torch_reference(caffe_case, size):
     layers, out = caffe_case
-    model = AlexNet.from_pretrained(out)
+    model = load_alexnet(out)
     assert (model.variant, model.lrn, model.normalization) == ("caffe", "caffe", "caffe")
     for raw in grey_and_rgb(size):
         ours = np.asarray(forward_raw(model, jnp.asarray(raw)))
@@ -369,7 +374,7 @@ def test_caffe_npy_matches_torch_reference(caffe_case, size):
 @pytest.mark.parametrize("size", SIZES)
 def test_torchvision_matches_torch(torchvision_case, size):
     tv, out = torchvision_case
-    model = AlexNet.from_pretrained(out)
+    model = load_alexnet(out)
     assert (model.variant, model.lrn, model.normalization) == ("torchvision", None, "torchvision")
     for raw in grey_and_rgb(size):
         ours = np.asarray(forward_raw(model, jnp.asarray(raw)))
@@ -398,14 +403,14 @@ def test_fully_connected_layers_match(keras_case, caffe_case, torchvision_case):
     rgb = np.broadcast_to(raw, (1, 227, 227, 3)).astype(np.float64)
 
     layers, out = keras_case
-    clf = build_model("alexnet", pretrained=str(out), rngs=nnx.Rngs(0))
+    clf = build_model("alexnet", pretrained=weights.load_converted(out), rngs=nnx.Rngs(0))
     _, ref = keras_alexnet_reference((rgb[0] * 255.0 - KERAS_MEAN_RGB).transpose(2, 0, 1), layers)
     err = rel_err(fc7_of(clf, raw)[0], ref)
     print(f"keras_h5 fc7 max rel diff {err:.2e}")
     assert err < TOL
 
     layers, out = caffe_case
-    clf = AlexNetClassifier.from_pretrained(out, rngs=nnx.Rngs(0))
+    clf = AlexNetClassifier.from_converted(*weights.load_converted(out), rngs=nnx.Rngs(0))
     bgr = (rgb[..., ::-1] * 255.0 - CAFFE_MEAN_BGR).transpose(0, 3, 1, 2).copy()
     _, ref = caffe_npy_reference(torch.from_numpy(bgr), layers)
     err = rel_err(fc7_of(clf, raw), ref.numpy())
@@ -413,7 +418,8 @@ def test_fully_connected_layers_match(keras_case, caffe_case, torchvision_case):
     assert err < TOL
 
     tv, out = torchvision_case
-    clf = build_model("alexnet", backbone="torchvision", init=f"imagenet:{out}", rngs=nnx.Rngs(0))
+    pretrained = weights.load_converted(out)
+    clf = build_model("alexnet", backbone="torchvision", pretrained=pretrained, rngs=nnx.Rngs(0))
     x = torch.from_numpy(((rgb - TV_MEAN) / TV_STD).transpose(0, 3, 1, 2).copy())
     with torch.no_grad():
         ref = tv.classifier[:6](torch.flatten(tv.avgpool(tv.features(x)), 1)).numpy()
@@ -445,11 +451,42 @@ def test_metadata_and_checkpoint_layout(keras_case, torchvision_case):
 
 def test_build_model_refuses_a_backbone_that_does_not_match(torchvision_case):
     _, out = torchvision_case
+    pretrained = weights.load_converted(out, fc=False)
     with pytest.raises(ConfigError, match="backbone='torchvision'"):
-        build_model("max_pooling", backbone="caffe", pretrained=str(out), rngs=nnx.Rngs(0))
-    model = build_model("sparse", backbone="torchvision", pretrained=str(out), rngs=nnx.Rngs(0))
-    loaded = AlexNet.from_pretrained(out)
+        build_model("max_pooling", backbone="caffe", pretrained=pretrained, rngs=nnx.Rngs(0))
+    model = build_model("sparse", backbone="torchvision", pretrained=pretrained, rngs=nnx.Rngs(0))
+    loaded = load_alexnet(out)
     np.testing.assert_array_equal(model.backbone.conv3.kernel[...], loaded.conv3.kernel[...])
+    # every backbone array equals the file's
+    params, _ = weights.load_converted(out)
+    for name in ("conv1", "conv2", "conv3", "conv4", "conv5"):
+        for kind in ("kernel", "bias"):
+            got = getattr(getattr(model.backbone, name), kind)[...]
+            np.testing.assert_array_equal(got, params[name][kind])
+
+
+def test_train_init_imagenet_loads_the_converted_arrays(keras_case, torchvision_case):
+    """--init=imagenet:PATH: train.create_model reads the folder and the model holds its arrays."""
+    import dataclasses
+
+    from deepmil_jax import train
+
+    for (_, out), backbone, scheme in (
+        (keras_case, "caffe", "alexnet"),
+        (torchvision_case, "torchvision", "label_assign"),
+    ):
+        config = dataclasses.replace(
+            train.Config(), scheme=scheme, backbone=backbone, init=f"imagenet:{out}"
+        )
+        model = train.create_model(config, nnx.Rngs(0))
+        params, meta = weights.load_converted(out)
+        assert model.backbone.normalization == meta["normalization"]
+        for name in ("conv1", "conv2", "conv3", "conv4", "conv5"):
+            for kind in ("kernel", "bias"):
+                got = getattr(getattr(model.backbone, name), kind)[...]
+                np.testing.assert_array_equal(got, params[name][kind])
+        if scheme == "alexnet":
+            np.testing.assert_array_equal(model.fc6.kernel[...], params["fc6"]["kernel"])
 
 
 # ------------------------------------------------------------------ safe .npy reading
@@ -579,7 +616,7 @@ def test_torch_not_installed_gives_a_clear_error(tmp_path, monkeypatch):
 
 def test_load_converted_refuses_other_folders(tmp_path):
     with pytest.raises(WeightsError, match="not a convert_weights output"):
-        AlexNet.from_pretrained(tmp_path)
+        weights.load_converted(tmp_path)
 
 
 # ------------------------------------------------------------------ output folder and CLI

@@ -3,12 +3,16 @@
 Public API::
 
     AlexNet(variant="caffe", *, lrn=None, normalization=None, dtype, param_dtype, rngs)
-    AlexNet.from_pretrained(path, *, dtype, param_dtype, rngs=None)
+    AlexNet.from_converted(params, metadata, *, dtype, param_dtype)
     normalize(images, kind)
     InstanceHead(in_features=256, hidden=(), *, dtype, param_dtype, rngs)
     DeepMIL(backbone, head)
     AlexNetClassifier(backbone, *, dropout=0.5, dtype, param_dtype, rngs)
-    build_model(scheme, *, backbone="caffe", head_hidden=(), pretrained=None, init=None, ...)
+    build_model(scheme, *, backbone="caffe", head_hidden=(), pretrained=None, ...)
+
+Modules only: no file is read here. ImageNet weights are read by ``deepmil_jax.weights``::
+
+    build_model(scheme, backbone=..., pretrained=weights.load_converted(path), rngs=...)
 """
 
 from deepmil_jax.models.alexnet import (

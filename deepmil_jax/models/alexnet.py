@@ -25,10 +25,9 @@ more row/column at sizes where a pooled map has an even size (never at 227, 291 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,51 +35,16 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from deepmil_jax import weights as weights_lib
+from deepmil_jax.architecture import (
+    CONV_SPECS,
+    DEFAULTS,
+    LRN,
+    LRNS,
+    NORMALIZATIONS,
+    Normalization,
+    check_variant,
+)
 from deepmil_jax.errors import ConfigError, WeightsError
-
-
-class Normalization(NamedTuple):
-    """``y[..., c] = (x[..., order[c]] * scale - mean[c]) / std[c]`` for RGB ``x`` on [0, 1].
-
-    ``mean`` and ``std`` are listed in the channel order the weights expect (BGR when ``bgr``).
-    """
-
-    scale: float
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    bgr: bool
-
-
-NORMALIZATIONS: dict[str, Normalization] = {
-    # convnets-keras preprocess_image_batch(color_mode="rgb"), the paper's code: RGB on 0-255.
-    "keras": Normalization(255.0, (123.68, 116.779, 103.939), (1.0, 1.0, 1.0), False),
-    # Caffe BVLC (and bvlc_alexnet.npy): BGR on 0-255 minus the ILSVRC-2012 mean image's
-    # per-channel means, in BGR order.
-    "caffe": Normalization(
-        255.0, (104.00698793, 116.66876762, 122.67891434), (1.0, 1.0, 1.0), True
-    ),
-    # torchvision: RGB on [0, 1], ImageNet mean and std.
-    "torchvision": Normalization(1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), False),
-}
-
-
-class LRN(NamedTuple):
-    """Cross-channel LRN ``x / (k + alpha * sum_{|c'-c| <= n//2} x_c'^2) ** beta``."""
-
-    k: float
-    alpha: float  # per squared element (Caffe's alpha / n)
-    beta: float
-    n: int
-    before_pool: bool
-
-
-LRNS: dict[str, LRN] = {
-    "keras": LRN(2.0, 1e-4, 0.75, 5, False),  # convnets-keras crosschannelnormalization
-    "caffe": LRN(1.0, 1e-4 / 5, 0.75, 5, True),  # Caffe LRNLayer, local_size 5, alpha 1e-4
-}
-
-_DEFAULTS = {"caffe": ("keras", "keras"), "torchvision": (None, "torchvision")}
 
 
 def _normalization(kind: str) -> Normalization:
@@ -134,9 +98,7 @@ def _channel_window_sum(v: jax.Array, n: int) -> jax.Array:
 # which is its own transpose) and y = x * s^-beta,
 #     dx = g * s^-beta - 2 * alpha * beta * x * W(g * x * s^-beta / s).
 # Autodiff of the forward gives the same values but transposes the n shifted slices into n pads
-# and recomputes the power in each; measured on 2 CPU cores, fwd+bwd of the first LRN (batch 32,
-# 27x27x96) took 56 ms that way and 11 ms this way (35 ms and 7 ms for the second); in the whole
-# train step, where XLA fuses differently, 1-3% (573-585 ms against 585-608 ms per step).
+# and recomputes the power in each, which is slower on CPU (see the README, "Benchmark").
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _lrn(x: jax.Array, lrn: LRN) -> jax.Array:
     return _lrn_fwd(x, lrn)[0]
@@ -163,9 +125,9 @@ def local_response_norm(x: jax.Array, lrn: LRN) -> jax.Array:
 
 
 # How grouped convolutions are lowered: "auto" splits them into one convolution per group on CPU,
-# where XLA's grouped convolution is slow (measured: its backward pass about 3x slower than two
-# convolutions on halves), and uses feature_group_count elsewhere (cuDNN and TPUs handle groups
-# natively). "native" or "split" force one way. The parameters are the same either way.
+# where XLA's grouped convolution (its backward pass above all) is slower than convolutions on the
+# halves, and uses feature_group_count elsewhere (cuDNN and TPUs handle groups natively). "native"
+# or "split" force one way. The parameters are the same either way.
 GROUPED_CONV = "auto"
 
 
@@ -204,10 +166,10 @@ def conv_general_dilated(
 # How max pooling is differentiated: "auto" uses the custom gradient below on CPU and XLA's own
 # elsewhere; "custom" or "xla" force one way. Both give the same gradient (up to the order of
 # float additions). XLA:CPU differentiates reduce_window(max) through a variadic reduce-window
-# that records four iota index arrays, then a scatter-add: measured, the pooling gradients were
-# about a fifth of the AlexNet-MIL train step on 2 CPU cores. The custom gradient compares each
-# of the 9 taps of the 3x3/2 windows with the pooled value and adds the output gradient back with
-# a strided pad; like XLA it gives each window's gradient to its first maximum in row-major order.
+# that records four iota index arrays, then a scatter-add, which is slow on CPU. The custom
+# gradient compares each of the 9 taps of the 3x3/2 windows with the pooled value and adds the
+# output gradient back with a strided pad; like XLA it gives each window's gradient to its first
+# maximum in row-major order.
 POOL_GRADIENT = "auto"
 
 
@@ -262,6 +224,28 @@ def max_pool(x: jax.Array) -> jax.Array:
     return _max_pool_xla(x)
 
 
+def copy_params(
+    layer: nnx.Module, params: Mapping[str, Mapping[str, Any]], name: str, model: str
+) -> None:
+    """Set ``layer.kernel`` and ``layer.bias`` to ``params[name]``'s arrays (canonical layout).
+
+    Raises WeightsError, naming the layer and the shape ``model`` needs, for a missing layer or
+    array or a mis-shaped one; nothing is read from files here.
+    """
+    if name not in params:
+        raise WeightsError(
+            f"the pretrained weights have no layer {name!r} (found {sorted(params)}); "
+            f"{model} needs it"
+        )
+    for kind in ("kernel", "bias"):
+        var = getattr(layer, kind)
+        value = params[name].get(kind)
+        if value is None or tuple(np.shape(value)) != var.shape:
+            got = "no array" if value is None else f"shape {tuple(np.shape(value))}"
+            raise WeightsError(f"the pretrained {name} {kind} has {got}; {model} needs {var.shape}")
+        var.set_value(jnp.asarray(value, dtype=var.dtype))
+
+
 class AlexNet(nnx.Module):
     """AlexNet convolutional features.
 
@@ -287,11 +271,8 @@ class AlexNet(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if variant not in weights_lib.CONV_SPECS:
-            raise ConfigError(
-                f"unknown AlexNet variant {variant!r}; choose one of {list(weights_lib.CONV_SPECS)}"
-            )
-        default_lrn, default_norm = _DEFAULTS[variant]
+        check_variant(variant)
+        default_lrn, default_norm = DEFAULTS[variant]
         lrn = lrn if lrn is not None else default_lrn
         if variant == "torchvision" and lrn is not None:
             raise ConfigError("the torchvision AlexNet has no LRN; leave lrn=None")
@@ -303,8 +284,8 @@ class AlexNet(nnx.Module):
         self.lrn = lrn
         self.normalization = normalization
         self.dtype = dtype
-        self.out_features = weights_lib.CONV_SPECS[variant][-1].out_features
-        for s in weights_lib.CONV_SPECS[variant]:
+        self.out_features = CONV_SPECS[variant][-1].out_features
+        for s in CONV_SPECS[variant]:
             conv = nnx.Conv(
                 s.in_features,
                 s.out_features,
@@ -322,26 +303,6 @@ class AlexNet(nnx.Module):
     # -- pretrained weights ------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        *,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs | None = None,
-    ) -> AlexNet:
-        """Build the variant named in ``path/metadata.json`` and load its converted weights.
-
-        ``path`` is a ``python -m deepmil_jax.convert_weights`` output folder; the normalisation
-        and LRN flavour come from its metadata.
-        """
-        conv_layers = [s.name for s in weights_lib.CONV_SPECS["caffe"]]
-        params, metadata = weights_lib.load_converted(path, layers=conv_layers)
-        return cls.from_converted(
-            params, metadata, dtype=dtype, param_dtype=param_dtype, rngs=rngs, where=str(path)
-        )
-
-    @classmethod
     def from_converted(
         cls,
         params: Mapping[str, Mapping[str, Any]],
@@ -349,16 +310,13 @@ class AlexNet(nnx.Module):
         *,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs | None = None,
-        where: str = "",
     ) -> AlexNet:
-        """Like ``from_pretrained`` from ``weights.load_converted``'s (params, metadata).
+        """The AlexNet named in ``metadata`` (variant, LRN, normalisation) holding ``params``.
 
-        Every parameter comes from ``params``, so the model is built abstractly (no random
-        initialisation is computed) and then filled; ``rngs`` is accepted for symmetry only.
+        ``(params, metadata)`` is what ``deepmil_jax.weights.load_converted`` returns. Every
+        parameter comes from ``params``, so the model is built abstractly (no random
+        initialisation is computed) and then filled.
         """
-        del rngs
-        weights_lib.validate(params, metadata["variant"], where or "params")
         model = nnx.eval_shape(
             lambda: cls(
                 metadata["variant"],
@@ -369,20 +327,13 @@ class AlexNet(nnx.Module):
                 rngs=nnx.Rngs(0),
             )
         )
-        model.load_params(params, where=where)
+        model.load_params(params)
         return model
 
-    def load_params(self, params: Mapping[str, Mapping[str, Any]], *, where: str = "") -> None:
-        """Copy canonical ``{"conv1": {"kernel", "bias"}, ...}`` arrays into this model."""
-        weights_lib.validate(params, self.variant, where or "params")
-        for s in weights_lib.CONV_SPECS[self.variant]:
-            conv = getattr(self, s.name)
-            for kind in ("kernel", "bias"):
-                var = getattr(conv, kind)
-                value = np.asarray(params[s.name][kind])
-                if value.shape != var.shape:  # pragma: no cover - validate() checks this
-                    raise WeightsError(f"{where}: {s.name} {kind} shape {value.shape}")
-                var.set_value(jnp.asarray(value, dtype=var.dtype))
+    def load_params(self, params: Mapping[str, Mapping[str, Any]]) -> None:
+        """Copy canonical ``{"conv1": {"kernel", "bias"}, ...}`` arrays into the convolutions."""
+        for s in CONV_SPECS[self.variant]:
+            copy_params(getattr(self, s.name), params, s.name, f"the {self.variant} AlexNet")
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -417,7 +368,7 @@ class AlexNet(nnx.Module):
             raise ConfigError(f"AlexNet expects (N, H, W, 3) or (N, H, W, 1); got {x.shape}")
         if x.shape[-1] == 3:
             return self._after_conv1(self.conv1(x))
-        s = weights_lib.CONV_SPECS[self.variant][0]
+        s = CONV_SPECS[self.variant][0]
         kernel = self.conv1.kernel[...].sum(axis=2, keepdims=True)  # fold the 3 input channels
         y = self._conv(x, kernel, s.stride, s.padding) + self.conv1.bias[...].astype(self.dtype)
         return self._after_conv1(y)
@@ -438,7 +389,7 @@ class AlexNet(nnx.Module):
         if images.shape[-1] == 3:
             return self(normalize(images, self.normalization))
         spec = _normalization(self.normalization)
-        s = weights_lib.CONV_SPECS[self.variant][0]
+        s = CONV_SPECS[self.variant][0]
         std = jnp.asarray(spec.std, jnp.float32)
         kernel = self.conv1.kernel[...].astype(jnp.float32)  # (kh, kw, 3, out)
         exact = lax.Precision.HIGHEST  # tiny contractions; keep them float32 on TPUs too

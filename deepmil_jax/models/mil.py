@@ -18,13 +18,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from flax import nnx
 
-from deepmil_jax import weights as weights_lib
-from deepmil_jax.errors import ConfigError, WeightsError
-from deepmil_jax.models.alexnet import AlexNet
+from deepmil_jax.architecture import FC_GRID, FC_LAYERS, FC_SIZE
+from deepmil_jax.errors import ConfigError
+from deepmil_jax.models.alexnet import AlexNet, copy_params
 
 SCHEMES = ("alexnet", "max_pooling", "label_assign", "sparse")
 
@@ -94,41 +93,12 @@ class AlexNetClassifier(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        grid = weights_lib.FC_GRID
-        size = weights_lib.FC_SIZE
+        kw = {"dtype": dtype, "param_dtype": param_dtype}
         self.backbone = backbone
-        self.fc6 = nnx.Linear(
-            grid * grid * backbone.out_features,
-            size,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
-        self.fc7 = nnx.Linear(size, size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc8 = nnx.Linear(size, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc6 = nnx.Linear(FC_GRID * FC_GRID * backbone.out_features, FC_SIZE, **kw, rngs=rngs)
+        self.fc7 = nnx.Linear(FC_SIZE, FC_SIZE, **kw, rngs=rngs)
+        self.fc8 = nnx.Linear(FC_SIZE, 1, **kw, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        *,
-        dropout: float = 0.5,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
-    ) -> AlexNetClassifier:
-        """Features, fc6 and fc7 from a convert_weights folder (fc6/fc7 only if it has them)."""
-        params, metadata = weights_lib.load_converted(path)
-        return cls.from_converted(
-            params,
-            metadata,
-            dropout=dropout,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-            where=str(path),
-        )
 
     @classmethod
     def from_converted(
@@ -140,15 +110,14 @@ class AlexNetClassifier(nnx.Module):
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
-        where: str = "",
     ) -> AlexNetClassifier:
-        """Like ``from_pretrained`` from ``weights.load_converted``'s (params, metadata).
+        """The classifier holding ``weights.load_converted``'s (params, metadata).
 
         Built abstractly, then filled: the features and fc6/fc7 from ``params``; fc8 (and fc6,
         fc7 when ``params`` lacks them) and the dropout stream fresh from ``rngs``.
         """
         kw = {"dtype": dtype, "param_dtype": param_dtype}
-        backbone = AlexNet.from_converted(params, metadata, **kw, where=where)
+        backbone = AlexNet.from_converted(params, metadata, **kw)
         variant, lrn, norm = backbone.variant, backbone.lrn, backbone.normalization
         model = nnx.eval_shape(
             lambda: cls(
@@ -159,43 +128,28 @@ class AlexNetClassifier(nnx.Module):
             )
         )
         model.backbone = backbone
-        model.load_fc(params, where=where)
-        grid, size = weights_lib.FC_GRID, weights_lib.FC_SIZE
-        fan_in = {"fc6": grid * grid * backbone.out_features, "fc7": size}
-        for name in ("fc6", "fc7"):
-            if name not in params:
-                setattr(model, name, nnx.Linear(fan_in[name], size, **kw, rngs=rngs))
-        model.fc8 = nnx.Linear(weights_lib.FC_SIZE, 1, **kw, rngs=rngs)
+        fan_in = {"fc6": FC_GRID * FC_GRID * backbone.out_features, "fc7": FC_SIZE}
+        missing = [name for name in FC_LAYERS if name not in params]
+        if missing:
+            logging.warning("the pretrained weights have no %s; those start random", missing)
+        for name in FC_LAYERS:
+            if name in params:
+                copy_params(getattr(model, name), params, name, "the alexnet scheme")
+            else:
+                setattr(model, name, nnx.Linear(fan_in[name], FC_SIZE, **kw, rngs=rngs))
+        model.fc8 = nnx.Linear(FC_SIZE, 1, **kw, rngs=rngs)
         model.dropout = nnx.Dropout(dropout, rngs=rngs)
         return model
-
-    def load_fc(self, params: Mapping[str, Mapping[str, Any]], *, where: str = "") -> None:
-        """Copy ``fc6``/``fc7`` (canonical layout, fc6 rows in (h, w, c) order) if present."""
-        missing = [name for name in ("fc6", "fc7") if name not in params]
-        if missing:
-            logging.warning("%s has no %s; those layers start from random values", where, missing)
-        for name in ("fc6", "fc7"):
-            if name not in params:
-                continue
-            layer = getattr(self, name)
-            for kind in ("kernel", "bias"):
-                var = getattr(layer, kind)
-                value = np.asarray(params[name][kind])
-                if value.shape != var.shape:
-                    raise WeightsError(
-                        f"{where}: {name} {kind} has shape {value.shape}, expected {var.shape}"
-                    )
-                var.set_value(jnp.asarray(value, dtype=var.dtype))
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """Raw ``(N, 227, 227, 1)`` images on [0, 1] -> logits ``(N, 1, 1)`` in float32."""
         features = self.backbone.forward_raw(images)
         n, h, w, _ = features.shape
-        grid = weights_lib.FC_GRID
-        if (h, w) != (grid, grid):
+        if (h, w) != (FC_GRID, FC_GRID):
             raise ConfigError(
-                f"the alexnet scheme's fully connected layers need a {grid}x{grid} feature map "
-                f"(227x227 images); images of {images.shape[1]}x{images.shape[2]} give {h}x{w}. "
+                f"the alexnet scheme's fully connected layers need a {FC_GRID}x{FC_GRID} feature "
+                f"map (227x227 images); images of {images.shape[1]}x{images.shape[2]} give "
+                f"{h}x{w}. "
                 "Resize the images to 227x227, or use a MIL scheme (max_pooling, label_assign, "
                 "sparse), which accepts any size"
             )
@@ -205,17 +159,23 @@ class AlexNetClassifier(nnx.Module):
         return self.fc8(x).astype(jnp.float32).reshape(n, 1, 1)
 
 
-def _pretrained_path(pretrained: str | None, init: str | None) -> str | None:
-    if init is None or init == "random":
-        return pretrained
-    if pretrained is not None:
-        raise ConfigError("give either pretrained=PATH or init='imagenet:PATH', not both")
-    if init.startswith("imagenet:") and len(init) > len("imagenet:"):
-        return init[len("imagenet:") :]
-    raise ConfigError(
-        f"init={init!r}: build_model understands 'random' and 'imagenet:PATH' (a convert_weights "
-        "folder); a training checkpoint ('checkpoint:PATH') is restored by the training program"
-    )
+def _pretrained_arrays(
+    pretrained: tuple[Mapping[str, Any], Mapping[str, Any]], backbone: str
+) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """``pretrained`` as (params, metadata), refusing a path and weights of another variant."""
+    if isinstance(pretrained, (str, os.PathLike)):
+        raise ConfigError(
+            f"pretrained={os.fspath(pretrained)!r} is a path; build_model takes the arrays: pass "
+            "pretrained=deepmil_jax.weights.load_converted(path)"
+        )
+    params, metadata = pretrained
+    if metadata["variant"] != backbone:
+        source = metadata.get("input_file", "given")
+        raise ConfigError(
+            f"the pretrained weights ({source}) are for the {metadata['variant']} AlexNet but "
+            f"backbone={backbone!r}; pass backbone={metadata['variant']!r} (--backbone)"
+        )
+    return params, metadata
 
 
 def build_model(
@@ -223,8 +183,7 @@ def build_model(
     *,
     backbone: str = "caffe",
     head_hidden: Sequence[int] = (),
-    pretrained: str | None = None,
-    init: str | None = None,
+    pretrained: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None,
     dropout: float = 0.5,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
@@ -237,36 +196,27 @@ def build_model(
         ``"max_pooling"``, ``"label_assign"``, ``"sparse"`` -> :class:`DeepMIL` (``(N, h, w)``).
       backbone: ``"caffe"`` (the paper's) or ``"torchvision"``; must match the pretrained weights.
       head_hidden: hidden 1x1 layer sizes of the instance head (``()`` = logistic regression).
-      pretrained: a ``convert_weights`` output folder, or None for random initialisation; the
-        instance head (and fc8 of the classifier) always start fresh.
-      init: alternatively ``"random"`` or ``"imagenet:PATH"`` (the form of ``--init``).
+      pretrained: ``(params, metadata)`` as ``deepmil_jax.weights.load_converted(path)`` returns
+        them (ImageNet weights; the LRN flavour and normalisation come from ``metadata``), or
+        None for random initialisation. The instance head (and fc8 of the classifier) always
+        start fresh. Only arrays are copied here; reading the folder is the caller's.
       dropout: dropout rate of the classifier's fully connected layers (alexnet scheme only).
       dtype: compute dtype (e.g. ``jnp.bfloat16``); ``param_dtype``: parameter dtype.
       rngs: random streams for initialisation (and ``dropout``).
     """
     if scheme not in SCHEMES:
         raise ConfigError(f"unknown scheme {scheme!r}; choose one of {list(SCHEMES)}")
-    path = _pretrained_path(pretrained, init)
     kw = {"dtype": dtype, "param_dtype": param_dtype}
-    params: Mapping[str, Any] = {}
-    if path is None:
+    if pretrained is None:
         features = AlexNet(backbone, **kw, rngs=rngs)
-    else:
-        # the MIL schemes need only the convolutions, not the 150 MB of fc6
-        only = None if scheme == "alexnet" else [f"conv{i}" for i in range(1, 6)]
-        params, metadata = weights_lib.load_converted(path, layers=only)
-        features = AlexNet.from_converted(params, metadata, **kw, rngs=rngs, where=str(path))
-        if features.variant != backbone:
-            raise ConfigError(
-                f"the weights in {path} are for the {features.variant} AlexNet but "
-                f"backbone={backbone!r}; pass backbone={features.variant!r} (--backbone)"
-            )
-    if scheme == "alexnet":
-        if path is None:
+        if scheme == "alexnet":
             return AlexNetClassifier(features, dropout=dropout, **kw, rngs=rngs)
-        return AlexNetClassifier.from_converted(
-            params, metadata, dropout=dropout, **kw, rngs=rngs, where=str(path)
-        )
-    return DeepMIL(
-        features, InstanceHead(features.out_features, tuple(head_hidden), **kw, rngs=rngs)
-    )
+    else:
+        params, metadata = _pretrained_arrays(pretrained, backbone)
+        if scheme == "alexnet":
+            return AlexNetClassifier.from_converted(
+                params, metadata, dropout=dropout, **kw, rngs=rngs
+            )
+        features = AlexNet.from_converted(params, metadata, **kw)
+    head = InstanceHead(features.out_features, tuple(head_hidden), **kw, rngs=rngs)
+    return DeepMIL(features, head)
