@@ -26,7 +26,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from data_pipeline.errors import DataError
 
-__all__ = ["SPLIT_MODES", "Split", "assign_folds", "make_split", "read_split", "write_split"]
+__all__ = ["SPLIT_MODES", "Split", "assign_folds", "make_split", "write_split"]
 
 SPLIT_MODES = ("patient", "image")
 
@@ -229,24 +229,3 @@ def write_split(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
-
-
-def read_split(path: str | Path, file_ids: Sequence[str] | np.ndarray) -> Split:
-    """Reads a JSON written by ``write_split`` back into indices into ``file_ids``.
-
-    Raises:
-      DataError: the file names a file id that is not among ``file_ids``.
-    """
-    path = Path(path)
-    payload = json.loads(path.read_text())
-    position = {str(file_id): i for i, file_id in enumerate(np.asarray(file_ids))}
-    parts = {}
-    for name in ("train", "validation", "test"):
-        missing = [file_id for file_id in payload[name] if file_id not in position]
-        if missing:
-            raise DataError(
-                f"{path}: {len(missing)} file ids of the {name} part (e.g. {missing[0]!r}) are "
-                "not in the dataset; was the split written for another dataset?"
-            )
-        parts[name] = np.sort(np.array([position[f] for f in payload[name]], dtype=np.int64))
-    return Split(**parts)
