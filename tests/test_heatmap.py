@@ -208,3 +208,29 @@ def test_box_to_pixel_slice_takes_an_image_shape_with_channels():
     box = (0.5, 0.4, 2.5, 30.0)
     assert hm.box_to_pixel_slice(box, (10, 12, 3)) == hm.box_to_pixel_slice(box, (10, 12))
     assert hm.box_to_pixel_slice(box, (10, 12, 3)) == (0, 0, 2, 12)
+
+
+def test_downsample_default_and_dtype():
+    wide = np.ones((1, 2049), np.float64)
+    small, stride = hm.downsample(wide)  # default max_side 1024: ceil(2049 / 1024) = 3
+    assert stride == 3 and small.shape == (1, 683) and small.dtype == np.float32
+    same, stride = hm.downsample(np.ones((4, 4), np.float64))
+    assert stride == 1 and same.dtype == np.float32
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_render_heatmap_default_max_side_is_1024(tmp_path):
+    geometry = Geometry(
+        original_shape=(2049, 60), crop=(0, 0, 2049, 60), flipped=False, size=(6, 6)
+    )
+    image = np.zeros((2049, 60), np.float32)
+    probs = np.full((2, 2), 0.5)
+    hm.render_heatmap(tmp_path / "a.png", image, probs, geometry)
+    hm.render_heatmap(tmp_path / "b.png", image, probs, geometry, max_side=1024)
+    hm.render_heatmap(tmp_path / "c.png", image, probs, geometry, max_side=1025)
+    assert _png_size(tmp_path / "a.png") == _png_size(tmp_path / "b.png")
+    assert _png_size(tmp_path / "a.png") != _png_size(tmp_path / "c.png")

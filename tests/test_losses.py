@@ -303,3 +303,25 @@ def test_l2_penalty_is_a_float32_scalar_for_any_params():
     half = dm.l2_penalty({"w": jnp.full((4,), 1 + 2**-7, jnp.bfloat16)})
     assert half.dtype == jnp.float32
     assert float(half) == 0.5 * 4 * (1 + 2**-7) ** 2
+
+
+def test_noisy_or_with_only_very_unlikely_instances_matches_float64():
+    """The small-t branch of noisy-OR (sum of softplus < 1e-3), where log t is a log-sum-exp of
+    log softplus(z): against 1 - prod(1 - r) computed in float64 with log1p/expm1."""
+    z = np.array(
+        [
+            [-7.5, 0.0, 0.0, 0.0, 0.0, 0.0],  # one valid instance: softplus(-7.5) = 5.5e-4
+            [-19.0, -17.5, -16.0, -14.0, -12.0, -10.0],
+            [-9.0, -9.5, -11.0, -13.0, -15.0, -18.0],
+        ],
+        np.float32,
+    )
+    mask = np.ones(z.shape, bool)
+    mask[0, 1:] = False
+    expected = []
+    for row, keep in zip(z.astype(np.float64), mask, strict=True):
+        log_q = np.sum(np.log1p(-1.0 / (1.0 + np.exp(-row[keep]))))  # log prod(1 - r)
+        p = -np.expm1(log_q)
+        expected.append(np.log(p) - log_q)  # logit p = log p - log(1 - p)
+    got = dm.bag_logits(jnp.asarray(z), mask=jnp.asarray(mask), pooling="noisy_or")
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-6)
