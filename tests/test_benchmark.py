@@ -23,8 +23,9 @@ torch = pytest.importorskip("torch")
 
 from flax import nnx  # noqa: E402
 
-from deepmil_jax import benchmark, losses  # noqa: E402
-from deepmil_jax import torch_reference as tr  # noqa: E402
+from deepmil_jax import losses  # noqa: E402
+from deepmil_jax.benchmark import peaks  # noqa: E402
+from deepmil_jax.benchmark import torch_reference as tr  # noqa: E402
 from deepmil_jax.models import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,11 +153,11 @@ def test_cpu_peak_estimate():
         "siblings": "4",
         "cpu cores": "2",
     }
-    peak = benchmark.cpu_peak("fp32", info, cpus=4)  # 4 hyperthreads on 2 cores
+    peak = peaks.cpu_peak("fp32", info, cpus=4)  # 4 hyperthreads on 2 cores
     assert peak.flops_per_sec == pytest.approx(2 * 2.0e9 * 32)
     info = {"cpu MHz": "2500.0", "flags": "fma avx2 avx512f avx512_bf16"}
-    assert benchmark.cpu_peak("fp32", info, cpus=2).flops_per_sec == pytest.approx(2 * 2.5e9 * 64)
-    assert benchmark.cpu_peak("bf16", info, cpus=2).flops_per_sec == pytest.approx(2 * 2.5e9 * 128)
+    assert peaks.cpu_peak("fp32", info, cpus=2).flops_per_sec == pytest.approx(2 * 2.5e9 * 64)
+    assert peaks.cpu_peak("bf16", info, cpus=2).flops_per_sec == pytest.approx(2 * 2.5e9 * 128)
 
 
 @pytest.mark.parametrize(
@@ -173,7 +174,7 @@ def test_cpu_peak_estimate():
 )
 def test_accelerator_peaks(kind, precision, tflops):
     device = types.SimpleNamespace(platform="gpu", device_kind=kind)
-    assert benchmark.device_peak(device, precision).flops_per_sec == pytest.approx(tflops * 1e12)
+    assert peaks.device_peak(device, precision).flops_per_sec == pytest.approx(tflops * 1e12)
 
 
 # ---- the PyTorch reference against deepmil_jax -------------------------------------------------

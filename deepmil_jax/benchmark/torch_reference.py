@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepmil_jax.architecture import CONV_SPECS, FC_GRID, FC_SIZE, LRNS, NORMALIZATIONS
+from deepmil_jax.architecture import DEFAULTS as _DEFAULTS
 from deepmil_jax.errors import ConfigError
-from deepmil_jax.models.alexnet import LRNS, NORMALIZATIONS
-from deepmil_jax.weights import CONV_SPECS, FC_GRID, FC_SIZE
 
 __all__ = [
     "MILNet",
@@ -49,9 +49,6 @@ __all__ = [
     "scheme_loss",
     "sparse_loss",
 ]
-
-_DEFAULTS = {"caffe": ("keras", "keras"), "torchvision": (None, "torchvision")}
-
 
 # ---------------------------------------------------------------------------------------------
 # Losses (independent of deepmil_jax.losses: torch.sort / torch.topk and torch's BCE)

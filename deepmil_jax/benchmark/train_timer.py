@@ -1,0 +1,83 @@
+"""The train part: ``Trainer.step_on_devices`` on a fixed batch already on the devices, its FLOPs
+(XLA's cost analysis) and model FLOPs utilisation; PyTorch's step, when given, in alternation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from absl import logging
+
+from deepmil_jax import train
+from deepmil_jax.benchmark import peaks
+from deepmil_jax.benchmark.settings import Setup
+from deepmil_jax.benchmark.timing import Figures, interleave
+
+
+class TrainSteps:
+    """Calls of the Trainer's public train step, numbered on from one call to the next."""
+
+    def __init__(self, trainer: train.Trainer, batch: int):
+        self.trainer, self.batch, self.step = trainer, batch, 0
+
+    def on_devices(self, images: jax.Array, labels: jax.Array, n: int) -> int:
+        """``n`` steps on a batch sharded over the mesh, waited for at the end; images done."""
+        for _ in range(n):
+            out = self.trainer.step_on_devices(images, labels, self.step)
+            self.step += 1
+        jax.block_until_ready(out["loss"])
+        return n * self.batch
+
+    def from_host(self, next_batch: Callable[[], dict[str, np.ndarray]], n: int) -> int:
+        """``n`` steps on numpy batches (copied to the devices by ``train_step``), each loss read
+        back as the training loop does; returns the images done."""
+        for _ in range(n):
+            out = self.trainer.train_step(next_batch(), self.step)
+            self.step += 1
+            float(out["loss"])
+        return n * self.batch
+
+
+def train_flops(trainer: train.Trainer, images: jax.Array, labels: jax.Array) -> float:
+    """FLOPs of one train step over all devices, from XLA's cost analysis of the compiled step.
+
+    ``train.train_step`` offers no lowering, and a jit around it cannot be compiled (its inner jit
+    carries compiler options), so this lowers the jitted function it calls, ``train._jitted(
+    train._train_step, True)``: the same program, options and donation as the timed step."""
+    batch = {"image": images, "label": labels}
+    step = train._jitted(train._train_step, True)
+    compiled = step.lower(trainer.context, trainer.state, batch, 0).compile()
+    return peaks.cost_flops(compiled) * trainer.mesh.devices.size
+
+
+def time_train(
+    setup: Setup,
+    steps: TrainSteps,
+    images: jax.Array,
+    labels: jax.Array,
+    torch_steps: Callable[[int], int] | None = None,
+) -> Figures:
+    """``train_images_per_sec`` (median, best), FLOPs, peak and mfu; with ``torch_steps`` (n steps
+    -> images done) also ``torch_train_images_per_sec``, timed in alternation with JAX."""
+    s = setup.settings
+    n_dev = setup.mesh.devices.size
+    flops = train_flops(steps.trainer, images, labels)
+    peak = peaks.device_peak(setup.device, setup.precision)
+    steps.on_devices(images, labels, s.warmup)
+    bodies = {"train_images_per_sec": lambda: steps.on_devices(images, labels, s.steps_per_repeat)}
+    if torch_steps is not None:
+        torch_steps(s.warmup)
+        bodies["torch_train_images_per_sec"] = lambda: torch_steps(s.steps_per_repeat)
+    logging.info("Timing the train step%s", " against PyTorch, interleaved" if torch_steps else "")
+    figures = Figures.of_rates(interleave(bodies, s.repeats))
+    rate = figures.values["train_images_per_sec"]
+    figures.values.update(
+        train_flops_per_step=flops,
+        peak_flops_per_sec=peak.flops_per_sec * n_dev,
+        peak_source=peak.source,
+        mfu=flops * rate / setup.batch / (peak.flops_per_sec * n_dev),
+        # The best repeat estimates the speed on an idle machine (load only ever slows a repeat).
+        train_images_per_sec_best=max(figures.per_repeat["train_images_per_sec"]),
+    )
+    return figures
