@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import scipy.special
 
 __all__ = [
     "box_to_original",
@@ -40,14 +41,22 @@ __all__ = [
     "patch_hits_boxes",
     "pointing_game",
     "render_heatmap",
+    "bag_probability",
     "sigmoid",
     "top_cell",
 ]
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    """Logistic function, stable for large |x|."""
-    return np.exp(-np.logaddexp(0.0, -np.asarray(x, dtype=np.float64)))
+    """Logistic function in float64 (scipy's ``expit``, stable for large |x|)."""
+    return scipy.special.expit(np.asarray(x, dtype=np.float64))
+
+
+def bag_probability(instance_logits: np.ndarray) -> np.ndarray:
+    """(N, ...) instance logits -> (N,) image probabilities: the sigmoid of each image's largest
+    instance logit, the bag prediction of max-pooling MIL (used for every scheme)."""
+    z = np.asarray(instance_logits)
+    return sigmoid(z.reshape(z.shape[0], -1).max(axis=1))
 
 
 def top_cell(instance_logits: np.ndarray) -> tuple[int, int]:

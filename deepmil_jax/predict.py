@@ -281,7 +281,7 @@ def predict_files(
 def _finish(pred: Prediction, logits: np.ndarray, size: tuple[int, int]) -> None:
     """Probability and the top patch in original coordinates."""
     pred.instance_logits = logits
-    pred.probability = float(heatmap.sigmoid(logits.max()))
+    pred.probability = float(heatmap.bag_probability(logits[None])[0])
     pred.top_patch = heatmap.top_cell(logits)
     edges = heatmap.box_to_original(
         heatmap.cell_box(*pred.top_patch, logits.shape, size), pred.geometry

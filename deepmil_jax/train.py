@@ -21,6 +21,7 @@ if __name__ == "__main__":  # flags and --help are answered before JAX and Tenso
 import contextlib
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -161,54 +162,109 @@ def cpu_compiler_options() -> dict[str, str] | None:
     return options
 
 
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What the jitted steps need besides arrays, passed as their static argument: the model's
+    structure in training and in evaluation mode, the optimiser and the run's settings."""
+
+    train_graph: Any
+    eval_graph: Any
+    optimizer: optax.GradientTransformation
+    config: Config
+
+
+def loss_fn(
+    context: StepContext, params, rest, images: jax.Array, labels: jax.Array, step
+) -> tuple[jax.Array, jax.Array]:
+    """(the paper's objective: data term + lambda/2 ||theta||^2, the data term alone) of a
+    training batch ``images`` (N, H, W, 1), ``labels`` (N,); dropout is seeded by ``step``."""
+    config = context.config
+    dropout_key = jax.random.fold_in(jax.random.key(config.seed + 2), step)
+    model = nnx.merge(context.train_graph, params, rest, copy=True)
+    nnx.reseed(model, dropout=dropout_key)
+    logits = model(images).astype(jnp.float32)
+    data_loss = scheme_loss(config, logits, labels)
+    return data_loss + config.weight_decay * losses.l2_penalty(params), data_loss
+
+
+def _train_step(context: StepContext, state: dict, batch: dict, step):
+    (loss, data_loss), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
+        context, state["params"], state["rest"], batch["image"], batch["label"], step
+    )
+    updates, opt_state = context.optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"params": params, "opt_state": opt_state, "rest": state["rest"]}
+    return new_state, {"loss": loss, "data_loss": data_loss}
+
+
+def _eval_step(context: StepContext, state: dict, images: jax.Array) -> jax.Array:
+    model = nnx.merge(context.eval_graph, state["params"], state["rest"])
+    return model(images).astype(jnp.float32)
+
+
+@functools.cache
+def _jitted(fn, donate_state: bool):
+    """``fn`` jitted once per process (on first use, when the backend is known); the context is
+    static, the state replicated and the batch sharded as the arrays passed in already are."""
+    return jax.jit(
+        fn,
+        static_argnums=0,
+        donate_argnums=(1,) if donate_state else (),
+        compiler_options=cpu_compiler_options(),
+    )
+
+
+def train_step(context: StepContext, state: dict, batch: dict, step) -> tuple[dict, dict]:
+    """One Adam step on ``loss_fn``: ``state`` = {"params", "opt_state", "rest"} (replicated; it is
+    donated), ``batch`` = {"image" (N, H, W, 1), "label" (N,)} sharded over the mesh's data axis.
+    Returns the new state and {"loss", "data_loss"} (not waited for)."""
+    return _jitted(_train_step, True)(context, state, batch, step)
+
+
+def eval_step(context: StepContext, state: dict, images: jax.Array) -> jax.Array:
+    """(N, h', w') float32 instance logits of ``images`` (N, H, W, 1), the model in eval mode."""
+    return _jitted(_eval_step, False)(context, state, images)
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """The sharding of the state: a full copy on every device."""
+    return NamedSharding(mesh, P())
+
+
+def sharded_batch(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """The sharding of a batch: split along its first axis over the mesh's "data" axis."""
+    return NamedSharding(mesh, P("data"))
+
+
+def checkpointed(state: dict) -> dict:
+    """The part of the state a checkpoint holds (the model's other variables, its dropout RNG
+    state, are rebuilt from the seed)."""
+    return {"params": state["params"], "opt_state": state["opt_state"]}
+
+
 class Trainer:
-    """Holds the model's structure, the optimiser and the jitted steps over one device mesh."""
+    """The state of one run on one device mesh, and the loop's use of the steps: host batches
+    in, the process's share of each evaluation out."""
 
     def __init__(self, config: Config, mesh: jax.sharding.Mesh):
         self.config = config = config.canonical()
         self.mesh = mesh
-        self.data_sharding = NamedSharding(mesh, P("data"))
-        self.replicated = NamedSharding(mesh, P())
         model = create_model(config, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
         model.train()
-        self.train_graph, params, self.rest = nnx.split(model, nnx.Param, ...)
+        train_graph, params, rest = nnx.split(model, nnx.Param, ...)
         model.eval()
-        self.eval_graph = nnx.graphdef(model)
-        self.optimizer = optax.adam(config.learning_rate)
-        state = {"params": params, "opt_state": self.optimizer.init(params)}
-        self.state = jax.device_put(state, self.replicated)
-        self.rest = jax.device_put(self.rest, self.replicated)
-        options = cpu_compiler_options()
-        self._train_step = jax.jit(
-            self._train_step_impl, donate_argnums=0, compiler_options=options
-        )
-        self._predict = jax.jit(self._predict_impl, compiler_options=options)
-
-    def loss(self, params, rest, images, labels, step) -> tuple[jax.Array, jax.Array]:
-        """(the paper's objective: data term + lambda/2 ||theta||^2, the data term alone) of a
-        training batch; dropout is seeded by ``step``."""
-        dropout_key = jax.random.fold_in(jax.random.key(self.config.seed + 2), step)
-        model = nnx.merge(self.train_graph, params, rest, copy=True)
-        nnx.reseed(model, dropout=dropout_key)
-        logits = model(images).astype(jnp.float32)
-        data_loss = scheme_loss(self.config, logits, labels)
-        return data_loss + self.config.weight_decay * losses.l2_penalty(params), data_loss
-
-    def _train_step_impl(self, state, rest, images, labels, step):
-        (loss, data_loss), grads = jax.value_and_grad(self.loss, has_aux=True)(
-            state["params"], rest, images, labels, step
-        )
-        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        return {"params": params, "opt_state": opt_state}, {"loss": loss, "data_loss": data_loss}
-
-    def _predict_impl(self, params, rest, images):
-        model = nnx.merge(self.eval_graph, params, rest)
-        return model(images).astype(jnp.float32)  # (N, h, w) instance logits
+        optimizer = optax.adam(config.learning_rate)
+        self.context = StepContext(train_graph, nnx.graphdef(model), optimizer, config)
+        state = {"params": params, "opt_state": optimizer.init(params), "rest": rest}
+        self.state = jax.device_put(state, replicated(mesh))
 
     def to_global(self, batch: np.ndarray) -> jax.Array:
         """This process's part of a batch -> one array sharded over the mesh's data axis."""
-        return jax.make_array_from_process_local_data(self.data_sharding, batch)
+        return jax.make_array_from_process_local_data(sharded_batch(self.mesh), batch)
+
+    def restore(self, saved: dict) -> None:
+        """Takes ``checkpointed`` arrays (a checkpoint's) as the state's."""
+        self.state = self.state | jax.device_put(saved, replicated(self.mesh))
 
     def train_step(self, batch: dict[str, np.ndarray], step: int) -> dict[str, jax.Array]:
         """One optimiser step on this process's part of a batch (numpy); returns the losses."""
@@ -219,16 +275,17 @@ class Trainer:
     def step_on_devices(
         self, images: jax.Array, labels: jax.Array, step: int
     ) -> dict[str, jax.Array]:
-        """The jitted step on a batch already sharded over the mesh (``to_global``): updates the
+        """``train_step`` on a batch already sharded over the mesh (``to_global``): updates the
         state, returns ``{"loss", "data_loss"}`` without waiting for them."""
-        self.state, out = self._train_step(self.state, self.rest, images, labels, step)
+        batch = {"image": images, "label": labels}
+        self.state, out = train_step(self.context, self.state, batch, step)
         return out
 
     def predict(self, batches) -> dict[str, np.ndarray]:
         """Instance logits of every real (unmasked) example of an eval stream, by index."""
         indices, instance = [], []
         for batch in batches:
-            logits = self._predict(self.state["params"], self.rest, self.to_global(batch["image"]))
+            logits = eval_step(self.context, self.state, self.to_global(batch["image"]))
             gathered = multihost_utils.process_allgather(
                 {
                     "logits": logits,
@@ -242,11 +299,10 @@ class Trainer:
             instance.append(np.asarray(gathered["logits"])[keep])
         order = np.argsort(np.concatenate(indices))
         instance_logits = np.concatenate(instance)[order]
-        bag = instance_logits.reshape(len(instance_logits), -1).max(axis=1)
         return {
             "index": np.concatenate(indices)[order],
             "instance_logits": instance_logits,
-            "probability": heatmap.sigmoid(bag),
+            "probability": heatmap.bag_probability(instance_logits),
         }
 
 
@@ -477,7 +533,7 @@ class _Run:
         return out, self.examples.labels[out["index"]]
 
     def save(self) -> None:
-        self.store.save(self.meta["global_step"], self.trainer.state, self.meta)
+        self.store.save(self.meta["global_step"], checkpointed(self.trainer.state), self.meta)
         self.saved_step = self.meta["global_step"]
 
 
@@ -509,13 +565,14 @@ def _prepare(config: Config, workdir: Path) -> _Run:
     )
     trainer = Trainer(config, mesh)
     if config.init.startswith("checkpoint:"):
-        params = restore_params(config.init.split(":", 1)[1], trainer.state)
-        trainer.state["params"] = jax.device_put(params, trainer.replicated)
+        like = checkpointed(trainer.state)
+        params = restore_params(config.init.split(":", 1)[1], like)
+        trainer.restore(like | {"params": params})
     store = checkpoints.RunCheckpoints(workdir / "checkpoints")
     meta, saved_step = _new_meta(), None
-    resumed = store.restore(trainer.state)
+    resumed = store.restore(checkpointed(trainer.state))
     if resumed is not None:
-        trainer.state = jax.device_put(resumed[0], trainer.replicated)
+        trainer.restore(resumed[0])
         meta, saved_step = _new_meta() | resumed[1], resumed[2]
         _check_epochs(workdir, config, meta["epoch"])
         logging.info(
@@ -648,8 +705,8 @@ def _end_epoch(run: _Run, train_seconds: float, seen: int, summary) -> None:
 
 def _test(run: _Run) -> dict[str, Any]:
     """Restores the best epoch, tests it once and writes results.json and the predictions."""
-    best = run.store.restore(run.trainer.state, run.meta["best_step"])
-    run.trainer.state = jax.device_put(best[0], run.trainer.replicated)
+    best = run.store.restore(checkpointed(run.trainer.state), run.meta["best_step"])
+    run.trainer.restore(best[0])
     val, val_labels = run.evaluate(run.split.validation)
     test, test_labels = run.evaluate(run.split.test)
     threshold = choose_threshold(val_labels, val["probability"])

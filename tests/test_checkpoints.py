@@ -172,7 +172,7 @@ def config(tmp_path_factory):
 def _params(workdir: Path, config) -> dict[str, np.ndarray]:
     trainer = train.Trainer(config, train.make_mesh())
     store = RunCheckpoints(workdir / "checkpoints")
-    state, _, _ = store.restore(trainer.state)
+    state, _, _ = store.restore(train.checkpointed(trainer.state))
     store.close()
     return {
         jax.tree_util.keystr(p): np.asarray(x)
@@ -311,7 +311,7 @@ def test_a_damaged_best_is_refused_not_replaced(tmp_path, config, reference):
     best = json.loads((workdir / "results.json").read_text())["best_epoch"] * 2  # 2 steps/epoch
     if best == 8:  # the newest is the best: damage a copy whose best is epoch 1 instead
         store = RunCheckpoints(workdir / "checkpoints")
-        like = train.Trainer(config, train.make_mesh()).state
+        like = train.checkpointed(train.Trainer(config, train.make_mesh()).state)
         state, meta, _ = store.restore(like)
         store.save(10, state, meta | {"best_step": 2})
         store.close()

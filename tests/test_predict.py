@@ -205,7 +205,7 @@ def workdir(tmp_path_factory):
     (wd / "config.json").write_text(json.dumps(config.to_json()))
     trainer = train.Trainer(config, train.make_mesh())
     store = RunCheckpoints(wd / "checkpoints")
-    store.save(1, trainer.state, {"epoch": 1, "best_step": 1})
+    store.save(1, train.checkpointed(trainer.state), {"epoch": 1, "best_step": 1})
     store.close()
     return wd
 

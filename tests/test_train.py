@@ -121,7 +121,7 @@ def _latest(config, workdir):
     """(state, meta) of the newest intact checkpoint of ``workdir``."""
     trainer = train.Trainer(config, train.make_mesh())
     store = RunCheckpoints(Path(workdir) / "checkpoints")
-    state, meta, _ = store.restore(trainer.state)
+    state, meta, _ = store.restore(train.checkpointed(trainer.state))
     store.close()
     return state, meta
 
@@ -369,9 +369,9 @@ def test_bf16_computes_in_bfloat16_and_keeps_float32_state():
         config = dataclasses.replace(SMALL, precision=precision, batch_size=4)
         trainer = train.Trainer(config, train.make_mesh())
         losses[precision] = float(trainer.train_step(batch, 0)["loss"])
-        dtypes = {x.dtype for x in jax.tree.leaves(trainer.state)}
+        dtypes = {x.dtype for x in jax.tree.leaves(train.checkpointed(trainer.state))}
         assert dtypes <= {np.dtype("float32"), np.dtype("int32")}, dtypes
-        conv = trainer.train_graph
+        conv = trainer.context.train_graph
         assert ("bfloat16" in str(conv)) == (precision == "bf16")
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
     assert losses["bf16"] != losses["fp32"]
@@ -441,7 +441,10 @@ def test_weight_decay_adds_exactly_lam_times_params_to_the_gradient():
     for lam in (0.0, 0.5):
         trainer = train.Trainer(dataclasses.replace(SMALL, weight_decay=lam), train.make_mesh())
         params = trainer.state["params"]
-        grads[lam] = jax.grad(lambda p, t=trainer: t.loss(p, t.rest, images, labels, 0)[0])(params)
+        context, rest = trainer.context, trainer.state["rest"]
+        grads[lam] = jax.grad(
+            lambda p, c=context, r=rest: train.loss_fn(c, p, r, images, labels, 0)[0]
+        )(params)
     # both trainers start from the same seed, so the parameters are the same
     flat = _params({"params": params})
     zero, decayed = (_params({"params": grads[lam]}) for lam in (0.0, 0.5))
@@ -457,7 +460,7 @@ def test_evaluation_probability_is_the_sigmoid_of_the_max_instance_logit():
     images[:, 40:80, 50:90] += 2.0  # a bright region, so the instances differ
     batch = {"image": images, "mask": np.ones(5, bool), "index": np.arange(5)}
     out = trainer.predict([batch])
-    model = nnx.merge(trainer.eval_graph, trainer.state["params"], trainer.rest)
+    model = nnx.merge(trainer.context.eval_graph, trainer.state["params"], trainer.state["rest"])
     logits = np.asarray(model(images)).reshape(5, -1)
     assert np.ptp(logits, axis=1).min() > 0.1  # max, mean and any other pooling differ here
     # jitted (CPU compiler options) and eager convolutions round differently, by ~1e-5
