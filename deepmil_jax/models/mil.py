@@ -170,9 +170,9 @@ def _pretrained_arrays(
         )
     params, metadata = pretrained
     if metadata["variant"] != backbone:
-        source = metadata.get("input_file", "given")
+        source = f" (from {metadata['input_file']})" if "input_file" in metadata else ""
         raise ConfigError(
-            f"the pretrained weights ({source}) are for the {metadata['variant']} AlexNet but "
+            f"the pretrained weights{source} are for the {metadata['variant']} AlexNet but "
             f"backbone={backbone!r}; pass backbone={metadata['variant']!r} (--backbone)"
         )
     return params, metadata
