@@ -52,7 +52,7 @@ import os
 import shutil
 import sys
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -347,6 +347,13 @@ class _MammogramBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     # Python >= 3.9: tensorflow/datasets#11212).
     url_infos = None
 
+    def _log_download_bytes(self) -> None:
+        """Silent: TFDS would print "Downloading and preparing dataset Unknown size ..." (nothing
+        is downloaded); ``prepare`` logs what it prepares, from where, in one line."""
+
+    def _log_download_done(self) -> None:
+        """Silent: TFDS would print "Dataset ... downloaded and prepared"."""
+
     def __init__(self, *, skip_bad: bool = False, num_workers: int | None = None, **kwargs: Any):
         """Args beyond TFDS's (``data_dir``, ``config``, ...), used only when preparing:
 
@@ -531,22 +538,6 @@ class Examples:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, index: np.ndarray | Sequence[int]) -> Examples:
-        """The examples at ``index`` (e.g. ``Split.train``), same fields, same bad_files."""
-        index = np.asarray(index, dtype=np.int64)
-        return Examples(
-            images=self.images[index],
-            labels=self.labels[index],
-            birads=self.birads[index],
-            patient_ids=self.patient_ids[index],
-            file_ids=self.file_ids[index],
-            laterality=self.laterality[index],
-            view=self.view[index],
-            mass_boxes=[self.mass_boxes[i] for i in index],
-            bad_files=list(self.bad_files),
-            geometries=[self.geometries[i] for i in index] if self.geometries else [],
-        )
-
 
 def _folder_csv(manual_dir: Path) -> tuple[Path, str]:
     """(folder, csv name) from ``manual_dir`` = a CSV file or a folder with exactly one CSV."""
@@ -596,10 +587,28 @@ def get_builder(
             label_column=label_column,
             patient_column=patient_column,
         )
-        return MammogramFolder(config=config, **kwargs), manual
+        with _quiet_about_custom_configs():
+            return MammogramFolder(config=config, **kwargs), manual
     predefined = Inbreast.builder_configs.get(name)
     config = predefined or MammogramConfig(name=name, image_size=size)
-    return Inbreast(config=config, **kwargs), manual
+    with _quiet_about_custom_configs():
+        return Inbreast(config=config, **kwargs), manual
+
+
+@contextlib.contextmanager
+def _quiet_about_custom_configs() -> Iterator[None]:
+    """Without TFDS's warning "Using custom data configuration": every image size but 227 and
+    454, and every folder CSV, is a custom config, and nothing is wrong with that."""
+
+    def not_about_custom_configs(record: Any) -> bool:
+        return not record.getMessage().startswith("Using custom data configuration")
+
+    absl_logger = logging.get_absl_logger()
+    absl_logger.addFilter(not_about_custom_configs)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(not_about_custom_configs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -860,7 +869,9 @@ def prepare(
       DataError: unknown source, missing/unreadable data (naming the file and the fix), two
         copies of one image (identical pixels) with different labels or patients.
     """
-    builder_kwargs = dict(
+    builder_in = functools.partial(
+        get_builder,
+        source,
         manual_dir=manual_dir,
         image_size=image_size,
         skip_bad=skip_bad,
@@ -869,28 +880,10 @@ def prepare(
         label_column=label_column,
         patient_column=patient_column,
     )
-    base, manual = get_builder(source, data_dir=data_dir, **builder_kwargs)
+    base, manual = builder_in(data_dir=data_dir)
     data_dir = Path(os.fspath(data_dir)).expanduser()
-    copies = _prepared_copies(data_dir, base)
-    legacy = Path(os.fspath(base.data_path)) if _is_prepared(base) else None
     if manual is None:
-        if copies:
-            builder, _ = get_builder(source, data_dir=copies[0], **builder_kwargs)
-        elif legacy is not None:
-            builder = base
-        else:
-            raise DataError(
-                f"No prepared {base.name} dataset in {data_dir} and no manual_dir to prepare "
-                f"it from. {base.MANUAL_DOWNLOAD_INSTRUCTIONS}"
-            )
-        logging.warning(
-            "Loading the prepared dataset %s from %s without checking it against its sources "
-            "(no manual_dir given).",
-            builder.name,
-            builder.data_dir,
-        )
-        return _loaded(builder)
-
+        return _load_unchecked(builder_in, base, data_dir)
     if source == "synthetic":
         _ensure_synthetic(manual, synthetic_images)
     if not manual.is_dir() or not any(manual.iterdir()):
@@ -898,9 +891,47 @@ def prepare(
             f"{manual}: no such folder, or it is empty; check manual_dir. "
             f"{base.MANUAL_DOWNLOAD_INSTRUCTIONS}"
         )
+    return _load_or_prepare(builder_in, base, source, manual, data_dir, skip_bad)
+
+
+def _load_unchecked(
+    builder_in: Callable[..., tuple[Any, Path | None]],
+    base: tfds.core.DatasetBuilder,
+    data_dir: Path,
+) -> Examples:
+    """The newest prepared copy under ``data_dir``, loaded without a fingerprint check (there
+    is no manual_dir to check it against)."""
+    copies = _prepared_copies(data_dir, base)
+    if not copies and not _is_prepared(base):
+        raise DataError(
+            f"No prepared {base.name} dataset in {data_dir} and no manual_dir to prepare "
+            f"it from. {base.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+        )
+    builder = builder_in(data_dir=copies[0])[0] if copies else base
+    logging.warning(
+        "Loading the prepared dataset %s from %s without checking it against its sources "
+        "(no manual_dir given).",
+        builder.name,
+        builder.data_dir,
+    )
+    return _loaded(builder)
+
+
+def _load_or_prepare(
+    builder_in: Callable[..., tuple[Any, Path | None]],
+    base: tfds.core.DatasetBuilder,
+    source: str,
+    manual: Path,
+    data_dir: Path,
+    skip_bad: bool,
+) -> Examples:
+    """Loads the copy whose fingerprint matches the sources in ``manual``; prepares it first
+    when there is none, then deletes the outdated copies."""
+    copies = _prepared_copies(data_dir, base)
+    legacy = Path(os.fspath(base.data_path)) if _is_prepared(base) else None
     fingerprint = _fingerprint(base, manual, skip_bad)
     target = data_dir / (_copy_prefix(base) + _digest(fingerprint))
-    builder, _ = get_builder(source, data_dir=target, **builder_kwargs)
+    builder, _ = builder_in(data_dir=target)
     if _is_prepared(builder) and _stored_fingerprint(Path(builder.data_dir)) == fingerprint:
         logging.info(
             "Loading the prepared dataset %s from %s (made from the same sources and settings).",
@@ -910,36 +941,9 @@ def prepare(
         return _loaded(builder)
 
     old = [c for c in copies if c != target]
-    if old or legacy is not None:
-        previous = _version_dir(old[0], base) if old else legacy
-        logging.warning(
-            "Preparing %s again in %s: the prepared copy in %s was made from other inputs (%s).",
-            builder.name,
-            builder.data_dir,
-            previous,
-            _difference(_stored_fingerprint(previous), fingerprint),
-        )
-    else:
-        logging.info("Preparing %s in %s.", builder.name, builder.data_dir)
-    config_dir = Path(os.fspath(builder.data_path)).parent
-    stale = sorted(config_dir.glob("incomplete.*")) if config_dir.is_dir() else []
-    if stale:
-        logging.warning(
-            "%s holds %d folder(s) left by an interrupted preparation (%s); they are not used "
-            "and can be deleted once no other process is preparing this dataset.",
-            config_dir,
-            len(stale),
-            ", ".join(p.name for p in stale),
-        )
-    if _is_prepared(builder):  # same digest, other fingerprint (cannot happen by chance)
-        shutil.rmtree(builder.data_dir)
-    builder._fingerprint = fingerprint
-    download_config = tfds.download.DownloadConfig(
-        manual_dir=os.fspath(manual), try_download_gcs=False
-    )
-    # TFDS writes into an incomplete.* folder and renames it when done: until then the old
-    # copies stay complete and usable; only then are they deleted.
-    builder.download_and_prepare(download_config=download_config)
+    previous = _version_dir(old[0], base) if old else legacy
+    _announce(builder, source, manual, fingerprint, previous)
+    _build(builder, manual, fingerprint)
     for copy in old:
         logging.info("Deleting the outdated prepared copy %s.", copy)
         shutil.rmtree(copy, ignore_errors=True)
@@ -950,6 +954,65 @@ def prepare(
             legacy,
         )
     return _loaded(builder)
+
+
+def _announce(
+    builder: tfds.core.DatasetBuilder,
+    source: str,
+    manual: Path,
+    fingerprint: dict[str, Any],
+    previous: Path | None,
+) -> None:
+    """One log line: what is prepared (source, how many image files, from where), where to, and
+    why again if an older copy (``previous``) exists; a warning about leftover incomplete.*
+    folders of interrupted preparations."""
+    images = sum(not name.lower().endswith(".xml") for name in fingerprint["files"])
+    what = f"from {images} image files (source {source}, {manual})"
+    if previous is not None:
+        logging.warning(
+            "Preparing %s again %s in %s: the prepared copy in %s was made from other inputs (%s).",
+            builder.name,
+            what,
+            builder.data_dir,
+            previous,
+            _difference(_stored_fingerprint(previous), fingerprint),
+        )
+    else:
+        logging.info("Preparing %s %s in %s.", builder.name, what, builder.data_dir)
+    config_dir = Path(os.fspath(builder.data_path)).parent
+    stale = sorted(config_dir.glob("incomplete.*")) if config_dir.is_dir() else []
+    if stale:
+        logging.warning(
+            "%s holds %d folder(s) left by an interrupted preparation (%s); they are not used "
+            "and can be deleted once no other process is preparing this dataset.",
+            config_dir,
+            len(stale),
+            ", ".join(p.name for p in stale),
+        )
+
+
+def _build(builder: _MammogramBuilder, manual: Path, fingerprint: dict[str, Any]) -> None:
+    """Runs TFDS's preparation (without its progress bars: ours counts the images). TFDS writes
+    into an incomplete.* folder and renames it when done, so until then the old copies stay
+    complete and usable."""
+    if _is_prepared(builder):  # same digest, other fingerprint (cannot happen by chance)
+        shutil.rmtree(builder.data_dir)
+    builder._fingerprint = fingerprint
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=os.fspath(manual), try_download_gcs=False
+    )
+    with _tfds_progress_bars_off():
+        builder.download_and_prepare(download_config=download_config)
+
+
+@contextlib.contextmanager
+def _tfds_progress_bars_off() -> Iterator[None]:
+    was_on = getattr(tfds.core.utils.tqdm_utils, "_active", True)
+    tfds.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(was_on)
 
 
 def _loaded(builder: tfds.core.DatasetBuilder) -> Examples:

@@ -2,7 +2,7 @@
 
 A ``ProcessPoolExecutor``'s workers block on their task queue; if the process that owns the pool
 is killed (``kill -9``, the out-of-memory killer) nothing ever tells them, so they, the
-``forkserver`` they were forked from and the resource tracker would stay for good (about 250 MB).
+``forkserver`` they were forked from and the resource tracker would stay for good.
 ``die_with(pid)`` is the pool's initializer: each worker
 
 * asks Linux to send it SIGKILL when its parent (the forkserver) dies (``prctl(PR_SET_PDEATHSIG)``

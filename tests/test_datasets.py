@@ -259,12 +259,7 @@ def test_synthetic_source_writes_the_data_first(tmp_path, monkeypatch):
     assert len(set(examples.patient_ids)) == 1
 
 
-def test_subset_and_errors(prepared, tmp_path):
-    examples, _ = prepared
-    part = examples.subset([3, 0])
-    np.testing.assert_array_equal(part.images, examples.images[[3, 0]])
-    assert list(part.file_ids) == [examples.file_ids[3], examples.file_ids[0]]
-    assert part.mass_boxes[0] is examples.mass_boxes[3]
+def test_errors(tmp_path):
     with pytest.raises(DataError, match="source"):
         prepare("cbis", manual_dir=tmp_path, data_dir=tmp_path)
     with pytest.raises(DataError, match="no manual_dir"):
