@@ -306,18 +306,21 @@ def test_l2_penalty_is_a_float32_scalar_for_any_params():
 
 
 def test_noisy_or_with_only_very_unlikely_instances_matches_float64():
-    """The small-t branch of noisy-OR (sum of softplus < 1e-3), where log t is a log-sum-exp of
+    """Noisy-OR around its small-t branch (sum of softplus < 1e-3), where log t is a log-sum-exp of
     log softplus(z): against 1 - prod(1 - r) computed in float64 with log1p/expm1."""
     z = np.array(
         [
             [-7.5, 0.0, 0.0, 0.0, 0.0, 0.0],  # one valid instance: softplus(-7.5) = 5.5e-4
             [-19.0, -17.5, -16.0, -14.0, -12.0, -10.0],
             [-9.0, -9.5, -11.0, -13.0, -15.0, -18.0],
+            [-1.5, -3.0, 0.0, 0.0, 0.0, 0.0],  # t = 0.25: the other branch, log(1 - e^-t) + t
+            [-7.0, -7.0, 0.0, 0.0, 0.0, 0.0],  # t = 1.8e-3, just above the switch at 1e-3
         ],
         np.float32,
     )
     mask = np.ones(z.shape, bool)
     mask[0, 1:] = False
+    mask[3:, 2:] = False
     expected = []
     for row, keep in zip(z.astype(np.float64), mask, strict=True):
         log_q = np.sum(np.log1p(-1.0 / (1.0 + np.exp(-row[keep]))))  # log prod(1 - r)
