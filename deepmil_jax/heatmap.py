@@ -91,7 +91,7 @@ def box_to_original(box: np.ndarray, geometry: Any) -> np.ndarray:
     b = np.asarray(box, dtype=np.float64)
     # pragma: no mutate end
     # Edge coordinate e is the centre-convention point e - 0.5; map the two corners and back.
-    corners = np.stack([b[..., 0:2], b[..., 2:4]], axis=-2) - 0.5  # (..., 2, 2) (y, x)
+    corners = np.stack([b[..., 0:2], b[..., 2:]], axis=-2) - 0.5  # (..., 2, 2) (y, x)
     orig = geometry.to_original(corners) + 0.5
     lo = orig.min(axis=-2)
     hi = orig.max(axis=-2)
@@ -324,5 +324,5 @@ def pointing_game(
     return {
         "hits": hits,
         "evaluated": evaluated,
-        "score": hits / evaluated if evaluated else float("nan"),
+        "score": hits / evaluated if evaluated else math.nan,
     }

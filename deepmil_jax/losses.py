@@ -282,7 +282,8 @@ def label_assign_loss(
     rank = jnp.arange(logits.shape[1])[None, :]
     targets = jnp.where(rank < top[:, None], labels[:, None], 0.0)
     valid = rank < counts[:, None]
-    per_instance = _bce(jnp.where(valid, ranked, 0.0), targets)
+    # any finite stand-in for the -inf padding works: its loss is dropped below
+    per_instance = _bce(jnp.where(valid, ranked, 0.0), targets)  # pragma: no mutate
     return jnp.sum(jnp.where(valid, per_instance, 0.0)) / jnp.sum(counts)
 
 

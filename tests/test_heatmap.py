@@ -234,3 +234,15 @@ def test_render_heatmap_default_max_side_is_1024(tmp_path):
     hm.render_heatmap(tmp_path / "c.png", image, probs, geometry, max_side=1025)
     assert _png_size(tmp_path / "a.png") == _png_size(tmp_path / "b.png")
     assert _png_size(tmp_path / "a.png") != _png_size(tmp_path / "c.png")
+
+
+def test_box_to_original_of_stacked_boxes_is_box_by_box():
+    geometry = Geometry(
+        original_shape=(500, 400), crop=(100, 50, 400, 350), flipped=True, size=(60, 100)
+    )
+    boxes = np.array([[0, 0, 10, 20], [10, 20, 30, 40], [5, 70, 55, 95]], np.float64)
+    stacked = hm.box_to_original(boxes, geometry)
+    assert stacked.shape == (3, 4)
+    for box, got in zip(boxes, stacked, strict=True):
+        np.testing.assert_allclose(got, hm.box_to_original(box, geometry))
+    np.testing.assert_allclose(hm.box_to_original(boxes[None], geometry)[0], stacked)
