@@ -116,7 +116,7 @@ def num_top_instances(k: int | float, counts: jax.Array, m: int) -> jax.Array:
             f"a fractional k must lie in (0, 1); got {k}. Use an int for a count of instances."
         )
     # The small tolerance keeps exact products (0.1 * 30 = 3.0000000000000004) from rounding up.
-    top = jnp.ceil(k * counts.astype(jnp.float32) - 1e-4).astype(jnp.int32)
+    top = jnp.ceil(k * counts - 1e-4).astype(jnp.int32)  # a Python float k: float32 product
     return jnp.clip(top, 1, counts)
 
 

@@ -328,3 +328,14 @@ def test_noisy_or_with_only_very_unlikely_instances_matches_float64():
         expected.append(np.log(p) - log_q)  # logit p = log p - log(1 - p)
     got = dm.bag_logits(jnp.asarray(z), mask=jnp.asarray(mask), pooling="noisy_or")
     np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-6)
+
+
+def test_num_top_instances_returns_int32_and_refuses_a_zero_fraction():
+    counts = jnp.array([4, 6, 30, 36], jnp.int32)
+    top = dm.num_top_instances(0.1, counts, 36)
+    assert top.dtype == jnp.int32
+    np.testing.assert_array_equal(top, [1, 1, 3, 4])  # ceil(0.4), ceil(0.6), 3 exactly, ceil(3.6)
+    assert dm.num_top_instances(6, counts, 36).dtype == jnp.int32
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match=r"\(0, 1\)"):
+            dm.num_top_instances(bad, counts, 36)
