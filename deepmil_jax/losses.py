@@ -76,9 +76,10 @@ def _flatten(
 
 def _valid_counts(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Number of valid instances per bag, (N,) int32."""
+    # (not mutated: without x64, JAX's default integer is int32 anyway)
     if mask is None:
-        return jnp.full(logits.shape[:1], logits.shape[1], jnp.int32)
-    return mask.sum(axis=1, dtype=jnp.int32)
+        return jnp.full(logits.shape[:1], logits.shape[1], jnp.int32)  # pragma: no mutate
+    return mask.sum(axis=1, dtype=jnp.int32)  # pragma: no mutate (int32 is also the default)
 
 
 def _sorted_desc(logits: jax.Array, mask: jax.Array | None) -> jax.Array:

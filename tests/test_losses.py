@@ -339,3 +339,10 @@ def test_num_top_instances_returns_int32_and_refuses_a_zero_fraction():
     for bad in (0.0, 1.0, -0.5):
         with pytest.raises(ValueError, match=r"\(0, 1\)"):
             dm.num_top_instances(bad, counts, 36)
+
+
+def test_num_top_instances_is_at_least_one_and_at_most_the_count():
+    counts = jnp.array([1, 0, 3], jnp.int32)  # 0: a bag with no valid instance left
+    np.testing.assert_array_equal(dm.num_top_instances(1e-5, counts, 36), [1, 0, 1])
+    np.testing.assert_array_equal(dm.num_top_instances(0.99, counts, 36), [1, 0, 3])
+    np.testing.assert_array_equal(dm.num_top_instances(2, counts, 36), [1, 0, 2])
