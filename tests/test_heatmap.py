@@ -98,14 +98,14 @@ def _map_by_brute_force(values, geometry, stride):
     gh, gw = values.shape
     H, W = geometry.original_shape
     hp, wp = geometry.size
-    out = np.full((-(-H // stride), -(-W // stride)), np.nan)
-    for i in range(out.shape[0]):
-        for j in range(out.shape[1]):
-            centre = np.array([(i + 0.5) * stride - 0.5, (j + 0.5) * stride - 0.5])
-            py, px = geometry.from_original(centre) + 0.5  # edge coordinates
-            if 0 <= py < hp and 0 <= px < wp:
-                out[i, j] = values[int(py * gh // hp), int(px * gw // wp)]
-    return out
+    i, j = np.meshgrid(np.arange(-(-H // stride)), np.arange(-(-W // stride)), indexing="ij")
+    centres = np.stack([(i + 0.5) * stride - 0.5, (j + 0.5) * stride - 0.5], axis=-1)
+    edge = geometry.from_original(centres) + 0.5  # edge coordinates, one point per block
+    py, px = edge[..., 0], edge[..., 1]
+    inside = (py >= 0) & (py < hp) & (px >= 0) & (px < wp)
+    rows = np.clip(np.floor(py * gh / hp).astype(int), 0, gh - 1)
+    cols = np.clip(np.floor(px * gw / wp).astype(int), 0, gw - 1)
+    return np.where(inside, values[rows, cols], np.nan)
 
 
 @pytest.mark.parametrize("flipped", [False, True])
