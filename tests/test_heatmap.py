@@ -246,3 +246,16 @@ def test_box_to_original_of_stacked_boxes_is_box_by_box():
     for box, got in zip(boxes, stacked, strict=True):
         np.testing.assert_allclose(got, hm.box_to_original(box, geometry))
     np.testing.assert_allclose(hm.box_to_original(boxes[None], geometry)[0], stacked)
+
+
+def test_instance_map_pixel_centre_on_a_patch_edge_goes_to_the_upper_patch():
+    """Half-open patches [a, b) in original coordinates: with stride 4 the block centred on the
+    edge between the two patches (original coordinate 6) belongs to the patch starting there."""
+    values = np.array([[0.0, 1.0], [2.0, 3.0]])
+    plain = Geometry(original_shape=(12, 12), crop=(0, 0, 12, 12), flipped=False, size=(12, 12))
+    out = hm.instance_map_to_original(values, plain, stride=4)
+    np.testing.assert_array_equal(out, [[0, 1, 1], [2, 3, 3], [2, 3, 3]])
+    # flipped: original x in [6, 12) is preprocessed x in [0, 6), the first column of patches
+    flipped = Geometry(original_shape=(12, 12), crop=(0, 0, 12, 12), flipped=True, size=(12, 12))
+    out = hm.instance_map_to_original(values, flipped, stride=4)
+    np.testing.assert_array_equal(out, [[1, 0, 0], [3, 2, 2], [3, 2, 2]])
