@@ -22,15 +22,22 @@ protocol; such a workdir is refused with a message.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import nnx
 
-from deepmil_jax.errors import DeepMILError
+from deepmil_jax.config import Config
+from deepmil_jax.errors import ConfigError, DeepMILError
+from deepmil_jax.models import build_model
+from deepmil_jax.workdir import read_config
 
 KEEP_NEWEST = 2  # newest steps kept besides the best: a damaged newest step has a fallback
 
@@ -206,3 +213,56 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained run's parameters, for --init=checkpoint: and predict
+
+
+def restore_params(path: str, like_state) -> Any:
+    """Parameters of another run's best checkpoint, for --init=checkpoint:PATH (a training
+    workdir, or its checkpoints/ folder)."""
+    root = Path(path).expanduser().absolute()
+    directory = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    store = RunCheckpoints(directory, create=False)
+    try:
+        restored = store.restore_best(like_state)
+    except CheckpointError as e:
+        raise ConfigError(
+            f"--init=checkpoint:{path}: {e} If the run used another --backbone or --head_hidden, "
+            "its parameters cannot fit this model."
+        ) from None
+    finally:
+        store.close()
+    if restored is None:
+        raise ConfigError(
+            f"--init=checkpoint:{path}: no checkpoint found; give a training workdir "
+            "(with checkpoints/) of a run that finished at least one epoch."
+        )
+    return restored[0]["params"]
+
+
+def load_trained(workdir: str | os.PathLike, *, which: str = "best") -> tuple[Config, nnx.Module]:
+    """The config and the model (in eval mode) of a training workdir's best or latest checkpoint
+    (checksums verified; ``latest`` falls back to the newest intact step with a warning)."""
+    workdir = Path(workdir).expanduser().absolute()
+    config = read_config(workdir)
+    model = build_model(
+        config.scheme,
+        backbone=config.backbone,
+        head_hidden=config.head_hidden,
+        dtype=jnp.bfloat16 if config.precision == "bf16" else jnp.float32,
+        rngs=nnx.Rngs(0),
+    )
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    like = {"params": params, "opt_state": optax.adam(config.learning_rate).init(params)}
+    store = RunCheckpoints(workdir / "checkpoints", create=False)
+    try:
+        restored = store.restore_best(like) if which == "best" else store.restore(like)
+    finally:
+        store.close()
+    if restored is None:
+        raise ConfigError(f"{workdir / 'checkpoints'} holds no checkpoint yet.")
+    nnx.update(model, restored[0]["params"])
+    model.eval()
+    return config, model

@@ -14,9 +14,9 @@ import json
 import os
 from typing import Any
 
-from absl import flags
+from absl import app, flags, logging
 
-from deepmil_jax.errors import ConfigError
+from deepmil_jax.errors import ConfigError, DeepMILError
 
 SCHEMES = ("alexnet", "max_pooling", "label_assign", "sparse")
 DATASETS = ("synthetic", "inbreast", "folder")
@@ -343,3 +343,46 @@ def parse_flags_early(*classes: type) -> None:
         define_flags(cls)
     app.define_help_flags()
     app.parse_flags_with_usage(sys.argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a program
+
+
+def initialize_distributed(launch: Launch) -> None:
+    """Joins the other processes of a multi-host run (--distributed or --coordinator_address)."""
+    import jax
+
+    if launch.coordinator_address:
+        jax.distributed.initialize(
+            launch.coordinator_address, launch.num_processes, launch.process_id
+        )
+    elif launch.distributed:
+        jax.distributed.initialize()
+
+
+def _quiet_libraries(record) -> bool:
+    """Keeps the libraries' INFO chatter (Orbax, TFDS, JAX's search for TPUs and GPUs) out of
+    the program's log (30: WARNING)."""
+    noisy = ("orbax", "tensorflow_datasets", "etils", "xla_bridge")
+    return record.levelno >= 30 or not any(n in record.pathname for n in noisy)
+
+
+def run_main(body, *, positional: bool = False) -> None:
+    """Runs ``body`` under absl, turning the project's errors into one clear line and exit status
+    1. ``body()`` takes no arguments, or with ``positional`` the command line's ``argv``."""
+
+    def main(argv):
+        if not positional and len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        logging.get_absl_handler().addFilter(_quiet_libraries)
+        try:
+            if positional:
+                body(argv)
+            else:
+                body()
+        except DeepMILError as e:
+            logging.error("%s", e)
+            raise SystemExit(f"error: {e}") from None
+
+    app.run(main)

@@ -31,7 +31,15 @@ import numpy as np
 from absl import logging
 
 from deepmil_jax import heatmap, train
-from deepmil_jax.config import Config, CrossValidation, Launch, from_flags
+from deepmil_jax.config import (
+    SCHEMES,
+    Config,
+    CrossValidation,
+    Launch,
+    from_flags,
+    initialize_distributed,
+    run_main,
+)
 from deepmil_jax.errors import ConfigError
 
 # The paper's Table 1 (INbreast, 5-fold cross-validation), for comparison in the report.
@@ -264,11 +272,11 @@ def plot_roc(scheme: str, runs: list[dict], path: Path) -> None:
 
 def _main() -> None:
     launch = from_flags(Launch)
-    train.initialize_distributed(launch)
+    initialize_distributed(launch)
     config, chosen = from_flags(Config), from_flags(CrossValidation)
-    unknown = [s for s in chosen.schemes if s not in train.SCHEMES]
+    unknown = [s for s in chosen.schemes if s not in SCHEMES]
     if unknown:
-        raise ConfigError(f"--schemes: unknown {unknown}; choose from {', '.join(train.SCHEMES)}.")
+        raise ConfigError(f"--schemes: unknown {unknown}; choose from {', '.join(SCHEMES)}.")
     folds = list(chosen.folds) or list(range(config.num_folds))
     for scheme in chosen.schemes:  # every flag checked before the first run trains
         dataclasses.replace(config, scheme=scheme).canonical().validate()
@@ -284,4 +292,4 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-    train.run_main(_main)
+    run_main(_main)

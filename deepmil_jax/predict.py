@@ -56,7 +56,7 @@ from data_pipeline.preprocess import (
     read_image,
 )
 from deepmil_jax import heatmap
-from deepmil_jax.config import Predict, from_flags
+from deepmil_jax.config import Predict, from_flags, run_main
 
 __all__ = [
     "CSV_COLUMNS",
@@ -327,7 +327,7 @@ def write_csv(predictions: Sequence[Prediction], path: str | os.PathLike) -> Non
 
 
 def _main(argv: Sequence[str]) -> None:
-    from deepmil_jax import train
+    from deepmil_jax import checkpoints
 
     settings = from_flags(Predict)
     if not settings.checkpoint:
@@ -348,7 +348,7 @@ def _main(argv: Sequence[str]) -> None:
         raise DataError(f"No DICOM, PNG or TIFF files in {' '.join(argv[1:])}.")
     # Absolute: Orbax refuses relative checkpoint paths.
     checkpoint = Path(settings.checkpoint).expanduser().absolute()
-    config, model = train.load_trained(checkpoint, which=settings.which)
+    config, model = checkpoints.load_trained(checkpoint, which=settings.which)
     logging.info(
         "Loaded %s (%s, image_size %d); predicting %d file(s).",
         checkpoint,
@@ -389,6 +389,4 @@ def _main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from deepmil_jax import train
-
-    train.run_main(_main, positional=True)
+    run_main(_main, positional=True)

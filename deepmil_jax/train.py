@@ -19,9 +19,7 @@ if __name__ == "__main__":  # flags and --help are answered before JAX and Tenso
     _settings.parse_flags_early(_settings.Config, _settings.Launch)
 
 import contextlib
-import csv
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -31,43 +29,43 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from absl import app, logging
+from absl import logging
 
 # TensorFlow is used for tf.data only: keep it off the accelerators before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from deepmil_jax import checkpoints, heatmap, losses  # noqa: E402
-from deepmil_jax.config import DATASETS, SCHEMES, Config, Launch, from_flags  # noqa: E402, F401
+from deepmil_jax import checkpoints  # noqa: E402
+from deepmil_jax import workdir as workdir_files  # noqa: E402
+from deepmil_jax.config import (  # noqa: E402, F401
+    DATASETS,
+    SCHEMES,
+    Config,
+    Launch,
+    from_flags,
+    initialize_distributed,
+    run_main,
+)
 from deepmil_jax.errors import ConfigError, DeepMILError  # noqa: E402
 from deepmil_jax.metrics import binary_metrics, choose_threshold  # noqa: E402
-from deepmil_jax.models import build_model  # noqa: E402
+from deepmil_jax.steps import (  # noqa: E402, F401
+    Trainer,
+    checkpointed,
+    create_model,
+    eval_step,
+    grid_shape,
+    loss_fn,
+    make_mesh,
+    train_step,
+)
 
 
 class TrainingDiverged(DeepMILError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss of each scheme
-
-
-def scheme_loss(config: Config, instance_logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """The data term of the paper's Eq. 4, 6 or 7 for ``config.scheme``; (N, h, w) logits."""
-    if config.scheme in ("alexnet", "max_pooling"):  # alexnet: one instance, so plain BCE
-        return losses.max_pooling_loss(instance_logits, labels)
-    if config.scheme == "label_assign":
-        return losses.label_assign_loss(instance_logits, labels, config.k)
-    return losses.sparse_loss(instance_logits, labels, config.mu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,275 +108,6 @@ def load_examples(config: Config):
 
 
 # ---------------------------------------------------------------------------------------------
-# Model, state and the jitted steps
-
-
-def create_model(config: Config, rngs: nnx.Rngs, *, warn: bool = True) -> nnx.Module:
-    """The model of ``config.scheme``, with ImageNet weights when --init=imagenet:PATH."""
-    pretrained = None
-    if config.init.startswith("imagenet:"):
-        from deepmil_jax import weights
-
-        # the MIL schemes use only the convolutions: do not read the 150 MB of fc6
-        path = config.init.split(":", 1)[1]
-        pretrained = weights.load_converted(path, fc=config.scheme == "alexnet")
-    if warn and config.init == "random" and jax.process_index() == 0:
-        logging.warning(
-            "Training from random initialisation; the paper fine-tuned ImageNet weights "
-            "(see python -m deepmil_jax.convert_weights and --init=imagenet:PATH)."
-        )
-    return build_model(
-        config.scheme,
-        backbone=config.backbone,
-        head_hidden=config.head_hidden,
-        pretrained=pretrained,
-        dtype=jnp.bfloat16 if config.precision == "bf16" else jnp.float32,
-        rngs=rngs,
-    )
-
-
-def grid_shape(config: Config) -> tuple[int, int]:
-    """(h', w') of the instance grid of ``config``'s model at ``config.image_size``."""
-    from deepmil_jax.models.grid import grid_shape as shape
-
-    return shape(config.scheme, config.backbone, config.image_size, config.head_hidden)
-
-
-def cpu_compiler_options() -> dict[str, str] | None:
-    """XLA options for the jitted steps on CPU: convolutions through XLA's own (Eigen) kernels
-    instead of YNNPACK, which jax 0.10 uses by default and whose filter gradients are slow
-    (measured on 2 cores: the caffe AlexNet-MIL train step 1.2-1.3x faster; the same results up
-    to float rounding). YNNPACK keeps the matrix products and the reductions (bias gradients),
-    where it is fast. None on accelerators, when XLA_FLAGS already sets the option, or when this
-    XLA does not know it (the option is experimental)."""
-    key = "xla_cpu_experimental_ynn_fusion_type"
-    if jax.default_backend() != "cpu" or key in os.environ.get("XLA_FLAGS", ""):
-        return None
-    options = {key: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=options).lower(jnp.zeros(())).compile()
-    except jax.errors.JaxRuntimeError:
-        return None
-    return options
-
-
-@dataclasses.dataclass(frozen=True)
-class StepContext:
-    """What the jitted steps need besides arrays, passed as their static argument: the model's
-    structure in training and in evaluation mode, the optimiser and the run's settings."""
-
-    train_graph: Any
-    eval_graph: Any
-    optimizer: optax.GradientTransformation
-    config: Config
-
-
-def loss_fn(
-    context: StepContext, params, rest, images: jax.Array, labels: jax.Array, step
-) -> tuple[jax.Array, jax.Array]:
-    """(the paper's objective: data term + lambda/2 ||theta||^2, the data term alone) of a
-    training batch ``images`` (N, H, W, 1), ``labels`` (N,); dropout is seeded by ``step``."""
-    config = context.config
-    dropout_key = jax.random.fold_in(jax.random.key(config.seed + 2), step)
-    model = nnx.merge(context.train_graph, params, rest, copy=True)
-    nnx.reseed(model, dropout=dropout_key)
-    logits = model(images).astype(jnp.float32)
-    data_loss = scheme_loss(config, logits, labels)
-    return data_loss + config.weight_decay * losses.l2_penalty(params), data_loss
-
-
-def _train_step(context: StepContext, state: dict, batch: dict, step):
-    (loss, data_loss), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
-        context, state["params"], state["rest"], batch["image"], batch["label"], step
-    )
-    updates, opt_state = context.optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new_state = {"params": params, "opt_state": opt_state, "rest": state["rest"]}
-    return new_state, {"loss": loss, "data_loss": data_loss}
-
-
-def _eval_step(context: StepContext, state: dict, images: jax.Array) -> jax.Array:
-    model = nnx.merge(context.eval_graph, state["params"], state["rest"])
-    return model(images).astype(jnp.float32)
-
-
-@functools.cache
-def _jitted(fn, donate_state: bool):
-    """``fn`` jitted once per process (on first use, when the backend is known); the context is
-    static, the state replicated and the batch sharded as the arrays passed in already are."""
-    return jax.jit(
-        fn,
-        static_argnums=0,
-        donate_argnums=(1,) if donate_state else (),
-        compiler_options=cpu_compiler_options(),
-    )
-
-
-def train_step(context: StepContext, state: dict, batch: dict, step) -> tuple[dict, dict]:
-    """One Adam step on ``loss_fn``: ``state`` = {"params", "opt_state", "rest"} (replicated; it is
-    donated), ``batch`` = {"image" (N, H, W, 1), "label" (N,)} sharded over the mesh's data axis.
-    Returns the new state and {"loss", "data_loss"} (not waited for)."""
-    return _jitted(_train_step, True)(context, state, batch, step)
-
-
-def eval_step(context: StepContext, state: dict, images: jax.Array) -> jax.Array:
-    """(N, h', w') float32 instance logits of ``images`` (N, H, W, 1), the model in eval mode."""
-    return _jitted(_eval_step, False)(context, state, images)
-
-
-def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
-    """The sharding of the state: a full copy on every device."""
-    return NamedSharding(mesh, P())
-
-
-def sharded_batch(mesh: jax.sharding.Mesh) -> NamedSharding:
-    """The sharding of a batch: split along its first axis over the mesh's "data" axis."""
-    return NamedSharding(mesh, P("data"))
-
-
-def checkpointed(state: dict) -> dict:
-    """The part of the state a checkpoint holds (the model's other variables, its dropout RNG
-    state, are rebuilt from the seed)."""
-    return {"params": state["params"], "opt_state": state["opt_state"]}
-
-
-class Trainer:
-    """The state of one run on one device mesh, and the loop's use of the steps: host batches
-    in, the process's share of each evaluation out."""
-
-    def __init__(self, config: Config, mesh: jax.sharding.Mesh):
-        self.config = config = config.canonical()
-        self.mesh = mesh
-        model = create_model(config, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
-        model.train()
-        train_graph, params, rest = nnx.split(model, nnx.Param, ...)
-        model.eval()
-        optimizer = optax.adam(config.learning_rate)
-        self.context = StepContext(train_graph, nnx.graphdef(model), optimizer, config)
-        state = {"params": params, "opt_state": optimizer.init(params), "rest": rest}
-        self.state = jax.device_put(state, replicated(mesh))
-
-    def to_global(self, batch: np.ndarray) -> jax.Array:
-        """This process's part of a batch -> one array sharded over the mesh's data axis."""
-        return jax.make_array_from_process_local_data(sharded_batch(self.mesh), batch)
-
-    def restore(self, saved: dict) -> None:
-        """Takes ``checkpointed`` arrays (a checkpoint's) as the state's."""
-        self.state = self.state | jax.device_put(saved, replicated(self.mesh))
-
-    def train_step(self, batch: dict[str, np.ndarray], step: int) -> dict[str, jax.Array]:
-        """One optimiser step on this process's part of a batch (numpy); returns the losses."""
-        images = self.to_global(batch["image"])
-        labels = self.to_global(batch["label"].astype(np.int32))
-        return self.step_on_devices(images, labels, step)
-
-    def step_on_devices(
-        self, images: jax.Array, labels: jax.Array, step: int
-    ) -> dict[str, jax.Array]:
-        """``train_step`` on a batch already sharded over the mesh (``to_global``): updates the
-        state, returns ``{"loss", "data_loss"}`` without waiting for them."""
-        batch = {"image": images, "label": labels}
-        self.state, out = train_step(self.context, self.state, batch, step)
-        return out
-
-    def predict(self, batches) -> dict[str, np.ndarray]:
-        """Instance logits of every real (unmasked) example of an eval stream, by index."""
-        indices, instance = [], []
-        for batch in batches:
-            logits = eval_step(self.context, self.state, self.to_global(batch["image"]))
-            gathered = multihost_utils.process_allgather(
-                {
-                    "logits": logits,
-                    "mask": self.to_global(batch["mask"]),
-                    "index": self.to_global(batch["index"]),
-                },
-                tiled=True,
-            )
-            keep = np.asarray(gathered["mask"])
-            indices.append(np.asarray(gathered["index"])[keep])
-            instance.append(np.asarray(gathered["logits"])[keep])
-        order = np.argsort(np.concatenate(indices))
-        instance_logits = np.concatenate(instance)[order]
-        return {
-            "index": np.concatenate(indices)[order],
-            "instance_logits": instance_logits,
-            "probability": heatmap.bag_probability(instance_logits),
-        }
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints (the protocol is deepmil_jax.checkpoints)
-
-
-def restore_params(path: str, like_state) -> Any:
-    """Parameters of another run's best checkpoint, for --init=checkpoint:PATH (a training
-    workdir, or its checkpoints/ folder)."""
-    root = Path(path).expanduser().absolute()
-    directory = root / "checkpoints" if (root / "checkpoints").is_dir() else root
-    store = checkpoints.RunCheckpoints(directory, create=False)
-    try:
-        restored = store.restore_best(like_state)
-    except checkpoints.CheckpointError as e:
-        raise ConfigError(
-            f"--init=checkpoint:{path}: {e} If the run used another --backbone or --head_hidden, "
-            "its parameters cannot fit this model."
-        ) from None
-    finally:
-        store.close()
-    if restored is None:
-        raise ConfigError(
-            f"--init=checkpoint:{path}: no checkpoint found; give a training workdir "
-            "(with checkpoints/) of a run that finished at least one epoch."
-        )
-    return restored[0]["params"]
-
-
-def read_config(workdir: Path) -> Config:
-    """The canonical Config saved in a training workdir's config.json (ConfigError if unusable)."""
-    config_file = workdir / "config.json"
-    if not config_file.exists():
-        raise ConfigError(
-            f"{workdir} is not a training workdir (no config.json); give the --workdir of a "
-            "python -m deepmil_jax.train run."
-        )
-    try:
-        fields = json.loads(config_file.read_text())
-        if not isinstance(fields, dict):
-            raise TypeError("not a JSON object")
-        known = {f.name for f in dataclasses.fields(Config)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise TypeError(f"unknown settings {', '.join(unknown)}")
-        fields["head_hidden"] = tuple(fields.get("head_hidden", ()))
-        return Config(**fields).canonical()
-    except (ValueError, TypeError) as e:
-        raise ConfigError(
-            f"{config_file} cannot be read ({e}); it was not written by this version of "
-            "deepmil_jax.train or was edited. Restore it, or retrain in a new --workdir."
-        ) from None
-
-
-def load_trained(workdir: str | os.PathLike, *, which: str = "best") -> tuple[Config, nnx.Module]:
-    """The config and the model (in eval mode) of a training workdir's best or latest checkpoint
-    (checksums verified; ``latest`` falls back to the newest intact step with a warning)."""
-    workdir = Path(workdir).expanduser().absolute()
-    config = dataclasses.replace(read_config(workdir), init="random")
-    model = create_model(config, nnx.Rngs(0), warn=False)
-    _, params, _ = nnx.split(model, nnx.Param, ...)
-    like = {"params": params, "opt_state": optax.adam(config.learning_rate).init(params)}
-    store = checkpoints.RunCheckpoints(workdir / "checkpoints", create=False)
-    try:
-        restored = store.restore_best(like) if which == "best" else store.restore(like)
-    finally:
-        store.close()
-    if restored is None:
-        raise ConfigError(f"{workdir / 'checkpoints'} holds no checkpoint yet.")
-    nnx.update(model, restored[0]["params"])
-    model.eval()
-    return config, model
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -402,74 +131,6 @@ class _Preempted:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    tmp.replace(path)
-
-
-def _write_predictions(path: Path, examples, indices, probs, instance_logits) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(
-            [
-                "file_id",
-                "patient_id",
-                "label",
-                "birads",
-                "probability",
-                "top_patch_row",
-                "top_patch_col",
-            ]
-        )
-        for i, p, z in zip(indices, probs, instance_logits, strict=True):
-            row, col = heatmap.top_cell(z)
-            out.writerow(
-                [
-                    examples.file_ids[i],
-                    examples.patient_ids[i],
-                    int(examples.labels[i]),
-                    examples.birads[i],
-                    f"{p:.6f}",
-                    row,
-                    col,
-                ]
-            )
-    tmp.replace(path)
-
-
-def _check_same_run(workdir: Path, config: Config) -> None:
-    """Refuses a workdir that holds a run with other settings (only --epochs may grow).
-
-    Settings are compared canonically (paths absolute and normalised). A workdir whose run never
-    saved a checkpoint holds nothing to resume and is taken over."""
-    if not (workdir / "config.json").exists():
-        return
-    saved = read_config(workdir).to_json()
-    current = config.to_json()
-    changed = sorted(k for k in current if k != "epochs" and saved.get(k) != current[k])
-    has_run = (workdir / "results.json").exists() or any((workdir / "checkpoints").glob("[0-9]*"))
-    if changed and has_run:
-        details = ", ".join(f"--{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise ConfigError(
-            f"{workdir} holds a run with other settings ({details}); re-run with the same flags to "
-            "resume it, or give a new --workdir."
-        )
-
-
-def _check_epochs(workdir: Path, config: Config, done: int) -> None:
-    if done > config.epochs:
-        raise ConfigError(
-            f"--epochs={config.epochs}: {workdir} has already trained {done} epochs; give "
-            f"--epochs={done} or more (more continues training), or a new --workdir."
-        )
-
-
-def make_mesh() -> jax.sharding.Mesh:
-    return jax.make_mesh((jax.device_count(),), ("data",))
 
 
 def _finite_loss(loss: jax.Array, step: int, *, epoch: int, workdir: Path, saved: int) -> float:
@@ -550,10 +211,10 @@ def _prepare(config: Config, workdir: Path) -> _Run:
                 f"--{name}={getattr(config, name)} cannot be split evenly over {n_dev} devices; "
                 f"use a multiple of {n_dev}."
             )
-    _check_same_run(workdir, config)
+    workdir_files.check_same_run(workdir, config)
     if (workdir / "results.json").exists():
         finished = json.loads((workdir / "results.json").read_text()).get("config", {})
-        _check_epochs(workdir, config, int(finished.get("epochs", 0)))
+        workdir_files.check_epochs(workdir, config, int(finished.get("epochs", 0)))
     examples = load_examples(config)
     split = folds.make_split(
         examples.labels,
@@ -566,7 +227,7 @@ def _prepare(config: Config, workdir: Path) -> _Run:
     trainer = Trainer(config, mesh)
     if config.init.startswith("checkpoint:"):
         like = checkpointed(trainer.state)
-        params = restore_params(config.init.split(":", 1)[1], like)
+        params = checkpoints.restore_params(config.init.split(":", 1)[1], like)
         trainer.restore(like | {"params": params})
     store = checkpoints.RunCheckpoints(workdir / "checkpoints")
     meta, saved_step = _new_meta(), None
@@ -574,7 +235,7 @@ def _prepare(config: Config, workdir: Path) -> _Run:
     if resumed is not None:
         trainer.restore(resumed[0])
         meta, saved_step = _new_meta() | resumed[1], resumed[2]
-        _check_epochs(workdir, config, meta["epoch"])
+        workdir_files.check_epochs(workdir, config, meta["epoch"])
         logging.info(
             "Resuming from %s at epoch %d, step %d",
             workdir,
@@ -592,9 +253,9 @@ def _start(run: _Run) -> None:
     from data_pipeline import folds
 
     run.workdir.mkdir(parents=True, exist_ok=True)
-    _write_json(run.workdir / "config.json", run.config.to_json())
+    workdir_files.write_json(run.workdir / "config.json", run.config.to_json())
     folds.write_split(run.split, run.examples.file_ids, run.workdir / "split.json")
-    _rewrite_metrics(run.workdir, run.meta["history"])
+    workdir_files.rewrite_metrics(run.workdir, run.meta["history"])
     logging.info(
         "Fold %d: %d train, %d validation, %d test images on %d device(s)",
         run.config.fold,
@@ -692,8 +353,8 @@ def _end_epoch(run: _Run, train_seconds: float, seen: int, summary) -> None:
         meta["best_auc"] = float(auc) if np.isfinite(auc) else -1.0
     run.save()
     if run.lead:
-        _rewrite_metrics(run.workdir, meta["history"])
-        _write_summary(summary, record)
+        workdir_files.rewrite_metrics(run.workdir, meta["history"])
+        workdir_files.write_summary(summary, record)
         logging.info(
             "epoch %d: loss %.4f, validation AUC %.3f, accuracy %.3f",
             epoch + 1,
@@ -719,14 +380,14 @@ def _test(run: _Run) -> dict[str, Any]:
     }
     if run.lead:
         for name, out in (("validation", val), ("test", test)):
-            _write_predictions(
+            workdir_files.write_predictions(
                 run.workdir / f"{name}_predictions.csv",
                 run.examples,
                 out["index"],
                 out["probability"],
                 out["instance_logits"],
             )
-        _write_json(run.workdir / "results.json", results)
+        workdir_files.write_json(run.workdir / "results.json", results)
         logging.info(
             "Best epoch %d. Test AUC %.3f, accuracy %.3f (threshold %.3f from validation). "
             "Results in %s",
@@ -754,7 +415,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
     run = _prepare(config, workdir)
     try:
         _start(run)
-        summary = _summary_writer(workdir) if run.lead else None
+        summary = workdir_files.summary_writer(workdir) if run.lead else None
         with _Preempted() as preempted:
             while run.meta["epoch"] < config.epochs:
                 seconds, seen = _train_epoch(run, preempted)
@@ -769,67 +430,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
         run.store.close()
 
 
-def _rewrite_metrics(workdir: Path, history: list[dict]) -> None:
-    tmp = workdir / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    tmp.replace(workdir / "metrics.jsonl")
-
-
-def _summary_writer(workdir: Path):
-    import tensorflow as tf
-
-    return tf.summary.create_file_writer(str(workdir / "tensorboard"))
-
-
-def _write_summary(writer, record: dict) -> None:
-    import tensorflow as tf
-
-    with writer.as_default(step=record["epoch"]):
-        for key, value in record.items():
-            if key != "epoch" and value is not None:
-                tf.summary.scalar(key, value)
-    writer.flush()
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line
-
-
-def initialize_distributed(launch: Launch) -> None:
-    """Joins the other processes of a multi-host run (--distributed or --coordinator_address)."""
-    if launch.coordinator_address:
-        jax.distributed.initialize(
-            launch.coordinator_address, launch.num_processes, launch.process_id
-        )
-    elif launch.distributed:
-        jax.distributed.initialize()
-
-
-def _quiet_libraries(record) -> bool:
-    """Keeps the libraries' INFO chatter (Orbax, TFDS, JAX's search for TPUs and GPUs) out of
-    the program's log (30: WARNING)."""
-    noisy = ("orbax", "tensorflow_datasets", "etils", "xla_bridge")
-    return record.levelno >= 30 or not any(n in record.pathname for n in noisy)
-
-
-def run_main(body, *, positional: bool = False) -> None:
-    """Runs ``body`` under absl, turning the project's errors into one clear line and exit status
-    1. ``body()`` takes no arguments, or with ``positional`` the command line's ``argv``."""
-
-    def main(argv):
-        if not positional and len(argv) > 1:
-            raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-        logging.get_absl_handler().addFilter(_quiet_libraries)
-        try:
-            if positional:
-                body(argv)
-            else:
-                body()
-        except DeepMILError as e:
-            logging.error("%s", e)
-            raise SystemExit(f"error: {e}") from None
-
-    app.run(main)
 
 
 def _main() -> None:

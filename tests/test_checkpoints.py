@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from deepmil_jax import checkpoints, train
+from deepmil_jax import workdir as workdir_files
 from deepmil_jax.checkpoints import CheckpointError, RunCheckpoints
 from deepmil_jax.errors import ConfigError
 
@@ -236,12 +237,12 @@ KILLS = [
     # after epoch 1's checkpoint is written, before the clean-up
     (RunCheckpoints, "_prune", 1, False),
     # resumed at epoch 2: after its checkpoint, before metrics.jsonl (the 1st call is the start's)
-    (train, "_rewrite_metrics", 2, False),
+    (workdir_files, "rewrite_metrics", 2, False),
     # resumed at epoch 3: while the clean-up deletes an old step (by epoch 4 one of steps 2, 4
     # is neither among the newest two nor a best)
     (checkpoints.ocp.CheckpointManager, "delete", 1, False),
     # after results.json (config.json is the first write), before the run returns
-    (train, "_write_json", 2, True),
+    (workdir_files, "write_json", 2, True),
 ]
 
 
@@ -300,7 +301,7 @@ def test_every_checkpoint_damaged_stops_with_one_line(tmp_path, config, referenc
     assert "\n" not in str(error.value) and "No intact checkpoint" in str(error.value)
     # prediction and --init=checkpoint: verify too
     with pytest.raises(CheckpointError):
-        train.load_trained(workdir)
+        checkpoints.load_trained(workdir)
     other = dataclasses.replace(config, init=f"checkpoint:{workdir}")
     with pytest.raises(ConfigError, match="--init=checkpoint:"):
         train.train_and_evaluate(other, tmp_path / "fine_tuned")
@@ -318,7 +319,7 @@ def test_a_damaged_best_is_refused_not_replaced(tmp_path, config, reference):
         best = 2
     _flip_middle_byte(_largest_data_file(workdir / "checkpoints" / str(best)))
     with pytest.raises(CheckpointError, match=f"{best} is damaged"):
-        train.load_trained(workdir)
+        checkpoints.load_trained(workdir)
 
 
 def test_kill_9_mid_run_resumes_bit_identically(tmp_path, config, reference):

@@ -235,7 +235,7 @@ def _expected_box(geometry: Geometry, row: int, col: int, grid: tuple[int, int])
 
 def test_cli_predictions_csv_bad_files_and_exit_status(tmp_path, workdir):
     from data_pipeline.synthetic import write_synthetic_inbreast
-    from deepmil_jax import train
+    from deepmil_jax import checkpoints
 
     data = write_synthetic_inbreast(tmp_path / "inbreast", num_images=4, image_shape=(256, 208))
     bad = tmp_path / "bad"
@@ -266,7 +266,7 @@ def test_cli_predictions_csv_bad_files_and_exit_status(tmp_path, workdir):
     assert all(name in msg for name, msg in errors.items())
     assert all(r["probability"] == "" for r in rows if r["error"])
 
-    _, model = train.load_trained(workdir)
+    _, model = checkpoints.load_trained(workdir)
     good = [r for r in rows if not r["error"]]
     assert len(good) == 4
     for r in good:

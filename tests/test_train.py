@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepmil_jax import train
+from deepmil_jax import checkpoints, steps, train
 from deepmil_jax.checkpoints import RunCheckpoints
 from deepmil_jax.errors import ConfigError, DeepMILError
 
@@ -180,7 +180,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     config = dataclasses.replace(SMALL, data_dir=data_dir, epochs=1)
     train.train_and_evaluate(config, tmp_path / "run")
     good, _ = _run_and_params(config, tmp_path / "run")
-    monkeypatch.setattr(train, "scheme_loss", lambda config, logits, labels: jax.numpy.nan)
+    monkeypatch.setattr(steps, "scheme_loss", lambda config, logits, labels: jax.numpy.nan)
     with pytest.raises(train.TrainingDiverged, match="last good checkpoint"):
         train.train_and_evaluate(dataclasses.replace(config, epochs=2), tmp_path / "run")
     monkeypatch.undo()
@@ -430,7 +430,7 @@ def test_settings_are_compared_canonically(tmp_path, monkeypatch):
 def test_a_broken_config_json_is_one_clear_error(tmp_path, text, why):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(ConfigError, match=why):
-        train.load_trained(tmp_path)
+        checkpoints.load_trained(tmp_path)
 
 
 def test_weight_decay_adds_exactly_lam_times_params_to_the_gradient():

@@ -19,7 +19,7 @@ from absl import flags, logging
 
 from deepmil_jax import config as _config
 from deepmil_jax.benchmark.settings import PARTS, Settings
-from deepmil_jax.config import Config, from_flags
+from deepmil_jax.config import Config, from_flags, run_main
 from deepmil_jax.errors import ConfigError
 
 _S = Settings()
@@ -81,7 +81,6 @@ if __name__ == "__main__":  # flags and --help are answered before JAX and Tenso
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from deepmil_jax import train  # noqa: E402
 from deepmil_jax.benchmark.report import format_table  # noqa: E402
 from deepmil_jax.benchmark.run import run_benchmark  # noqa: E402
 
@@ -141,4 +140,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    train.run_main(main)
+    run_main(main)

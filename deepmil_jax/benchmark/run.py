@@ -7,7 +7,6 @@ from typing import Any
 
 from absl import logging
 
-from deepmil_jax import train
 from deepmil_jax.benchmark import (
     eval_timer,
     pipeline_timer,
@@ -18,6 +17,7 @@ from deepmil_jax.benchmark import (
 from deepmil_jax.benchmark.settings import PARTS, Settings, describe, resolve
 from deepmil_jax.benchmark.timing import Figures
 from deepmil_jax.config import Config
+from deepmil_jax.steps import Trainer
 
 
 def run_benchmark(
@@ -41,7 +41,7 @@ def run_benchmark(
         "Compiling the %s train step (batch %d, %dx%d, %s)",
         *(c.scheme, setup.batch, c.image_size, c.image_size, setup.precision),
     )
-    trainer = train.Trainer(c, setup.mesh)
+    trainer = Trainer(c, setup.mesh)
     steps = train_timer.TrainSteps(trainer, setup.batch)
     images, labels = trainer.to_global(setup.images), trainer.to_global(setup.labels)
     torch = torch_timer.torch_steps(setup) if "torch" in parts else None

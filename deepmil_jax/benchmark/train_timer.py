@@ -9,16 +9,16 @@ import jax
 import numpy as np
 from absl import logging
 
-from deepmil_jax import train
 from deepmil_jax.benchmark import peaks
 from deepmil_jax.benchmark.settings import Setup
 from deepmil_jax.benchmark.timing import Figures, interleave
+from deepmil_jax.steps import Trainer, lower_train_step
 
 
 class TrainSteps:
     """Calls of the Trainer's public train step, numbered on from one call to the next."""
 
-    def __init__(self, trainer: train.Trainer, batch: int):
+    def __init__(self, trainer: Trainer, batch: int):
         self.trainer, self.batch, self.step = trainer, batch, 0
 
     def on_devices(self, images: jax.Array, labels: jax.Array, n: int) -> int:
@@ -39,15 +39,11 @@ class TrainSteps:
         return n * self.batch
 
 
-def train_flops(trainer: train.Trainer, images: jax.Array, labels: jax.Array) -> float:
-    """FLOPs of one train step over all devices, from XLA's cost analysis of the compiled step.
-
-    ``train.train_step`` offers no lowering, and a jit around it cannot be compiled (its inner jit
-    carries compiler options), so this lowers the jitted function it calls, ``train._jitted(
-    train._train_step, True)``: the same program, options and donation as the timed step."""
+def train_flops(trainer: Trainer, images: jax.Array, labels: jax.Array) -> float:
+    """FLOPs of one train step over all devices, from XLA's cost analysis of the compiled step
+    (``deepmil_jax.steps.lower_train_step``: the program ``train_step`` runs)."""
     batch = {"image": images, "label": labels}
-    step = train._jitted(train._train_step, True)
-    compiled = step.lower(trainer.context, trainer.state, batch, 0).compile()
+    compiled = lower_train_step(trainer.context, trainer.state, batch, 0).compile()
     return peaks.cost_flops(compiled) * trainer.mesh.devices.size
 
 

@@ -1,0 +1,249 @@
+"""The model, the training state and the jitted steps over a ("data",) device mesh.
+
+``train_step(context, state, batch, step)`` and ``eval_step(context, state, images)`` are pure
+functions of a static ``StepContext`` (the model's structure, the optimiser, the settings), the
+state ``{"params", "opt_state", "rest"}`` (replicated) and a batch (sharded along its first axis),
+each jitted once per process. ``Trainer`` holds one run's state on one mesh and feeds the steps
+from host batches; the loop (``deepmil_jax.train``), the tests and the benchmark all call these
+same functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from deepmil_jax import heatmap, losses
+from deepmil_jax.config import Config
+from deepmil_jax.models import build_model
+
+# ---------------------------------------------------------------------------------------------
+# Loss of each scheme
+
+
+def scheme_loss(config: Config, instance_logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The data term of the paper's Eq. 4, 6 or 7 for ``config.scheme``; (N, h, w) logits."""
+    if config.scheme in ("alexnet", "max_pooling"):  # alexnet: one instance, so plain BCE
+        return losses.max_pooling_loss(instance_logits, labels)
+    if config.scheme == "label_assign":
+        return losses.label_assign_loss(instance_logits, labels, config.k)
+    return losses.sparse_loss(instance_logits, labels, config.mu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, state and the jitted steps
+
+
+def create_model(config: Config, rngs: nnx.Rngs, *, warn: bool = True) -> nnx.Module:
+    """The model of ``config.scheme``, with ImageNet weights when --init=imagenet:PATH."""
+    pretrained = None
+    if config.init.startswith("imagenet:"):
+        from deepmil_jax import weights
+
+        # the MIL schemes use only the convolutions: do not read the 150 MB of fc6
+        path = config.init.split(":", 1)[1]
+        pretrained = weights.load_converted(path, fc=config.scheme == "alexnet")
+    if warn and config.init == "random" and jax.process_index() == 0:
+        logging.warning(
+            "Training from random initialisation; the paper fine-tuned ImageNet weights "
+            "(see python -m deepmil_jax.convert_weights and --init=imagenet:PATH)."
+        )
+    return build_model(
+        config.scheme,
+        backbone=config.backbone,
+        head_hidden=config.head_hidden,
+        pretrained=pretrained,
+        dtype=jnp.bfloat16 if config.precision == "bf16" else jnp.float32,
+        rngs=rngs,
+    )
+
+
+def grid_shape(config: Config) -> tuple[int, int]:
+    """(h', w') of the instance grid of ``config``'s model at ``config.image_size``."""
+    from deepmil_jax.models.grid import grid_shape as shape
+
+    return shape(config.scheme, config.backbone, config.image_size, config.head_hidden)
+
+
+def cpu_compiler_options() -> dict[str, str] | None:
+    """XLA options for the jitted steps on CPU: convolutions through XLA's own (Eigen) kernels
+    instead of YNNPACK, which jax 0.10 uses by default and whose filter gradients are slow
+    (measured on 2 cores: the caffe AlexNet-MIL train step 1.2-1.3x faster; the same results up
+    to float rounding). YNNPACK keeps the matrix products and the reductions (bias gradients),
+    where it is fast. None on accelerators, when XLA_FLAGS already sets the option, or when this
+    XLA does not know it (the option is experimental)."""
+    key = "xla_cpu_experimental_ynn_fusion_type"
+    if jax.default_backend() != "cpu" or key in os.environ.get("XLA_FLAGS", ""):
+        return None
+    options = {key: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(jnp.zeros(())).compile()
+    except jax.errors.JaxRuntimeError:
+        return None
+    return options
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What the jitted steps need besides arrays, passed as their static argument: the model's
+    structure in training and in evaluation mode, the optimiser and the run's settings."""
+
+    train_graph: Any
+    eval_graph: Any
+    optimizer: optax.GradientTransformation
+    config: Config
+
+
+def loss_fn(
+    context: StepContext, params, rest, images: jax.Array, labels: jax.Array, step
+) -> tuple[jax.Array, jax.Array]:
+    """(the paper's objective: data term + lambda/2 ||theta||^2, the data term alone) of a
+    training batch ``images`` (N, H, W, 1), ``labels`` (N,); dropout is seeded by ``step``."""
+    config = context.config
+    dropout_key = jax.random.fold_in(jax.random.key(config.seed + 2), step)
+    model = nnx.merge(context.train_graph, params, rest, copy=True)
+    nnx.reseed(model, dropout=dropout_key)
+    logits = model(images).astype(jnp.float32)
+    data_loss = scheme_loss(config, logits, labels)
+    return data_loss + config.weight_decay * losses.l2_penalty(params), data_loss
+
+
+def _train_step(context: StepContext, state: dict, batch: dict, step):
+    (loss, data_loss), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
+        context, state["params"], state["rest"], batch["image"], batch["label"], step
+    )
+    updates, opt_state = context.optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"params": params, "opt_state": opt_state, "rest": state["rest"]}
+    return new_state, {"loss": loss, "data_loss": data_loss}
+
+
+def _eval_step(context: StepContext, state: dict, images: jax.Array) -> jax.Array:
+    model = nnx.merge(context.eval_graph, state["params"], state["rest"])
+    return model(images).astype(jnp.float32)
+
+
+@functools.cache
+def _jitted(fn, donate_state: bool):
+    """``fn`` jitted once per process (on first use, when the backend is known); the context is
+    static, the state replicated and the batch sharded as the arrays passed in already are."""
+    return jax.jit(
+        fn,
+        static_argnums=0,
+        donate_argnums=(1,) if donate_state else (),
+        compiler_options=cpu_compiler_options(),
+    )
+
+
+def train_step(context: StepContext, state: dict, batch: dict, step) -> tuple[dict, dict]:
+    """One Adam step on ``loss_fn``: ``state`` = {"params", "opt_state", "rest"} (replicated; it is
+    donated), ``batch`` = {"image" (N, H, W, 1), "label" (N,)} sharded over the mesh's data axis.
+    Returns the new state and {"loss", "data_loss"} (not waited for)."""
+    return _jitted(_train_step, True)(context, state, batch, step)
+
+
+def lower_train_step(context: StepContext, state: dict, batch: dict, step) -> jax.stages.Lowered:
+    """``train_step`` lowered for these arguments (the very program it runs: options, donation),
+    for cost analysis."""
+    return _jitted(_train_step, True).lower(context, state, batch, step)
+
+
+def eval_step(context: StepContext, state: dict, images: jax.Array) -> jax.Array:
+    """(N, h', w') float32 instance logits of ``images`` (N, H, W, 1), the model in eval mode."""
+    return _jitted(_eval_step, False)(context, state, images)
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """The sharding of the state: a full copy on every device."""
+    return NamedSharding(mesh, P())
+
+
+def sharded_batch(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """The sharding of a batch: split along its first axis over the mesh's "data" axis."""
+    return NamedSharding(mesh, P("data"))
+
+
+def checkpointed(state: dict) -> dict:
+    """The part of the state a checkpoint holds (the model's other variables, its dropout RNG
+    state, are rebuilt from the seed)."""
+    return {"params": state["params"], "opt_state": state["opt_state"]}
+
+
+class Trainer:
+    """The state of one run on one device mesh, and the loop's use of the steps: host batches
+    in, the process's share of each evaluation out."""
+
+    def __init__(self, config: Config, mesh: jax.sharding.Mesh):
+        self.config = config = config.canonical()
+        self.mesh = mesh
+        model = create_model(config, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+        model.train()
+        train_graph, params, rest = nnx.split(model, nnx.Param, ...)
+        model.eval()
+        optimizer = optax.adam(config.learning_rate)
+        self.context = StepContext(train_graph, nnx.graphdef(model), optimizer, config)
+        state = {"params": params, "opt_state": optimizer.init(params), "rest": rest}
+        self.state = jax.device_put(state, replicated(mesh))
+
+    def to_global(self, batch: np.ndarray) -> jax.Array:
+        """This process's part of a batch -> one array sharded over the mesh's data axis."""
+        return jax.make_array_from_process_local_data(sharded_batch(self.mesh), batch)
+
+    def restore(self, saved: dict) -> None:
+        """Takes ``checkpointed`` arrays (a checkpoint's) as the state's."""
+        self.state = self.state | jax.device_put(saved, replicated(self.mesh))
+
+    def train_step(self, batch: dict[str, np.ndarray], step: int) -> dict[str, jax.Array]:
+        """One optimiser step on this process's part of a batch (numpy); returns the losses."""
+        images = self.to_global(batch["image"])
+        labels = self.to_global(batch["label"].astype(np.int32))
+        return self.step_on_devices(images, labels, step)
+
+    def step_on_devices(
+        self, images: jax.Array, labels: jax.Array, step: int
+    ) -> dict[str, jax.Array]:
+        """``train_step`` on a batch already sharded over the mesh (``to_global``): updates the
+        state, returns ``{"loss", "data_loss"}`` without waiting for them."""
+        batch = {"image": images, "label": labels}
+        self.state, out = train_step(self.context, self.state, batch, step)
+        return out
+
+    def predict(self, batches) -> dict[str, np.ndarray]:
+        """Instance logits of every real (unmasked) example of an eval stream, by index."""
+        indices, instance = [], []
+        for batch in batches:
+            logits = eval_step(self.context, self.state, self.to_global(batch["image"]))
+            gathered = multihost_utils.process_allgather(
+                {
+                    "logits": logits,
+                    "mask": self.to_global(batch["mask"]),
+                    "index": self.to_global(batch["index"]),
+                },
+                tiled=True,
+            )
+            keep = np.asarray(gathered["mask"])
+            indices.append(np.asarray(gathered["index"])[keep])
+            instance.append(np.asarray(gathered["logits"])[keep])
+        order = np.argsort(np.concatenate(indices))
+        instance_logits = np.concatenate(instance)[order]
+        return {
+            "index": np.concatenate(indices)[order],
+            "instance_logits": instance_logits,
+            "probability": heatmap.bag_probability(instance_logits),
+        }
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    return jax.make_mesh((jax.device_count(),), ("data",))
