@@ -141,7 +141,8 @@ def assign_folds(
     else:
         splitter = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
         folds = splitter.split(placeholder, labels)
-    assignment = np.full(n, -1, dtype=np.int64)  # pragma: no mutate (numpy 2: int64)
+    # a sentinel every fold overwrites (checked below), in numpy 2's default int64
+    assignment = np.full(n, -1, dtype=np.int64)  # pragma: no mutate
     for fold, (_, test_index) in enumerate(folds):
         if test_index.size == 0:
             raise DataError(

@@ -190,3 +190,11 @@ def test_exactly_one_positive_or_patient_per_fold_is_enough():
     few_patients = np.array(["a", "a", "a", "b", "b", "b", "c", "c", "c"])
     mixed = np.array([1, 0, 0, 1, 0, 0, 1, 0, 0])
     assert sorted(set(assign_folds(mixed, few_patients, num_folds=3).tolist())) == [0, 1, 2]
+
+
+def test_a_fold_of_one_example_is_not_empty():
+    groups = np.array(["a", "b", "b", "b", "c", "c", "c", "d"])
+    labels = np.array([1, 1, 0, 0, 1, 0, 0, 0])
+    folds = assign_folds(labels, groups, num_folds=3, seed=1)
+    assert np.bincount(folds).tolist() == [4, 3, 1]  # patient "a" alone tests fold 2
+    assert make_split(labels, groups, num_folds=3, fold=2, seed=1).test.tolist() == [0]

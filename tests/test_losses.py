@@ -346,3 +346,10 @@ def test_num_top_instances_is_at_least_one_and_at_most_the_count():
     np.testing.assert_array_equal(dm.num_top_instances(1e-5, counts, 36), [1, 0, 1])
     np.testing.assert_array_equal(dm.num_top_instances(0.99, counts, 36), [1, 0, 3])
     np.testing.assert_array_equal(dm.num_top_instances(2, counts, 36), [1, 0, 2])
+
+
+def test_bag_logits_defaults_are_max_pooling_and_temperature_one():
+    z = jnp.array([[0.0, 2.0, -1.0], [3.0, -2.0, 1.0]])
+    np.testing.assert_array_equal(dm.bag_logits(z), [2.0, 3.0])
+    lse = [math.log(np.mean(np.exp(row))) for row in np.asarray(z, np.float64)]  # T = 1
+    np.testing.assert_allclose(dm.bag_logits(z, pooling="lse"), lse, rtol=1e-6)
