@@ -79,9 +79,9 @@ def grid_shape(config: Config) -> tuple[int, int]:
 
 def cpu_compiler_options() -> dict[str, str] | None:
     """XLA options for the jitted steps on CPU: convolutions through XLA's own (Eigen) kernels
-    instead of YNNPACK, which jax 0.10 uses by default and whose filter gradients are slow
-    (measured on 2 cores: the caffe AlexNet-MIL train step 1.2-1.3x faster; the same results up
-    to float rounding). YNNPACK keeps the matrix products and the reductions (bias gradients),
+    instead of YNNPACK, which jax 0.10 uses by default and whose filter gradients are slower
+    (the benchmark measures the difference; the results are the same up to float rounding).
+    YNNPACK keeps the matrix products and the reductions (bias gradients),
     where it is fast. None on accelerators, when XLA_FLAGS already sets the option, or when this
     XLA does not know it (the option is experimental)."""
     key = "xla_cpu_experimental_ynn_fusion_type"

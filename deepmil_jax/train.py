@@ -31,8 +31,10 @@ from typing import Any
 
 from absl import logging
 
-# TensorFlow is used for tf.data only: keep it off the accelerators before anything imports it.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow (tf.data only; data_pipeline hides the GPUs from it) would log its own search for
+# CUDA ("failed call to cuInit") at ERROR level when it is imported: its C++ log stays quiet unless
+# the user sets the variable. Its Python errors are raised as usual.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

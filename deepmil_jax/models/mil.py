@@ -22,10 +22,9 @@ from absl import logging
 from flax import nnx
 
 from deepmil_jax.architecture import FC_GRID, FC_LAYERS, FC_SIZE
+from deepmil_jax.config import SCHEMES
 from deepmil_jax.errors import ConfigError
 from deepmil_jax.models.alexnet import AlexNet, copy_params
-
-SCHEMES = ("alexnet", "max_pooling", "label_assign", "sparse")
 
 
 class InstanceHead(nnx.Module):
