@@ -5,8 +5,11 @@ r"""Cross-validation over every fold and scheme, reported like the paper's Table
 
 For each scheme and fold this trains (or, when ``<workdir>/<scheme>/fold<f>/results.json`` exists,
 reuses) one run of ``deepmil_jax.train``, then writes ``report.md``, ``report.csv`` and
-``report.json`` (test accuracy and AUC, mean +- standard deviation over the folds) and one ROC
-plot per scheme, ``roc_<scheme>.png``, in the workdir.
+``report.json`` (test accuracy, AUC, sensitivity and specificity, mean +- standard deviation over
+the folds; over the pooled test predictions of all folds, the AUC's bootstrap 95% confidence
+interval, the Brier score and DeLong's test against the first scheme), one ROC plot and one
+reliability diagram per scheme, ``roc_<scheme>.png`` and ``reliability_<scheme>.png``, in the
+workdir (``deepmil_jax.report``).
 
 Next to AUC the report gives a localisation score, the pointing game: of the positive test images
 with annotated masses, the fraction whose highest-scoring instance (its patch of the preprocessed
@@ -30,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from deepmil_jax import heatmap, train
+from deepmil_jax import heatmap, report, train
 from deepmil_jax.config import (
     SCHEMES,
     Config,
@@ -41,15 +44,13 @@ from deepmil_jax.config import (
     run_main,
 )
 from deepmil_jax.errors import ConfigError
-
-# The paper's Table 1 (INbreast, 5-fold cross-validation), for comparison in the report.
-PAPER_AUC = {"alexnet": 0.79, "max_pooling": 0.83, "label_assign": 0.84, "sparse": 0.89}
-NAMES = {
-    "alexnet": "AlexNet (fully connected layers)",
-    "max_pooling": "Deep MIL, max pooling",
-    "label_assign": "Deep MIL, label assignment",
-    "sparse": "Deep MIL, sparse",
-}
+from deepmil_jax.report import (  # noqa: F401 (evaluate.NAMES etc. kept for callers)
+    NAMES,
+    PAPER_AUC,
+    plot_reliability,
+    plot_roc,
+    write_report,
+)
 
 
 def cross_validate(config: Config, schemes: list[str], folds: list[int], workdir: Path) -> dict:
@@ -134,6 +135,10 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
     Runs carrying ``"localization"`` (``add_localization``) also give ``"localization"``: the
     pointing-game score's mean, standard deviation and per-fold values, and the hits and images
     scored over all folds (None for a scheme without instances).
+
+    ``"pooled"`` holds the statistics over the test predictions of all folds together
+    (``report.pooled_statistics``): the AUC with its bootstrap 95% confidence interval, the
+    Brier score, and DeLong's test against the first scheme.
     """
     table = {}
     for scheme, runs in results.items():
@@ -160,114 +165,9 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
             else:
                 row["localization"] = None
         table[scheme] = row
+    for scheme, pooled in report.pooled_statistics(results).items():
+        table[scheme]["pooled"] = pooled
     return table
-
-
-def write_report(table: dict[str, dict], results: dict[str, list[dict]], workdir: Path) -> None:
-    """report.md / report.csv / report.json and roc_<scheme>.png in ``workdir``."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "report.json").write_text(json.dumps(table, indent=2) + "\n")
-    with_loc = any("localization" in row for row in table.values())
-    with (workdir / "report.csv").open("w", newline="") as f:
-        out = csv.writer(f)
-        header = ["scheme", "folds", "accuracy_mean", "accuracy_std", "auc_mean", "auc_std"]
-        if with_loc:
-            header += [
-                "localization_mean",
-                "localization_std",
-                "localization_hits",
-                "localization_evaluated",
-            ]
-        out.writerow(header)
-        for scheme, row in table.items():
-            line = [
-                scheme,
-                row["folds"],
-                row["accuracy"]["mean"],
-                row["accuracy"]["std"],
-                row["auc"]["mean"],
-                row["auc"]["std"],
-            ]
-            if with_loc:
-                loc = row.get("localization")
-                line += (
-                    [loc["mean"], loc["std"], loc["hits"], loc["evaluated"]]
-                    if loc
-                    else ["", "", "", ""]
-                )
-            out.writerow(line)
-    lines = [
-        "| Method | Accuracy | AUC | Paper AUC (INbreast) |"
-        + (" Pointing game |" if with_loc else ""),
-        "|---|---|---|---|" + ("---|" if with_loc else ""),
-    ]
-    for scheme, row in table.items():
-
-        def cell(m: str, row: dict = row) -> str:
-            return f"{row[m]['mean']:.2f} ± {row[m]['std']:.2f}"
-
-        paper = f"{PAPER_AUC[scheme]:.2f}" if scheme in PAPER_AUC else "-"
-        line = f"| {NAMES.get(scheme, scheme)} | {cell('accuracy')} | {cell('auc')} | {paper} |"
-        if with_loc:
-            loc = row.get("localization")
-            line += (
-                f" {loc['mean']:.2f} ± {loc['std']:.2f} ({loc['hits']}/{loc['evaluated']}) |"
-                if loc
-                else " - |"
-            )
-        lines.append(line)
-    folds = max(row["folds"] for row in table.values())
-    lines += [
-        "",
-        f"Test-fold mean ± standard deviation over {folds} folds; accuracy at the "
-        "threshold chosen on each fold's validation set. Paper: INbreast, Zhu et al. 2017, "
-        "Table 1.",
-    ]
-    if with_loc:
-        lines += [
-            "",
-            "Pointing game: of the positive test images with annotated masses, the "
-            "fraction whose highest-scoring patch (instance (r, c) of an h x w grid taken "
-            "as rows [r H/h, (r+1) H/h) and columns likewise of the preprocessed image) "
-            "overlaps a mass box; mean ± standard deviation over folds, and hits/images "
-            "over all folds. The AlexNet baseline has one instance, so no score.",
-        ]
-    (workdir / "report.md").write_text("\n".join(lines) + "\n")
-    for scheme, runs in results.items():
-        plot_roc(scheme, runs, workdir / f"roc_{scheme}.png")
-
-
-def plot_roc(scheme: str, runs: list[dict], path: Path) -> None:
-    """One ROC curve per test fold, from each run's test_predictions.csv."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
-    for run in runs:
-        with (Path(run["run_dir"]) / "test_predictions.csv").open() as f:
-            rows = list(csv.DictReader(f))
-        labels = np.array([int(r["label"]) for r in rows])
-        probs = np.array([float(r["probability"]) for r in rows])
-        if labels.min() == labels.max():
-            continue
-        fpr, tpr, _ = roc_curve(labels, probs)
-        ax.plot(fpr, tpr, lw=1.2, label=f"fold {run['fold']} (AUC {run['test']['auc']:.2f})")
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
-    ax.set(
-        xlabel="1 - specificity",
-        ylabel="sensitivity",
-        title=NAMES.get(scheme, scheme),
-        xlim=(0, 1),
-        ylim=(0, 1.01),
-    )
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def _main() -> None:

@@ -1,0 +1,287 @@
+"""The cross-validation report of ``deepmil_jax.evaluate``: statistics over the pooled test
+predictions of all folds (bootstrap confidence interval of the AUC, Brier score, DeLong's test
+against the first scheme), and the files: report.md, report.csv, report.json, roc_<scheme>.png and
+reliability_<scheme>.png. Pure numpy/scipy/matplotlib; no JAX."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from deepmil_jax import metrics
+
+# The paper's Table 1 (INbreast, 5-fold cross-validation), for comparison in the report.
+PAPER_AUC = {"alexnet": 0.79, "max_pooling": 0.83, "label_assign": 0.84, "sparse": 0.89}
+NAMES = {
+    "alexnet": "AlexNet (fully connected layers)",
+    "max_pooling": "Deep MIL, max pooling",
+    "label_assign": "Deep MIL, label assignment",
+    "sparse": "Deep MIL, sparse",
+}
+BOOTSTRAP_RESAMPLES = 2000
+RELIABILITY_BINS = 10
+
+
+def read_predictions(run_dir: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(file_ids, labels (N,), probabilities (N,))`` of a run's ``test_predictions.csv``."""
+    with (Path(run_dir) / "test_predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return (
+        [r["file_id"] for r in rows],
+        np.array([int(r["label"]) for r in rows], int),
+        np.array([float(r["probability"]) for r in rows], float),
+    )
+
+
+def pooled_predictions(runs: list[dict]) -> dict[tuple, tuple[int, float]] | None:
+    """``{(fold, file_id): (label, probability)}`` over every fold's test predictions, sorted
+    by key, or None when a run has no ``test_predictions.csv``."""
+    pooled = {}
+    for run in runs:
+        if not (Path(run["run_dir"]) / "test_predictions.csv").exists():
+            return None
+        ids, labels, probs = read_predictions(run["run_dir"])
+        for file_id, label, prob in zip(ids, labels, probs, strict=True):
+            pooled[(run.get("fold"), file_id)] = (int(label), float(prob))
+    # sorted, so that the bootstrap's resamples do not depend on the order of the CSV rows
+    return dict(sorted(pooled.items(), key=lambda item: (str(item[0][0]), item[0][1])))
+
+
+def pooled_statistics(results: dict[str, list[dict]]) -> dict[str, dict | None]:
+    """Per scheme, over the pooled test predictions of all folds: ``{"images", "auc",
+    "auc_ci": [low, high], "brier", "delong"}``; None for a scheme without predictions.
+
+    ``auc_ci`` is ``metrics.bootstrap_auc_ci`` (95%, 2000 stratified resamples, seed 0).
+    ``delong`` (None for the first scheme) is ``metrics.paired_auc_test`` against the first
+    scheme on the images both scored with the same label, matched by (fold, file_id):
+    ``{"reference", "images", "auc", "reference_auc", "p_value"}``.
+    """
+    pooled = {scheme: pooled_predictions(runs) for scheme, runs in results.items()}
+    reference = next(iter(results), None)
+    out: dict[str, dict | None] = {}
+    for scheme, preds in pooled.items():
+        if preds is None:
+            out[scheme] = None
+            continue
+        labels = np.array([y for y, _ in preds.values()], int)
+        probs = np.array([p for _, p in preds.values()], float)
+        auc = metrics.binary_metrics(labels, probs, 0.5)["auc"] if labels.size else math.nan
+        ci = metrics.bootstrap_auc_ci(labels, probs, n=BOOTSTRAP_RESAMPLES, seed=0)
+        out[scheme] = {
+            "images": int(labels.size),
+            "auc": auc,
+            "auc_ci": list(ci),
+            "brier": metrics.brier_score(labels, probs),
+            "delong": None,
+        }
+        ref = pooled.get(reference)
+        if scheme != reference and ref is not None:
+            out[scheme]["delong"] = _delong_against(preds, ref, reference)
+    return out
+
+
+def _delong_against(preds: dict, ref: dict, reference: str) -> dict:
+    """DeLong's test of ``preds`` against ``ref`` on their common (fold, file_id) images."""
+    keys = [k for k in preds if k in ref and ref[k][0] == preds[k][0]]
+    labels = np.array([preds[k][0] for k in keys], int)
+    auc, ref_auc, p = metrics.paired_auc_test(
+        labels, np.array([preds[k][1] for k in keys]), np.array([ref[k][1] for k in keys])
+    )
+    return {
+        "reference": reference,
+        "images": len(keys),
+        "auc": auc,
+        "reference_auc": ref_auc,
+        "p_value": p,
+    }
+
+
+def write_report(table: dict[str, dict], results: dict[str, list[dict]], workdir: Path) -> None:
+    """report.md / report.csv / report.json, roc_<scheme>.png and reliability_<scheme>.png in
+    ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "report.json").write_text(json.dumps(table, indent=2) + "\n")
+    _write_csv(table, workdir / "report.csv")
+    (workdir / "report.md").write_text("\n".join(_markdown(table)) + "\n")
+    for scheme, runs in results.items():
+        plot_roc(scheme, runs, workdir / f"roc_{scheme}.png")
+        plot_reliability(scheme, runs, workdir / f"reliability_{scheme}.png")
+
+
+def _write_csv(table: dict[str, dict], path: Path) -> None:
+    with_loc = any("localization" in row for row in table.values())
+    header = ["scheme", "folds"]
+    for metric in ("accuracy", "auc", "sensitivity", "specificity"):
+        header += [f"{metric}_mean", f"{metric}_std"]
+    header += ["pooled_images", "pooled_auc", "pooled_auc_ci_low", "pooled_auc_ci_high"]
+    header += ["brier", "delong_reference", "delong_p"]
+    if with_loc:
+        header += ["localization_mean", "localization_std"]
+        header += ["localization_hits", "localization_evaluated"]
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(header)
+        for scheme, row in table.items():
+            line = [scheme, row["folds"]]
+            for metric in ("accuracy", "auc", "sensitivity", "specificity"):
+                line += [row[metric]["mean"], row[metric]["std"]]
+            pooled = row.get("pooled")
+            if pooled:
+                delong = pooled["delong"] or {}
+                line += [pooled["images"], pooled["auc"], *pooled["auc_ci"], pooled["brier"]]
+                line += [delong.get("reference", ""), delong.get("p_value", "")]
+            else:
+                line += [""] * 7
+            if with_loc:
+                loc = row.get("localization")
+                line += (
+                    [loc["mean"], loc["std"], loc["hits"], loc["evaluated"]] if loc else [""] * 4
+                )
+            out.writerow(line)
+
+
+def _markdown(table: dict[str, dict]) -> list[str]:
+    """The lines of report.md: Table 1, then the pooled statistics."""
+    with_loc = any("localization" in row for row in table.values())
+    lines = [
+        "| Method | Accuracy | AUC | Paper AUC (INbreast) |"
+        + (" Pointing game |" if with_loc else ""),
+        "|---|---|---|---|" + ("---|" if with_loc else ""),
+    ]
+    for scheme, row in table.items():
+        paper = f"{PAPER_AUC[scheme]:.2f}" if scheme in PAPER_AUC else "-"
+        line = f"| {NAMES.get(scheme, scheme)} | {_cell(row['accuracy'])} | {_cell(row['auc'])} |"
+        line += f" {paper} |"
+        if with_loc:
+            loc = row.get("localization")
+            line += f" {_cell(loc)} ({loc['hits']}/{loc['evaluated']}) |" if loc else " - |"
+        lines.append(line)
+    folds = max(row["folds"] for row in table.values())
+    lines += [
+        "",
+        f"Test-fold mean ± standard deviation over {folds} folds; accuracy at the "
+        "threshold chosen on each fold's validation set. Paper: INbreast, Zhu et al. 2017, "
+        "Table 1.",
+    ]
+    if with_loc:
+        lines += [
+            "",
+            "Pointing game: of the positive test images with annotated masses, the "
+            "fraction whose highest-scoring patch (instance (r, c) of an h x w grid taken "
+            "as rows [r H/h, (r+1) H/h) and columns likewise of the preprocessed image) "
+            "overlaps a mass box; mean ± standard deviation over folds, and hits/images "
+            "over all folds. The AlexNet baseline has one instance, so no score.",
+        ]
+    return lines + _markdown_pooled(table)
+
+
+def _markdown_pooled(table: dict[str, dict]) -> list[str]:
+    """The second table of report.md: statistics over the pooled test predictions."""
+    rows = [(s, row, row.get("pooled")) for s, row in table.items()]
+    if not any(pooled for _, _, pooled in rows):
+        return []
+    reference = next(iter(table))
+    lines = [
+        "",
+        "| Method | Images | Pooled AUC [95% CI] | Brier | Sensitivity | Specificity "
+        f"| DeLong p vs {NAMES.get(reference, reference)} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for scheme, row, pooled in rows:
+        sens, spec = _cell(row["sensitivity"]), _cell(row["specificity"])
+        if not pooled:
+            lines.append(f"| {NAMES.get(scheme, scheme)} | - | - | - | {sens} | {spec} | - |")
+            continue
+        low, high = pooled["auc_ci"]
+        delong = pooled["delong"]
+        p = f"{delong['p_value']:.3g} ({delong['images']} images)" if delong else "-"
+        lines.append(
+            f"| {NAMES.get(scheme, scheme)} | {pooled['images']} | {pooled['auc']:.3f} "
+            f"[{low:.3f}, {high:.3f}] | {pooled['brier']:.3f} | {sens} | {spec} | {p} |"
+        )
+    lines += [
+        "",
+        "Pooled: the test predictions of all folds together. 95% CI: percentile bootstrap "
+        f"over images ({BOOTSTRAP_RESAMPLES} resamples, stratified by class). Brier: mean "
+        "squared error of the probability. Sensitivity and specificity: at each fold's "
+        "validation-chosen threshold (Youden's J), mean ± standard deviation over folds. "
+        "DeLong p: two-sided test of the AUC difference from the first scheme on the images "
+        "both scored (DeLong et al. 1988). Calibration: reliability_<scheme>.png.",
+    ]
+    return lines
+
+
+def _cell(stat: dict) -> str:
+    return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+
+
+def plot_roc(scheme: str, runs: list[dict], path: Path) -> None:
+    """One ROC curve per test fold, from each run's test_predictions.csv."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
+    for run in runs:
+        if not (Path(run["run_dir"]) / "test_predictions.csv").exists():
+            continue
+        _, labels, probs = read_predictions(run["run_dir"])
+        if labels.size == 0 or labels.min() == labels.max():
+            continue
+        fpr, tpr, _ = roc_curve(labels, probs)
+        ax.plot(fpr, tpr, lw=1.2, label=f"fold {run['fold']} (AUC {run['test']['auc']:.2f})")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+    ax.set(
+        xlabel="1 - specificity",
+        ylabel="sensitivity",
+        title=NAMES.get(scheme, scheme),
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_reliability(scheme: str, runs: list[dict], path: Path) -> None:
+    """Reliability diagram of the pooled test predictions (``metrics.reliability``, 10 bins):
+    observed fraction of positives against mean predicted probability, and the bin counts."""
+    pooled = pooled_predictions(runs)
+    if not pooled:
+        return
+    labels = np.array([y for y, _ in pooled.values()], int)
+    probs = np.array([p for _, p in pooled.values()], float)
+    table = metrics.reliability(labels, probs, bins=RELIABILITY_BINS)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    filled = table["count"] > 0
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(4.5, 5.5), dpi=120, sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    top.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="perfect calibration")
+    top.plot(
+        table["mean_predicted"][filled],
+        table["observed"][filled],
+        "o-",
+        lw=1.2,
+        label=f"Brier {metrics.brier_score(labels, probs):.3f}",
+    )
+    top.set(ylabel="fraction positive", title=NAMES.get(scheme, scheme), xlim=(0, 1), ylim=(0, 1))
+    top.legend(loc="upper left", fontsize=7)
+    edges = table["edges"]
+    bottom.bar(edges[:-1], table["count"], width=np.diff(edges), align="edge", color="grey")
+    bottom.set(xlabel="predicted probability", ylabel="images")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,122 @@
+"""The report's statistics over pooled test predictions (bootstrap CI, Brier, DeLong against the
+first scheme, sensitivity/specificity over folds) and its files, on fake cross-validation runs."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import brier_score_loss, roc_auc_score
+
+from deepmil_jax import evaluate, metrics, report
+
+
+def _run(run_dir: Path, fold: int, ids, labels, probs, sens: float, spec: float) -> dict:
+    run_dir.mkdir(parents=True)
+    with (run_dir / "test_predictions.csv").open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["file_id", "patient_id", "label", "probability", "top_patch_row"])
+        for i, y, p in zip(ids, labels, probs, strict=True):
+            out.writerow([i, "p", y, p, 0])
+    test = {
+        "auc": roc_auc_score(labels, probs),
+        "accuracy": 0.5,
+        "sensitivity": sens,
+        "specificity": spec,
+        "threshold": 0.5,
+    }
+    return {"fold": fold, "run_dir": str(run_dir), "test": test}
+
+
+@pytest.fixture
+def cv(tmp_path):
+    """Two folds of 50 images; the same images (listed in another order) for both schemes."""
+    rng = np.random.default_rng(0)
+    results = {"max_pooling": [], "sparse": []}
+    pooled = {"labels": [], "max_pooling": [], "sparse": []}
+    for fold, (sens, spec) in enumerate([(0.6, 0.9), (0.8, 0.7)]):
+        ids = [f"img{fold}_{i}" for i in range(50)]
+        labels = rng.integers(0, 2, 50)
+        weak = np.clip(0.5 + 0.1 * (labels - 0.5) + rng.normal(0, 0.2, 50), 0, 1)
+        strong = np.clip(0.5 + 0.6 * (labels - 0.5) + rng.normal(0, 0.15, 50), 0, 1)
+        order = rng.permutation(50)
+        for scheme, probs, idx in (("max_pooling", weak, order), ("sparse", strong, range(50))):
+            idx = list(idx)
+            results[scheme].append(
+                _run(
+                    tmp_path / scheme / f"fold{fold}",
+                    fold,
+                    [ids[i] for i in idx],
+                    labels[idx],
+                    probs[idx],
+                    sens,
+                    spec,
+                )
+            )
+        pooled["labels"].append(labels)
+        pooled["max_pooling"].append(weak)
+        pooled["sparse"].append(strong)
+    keys = [(fold, f"img{fold}_{i}") for fold in range(2) for i in range(50)]
+    pooled["sorted"] = [sorted(range(100), key=lambda j: (str(keys[j][0]), keys[j][1]))]
+    return results, {k: np.concatenate(v) for k, v in pooled.items()}
+
+
+def test_summarize_pooled_statistics(cv):
+    results, pooled = cv
+    table = evaluate.summarize(results)
+    labels = pooled["labels"]
+    for scheme in ("max_pooling", "sparse"):
+        stats = table[scheme]["pooled"]
+        assert stats["images"] == 100
+        assert stats["auc"] == pytest.approx(roc_auc_score(labels, pooled[scheme]))
+        assert stats["brier"] == pytest.approx(brier_score_loss(labels, pooled[scheme]))
+        # the bootstrap resamples the images sorted by (fold, file_id), whatever the CSV order
+        ci = metrics.bootstrap_auc_ci(
+            labels[pooled["sorted"]], pooled[scheme][pooled["sorted"]], n=2000, seed=0
+        )
+        assert stats["auc_ci"] == pytest.approx(list(ci))
+        assert ci[0] < stats["auc"] < ci[1]
+    assert table["max_pooling"]["pooled"]["delong"] is None
+    delong = table["sparse"]["pooled"]["delong"]
+    # matched by (fold, file_id) although the two schemes list their images in other orders
+    want = metrics.paired_auc_test(labels, pooled["sparse"], pooled["max_pooling"])
+    assert (delong["auc"], delong["reference_auc"], delong["p_value"]) == pytest.approx(want)
+    assert delong["reference"] == "max_pooling" and delong["images"] == 100
+    assert delong["p_value"] < 0.01
+    sens = table["sparse"]["sensitivity"]
+    assert sens["mean"] == pytest.approx(0.7) and sens["std"] == pytest.approx(math.sqrt(0.02))
+
+
+def test_write_report_files(cv, tmp_path):
+    results, _ = cv
+    results["alexnet"] = [{**results["sparse"][0], "run_dir": str(tmp_path / "missing")}]
+    table = evaluate.summarize(results)
+    assert table["alexnet"]["pooled"] is None
+    out = tmp_path / "report"
+    evaluate.write_report(table, results, out)
+    for scheme in ("max_pooling", "sparse"):
+        for kind in ("roc", "reliability"):
+            assert (out / f"{kind}_{scheme}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    stats = table["sparse"]["pooled"]
+    low, high = stats["auc_ci"]
+    assert f"{stats['auc']:.3f} [{low:.3f}, {high:.3f}]" in md
+    assert f"| {stats['brier']:.3f} | 0.70 ± 0.14 | 0.80 ± 0.14 |" in md
+    assert f"{stats['delong']['p_value']:.3g} (100 images)" in md
+    assert "DeLong p vs Deep MIL, max pooling" in md
+    with (out / "report.csv").open() as f:
+        rows = {r["scheme"]: r for r in csv.DictReader(f)}
+    assert float(rows["sparse"]["pooled_auc_ci_low"]) == pytest.approx(low)
+    assert float(rows["sparse"]["delong_p"]) == pytest.approx(stats["delong"]["p_value"])
+    assert rows["sparse"]["delong_reference"] == "max_pooling"
+    assert rows["max_pooling"]["delong_p"] == "" and rows["alexnet"]["pooled_auc"] == ""
+    assert float(rows["sparse"]["specificity_mean"]) == pytest.approx(0.8)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["sparse"]["pooled"]["auc_ci"] == pytest.approx([low, high])
+
+
+def test_reliability_plot_skips_a_scheme_without_predictions(tmp_path):
+    report.plot_reliability("sparse", [{"fold": 0, "run_dir": str(tmp_path)}], tmp_path / "r.png")
+    assert not (tmp_path / "r.png").exists()
