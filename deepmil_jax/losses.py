@@ -205,7 +205,8 @@ def bag_logits(
         top = num_top_instances(k, _valid_counts(logits, mask), logits.shape[1])
         ranked = _sorted_desc(logits, mask)
         in_top = jnp.arange(logits.shape[1])[None, :] < top[:, None]
-        return _mean_probability_logit(jnp.where(in_top, ranked, 0.0), in_top)
+        # any finite stand-in outside the top k works: _mean_probability_logit skips it
+        return _mean_probability_logit(jnp.where(in_top, ranked, 0.0), in_top)  # pragma: no mutate
     if pooling == "lse":
         if not temperature > 0:
             raise ValueError(f"temperature must be positive; got {temperature}.")

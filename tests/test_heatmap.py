@@ -259,3 +259,12 @@ def test_instance_map_pixel_centre_on_a_patch_edge_goes_to_the_upper_patch():
     flipped = Geometry(original_shape=(12, 12), crop=(0, 0, 12, 12), flipped=True, size=(12, 12))
     out = hm.instance_map_to_original(values, flipped, stride=4)
     np.testing.assert_array_equal(out, [[1, 0, 0], [3, 2, 2], [3, 2, 2]])
+
+
+def test_instance_map_of_integer_values_and_default_stride():
+    geometry = Geometry(original_shape=(12, 10), crop=(2, 2, 10, 8), flipped=False, size=(8, 6))
+    values = np.array([[1, 2], [3, 4]])  # integers: the map is float so that NaN fits
+    out = hm.instance_map_to_original(values, geometry)
+    assert out.shape == (12, 10) and out.dtype == np.float64
+    np.testing.assert_array_equal(out, hm.instance_map_to_original(values, geometry, stride=1))
+    assert out[2, 2] == 1 and out[9, 7] == 4 and np.isnan(out[0, 0]) and np.isnan(out[11, 9])

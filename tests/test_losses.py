@@ -353,3 +353,11 @@ def test_bag_logits_defaults_are_max_pooling_and_temperature_one():
     np.testing.assert_array_equal(dm.bag_logits(z), [2.0, 3.0])
     lse = [math.log(np.mean(np.exp(row))) for row in np.asarray(z, np.float64)]  # T = 1
     np.testing.assert_allclose(dm.bag_logits(z, pooling="lse"), lse, rtol=1e-6)
+
+
+def test_lse_pooling_refuses_zero_temperature_and_keeps_bfloat16():
+    z = jnp.array([[0.5, -1.0, 2.0]])
+    with pytest.raises(ValueError, match="temperature"):
+        dm.bag_logits(z, pooling="lse", temperature=0.0)
+    half = dm.bag_logits(z.astype(jnp.bfloat16), pooling="lse")
+    assert half.dtype == jnp.bfloat16
