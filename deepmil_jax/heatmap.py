@@ -137,8 +137,8 @@ def instance_map_to_original(values: np.ndarray, geometry: Any, *, stride: int =
     ky, kx = np.arange(gh + 1) * hp / gh, np.arange(gw + 1) * wp / gw
     by = geometry.to_original(np.stack([ky - 0.5, np.zeros_like(ky)], axis=1))[:, 0] + 0.5
     bx = geometry.to_original(np.stack([np.zeros_like(kx), kx - 0.5], axis=1))[:, 1] + 0.5
-    centres_y = (np.arange(-(-H // stride)) + 0.5) * stride
-    centres_x = (np.arange(-(-W // stride)) + 0.5) * stride
+    centres_y = (np.arange(math.ceil(H / stride)) + 0.5) * stride
+    centres_x = (np.arange(math.ceil(W / stride)) + 0.5) * stride
     rows, row_ok = _interval_index(by, centres_y)
     cols, col_ok = _interval_index(bx, centres_x)
     out = v[np.ix_(rows, cols)]
