@@ -114,7 +114,13 @@ def load_examples(config: Config):
 
 
 class _Preempted:
-    """Turns SIGTERM (a preempted Cloud TPU VM) into a flag the loop checks after each step."""
+    """Whether the run must save and stop (a preempted Cloud TPU VM or cluster job: SIGTERM).
+
+    ``due(step)`` is asked after every step by every process. With several processes it is JAX's
+    preemption sync point (``multihost_utils.reached_preemption_sync_point``): the coordination
+    service sees any host's SIGTERM and every host answers True at the same step, so all save the
+    same state. Alone, a SIGTERM handler sets the flag (JAX's service only runs with
+    ``jax.distributed``)."""
 
     def __init__(self):
         self.requested = False
@@ -124,11 +130,17 @@ class _Preempted:
         def handler(signum, frame):
             self.requested = True
 
-        try:
-            self._previous = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread: no handler, no preemption saving
-            self._previous = None
+        if jax.process_count() == 1:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, handler)
+            except ValueError:  # not the main thread: no handler, no preemption saving
+                self._previous = None
         return self
+
+    def due(self, step: int) -> bool:
+        if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+            self.requested = True
+        return self.requested
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -318,7 +330,7 @@ def _train_epoch(run: _Run, preempted: _Preempted) -> tuple[float, int]:
                 rate = seen / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
             previous = (out["loss"], meta["step_in_epoch"])
-            if preempted.requested and meta["step_in_epoch"] < run.steps_per_epoch:
+            if preempted.due(meta["global_step"]) and meta["step_in_epoch"] < run.steps_per_epoch:
                 account(*previous)
                 run.save()
                 run.store.close()
