@@ -268,3 +268,9 @@ def test_instance_map_of_integer_values_and_default_stride():
     assert out.shape == (12, 10) and out.dtype == np.float64
     np.testing.assert_array_equal(out, hm.instance_map_to_original(values, geometry, stride=1))
     assert out[2, 2] == 1 and out[9, 7] == 4 and np.isnan(out[0, 0]) and np.isnan(out[11, 9])
+
+
+def test_instance_map_with_a_stride_that_does_not_divide_the_image():
+    geometry = Geometry(original_shape=(13, 10), crop=(0, 0, 13, 10), flipped=False, size=(6, 6))
+    out = hm.instance_map_to_original(np.zeros((2, 2)), geometry, stride=4)
+    assert out.shape == (4, 3)  # ceil(13 / 4), ceil(10 / 4): the last blocks are partial
