@@ -13,7 +13,8 @@ The losses are averaged over the N images of the batch (the paper writes sums; t
 learning rate independent of batch size). The weight-decay term lambda/2 ||theta||^2 of Eq. 4, 6
 and 7 is separate: add ``lam * l2_penalty(params)``, or use decoupled decay in the optimiser.
 
-This module imports only jax, so it composes with any JAX model code.
+This module imports only JAX, optax and numpy (numpy to check Python arguments), so it composes
+with any JAX model code.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 Pooling = Literal["max", "mean", "topk_mean", "lse", "noisy_or"]
 POOLINGS: tuple[str, ...] = ("max", "mean", "topk_mean", "lse", "noisy_or")
@@ -94,7 +96,8 @@ def num_top_instances(k: int | float, counts: jax.Array, m: int) -> jax.Array:
 
     Args:
       k: positive int (at most m), or a float in (0, 1): that fraction of each bag's valid
-        instances, rounded up (GMIC's top-t%), and at least 1.
+        instances, rounded up, and at least 1 (GMIC's top-t% pooling is the same idea but
+        rounds to the nearest count).
       counts: (N,) int, valid instances per bag.
       m: the static number of instance slots per bag.
 
@@ -122,8 +125,9 @@ def num_top_instances(k: int | float, counts: jax.Array, m: int) -> jax.Array:
 
 
 def _bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Elementwise binary cross-entropy -[t log sigmoid(z) + (1 - t) log sigmoid(-z)]."""
-    return -(targets * jax.nn.log_sigmoid(logits) + (1.0 - targets) * jax.nn.log_sigmoid(-logits))
+    """Elementwise binary cross-entropy -[t log sigmoid(z) + (1 - t) log sigmoid(-z)] (optax's,
+    which works in log-sigmoid space, so logits of +-1e4 stay finite)."""
+    return optax.losses.sigmoid_binary_cross_entropy(logits, targets)
 
 
 def _log_softplus(z: jax.Array) -> jax.Array:
@@ -176,7 +180,7 @@ def bag_logits(
 
     - ``"mean"``: logit of mean_j r_ij;
     - ``"topk_mean"``: logit of the mean r over the top ``k`` instances (int, or fraction of valid
-      instances rounded up, as GMIC's top-t% pooling);
+      instances rounded up; GMIC's top-t% rounds to the nearest);
     - ``"lse"``: log-sum-exp pooling (1/T) log(mean_j exp(T z_ij)) with ``temperature`` T > 0,
       which moves from mean (T -> 0) to max (T -> inf) of the logits;
     - ``"noisy_or"``: logit of 1 - prod_j (1 - r_ij).
