@@ -160,9 +160,8 @@ class Config:
             fail("init", f"must be random, imagenet:PATH or checkpoint:PATH; got {self.init!r}.")
         if kind != "random" and not os.path.exists(os.path.expanduser(self.init.split(":", 1)[1])):
             fail("init", f"{self.init.split(':', 1)[1]} does not exist.")
-        for name in ("learning_rate",):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                fail(name, f"must be positive; got {getattr(self, name)}.")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            fail("learning_rate", f"must be positive; got {self.learning_rate}.")
         for name in ("mu", "weight_decay"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 fail(name, f"must be 0 or more; got {getattr(self, name)}.")

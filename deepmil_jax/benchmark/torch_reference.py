@@ -331,7 +331,3 @@ class TorchTrainer:
         loss.backward()
         self.optimizer.step()
         return loss.detach()
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
