@@ -51,6 +51,7 @@ from deepmil_jax.report import (  # noqa: F401 (evaluate.NAMES etc. kept for cal
     plot_roc,
     write_report,
 )
+from deepmil_jax.workdir import finished_config
 
 
 def cross_validate(config: Config, schemes: list[str], folds: list[int], workdir: Path) -> dict:
@@ -62,7 +63,7 @@ def cross_validate(config: Config, schemes: list[str], folds: list[int], workdir
             run_dir = workdir / scheme / f"fold{fold}"
             done = run_dir / "results.json"
             run_config = dataclasses.replace(config, scheme=scheme, fold=fold).canonical()
-            if done.exists() and _finished_config(done) == run_config.to_json():
+            if finished_config(run_dir) == run_config.to_json():
                 logging.info("Reusing %s", done)
                 result = json.loads(done.read_text())
             else:  # trains, resumes, or refuses a run with other settings (naming the flag)
@@ -70,14 +71,6 @@ def cross_validate(config: Config, schemes: list[str], folds: list[int], workdir
                 result = train.train_and_evaluate(run_config, run_dir)
             results[scheme].append({"fold": fold, "run_dir": str(run_dir), **result})
     return results
-
-
-def _finished_config(results_file: Path) -> dict | None:
-    """The settings a finished run's results.json was made with (None if unreadable)."""
-    try:
-        return json.loads(results_file.read_text()).get("config")
-    except (ValueError, AttributeError):
-        return None
 
 
 def localization(

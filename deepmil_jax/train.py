@@ -21,7 +21,6 @@ if __name__ == "__main__":  # flags and --help are answered before JAX and Tenso
 import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import signal
 import time
@@ -214,7 +213,8 @@ class _Run:
 
 def _prepare(config: Config, workdir: Path) -> _Run:
     """Checks the settings and the workdir, loads the data and the split, builds the trainer
-    and restores the newest intact checkpoint. Writes nothing into the workdir."""
+    and restores the newest intact checkpoint. Writes nothing into the workdir but an empty
+    checkpoints folder."""
     from data_pipeline import folds
 
     mesh = make_mesh()
@@ -226,8 +226,8 @@ def _prepare(config: Config, workdir: Path) -> _Run:
                 f"use a multiple of {n_dev}."
             )
     workdir_files.check_same_run(workdir, config)
-    if (workdir / "results.json").exists():
-        finished = json.loads((workdir / "results.json").read_text()).get("config", {})
+    finished = workdir_files.finished_config(workdir)
+    if finished is not None:
         workdir_files.check_epochs(workdir, config, int(finished.get("epochs", 0)))
     examples = load_examples(config)
     split = folds.make_split(

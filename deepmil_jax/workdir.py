@@ -123,3 +123,17 @@ def write_summary(writer, record: dict) -> None:
             if key != "epoch" and value is not None:
                 tf.summary.scalar(key, value)
     writer.flush()
+
+
+def finished_config(workdir: Path) -> dict | None:
+    """The settings ``results.json`` was made with, or None when the run has not finished
+    (ConfigError when the file cannot be read)."""
+    path = workdir / "results.json"
+    if not path.exists():
+        return None
+    try:
+        return dict(json.loads(path.read_text())["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"{path} cannot be read ({e}); delete it to test the run again from its checkpoints."
+        ) from None
