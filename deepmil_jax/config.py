@@ -282,6 +282,27 @@ class Predict:
     )
 
 
+WEIGHT_FORMATS = ("torchvision", "keras_h5", "caffe_npy")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertWeights:
+    """python -m deepmil_jax.convert_weights: a pretrained AlexNet file into a converted folder."""
+
+    format: str = setting(
+        "keras_h5",
+        "Kind of --input: keras_h5 (convnets-keras alexnet_weights.h5, the paper's), caffe_npy "
+        "(bvlc_alexnet.npy) or torchvision (alexnet-owt-*.pth). See the module help above.",
+        choices=WEIGHT_FORMATS,
+    )
+    input: str = setting("", "The pretrained weights file to convert.")
+    output: str = setting("", "Folder to write (Orbax checkpoint in params/ plus metadata.json).")
+    overwrite: bool = setting(
+        False,
+        "Replace params/ and metadata.json in a non-empty --output folder (other files are kept).",
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Flags from fields
 
@@ -380,8 +401,7 @@ def run_main(body, *, positional: bool = False) -> None:
                 body(argv)
             else:
                 body()
-        except DeepMILError as e:
-            logging.error("%s", e)
+        except DeepMILError as e:  # one line on stderr, no traceback
             raise SystemExit(f"error: {e}") from None
 
     app.run(main)

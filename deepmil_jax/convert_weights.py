@@ -30,46 +30,30 @@ by the model from the metadata, training feeds [0, 1] images.
 
 from __future__ import annotations
 
-import sys
+if __name__ == "__main__":  # flags and --help are answered before Orbax and h5py load
+    from deepmil_jax import config as _settings
 
-from absl import app, flags, logging
+    _settings.parse_flags_early(_settings.ConvertWeights)
+
+from absl import logging
 
 from deepmil_jax import weights
-from deepmil_jax.errors import DeepMILError
-
-_FORMAT = flags.DEFINE_enum(
-    "format",
-    None,
-    list(weights.FORMATS),
-    "Kind of --input: keras_h5 (convnets-keras alexnet_weights.h5, the paper's), caffe_npy "
-    "(bvlc_alexnet.npy) or torchvision (alexnet-owt-*.pth). See the module help above.",
-)
-_INPUT = flags.DEFINE_string("input", None, "The pretrained weights file to convert.")
-_OUTPUT = flags.DEFINE_string(
-    "output", None, "Folder to write (Orbax checkpoint in params/ plus metadata.json)."
-)
-_OVERWRITE = flags.DEFINE_bool(
-    "overwrite",
-    False,
-    "Replace params/ and metadata.json in a non-empty --output folder (other files are kept).",
-)
+from deepmil_jax.config import ConvertWeights, from_flags, run_main
+from deepmil_jax.errors import ConfigError
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        out = weights.convert(
-            _FORMAT.value, _INPUT.value, _OUTPUT.value, overwrite=_OVERWRITE.value
-        )
-    except DeepMILError as e:  # one line, naming the file and the fix; no traceback
-        print(f"convert_weights: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    meta = weights.SOURCES[_FORMAT.value]
+def main() -> None:
+    settings = from_flags(ConvertWeights)
+    for name in ("input", "output"):
+        if not getattr(settings, name):
+            raise ConfigError(f"--{name} is required; see --help.")
+    out = weights.convert(
+        settings.format, settings.input, settings.output, overwrite=settings.overwrite
+    )
+    meta = weights.SOURCES[settings.format]
     logging.info("wrote %s (variant=%s, normalization=%s)", out, meta.variant, meta.normalization)
     print(f"wrote {out} (variant={meta.variant}, normalization={meta.normalization})")
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["format", "input", "output"])
-    app.run(main)
+    run_main(main)

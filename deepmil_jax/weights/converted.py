@@ -13,13 +13,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from deepmil_jax.architecture import CONV_SPECS
+from deepmil_jax.config import WEIGHT_FORMATS
 from deepmil_jax.errors import ConfigError, WeightsError
 from deepmil_jax.weights.caffe_npy import read_caffe_npy
 from deepmil_jax.weights.common import Params, validate
 from deepmil_jax.weights.keras_h5 import read_keras_h5
 from deepmil_jax.weights.torchvision_pth import read_torchvision
 
-FORMATS = ("torchvision", "keras_h5", "caffe_npy")
+FORMATS = WEIGHT_FORMATS
 METADATA_FILE = "metadata.json"
 PARAMS_DIR = "params"
 METADATA_VERSION = 1
