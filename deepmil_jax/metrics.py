@@ -64,8 +64,8 @@ def bootstrap_auc_ci(
     Returns:
       ``(low, high)``; ``(nan, nan)`` when one class is absent.
     """
-    labels = np.asarray(labels).astype(int)
-    probs = np.asarray(probs, float)
+    labels = np.asarray(labels).astype(int)  # pragma: no mutate (float 0/1 labels act alike)
+    probs = np.asarray(probs, float)  # pragma: no mutate (any numeric dtype gives the same results)
     pos, neg = probs[labels == 1], probs[labels == 0]
     if pos.size == 0 or neg.size == 0:
         return (math.nan, math.nan)
@@ -86,8 +86,8 @@ def bootstrap_auc_ci(
 def brier_score(labels: np.ndarray, probs: np.ndarray) -> float:
     """Mean squared difference between predicted probability and 0/1 label (lower is better;
     0.25 for a constant 0.5). ``sklearn.metrics.brier_score_loss`` with positive label 1."""
-    labels = np.asarray(labels).astype(float)
-    probs = np.asarray(probs, float)
+    labels = np.asarray(labels).astype(float)  # pragma: no mutate (float 0/1 labels act alike)
+    probs = np.asarray(probs, float)  # pragma: no mutate (any numeric dtype gives the same results)
     return float(np.mean((probs - labels) ** 2)) if labels.size else math.nan
 
 
@@ -101,8 +101,8 @@ def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict[s
       "count": (bins,)}``: per bin the mean predicted probability, the fraction of positives and
       the number of images; the means are nan for an empty bin.
     """
-    labels = np.asarray(labels).astype(float)
-    probs = np.asarray(probs, float)
+    labels = np.asarray(labels).astype(float)  # pragma: no mutate (float 0/1 labels act alike)
+    probs = np.asarray(probs, float)  # pragma: no mutate (any numeric dtype gives the same results)
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.searchsorted(edges[1:-1], probs, side="right"), 0, bins - 1)
     count = np.bincount(which, minlength=bins)
@@ -125,7 +125,7 @@ def delong_components(
       negatives it outscores (ties one half); for each negative j, v01 the fraction of
       positives that outscore it. The AUC is the mean of either.
     """
-    labels = np.asarray(labels).astype(int)
+    labels = np.asarray(labels).astype(int)  # pragma: no mutate (float 0/1 labels act alike)
     scores = np.atleast_2d(np.asarray(scores, float))
     x, y = scores[:, labels == 1], scores[:, labels == 0]
     m, n = x.shape[1], y.shape[1]
@@ -153,7 +153,7 @@ def paired_auc_test(
       ``(auc_a, auc_b, p_value)``, two-sided; p = 1 when the difference and its variance are
       both 0 (identical rankings); all nan when one class is absent.
     """
-    labels = np.asarray(labels).astype(int)
+    labels = np.asarray(labels).astype(int)  # pragma: no mutate (float 0/1 labels act alike)
     m, n = int((labels == 1).sum()), int((labels == 0).sum())
     if m == 0 or n == 0:
         return (math.nan, math.nan, math.nan)

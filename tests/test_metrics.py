@@ -255,3 +255,174 @@ def test_paired_auc_test_identical_and_clearly_different():
     auc_a, auc_b, p = paired_auc_test(labels, good, noise)
     assert auc_a > 0.85 and abs(auc_b - 0.5) < 0.15 and p < 1e-6
     assert all(math.isnan(v) for v in paired_auc_test([0, 0], [0.1, 0.2], [0.3, 0.1]))
+
+
+# --- tests written to kill surviving mutants of the statistics functions ---------------------
+
+
+def _placements(labels, scores):
+    """Brute-force DeLong placement values: v10 per positive, v01 per negative (ties 1/2)."""
+    pos = [s for y, s in zip(labels, scores, strict=True) if y == 1]
+    neg = [s for y, s in zip(labels, scores, strict=True) if y == 0]
+
+    def psi(a, b):
+        return 1.0 if a > b else 0.5 if a == b else 0.0
+
+    v10 = np.array([np.mean([psi(a, b) for b in neg]) for a in pos])
+    v01 = np.array([np.mean([psi(a, b) for a in pos]) for b in neg])
+    return v10, v01
+
+
+def _delong_p_reference(labels, a, b):
+    """DeLong's two-sided p from brute-force placements; a class of one adds no variance."""
+    from scipy.stats import norm
+
+    a10, a01 = _placements(labels, a)
+    b10, b01 = _placements(labels, b)
+    m, n = a10.size, a01.size
+    var = (np.var(a10 - b10, ddof=1) if m > 1 else 0.0) / m + (
+        np.var(a01 - b01, ddof=1) if n > 1 else 0.0
+    ) / n
+    diff = a10.mean() - b10.mean()
+    return a10.mean(), b10.mean(), float(2 * norm.sf(abs(diff) / math.sqrt(var)))
+
+
+def test_brier_score_of_nothing_is_nan_without_warnings():
+    import warnings
+
+    from deepmil_jax.metrics import brier_score
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(brier_score(np.array([]), np.array([])))
+
+
+def test_delong_components_match_brute_force_placements():
+    from deepmil_jax.metrics import delong_components
+
+    rng = np.random.default_rng(3)
+    labels = np.array([1, 0, 1, 1, 0, 0, 0, 1, 0])
+    scores = np.round(rng.random((2, labels.size)), 1)  # rounding makes ties
+    auc, v10, v01 = delong_components(labels, scores)
+    for k in range(2):
+        r10, r01 = _placements(labels, scores[k])
+        np.testing.assert_allclose(v10[k], r10)
+        np.testing.assert_allclose(v01[k], r01)
+        assert auc[k] == pytest.approx(_auc_by_pairs(labels, scores[k]))
+        assert v01[k].mean() == pytest.approx(auc[k])
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        [1, 0, 0, 0, 0, 0, 0],  # one positive
+        [1, 1, 0, 0, 0, 0, 0],  # two positives
+        [1, 1, 1, 1, 1, 1, 0],  # one negative
+        [1, 1, 1, 1, 1, 0, 0],  # two negatives
+    ],
+)
+def test_paired_auc_test_with_small_classes_matches_reference(labels):
+    from deepmil_jax.metrics import paired_auc_test
+
+    labels = np.array(labels)
+    a = np.array([0.9, 0.3, 0.5, 0.2, 0.7, 0.4, 0.1])
+    b = np.array([0.6, 0.8, 0.1, 0.5, 0.3, 0.65, 0.2])
+    auc_a, auc_b, p = paired_auc_test(labels, a, b)
+    ref_a, ref_b, ref_p = _delong_p_reference(labels, a, b)
+    assert auc_a == pytest.approx(ref_a)
+    assert auc_b == pytest.approx(ref_b)
+    assert p == pytest.approx(ref_p)
+
+
+def test_paired_auc_test_zero_variance_but_different_aucs_gives_p_zero():
+    from deepmil_jax.metrics import paired_auc_test
+
+    # one image per class: both variance terms are 0, yet the AUCs are 1 and 0
+    assert paired_auc_test(np.array([1, 0]), np.array([0.9, 0.1]), np.array([0.1, 0.9])) == (
+        1.0,
+        0.0,
+        0.0,
+    )
+    assert paired_auc_test(np.array([1, 0]), np.array([0.9, 0.1]), np.array([0.8, 0.2])) == (
+        1.0,
+        1.0,
+        1.0,
+    )
+
+
+def _bootstrap_reference(labels, probs, n, seed, level):
+    """The documented resampling, in 256-resample chunks, with a brute-force pair-count AUC."""
+    labels, probs = np.asarray(labels), np.asarray(probs, float)
+    pos, neg = probs[labels == 1], probs[labels == 0]
+    rng = np.random.default_rng(seed)
+    aucs = []
+    done = 0
+    while done < n:
+        r = min(256, n - done)
+        ip = rng.integers(0, pos.size, (r, pos.size))
+        ineg = rng.integers(0, neg.size, (r, neg.size))
+        for row in range(r):
+            p, q = pos[ip[row]], neg[ineg[row]]
+            aucs.append(((p[:, None] > q[None, :]) + 0.5 * (p[:, None] == q[None, :])).mean())
+        done += r
+    return tuple(np.quantile(aucs, [(1 - level) / 2, (1 + level) / 2]))
+
+
+@pytest.mark.parametrize("n,level", [(300, 0.9), (7, 0.5)])
+def test_bootstrap_auc_ci_matches_brute_force_resampling(n, level):
+    from deepmil_jax.metrics import bootstrap_auc_ci
+
+    rng = np.random.default_rng(11)
+    labels = np.array([1, 0] * 20)
+    probs = rng.random(40) + 0.3 * labels  # 400 pairs: the resampled AUCs are nearly continuous
+    low, high = bootstrap_auc_ci(labels, probs, n=n, seed=5, level=level)
+    ref_low, ref_high = _bootstrap_reference(labels, probs, n, 5, level)
+    assert low == pytest.approx(ref_low)
+    assert high == pytest.approx(ref_high)
+
+
+def test_bootstrap_auc_ci_defaults_are_2000_resamples_and_seed_0():
+    from deepmil_jax.metrics import bootstrap_auc_ci
+
+    rng = np.random.default_rng(12)
+    labels = np.array([1, 0] * 20)
+    probs = rng.random(40) + 0.3 * labels
+    assert bootstrap_auc_ci(labels, probs) == bootstrap_auc_ci(
+        labels, probs, n=2000, seed=0, level=0.95
+    )
+
+
+def test_bootstrap_auc_ci_single_positive_or_negative_and_absent_class():
+    from deepmil_jax.metrics import bootstrap_auc_ci
+
+    probs = np.array([0.9, 0.1, 0.4, 0.7, 0.5])
+    # one positive: every resample keeps it, so the AUC spread comes from the negatives only
+    low, high = bootstrap_auc_ci(np.array([1, 0, 0, 0, 0]), probs, n=200)
+    assert (low, high) == pytest.approx(_bootstrap_reference([1, 0, 0, 0, 0], probs, 200, 0, 0.95))
+    assert not math.isnan(low)
+    low, high = bootstrap_auc_ci(np.array([1, 1, 0, 1, 1]), probs, n=200)
+    assert (low, high) == pytest.approx(_bootstrap_reference([1, 1, 0, 1, 1], probs, 200, 0, 0.95))
+    assert not math.isnan(low)
+    import warnings
+
+    for labels in ([1, 1, 1, 1, 1], [0, 0, 0, 0, 0]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            low, high = bootstrap_auc_ci(np.array(labels), probs, n=10)
+        assert math.isnan(low) and math.isnan(high)
+
+
+def test_reliability_default_bins_and_empty_top_bins_without_warnings():
+    import warnings
+
+    from deepmil_jax.metrics import reliability
+
+    labels = np.array([0, 1, 0, 1])
+    probs = np.array([0.05, 0.15, 0.12, 0.31])  # bins 0, 1, 1, 3; bins 4..9 empty
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = reliability(labels, probs)
+    assert table["edges"].shape == (11,)
+    np.testing.assert_array_equal(table["count"], [1, 2, 0, 1, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_allclose(table["mean_predicted"], [0.05, 0.135, np.nan, 0.31] + [np.nan] * 6)
+    np.testing.assert_allclose(table["observed"], [0.0, 0.5, np.nan, 1.0] + [np.nan] * 6)
