@@ -66,7 +66,14 @@ from tqdm import tqdm
 from data_pipeline import inbreast as _reader
 from data_pipeline import preprocess as _preprocess_module
 from data_pipeline.errors import DataError
-from data_pipeline.inbreast import BadFile, Record, listed_images, read_folder, read_inbreast
+from data_pipeline.inbreast import (
+    TABLE_NAMES,
+    BadFile,
+    Record,
+    listed_images,
+    read_folder,
+    read_inbreast,
+)
 from data_pipeline.input_pipeline import hide_gpus
 from data_pipeline.preprocess import (
     DICOM_SUFFIXES,
@@ -615,7 +622,6 @@ def _quiet_about_custom_configs() -> Iterator[None]:
 # Fingerprints: a prepared dataset is reused only if it was made from the same inputs.
 
 _FINGERPRINT_FORMAT = 1
-_TABLE_NAMES = ("inbreast.csv", "inbreast.xls", "inbreast.xlsx")
 _SOURCE_SUFFIXES = DICOM_SUFFIXES | RASTER_SUFFIXES | {".xml"}
 
 
@@ -680,7 +686,7 @@ def _fingerprint(builder: _MammogramBuilder, manual: Path, skip_bad: bool) -> di
     else:
         paths = []
         for path in sorted(manual.rglob("*")):
-            if path.name.lower() in _TABLE_NAMES:
+            if path.name.lower() in TABLE_NAMES:
                 tables[_source_key(path, manual)] = _sha256(path)
             elif path.suffix.lower() in _SOURCE_SUFFIXES:
                 paths.append(path)

@@ -55,7 +55,7 @@ __all__ = [
 # BI-RADS assessment categories that INbreast uses (0, "incomplete", does not occur there).
 BIRADS_VALUES = ("1", "2", "3", "4", "4a", "4b", "4c", "5", "6")
 IMAGE_SUFFIXES = DICOM_SUFFIXES | RASTER_SUFFIXES
-_TABLE_NAMES = ("inbreast.csv", "inbreast.xls", "inbreast.xlsx")
+TABLE_NAMES = ("inbreast.csv", "inbreast.xls", "inbreast.xlsx")  # the metadata table
 _MAX_LISTED = 10
 
 
@@ -434,7 +434,7 @@ def find_images(root: str | os.PathLike) -> dict[str, list[Path]]:
 
 
 def _find_table(root: Path) -> Path:
-    tables = [p for p in root.rglob("*") if p.name.lower() in _TABLE_NAMES and p.is_file()]
+    tables = [p for p in root.rglob("*") if p.name.lower() in TABLE_NAMES and p.is_file()]
     if not tables:
         raise DataError(
             f"{root}: no INbreast.csv (or INbreast.xls) under this folder. Put the table from the "

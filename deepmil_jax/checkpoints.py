@@ -21,22 +21,21 @@ protocol; such a workdir is refused with a message.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
 from deepmil_jax.config import Config
 from deepmil_jax.errors import ConfigError, DeepMILError
-from deepmil_jax.models import build_model
+from deepmil_jax.steps import create_model, make_optimizer
 from deepmil_jax.workdir import read_config
 
 KEEP_NEWEST = 2  # newest steps kept besides the best: a damaged newest step has a fallback
@@ -98,15 +97,12 @@ class RunCheckpoints:
         self._manager.reload()
         return sorted(self._manager.all_steps(), reverse=True)
 
-    def save(self, step: int, state: Any, meta: dict[str, Any], *, like: Any = None) -> None:
-        """Saves ``state`` and ``meta`` as ``step``, then deletes the steps no longer needed.
-
-        ``meta["best_step"]`` (if set) is kept by the clean-up. ``like`` (default ``state``) is
-        the structure used to read back an existing copy of ``step``.
-        """
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Saves ``state`` and ``meta`` as ``step``, then deletes the steps no longer needed
+        (``meta["best_step"]``, if set, is kept by the clean-up)."""
         sums = checksums(state)
         if step in self.steps():
-            existing = self._read(step, state if like is None else like)
+            existing = self._read(step, state)
             if isinstance(existing, tuple) and existing[2] == sums and existing[1] == meta:
                 self._prune(meta)
                 return
@@ -247,15 +243,9 @@ def load_trained(workdir: str | os.PathLike, *, which: str = "best") -> tuple[Co
     (checksums verified; ``latest`` falls back to the newest intact step with a warning)."""
     workdir = Path(workdir).expanduser().absolute()
     config = read_config(workdir)
-    model = build_model(
-        config.scheme,
-        backbone=config.backbone,
-        head_hidden=config.head_hidden,
-        dtype=jnp.bfloat16 if config.precision == "bf16" else jnp.float32,
-        rngs=nnx.Rngs(0),
-    )
+    model = create_model(dataclasses.replace(config, init="random"), nnx.Rngs(0), warn=False)
     _, params, _ = nnx.split(model, nnx.Param, ...)
-    like = {"params": params, "opt_state": optax.adam(config.learning_rate).init(params)}
+    like = {"params": params, "opt_state": make_optimizer(config).init(params)}
     store = RunCheckpoints(workdir / "checkpoints", create=False)
     try:
         restored = store.restore_best(like) if which == "best" else store.restore(like)

@@ -172,7 +172,9 @@ class Config:
     def _validate_grid(self, fail) -> None:
         from deepmil_jax.models.grid import grid_shape  # JAX: loaded once flags are parsed
 
-        rows, cols = grid_shape(self.scheme, self.backbone, self.image_size, self.head_hidden)
+        rows, cols = grid_shape(
+            self.scheme, self.backbone, self.image_size, tuple(self.head_hidden)
+        )
         if rows < 1 or cols < 1:
             fail(
                 "image_size",

@@ -70,11 +70,16 @@ def create_model(config: Config, rngs: nnx.Rngs, *, warn: bool = True) -> nnx.Mo
     )
 
 
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    """Adam at ``config.learning_rate`` (the paper's optimiser); ``config`` canonical."""
+    return optax.adam(config.learning_rate)
+
+
 def grid_shape(config: Config) -> tuple[int, int]:
     """(h', w') of the instance grid of ``config``'s model at ``config.image_size``."""
     from deepmil_jax.models.grid import grid_shape as shape
 
-    return shape(config.scheme, config.backbone, config.image_size, config.head_hidden)
+    return shape(config.scheme, config.backbone, config.image_size, tuple(config.head_hidden))
 
 
 def cpu_compiler_options() -> dict[str, str] | None:
@@ -192,7 +197,7 @@ class Trainer:
         model.train()
         train_graph, params, rest = nnx.split(model, nnx.Param, ...)
         model.eval()
-        optimizer = optax.adam(config.learning_rate)
+        optimizer = make_optimizer(config)
         self.context = StepContext(train_graph, nnx.graphdef(model), optimizer, config)
         state = {"params": params, "opt_state": optimizer.init(params), "rest": rest}
         self.state = jax.device_put(state, replicated(mesh))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -9,11 +11,13 @@ from flax import nnx
 from deepmil_jax.models.mil import build_model
 
 
+@functools.cache
 def grid_shape(
     scheme: str, backbone: str, image_size: int, head_hidden: tuple[int, ...] = ()
 ) -> tuple[int, int]:
     """(h', w') of the ``(N, h', w')`` instance logits of ``scheme``'s model on square images of
-    ``image_size`` pixels; (0, 0) when the image is too small for the backbone."""
+    ``image_size`` pixels; (0, 0) when the image is too small for the backbone. Cached: each
+    program asks it for every scheme and fold it validates."""
     abstract = nnx.eval_shape(
         lambda: build_model(scheme, backbone=backbone, head_hidden=head_hidden, rngs=nnx.Rngs(0))
     )
