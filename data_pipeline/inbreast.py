@@ -503,6 +503,13 @@ def read_inbreast(
         )
     _report_unlisted(images, {r.file_id for r in rows}, table, problems)
     xmls = _outline_files(root)
+    if not xmls:
+        logging.warning(
+            "No mass outlines under %s (INbreast's AllXML/<id>.xml files): the images are read "
+            "without outlines, so training works but the localisation score (pointing game) is "
+            "off. Copy AllXML from the INbreast distribution into this folder to get it.",
+            root,
+        )
     records: list[Record] = []
     anonymous = 0
     for row in rows:

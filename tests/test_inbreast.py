@@ -172,6 +172,22 @@ def test_read_generated_inbreast(tmp_path):
     assert image.shape == (227, 227) and np.all((box >= 0) & (box <= 226))
 
 
+def test_missing_allxml_is_said_once(tmp_path, caplog):
+    root = make_inbreast(tmp_path / "INbreast")
+    with caplog.at_level("WARNING"):
+        read_inbreast(root)
+    assert "localisation score" not in caplog.text  # outlines present: nothing to say
+    for xml in (root / "AllXML").iterdir():
+        xml.unlink()
+    (root / "AllXML").rmdir()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        records, _ = read_inbreast(root)
+    said = [r for r in caplog.records if "localisation score" in r.getMessage()]
+    assert len(said) == 1 and "AllXML" in said[0].getMessage()
+    assert all(r.masses == () for r in records)
+
+
 def test_xml_reader_keeps_only_masses(tmp_path):
     path = tmp_path / "1.xml"
     xml = plist_rois(
