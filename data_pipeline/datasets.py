@@ -64,6 +64,7 @@ from absl import logging
 from tqdm import tqdm
 
 from data_pipeline import inbreast as _reader
+from data_pipeline import lesions as _lesions
 from data_pipeline import preprocess as _preprocess_module
 from data_pipeline.errors import DataError
 from data_pipeline.inbreast import (
@@ -97,7 +98,9 @@ __all__ = [
 
 hide_gpus()
 
-SOURCES = ("inbreast", "synthetic", "folder")
+SOURCES = ("inbreast", "synthetic", "synthetic_hard", "folder")
+# the synthetic sources: INbreast-layout data written by data_pipeline.synthetic in that style
+SYNTHETIC_STYLES = {"synthetic": "easy", "synthetic_hard": "hard"}
 _UINT16_MAX = 65535
 
 _CITATION_INBREAST = """\
@@ -186,6 +189,12 @@ def _features(size: tuple[int, int]) -> tfds.features.FeaturesDict:
                 dtype=np.float32,
                 doc="Mass bounding boxes (y0, x0, y1, x1) in preprocessed pixel coordinates.",
             ),
+            "mass_mask": tfds.features.Image(
+                shape=(h, w, 1),
+                dtype=np.uint8,
+                encoding_format="png",
+                doc="255 x each pixel's fraction inside mass outlines (data_pipeline.lesions).",
+            ),
             "original_shape": tfds.features.Tensor(shape=(2,), dtype=np.int32),
             "crop": tfds.features.Tensor(
                 shape=(4,), dtype=np.int32, doc="(y0, x0, y1, x1) in original pixels."
@@ -236,8 +245,11 @@ def _check_copies(kept: Record, copy: Record) -> None:
 
 def _example(record: Record, image: np.ndarray, geometry: Geometry) -> dict[str, Any]:
     pixels = _pixels(image)
-    # Outlines mostly outside the image are dropped with a warning (preprocess.mass_boxes).
-    boxes = _preprocess_module.mass_boxes(geometry, record.masses, where=str(record.path))
+    # Outlines mostly outside the image are dropped with a warning (preprocess.outlines_inside).
+    outlines = _preprocess_module.outlines_inside(
+        record.masses, geometry.original_shape, where=str(record.path)
+    )
+    boxes = _preprocess_module.mass_boxes(geometry, outlines)
     return {
         "image": pixels[:, :, None],
         "label": int(record.label),
@@ -247,6 +259,7 @@ def _example(record: Record, image: np.ndarray, geometry: Geometry) -> dict[str,
         "view": record.view,
         "file_id": record.file_id,
         "mass_boxes": boxes,
+        "mass_mask": _lesions.mass_mask(geometry, outlines)[:, :, None],
         "original_shape": np.array(geometry.original_shape, np.int32),
         "crop": np.array(geometry.crop, np.int32),
         "flipped": bool(geometry.flipped),
@@ -527,6 +540,8 @@ class Examples:
       labels: ``(n,)`` int32, 1 iff BI-RADS >= 4.
       birads, patient_ids, file_ids, laterality, view: ``(n,)`` str arrays ('' when unknown).
       mass_boxes: n arrays ``(b, 4)`` float32 (y0, x0, y1, x1) in preprocessed pixels.
+      mass_masks: ``(n, h, w)`` uint8, 255 x the fraction of each preprocessed pixel inside a
+        mass outline (``data_pipeline.lesions``); all zero for an image without outlines.
       bad_files: the files left out when the dataset was prepared with ``skip_bad=True``.
       geometries: n ``Geometry``: where each image came from in its original (for heatmaps).
     """
@@ -539,6 +554,7 @@ class Examples:
     laterality: np.ndarray
     view: np.ndarray
     mass_boxes: list[np.ndarray]
+    mass_masks: np.ndarray
     bad_files: list[BadFile] = dataclasses.field(default_factory=list)
     geometries: list[Geometry] = dataclasses.field(default_factory=list)
 
@@ -640,7 +656,7 @@ def _code_version() -> str:
     Computed once, when this module is imported: the code this process runs, even if the files
     are edited later."""
     digest = hashlib.sha256()
-    for module in (_preprocess_module, _reader):
+    for module in (_preprocess_module, _reader, _lesions):
         digest.update(Path(module.__file__).read_bytes())
     for function in (_pixels, _pixel_digest, _example, _features):
         digest.update(inspect.getsource(function).encode())
@@ -772,20 +788,24 @@ def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
     return (Path(os.fspath(builder.data_path)) / "dataset_info.json").exists()
 
 
-def _ensure_synthetic(manual_dir: Path, num_images: int) -> None:
+def _ensure_synthetic(manual_dir: Path, num_images: int, style: str) -> None:
     if manual_dir.is_dir() and any(p.name.lower() == "inbreast.csv" for p in manual_dir.iterdir()):
         return
     from data_pipeline.synthetic import write_synthetic_inbreast
 
     logging.info(
-        "No synthetic INbreast at %s; writing one (%d images, seed 0).", manual_dir, num_images
+        "No synthetic INbreast at %s; writing one (%s style, %d images, seed 0).",
+        manual_dir,
+        style,
+        num_images,
     )
+    styled = {} if style == "easy" else {"style": style}  # TODO(lead): always pass style
     if manual_dir.is_dir() and any(manual_dir.iterdir()):
-        write_synthetic_inbreast(manual_dir, num_images=num_images)
+        write_synthetic_inbreast(manual_dir, num_images=num_images, **styled)
         return
     # written aside and renamed, so that an interrupted run leaves no half-written dataset
     partial = manual_dir.with_name(manual_dir.name + ".partial")
-    write_synthetic_inbreast(partial, num_images=num_images)
+    write_synthetic_inbreast(partial, num_images=num_images, **styled)
     partial.rename(manual_dir)
 
 
@@ -799,6 +819,7 @@ def _load(builder: tfds.core.DatasetBuilder) -> Examples:
         for name in text:
             fields[name].append(example[name].decode("utf-8"))
         fields["mass_boxes"].append(np.asarray(example["mass_boxes"], np.float32).reshape(-1, 4))
+        fields["mass_mask"].append(example["mass_mask"][:, :, 0])
         size = tuple(int(s) for s in example["image"].shape[:2])
         fields["geometry"].append(
             Geometry(
@@ -820,6 +841,9 @@ def _load(builder: tfds.core.DatasetBuilder) -> Examples:
         laterality=np.array(fields["laterality"], dtype=str),
         view=np.array(fields["view"], dtype=str),
         mass_boxes=fields["mass_boxes"],
+        mass_masks=(
+            np.stack(fields["mass_mask"]) if fields["mass_mask"] else np.zeros((0, h, w), np.uint8)
+        ),
         bad_files=bad,
         geometries=fields["geometry"],
     )
@@ -854,10 +878,12 @@ def prepare(
     ``manual_dir=None`` the newest prepared copy is loaded unchecked (with a warning).
 
     Args:
-      source: ``"inbreast"`` (``manual_dir`` = the INbreast folder), ``"synthetic"`` (the same
-        builder; if ``manual_dir`` holds no ``INbreast.csv`` yet, the synthetic dataset is written
-        there first) or ``"folder"`` (``manual_dir`` = a CSV file, or a folder with one CSV or a
-        ``labels.csv``; columns ``image_column``, ``label_column``, ``patient_column``).
+      source: ``"inbreast"`` (``manual_dir`` = the INbreast folder), ``"synthetic"`` or
+        ``"synthetic_hard"`` (the same builder; if ``manual_dir`` holds no ``INbreast.csv`` yet,
+        the synthetic dataset is written there first, in the easy or hard style of
+        ``data_pipeline.synthetic``) or ``"folder"`` (``manual_dir`` = a CSV file, or a folder
+        with one CSV or a ``labels.csv``; columns ``image_column``, ``label_column``,
+        ``patient_column``).
       manual_dir: where the raw data is.
       data_dir: where TFDS datasets are written (use one per raw dataset: a second INbreast-layout
         folder prepared into the same ``data_dir`` would replace the first one's copy).
@@ -865,8 +891,8 @@ def prepare(
       skip_bad: leave out unreadable files instead of failing; they are recorded in the dataset's
         metadata (``metadata.json``, ``Examples.bad_files``) and summarised in the log.
       num_workers: preprocessing processes (None: ``os.cpu_count()``; 0: in this process).
-      synthetic_images: for ``"synthetic"``, how many images to write when ``manual_dir`` holds
-        none.
+      synthetic_images: for the synthetic sources, how many images to write when ``manual_dir``
+        holds none.
 
     Returns:
       ``Examples`` in file-id order.
@@ -890,8 +916,8 @@ def prepare(
     data_dir = Path(os.fspath(data_dir)).expanduser()
     if manual is None:
         return _load_unchecked(builder_in, base, data_dir)
-    if source == "synthetic":
-        _ensure_synthetic(manual, synthetic_images)
+    if source in SYNTHETIC_STYLES:
+        _ensure_synthetic(manual, synthetic_images, SYNTHETIC_STYLES[source])
     if not manual.is_dir() or not any(manual.iterdir()):
         raise DataError(
             f"{manual}: no such folder, or it is empty; check manual_dir. "

@@ -19,7 +19,9 @@ from absl import app, flags, logging
 from deepmil_jax.errors import ConfigError, DeepMILError
 
 SCHEMES = ("alexnet", "max_pooling", "label_assign", "sparse")
-DATASETS = ("synthetic", "inbreast", "folder")
+DATASETS = ("synthetic", "synthetic_hard", "inbreast", "folder")
+# generated on first use under --data_dir; the others are read from --manual_dir
+SYNTHETIC_DATASETS = ("synthetic", "synthetic_hard")
 
 
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
@@ -66,7 +68,9 @@ class Config:
     )
     dataset: str = setting(
         "synthetic",
-        "synthetic: generated INbreast-like data (no download needed); inbreast: the INbreast "
+        "synthetic: generated INbreast-like data (no download needed; easy lesions, the "
+        "Quickstart's); synthetic_hard: the same layout made to tell MIL methods apart (lesions "
+        "of 0.2-10% of the breast, benign look-alikes, dense tissue); inbreast: the INbreast "
         "database at --manual_dir; folder: your CSV of images and labels at --manual_dir.",
         choices=DATASETS,
     )
@@ -88,7 +92,7 @@ class Config:
         "--dataset=folder: the CSV column of patient ids, so that folds keep a patient's images "
         "together (empty: every image its own patient).",
     )
-    synthetic_images: int = setting(160, "Images in the synthetic dataset.")
+    synthetic_images: int = setting(160, "Images in a synthetic dataset (its first use writes it).")
     image_size: int = setting(
         227,
         "Preprocessed image side in pixels (paper: 227, a 6x6 grid of instances; 454 gives 13x13).",
@@ -139,7 +143,7 @@ class Config:
             choices = _field(Config, name).metadata["choices"]
             if getattr(self, name) not in choices:
                 fail(name, f"{getattr(self, name)!r} is not one of {', '.join(choices)}.")
-        if self.dataset != "synthetic" and not self.manual_dir:
+        if self.dataset not in SYNTHETIC_DATASETS and not self.manual_dir:
             fail("manual_dir", f"--dataset={self.dataset} needs the folder (or CSV) of your data.")
         if self.scheme == "label_assign":
             if self.k >= 1 and float(self.k) != int(self.k):

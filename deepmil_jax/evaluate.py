@@ -11,11 +11,12 @@ interval, the Brier score and DeLong's test against the first scheme), one ROC p
 reliability diagram per scheme, ``roc_<scheme>.png`` and ``reliability_<scheme>.png``, in the
 workdir (``deepmil_jax.report``).
 
-Next to AUC the report gives a localisation score, the pointing game: of the positive test images
-with annotated masses, the fraction whose highest-scoring instance (its patch of the preprocessed
-image, ``deepmil_jax.heatmap.cell_box``) overlaps a mass box. The mass boxes come from the dataset
-(``Examples.mass_boxes``), the top instance from each run's ``test_predictions.csv``. The
-``alexnet`` baseline has a single instance covering the whole image, so it gets none.
+Next to AUC the report gives the localisation scores each run computed on its positive test
+images with outlined lesions (``deepmil_jax.heatmap.localisation``, in ``results.json``): the
+instance AUC (instance logits against "the cell holds lesion"), the intersection over union of the
+thresholded heatmap with the lesion, and the pointing game (the fraction whose highest-scoring
+instance's patch overlaps a mass box). The ``alexnet`` baseline has a single instance covering the
+whole image, so it gets none.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ if __name__ == "__main__":  # flags and --help are answered before JAX and Tenso
 
     _settings.parse_flags_early(_settings.Config, _settings.Launch, _settings.CrossValidation)
 
-import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from deepmil_jax import heatmap, report, train
+from deepmil_jax import report, train
 from deepmil_jax.config import (
     SCHEMES,
     Config,
@@ -45,6 +45,7 @@ from deepmil_jax.config import (
 )
 from deepmil_jax.errors import ConfigError
 from deepmil_jax.report import (  # noqa: F401 (evaluate.NAMES etc. kept for callers)
+    LOCALISATION,
     NAMES,
     PAPER_AUC,
     plot_reliability,
@@ -73,61 +74,27 @@ def cross_validate(config: Config, schemes: list[str], folds: list[int], workdir
     return results
 
 
-def localization(
-    run_dir: str | Path,
-    mass_boxes: dict[str, np.ndarray],
-    *,
-    grid_shape: tuple[int, int],
-    image_size: int,
-) -> dict[str, float | int]:
-    """Pointing game of one run: ``heatmap.pointing_game`` over its ``test_predictions.csv``.
-
-    Args:
-      run_dir: a training workdir with ``test_predictions.csv`` (file_id, label, top_patch_row,
-        top_patch_col, ...).
-      mass_boxes: {file_id: (b, 4)} mass boxes in preprocessed pixels (``Examples.mass_boxes``).
-      grid_shape: (h', w') of the run's instance maps; image_size: its preprocessed side.
-
-    Returns:
-      ``{"hits", "evaluated", "score"}``.
-    """
-    with (Path(run_dir) / "test_predictions.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    top = {r["file_id"]: (int(r["top_patch_row"]), int(r["top_patch_col"])) for r in rows}
-    labels = {r["file_id"]: int(r["label"]) for r in rows}
-    return heatmap.pointing_game(
-        top, mass_boxes, labels, grid_shape=grid_shape, image_shape=(image_size, image_size)
-    )
-
-
-def add_localization(config: Config, results: dict[str, list[dict]]) -> None:
-    """Adds ``"localization"`` (``localization``'s dict, or None for the alexnet scheme, which has
-    one instance) to every run of ``results``, loading the dataset's mass boxes once."""
-    examples = None
-    grids: dict[tuple, tuple[int, int]] = {}
-    for scheme, runs in results.items():
-        for run in runs:
-            if scheme == "alexnet":
-                run["localization"] = None
-                continue
-            run_config = dataclasses.replace(config, scheme=scheme, fold=run["fold"])
-            if examples is None:
-                examples = train.load_examples(config)
-                boxes = dict(zip(examples.file_ids.tolist(), examples.mass_boxes, strict=True))
-            key = (scheme, run_config.backbone, run_config.image_size, run_config.head_hidden)
-            if key not in grids:
-                grids[key] = train.grid_shape(run_config)
-            run["localization"] = localization(
-                run["run_dir"], boxes, grid_shape=grids[key], image_size=run_config.image_size
-            )
+def _fold_statistics(values: list) -> dict | None:
+    """Mean and sample standard deviation over the folds that scored (NaN: a fold with nothing
+    to score), or None if any run lacks the metric."""
+    if not values or any(v is None for v in values):
+        return None
+    per_fold = np.array(values, float)
+    finite = per_fold[np.isfinite(per_fold)]
+    return {
+        "mean": float(finite.mean()) if finite.size else float("nan"),
+        "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0,
+        "per_fold": per_fold.tolist(),
+    }
 
 
 def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
     """Mean and sample standard deviation over folds of each test metric, by scheme.
 
-    Runs carrying ``"localization"`` (``add_localization``) also give ``"localization"``: the
-    pointing-game score's mean, standard deviation and per-fold values, and the hits and images
-    scored over all folds (None for a scheme without instances).
+    The localisation scores that ``train`` writes into a multi-instance run's results
+    (``heatmap.localisation``: instance AUC, heatmap IoU, pointing game) are summarised the same
+    way, under their names, with the pointing game's hits and images over all folds; a scheme
+    without instances (alexnet), or runs finished by an older version, get None.
 
     ``"pooled"`` holds the statistics over the test predictions of all folds together
     (``report.pooled_statistics``): the AUC with its bootstrap 95% confidence interval, the
@@ -143,20 +110,11 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
                 "std": float(np.nanstd(values, ddof=1)) if len(values) > 1 else 0.0,
                 "per_fold": values.tolist(),
             }
-        if any("localization" in r for r in runs):
-            scored = [r["localization"] for r in runs if r.get("localization")]
-            if scored:
-                values = np.array([s["score"] for s in scored], float)
-                finite = values[np.isfinite(values)]
-                row["localization"] = {
-                    "mean": float(finite.mean()) if finite.size else float("nan"),
-                    "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0,
-                    "per_fold": values.tolist(),
-                    "hits": int(sum(s["hits"] for s in scored)),
-                    "evaluated": int(sum(s["evaluated"] for s in scored)),
-                }
-            else:
-                row["localization"] = None
+        for metric in LOCALISATION:
+            row[metric] = _fold_statistics([r["test"].get(metric) for r in runs])
+        if row["pointing_game"] is not None:
+            row["pointing_game"]["hits"] = int(sum(r["test"]["pointing_hits"] for r in runs))
+            row["pointing_game"]["evaluated"] = int(sum(r["test"]["pointing_images"] for r in runs))
         table[scheme] = row
     for scheme, pooled in report.pooled_statistics(results).items():
         table[scheme]["pooled"] = pooled
@@ -178,7 +136,21 @@ def _main() -> None:
     # Absolute: Orbax refuses relative checkpoint paths.
     workdir = Path(launch.workdir or "runs/cv").expanduser().absolute()
     results = cross_validate(config, list(chosen.schemes), folds, workdir)
-    add_localization(config, results)
+    old = sorted(
+        {
+            s
+            for s, runs in results.items()
+            for r in runs
+            if s != "alexnet" and "instance_auc" not in r["test"]
+        }
+    )
+    if old:
+        logging.warning(
+            "Runs of %s were finished by an older version, without localisation scores; delete "
+            "their folders under %s to train them again with them.",
+            ", ".join(old),
+            workdir,
+        )
     table = summarize(results)
     write_report(table, results, workdir)
     print((workdir / "report.md").read_text())

@@ -33,7 +33,12 @@ import numpy as np
 import scipy.special
 
 __all__ = [
+    "LESION_CELL_COVERAGE",
     "box_to_original",
+    "cell_coverage",
+    "cell_lesion_labels",
+    "heatmap_iou",
+    "localisation",
     "box_to_pixel_slice",
     "cell_box",
     "downsample",
@@ -325,4 +330,139 @@ def pointing_game(
         "hits": hits,
         "evaluated": evaluated,
         "score": hits / evaluated if evaluated else math.nan,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Localisation against lesion masks: instance AUC and the heatmap's intersection over union
+
+# A cell holds lesion when at least this fraction of its area lies inside a mass outline (1%, about
+# 14 pixels of a 38 x 38 cell of a 227 image: a sliver where an outline grazes a cell does not make
+# it a lesion cell). A cell with no lesion pixel at all is a negative; a cell in between (a lesion
+# covers less than 1% of it) is left out of the instance AUC, as neither.
+LESION_CELL_COVERAGE = 0.01
+
+
+def _overlaps(n: int, cells: int) -> np.ndarray:
+    """(cells, n): the length of pixel ``i``'s span ``[i, i + 1)`` inside cell ``c``'s span
+    ``[c * n / cells, (c + 1) * n / cells)`` (edge coordinates, as in :func:`cell_box`)."""
+    edges = np.arange(cells + 1) * (n / cells)
+    pixels = np.arange(n, dtype=np.float64)
+    lo = np.maximum(edges[:-1, None], pixels[None, :])
+    hi = np.minimum(edges[1:, None], pixels[None, :] + 1.0)
+    return np.clip(hi - lo, 0.0, None)
+
+
+def cell_coverage(mask: np.ndarray, grid_shape: Sequence[int]) -> np.ndarray:
+    """``(h', w')`` float64: the fraction of each instance cell's area inside a lesion.
+
+    Args:
+      mask: ``(H, W)`` uint8 lesion mask of a preprocessed image, 255 x the fraction of each pixel
+        inside an outline (``Examples.mass_masks``, ``data_pipeline.lesions.mass_mask``).
+      grid_shape: ``(h', w')`` of the instance map; cell ``(r, c)`` is :func:`cell_box`'s.
+
+    Pixels cut by a cell boundary count with the part of their area inside the cell.
+    """
+    m = np.asarray(mask, np.float64) / 255.0
+    if m.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {m.shape}")
+    gh, gw = (int(v) for v in grid_shape)
+    H, W = m.shape
+    covered = _overlaps(H, gh) @ m @ _overlaps(W, gw).T
+    return covered / ((H / gh) * (W / gw))
+
+
+def cell_lesion_labels(coverage: np.ndarray) -> np.ndarray:
+    """Instance ground truth of a coverage map: 1 where at least ``LESION_CELL_COVERAGE`` of the
+    cell is lesion, 0 where none of it is, -1 (left out) in between."""
+    c = np.asarray(coverage, np.float64)
+    return np.where(c >= LESION_CELL_COVERAGE, 1, np.where(c > 0.0, -1, 0))
+
+
+def _cell_of_pixel(n: int, cells: int) -> np.ndarray:
+    """The cell of each pixel along one axis: the one holding the pixel's centre ``i + 0.5``."""
+    return np.minimum(((np.arange(n) + 0.5) * cells / n).astype(int), cells - 1)
+
+
+def heatmap_iou(instance_logits: np.ndarray, mask: np.ndarray) -> float:
+    """Intersection over union of the thresholded heatmap with the lesion, in preprocessed pixels.
+
+    The heatmap is the instance map painted onto the preprocessed image (each pixel takes the
+    cell holding its centre), thresholded at instance probability 0.5 (logit 0: the instance
+    classifier calls the patch malignant); the lesion is the pixels at least half inside an outline
+    (``mask >= 128``). NaN when both are empty.
+    """
+    z = np.asarray(instance_logits)
+    m = np.asarray(mask)
+    if z.ndim != 2 or m.ndim != 2:
+        raise ValueError(f"need (h', w') logits and an (H, W) mask, got {z.shape} and {m.shape}")
+    rows = _cell_of_pixel(m.shape[0], z.shape[0])
+    cols = _cell_of_pixel(m.shape[1], z.shape[1])
+    hot = (z >= 0.0)[rows[:, None], cols[None, :]]
+    lesion = m >= 128
+    union = np.count_nonzero(hot | lesion)
+    return np.count_nonzero(hot & lesion) / union if union else math.nan
+
+
+def localisation(
+    instance_logits: np.ndarray,
+    mass_masks: np.ndarray,
+    mass_boxes: Sequence[np.ndarray],
+    labels: np.ndarray,
+) -> dict[str, float | int]:
+    """The localisation scores of a set of predictions against its lesion outlines.
+
+    Only positive images (label 1) with an outlined lesion are scored: their outlined masses are
+    taken as the malignant lesions.
+
+    Args:
+      instance_logits: ``(N, h', w')``.
+      mass_masks: ``(N, H, W)`` uint8 (``Examples.mass_masks``) of the same images.
+      mass_boxes: N ``(b, 4)`` mass boxes (``Examples.mass_boxes``), for the pointing game.
+      labels: ``(N,)`` 0/1.
+
+    Returns:
+      ``instance_auc``: ROC AUC of the instance logits of the scored images' cells against "the
+      cell holds lesion" (:func:`cell_lesion_labels`; the cells of all scored images pooled);
+      ``instance_cells`` and ``lesion_cells``: the cells it ranks and the positives among them;
+      ``iou``: the mean over scored images of :func:`heatmap_iou`; ``localised_images``: the
+      images scored (a positive image with at least one lesion cell); ``pointing_game`` and
+      ``pointing_hits``/``pointing_images``: :func:`pointing_game` with the mass boxes. NaN where
+      nothing can be scored.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    z = np.asarray(instance_logits, np.float64)
+    grid = z.shape[1:]
+    cells, truth, ious = [], [], []
+    for logits, mask, label in zip(z, mass_masks, labels, strict=True):
+        if int(label) != 1:
+            continue
+        lesion = cell_lesion_labels(cell_coverage(mask, grid))
+        if not (lesion == 1).any():
+            continue
+        keep = lesion >= 0
+        cells.append(logits[keep])
+        truth.append(lesion[keep])
+        ious.append(heatmap_iou(logits, mask))
+    y = np.concatenate(truth) if truth else np.zeros(0, int)
+    s = np.concatenate(cells) if cells else np.zeros(0)
+    both = 0 < int(y.sum()) < y.size
+    ids = [str(i) for i in range(len(z))]
+    pointing = pointing_game(
+        {i: top_cell(logits) for i, logits in zip(ids, z, strict=True)},
+        dict(zip(ids, mass_boxes, strict=True)),
+        dict(zip(ids, labels, strict=True)),
+        grid_shape=grid,
+        image_shape=np.asarray(mass_masks).shape[1:3],
+    )
+    return {
+        "instance_auc": float(roc_auc_score(y, s)) if both else math.nan,
+        "instance_cells": int(y.size),
+        "lesion_cells": int(y.sum()),
+        "iou": float(np.nanmean(ious)) if ious else math.nan,
+        "localised_images": len(ious),
+        "pointing_game": pointing["score"],
+        "pointing_hits": pointing["hits"],
+        "pointing_images": pointing["evaluated"],
     }

@@ -9,11 +9,15 @@ network, in batches. The image's malignancy probability is ``sigmoid(max instanc
 bag prediction of max-pooling MIL, used for every scheme). The output folder receives
 
 * ``predictions.csv``, one row per input: ``file, probability, top_patch_row, top_patch_col,
-  center_y, center_x, box_y0, box_x0, box_y1, box_x1, flipped, heatmap, error``. The most
+  center_y, center_x, box_y0, box_x0, box_y1, box_x1, flipped, top_patch_mass_coverage, mass_iou,
+  heatmap, error``. The most
   suspicious patch is the highest-scoring instance ``(top_patch_row, top_patch_col)`` of the
   ``h' x w'`` grid; ``center_y, center_x`` is its centre in full-resolution *original* pixels
   (pixel centres at integers) and ``original[box_y0:box_y1, box_x0:box_x1]`` is the patch (crop,
-  flip and resize undone); ``heatmap`` is relative to the output folder. A file that cannot be
+  flip and resize undone); for an image with an INbreast XML (below), ``top_patch_mass_coverage`` is
+  the fraction of that patch inside the mass outlines and ``mass_iou`` the intersection over union
+  of the patches of instance probability >= 0.5 with them (``deepmil_jax.heatmap``), blank
+  without; ``heatmap`` is relative to the output folder. A file that cannot be
   read has only ``file`` and ``error`` filled in.
 * ``heatmaps/<name>.png``: the original mammogram (block-averaged to at most ``--max_side``
   pixels) with the instance probabilities overlaid, the top patch framed and, when an INbreast
@@ -48,6 +52,7 @@ from tqdm import tqdm
 from data_pipeline.errors import DataError
 from data_pipeline.inbreast import file_id_of, read_mass_outlines
 from data_pipeline.inbreast import image_files as find_images
+from data_pipeline.lesions import mass_mask
 from data_pipeline.preprocess import (
     Geometry,
     PreprocessConfig,
@@ -80,6 +85,8 @@ CSV_COLUMNS = (
     "box_y1",
     "box_x1",
     "flipped",
+    "top_patch_mass_coverage",
+    "mass_iou",
     "heatmap",
     "error",
 )
@@ -100,6 +107,11 @@ class Prediction:
       center: (y, x) of that patch's centre in original pixels (pixel centres at integers).
       box: (y0, x0, y1, x1) ints, ``original[y0:y1, x0:x1]`` is the patch.
       geometry: the preprocessing geometry.
+      outlines: the image's mass outlines (original pixels) from its INbreast XML, if any.
+      top_patch_mass_coverage: the fraction of the top patch inside those outlines
+        (``heatmap.cell_coverage``); None without outlines.
+      mass_iou: the thresholded heatmap's intersection over union with them
+        (``heatmap.heatmap_iou``); None without outlines.
       heatmap: path of the heatmap PNG, if one was drawn.
       error: why the file could not be predicted.
     """
@@ -111,6 +123,9 @@ class Prediction:
     center: tuple[float, float] | None = None
     box: tuple[int, int, int, int] | None = None
     geometry: Geometry | None = None
+    outlines: tuple[np.ndarray, ...] = ()
+    top_patch_mass_coverage: float | None = None
+    mass_iou: float | None = None
     heatmap: str | None = None
     error: str | None = None
 
@@ -130,6 +145,8 @@ class Prediction:
             "box_y1": str(self.box[2]),
             "box_x1": str(self.box[3]),
             "flipped": str(int(self.geometry.flipped)),
+            "top_patch_mass_coverage": _optional(self.top_patch_mass_coverage),
+            "mass_iou": _optional(self.mass_iou),
             "heatmap": (
                 os.path.relpath(self.heatmap, relative_to)
                 if self.heatmap and relative_to is not None
@@ -137,6 +154,10 @@ class Prediction:
             ),
             "error": "",
         }
+
+
+def _optional(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
 
 
 def find_mass_xml(
@@ -268,10 +289,19 @@ def predict_files(
                 )
             for pred, z in zip(good, logits, strict=True):
                 _finish(pred, z, size)
+                pred.outlines = _mass_outlines(
+                    Path(pred.file), xml_dir, pred.geometry.original_shape
+                )
+                if pred.outlines:
+                    mask = mass_mask(pred.geometry, pred.outlines)
+                    pred.top_patch_mass_coverage = float(
+                        heatmap.cell_coverage(mask, z.shape)[pred.top_patch]
+                    )
+                    pred.mass_iou = heatmap.heatmap_iou(z, mask)
                 if heatmaps:
                     name = _unique_name(Path(pred.file).stem, used)
                     pred.heatmap = str(heat_dir / f"{name}.png")
-                    _draw(pred, max_side, xml_dir)
+                    _draw(pred, max_side)
         results.extend(batch)
         bar.update(len(batch))
     bar.close()
@@ -290,7 +320,7 @@ def _finish(pred: Prediction, logits: np.ndarray, size: tuple[int, int]) -> None
     pred.box = heatmap.box_to_pixel_slice(edges, pred.geometry.original_shape)
 
 
-def _draw(pred: Prediction, max_side: int, xml_dir: str | os.PathLike | None) -> None:
+def _draw(pred: Prediction, max_side: int) -> None:
     try:
         original = read_image(pred.file)
     except DataError as e:  # read a moment ago by preprocess_file, so unlikely
@@ -303,7 +333,7 @@ def _draw(pred: Prediction, max_side: int, xml_dir: str | os.PathLike | None) ->
         original,
         heatmap.sigmoid(pred.instance_logits),
         pred.geometry,
-        outlines=_mass_outlines(Path(pred.file), xml_dir, original.shape),
+        outlines=pred.outlines,
         top_box=np.array([y0, x0, y1, x1], np.float64),
         title=f"{Path(pred.file).name}\nmalignancy probability {pred.probability:.3f}",
         max_side=max_side,

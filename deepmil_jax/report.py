@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepmil_jax import metrics
+from deepmil_jax import heatmap, metrics
 
 # The paper's Table 1 (INbreast, 5-fold cross-validation), for comparison in the report.
 PAPER_AUC = {"alexnet": 0.79, "max_pooling": 0.83, "label_assign": 0.84, "sparse": 0.89}
@@ -100,6 +100,10 @@ def _delong_against(preds: dict, ref: dict, reference: str) -> dict:
     }
 
 
+# the localisation scores of heatmap.localisation that the report shows, with their column names
+LOCALISATION = {"instance_auc": "Instance AUC", "iou": "IoU", "pointing_game": "Pointing game"}
+
+
 def write_report(table: dict[str, dict], results: dict[str, list[dict]], workdir: Path) -> None:
     """report.md / report.csv / report.json, roc_<scheme>.png and reliability_<scheme>.png in
     ``workdir``."""
@@ -113,15 +117,16 @@ def write_report(table: dict[str, dict], results: dict[str, list[dict]], workdir
 
 
 def _write_csv(table: dict[str, dict], path: Path) -> None:
-    with_loc = any("localization" in row for row in table.values())
+    localised = [m for m in LOCALISATION if any(row.get(m) for row in table.values())]
     header = ["scheme", "folds"]
     for metric in ("accuracy", "auc", "sensitivity", "specificity"):
         header += [f"{metric}_mean", f"{metric}_std"]
     header += ["pooled_images", "pooled_auc", "pooled_auc_ci_low", "pooled_auc_ci_high"]
     header += ["brier", "delong_reference", "delong_p"]
-    if with_loc:
-        header += ["localization_mean", "localization_std"]
-        header += ["localization_hits", "localization_evaluated"]
+    for metric in localised:
+        header += [f"{metric}_mean", f"{metric}_std"]
+    if "pointing_game" in localised:
+        header += ["pointing_game_hits", "pointing_game_images"]
     with path.open("w", newline="") as f:
         out = csv.writer(f)
         out.writerow(header)
@@ -136,29 +141,35 @@ def _write_csv(table: dict[str, dict], path: Path) -> None:
                 line += [delong.get("reference", ""), delong.get("p_value", "")]
             else:
                 line += [""] * 7
-            if with_loc:
-                loc = row.get("localization")
-                line += (
-                    [loc["mean"], loc["std"], loc["hits"], loc["evaluated"]] if loc else [""] * 4
-                )
+            for metric in localised:
+                stat = row.get(metric)
+                line += [stat["mean"], stat["std"]] if stat else ["", ""]
+            if "pointing_game" in localised:
+                stat = row.get("pointing_game")
+                line += [stat["hits"], stat["evaluated"]] if stat else ["", ""]
             out.writerow(line)
 
 
 def _markdown(table: dict[str, dict]) -> list[str]:
     """The lines of report.md: Table 1, then the pooled statistics."""
-    with_loc = any("localization" in row for row in table.values())
+    localised = [m for m in LOCALISATION if any(row.get(m) for row in table.values())]
     lines = [
         "| Method | Accuracy | AUC | Paper AUC (INbreast) |"
-        + (" Pointing game |" if with_loc else ""),
-        "|---|---|---|---|" + ("---|" if with_loc else ""),
+        + "".join(f" {LOCALISATION[m]} |" for m in localised),
+        "|---|---|---|---|" + "---|" * len(localised),
     ]
     for scheme, row in table.items():
         paper = f"{PAPER_AUC[scheme]:.2f}" if scheme in PAPER_AUC else "-"
         line = f"| {NAMES.get(scheme, scheme)} | {_cell(row['accuracy'])} | {_cell(row['auc'])} |"
         line += f" {paper} |"
-        if with_loc:
-            loc = row.get("localization")
-            line += f" {_cell(loc)} ({loc['hits']}/{loc['evaluated']}) |" if loc else " - |"
+        for metric in localised:
+            stat = row.get(metric)
+            if not stat:
+                line += " - |"
+            elif metric == "pointing_game":
+                line += f" {_cell(stat)} ({stat['hits']}/{stat['evaluated']}) |"
+            else:
+                line += f" {_cell(stat)} |"
         lines.append(line)
     folds = max(row["folds"] for row in table.values())
     lines += [
@@ -167,14 +178,18 @@ def _markdown(table: dict[str, dict]) -> list[str]:
         "threshold chosen on each fold's validation set. Paper: INbreast, Zhu et al. 2017, "
         "Table 1.",
     ]
-    if with_loc:
+    if localised:
         lines += [
             "",
-            "Pointing game: of the positive test images with annotated masses, the "
-            "fraction whose highest-scoring patch (instance (r, c) of an h x w grid taken "
-            "as rows [r H/h, (r+1) H/h) and columns likewise of the preprocessed image) "
-            "overlaps a mass box; mean ± standard deviation over folds, and hits/images "
-            "over all folds. The AlexNet baseline has one instance, so no score.",
+            "Localisation, on the positive test images with outlined lesions, mean ± standard "
+            "deviation over folds. Instance (r, c) of an h x w grid is the patch of rows "
+            "[r H/h, (r+1) H/h) and columns likewise of the preprocessed image. Instance AUC: "
+            "the instance logits of all such images' cells against 'the cell holds lesion' (at "
+            f"least {100 * heatmap.LESION_CELL_COVERAGE:.0f}% of its area inside an outline; "
+            "cells with less but some lesion are left out). IoU: the patches of instance "
+            "probability >= 0.5 against the pixels inside an outline. Pointing game: the "
+            "fraction whose highest-scoring patch overlaps a mass box (hits/images over all "
+            "folds). The AlexNet baseline has one instance, so no score.",
         ]
     return lines + _markdown_pooled(table)
 

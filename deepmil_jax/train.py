@@ -40,11 +40,12 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from deepmil_jax import checkpoints  # noqa: E402
+from deepmil_jax import checkpoints, heatmap  # noqa: E402
 from deepmil_jax import workdir as workdir_files  # noqa: E402
 from deepmil_jax.config import (  # noqa: E402, F401
     DATASETS,
     SCHEMES,
+    SYNTHETIC_DATASETS,
     Config,
     Launch,
     from_flags,
@@ -78,12 +79,12 @@ def load_examples(config: Config):
     from data_pipeline import datasets
 
     data_dir = Path(config.data_dir).expanduser()
-    if config.dataset == "synthetic":  # written by the first prepare() if missing
-        source = "synthetic"
-        manual_dir = data_dir / f"synthetic_inbreast_n{config.synthetic_images}"
-        tfds_dir = data_dir / f"tfds_synthetic_n{config.synthetic_images}"
+    source = config.dataset
+    if source in SYNTHETIC_DATASETS:  # written by the first prepare() if missing
+        manual_dir = data_dir / f"{source}_inbreast_n{config.synthetic_images}"
+        tfds_dir = data_dir / f"tfds_{source}_n{config.synthetic_images}"
     else:
-        source, manual_dir = config.dataset, Path(config.manual_dir).expanduser().resolve()
+        manual_dir = Path(config.manual_dir).expanduser().resolve()
         # one TFDS folder per raw dataset, so two INbreast copies never share a prepared dataset
         digest = hashlib.sha1(str(manual_dir).encode()).hexdigest()[:10]
         tfds_dir = data_dir / f"tfds_{source}_{manual_dir.name}_{digest}"
@@ -392,6 +393,15 @@ def _test(run: _Run) -> dict[str, Any]:
         "validation": {"auc": val_metrics["auc"], "accuracy": val_metrics["accuracy"]},
         "test": binary_metrics(test_labels, test["probability"], threshold),
     }
+    if np.prod(test["instance_logits"].shape[1:]) > 1:  # the alexnet baseline has one instance
+        results["test"].update(
+            heatmap.localisation(
+                test["instance_logits"],
+                run.examples.mass_masks[test["index"]],
+                [run.examples.mass_boxes[i] for i in test["index"]],
+                test_labels,
+            )
+        )
     if run.lead:
         for name, out in (("validation", val), ("test", test)):
             workdir_files.write_predictions(
@@ -419,7 +429,9 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
 
     Returns the dictionary also written to ``workdir/results.json``:
     ``{"config", "best_epoch", "validation": {auc, accuracy, ...}, "test": {auc, accuracy,
-    sensitivity, specificity, threshold}}``, the threshold chosen on the validation set.
+    sensitivity, specificity, threshold, and for multi-instance schemes the localisation scores
+    of ``heatmap.localisation``: instance_auc, iou, pointing_game, ...}}``, the threshold chosen on
+    the validation set.
     Re-running with the same settings resumes (bit-identically on CPU) from the newest intact
     checkpoint; other settings are refused, naming the flag.
     """

@@ -46,6 +46,9 @@ def write_json(path: Path, obj) -> None:
 
 
 def write_predictions(path: Path, examples, indices, probs, instance_logits) -> None:
+    """One row per image: ids, label, probability, the top patch and, for an image with mass
+    outlines, the fraction of the top patch inside them (``heatmap.cell_coverage``) and the
+    heatmap's intersection over union with them (``heatmap.heatmap_iou``); blank without."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w", newline="") as f:
         out = csv.writer(f)
@@ -58,10 +61,17 @@ def write_predictions(path: Path, examples, indices, probs, instance_logits) -> 
                 "probability",
                 "top_patch_row",
                 "top_patch_col",
+                "top_patch_mass_coverage",
+                "mass_iou",
             ]
         )
         for i, p, z in zip(indices, probs, instance_logits, strict=True):
             row, col = heatmap.top_cell(z)
+            mask = examples.mass_masks[i]
+            truth = ["", ""]
+            if mask.any():
+                coverage = heatmap.cell_coverage(mask, z.shape)[row, col]
+                truth = [f"{coverage:.4f}", f"{heatmap.heatmap_iou(z, mask):.4f}"]
             out.writerow(
                 [
                     examples.file_ids[i],
@@ -71,6 +81,7 @@ def write_predictions(path: Path, examples, indices, probs, instance_logits) -> 
                     f"{p:.6f}",
                     row,
                     col,
+                    *truth,
                 ]
             )
     tmp.replace(path)

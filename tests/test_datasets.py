@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import matplotlib.path
 import numpy as np
 import pydicom
 import pytest
@@ -110,6 +111,28 @@ def test_prepared_boxes_match_a_hand_mapping(raw, prepared):
             r0, c0, r1, c1 = np.round(box).astype(int)
             inside = examples.images[i, r0 : r1 + 1, c0 : c1 + 1].astype(float).mean()
             assert inside > examples.images[i][examples.images[i] > 0].mean()
+        _check_mask(examples.mass_masks[i], outlines, geometry)
+
+
+def _check_mask(mask: np.ndarray, outlines, geometry) -> None:
+    """The stored lesion mask against matplotlib's point-in-polygon test of every preprocessed
+    pixel centre mapped back to the original (an independent rasteriser and mapping)."""
+    assert mask.dtype == np.uint8 and mask.shape == geometry.size
+    if not outlines:
+        assert not mask.any()
+        return
+    rows, cols = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]]
+    centres = geometry.to_original(np.stack([rows, cols], axis=-1).reshape(-1, 2))
+    inside = np.zeros(len(centres), bool)
+    for outline in outlines:
+        inside |= matplotlib.path.Path(outline[:, ::-1]).contains_points(centres[:, ::-1])
+    inside = inside.reshape(mask.shape)
+    # A pixel whose centre is inside is mostly inside (>= half) except along the edge.
+    agree = np.mean((mask >= 128) == inside)
+    assert agree > 0.97, agree
+    assert inside.sum() > 0 and abs(int((mask >= 128).sum()) - int(inside.sum())) <= max(
+        3, 0.25 * inside.sum()
+    )
 
 
 def test_second_prepare_only_loads(raw, prepared, monkeypatch):
@@ -128,6 +151,7 @@ def test_second_prepare_only_loads(raw, prepared, monkeypatch):
     np.testing.assert_array_equal(again.file_ids, examples.file_ids)
     for a, b in zip(again.mass_boxes, examples.mass_boxes, strict=True):
         np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(again.mass_masks, examples.mass_masks)
     # Loading needs no manual_dir once prepared.
     assert len(prepare("inbreast", manual_dir=None, data_dir=data_dir, image_size=SIZE)) == 12
 

@@ -274,3 +274,73 @@ def test_instance_map_with_a_stride_that_does_not_divide_the_image():
     geometry = Geometry(original_shape=(13, 10), crop=(0, 0, 13, 10), flipped=False, size=(6, 6))
     out = hm.instance_map_to_original(np.zeros((2, 2)), geometry, stride=4)
     assert out.shape == (4, 3)  # ceil(13 / 4), ceil(10 / 4): the last blocks are partial
+
+
+# ---------------------------------------------------------------------------------------------
+# Coverage, instance AUC and IoU against brute force and hand counts
+
+
+def test_cell_coverage_is_the_area_fraction_of_each_cell_even_across_fractional_edges():
+    # 10 x 8 mask on a 3 x 3 grid: cell edges at 10/3 and 8/3 pixels cut pixels. Reference:
+    # repeat every pixel 3 times per axis (30 x 24, where every cell is exactly 10 x 8 sub-pixels)
+    # and average each cell's block.
+    rng = np.random.default_rng(1)
+    mask = rng.integers(0, 256, size=(10, 8)).astype(np.uint8)
+    fine = np.repeat(np.repeat(mask / 255.0, 3, axis=0), 3, axis=1)
+    reference = fine.reshape(3, 10, 3, 8).mean(axis=(1, 3))
+    np.testing.assert_allclose(hm.cell_coverage(mask, (3, 3)), reference, atol=1e-12)
+    full = np.full((227, 227), 255, np.uint8)
+    np.testing.assert_allclose(hm.cell_coverage(full, (6, 6)), np.ones((6, 6)), atol=1e-12)
+
+
+def test_cell_lesion_labels_split_at_one_percent_and_leave_slivers_out():
+    coverage = np.array([[0.0, 0.004], [0.01, 0.6]])
+    np.testing.assert_array_equal(hm.cell_lesion_labels(coverage), [[0, -1], [1, 1]])
+
+
+def test_heatmap_iou_counts_pixels_by_hand():
+    # 4 x 4 image, 2 x 2 grid: each cell is a 2 x 2 block. Hot cells (logit >= 0): (0, 0), (1, 1).
+    logits = np.array([[0.0, -1.0], [-2.0, 3.0]])
+    mask = np.zeros((4, 4), np.uint8)
+    mask[0:2, 0:4] = 255  # lesion = the top two cells (8 pixels)
+    mask[3, 3] = 127  # under half a pixel: not lesion
+    # hot = 8 pixels (cells (0,0), (1,1)); intersection = cell (0,0) = 4; union = 8 + 8 - 4 = 12
+    assert hm.heatmap_iou(logits, mask) == pytest.approx(4 / 12)
+    assert math.isnan(hm.heatmap_iou(-np.ones((2, 2)), np.zeros((4, 4), np.uint8)))
+
+
+def test_localisation_scores_positive_images_with_lesions_by_hand():
+    # 2 x 2 grid on 4 x 4 images; each image's lesion fills whole cells (coverage 0 or 1).
+    def mask_of(cells):
+        m = np.zeros((4, 4), np.uint8)
+        for r, c in cells:
+            m[2 * r : 2 * r + 2, 2 * c : 2 * c + 2] = 255
+        return m
+
+    logits = np.array(
+        [
+            [[3.0, 1.0], [0.5, -1.0]],  # positive, lesion in (0, 0): top cell hits
+            [[2.0, -0.5], [0.2, 1.5]],  # positive, lesion in (1, 1): top cell (0, 0) misses
+            [[5.0, 5.0], [5.0, 5.0]],  # negative: not scored
+            [[1.0, 0.0], [0.0, 0.0]],  # positive without outline: not scored
+        ]
+    )
+    masks = np.stack([mask_of([(0, 0)]), mask_of([(1, 1)]), mask_of([(0, 0)]), mask_of([])])
+    boxes = [
+        np.array([[0.0, 0.0, 1.0, 1.0]]),
+        np.array([[2.0, 2.0, 3.0, 3.0]]),
+        np.array([[0.0, 0.0, 1.0, 1.0]]),
+        np.zeros((0, 4)),
+    ]
+    out = hm.localisation(logits, masks, boxes, np.array([1, 1, 0, 1]))
+    # Cells of images 0 and 1: lesion logits {3.0, 1.5}, others {1.0, 0.5, -1.0, 2.0, -0.5, 0.2}.
+    # Pairs (lesion > other): 3.0 beats all 6, 1.5 beats 1.0, 0.5, -1.0, -0.5, 0.2 (5): 11 of 12.
+    assert out["instance_auc"] == pytest.approx(11 / 12)
+    assert (out["instance_cells"], out["lesion_cells"], out["localised_images"]) == (8, 2, 2)
+    # IoU: image 0 hot cells (0,0), (0,1), (1,0) vs lesion (0,0): 4 / 12; image 1 hot (0,0),
+    # (1,0), (1,1) vs (1,1): 4 / 12.
+    assert out["iou"] == pytest.approx(4 / 12)
+    assert (out["pointing_hits"], out["pointing_images"]) == (1, 2)
+    assert out["pointing_game"] == pytest.approx(0.5)
+    none = hm.localisation(logits[2:3], masks[2:3], boxes[2:3], np.array([0]))
+    assert math.isnan(none["instance_auc"]) and none["localised_images"] == 0

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import plistlib
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,39 @@ def test_lesion_lands_under_the_heatmap_maximum(tmp_path, right_side):
     assert np.count_nonzero(heat == np.nanmax(heat)) == (y1 - y0) * (x1 - x0)
     picture = skimage.io.imread(pred.heatmap)
     assert picture.ndim == 3 and picture.shape[0] > 300
+
+
+def test_an_inbreast_outline_gives_the_top_patch_coverage_and_iou(tmp_path):
+    lesion = (250, 95)
+    path = tmp_path / "12345_patient_MG_L_CC_ANON.png"
+    _mammogram(path, lesion_yx=lesion, right_side=False)
+    detector = _block_max_detector(4)
+    (first,) = predict.predict_files(
+        detector, [path], image_size=64, heatmaps=False, progress=False
+    )
+    assert first.top_patch_mass_coverage is None and first.row()["mass_iou"] == ""
+    # An outline around exactly the top patch's original pixels (corners half a pixel outside
+    # the pixel centres): the patch is fully inside it.
+    y0, x0, y1, x1 = first.box
+    corners = [
+        (x0 - 0.5, y0 - 0.5),
+        (x1 - 0.5, y0 - 0.5),
+        (x1 - 0.5, y1 - 0.5),
+        (x0 - 0.5, y1 - 0.5),
+    ]
+    (tmp_path / "AllXML").mkdir()
+    roi = {"Name": "Mass", "NumberOfPoints": 4, "Point_px": [f"({x}, {y})" for x, y in corners]}
+    with open(tmp_path / "AllXML" / "12345.xml", "wb") as f:
+        plistlib.dump({"Images": [{"ROIs": [roi]}]}, f)
+    (pred,) = predict.predict_files(detector, [path], image_size=64, heatmaps=False, progress=False)
+    assert pred.top_patch == first.top_patch
+    # the crop box need not be a multiple of 4: up to a pixel's rim of the 16 x 16 patch differs
+    assert pred.top_patch_mass_coverage == pytest.approx(1.0, abs=2 * 17 / 256)
+    # IoU by hand: the lesion is one cell of 16 x 16 preprocessed pixels; the heatmap is every
+    # cell whose logit is >= 0, so the IoU is about 1 / (number of hot cells).
+    hot = int(np.count_nonzero(pred.instance_logits >= 0))
+    assert pred.mass_iou == pytest.approx(1 / hot, abs=0.1 / hot)
+    assert float(pred.row()["mass_iou"]) == pytest.approx(pred.mass_iou, abs=1e-4)
 
 
 def test_downsampled_picture_keeps_full_resolution_coordinates(tmp_path):
@@ -341,70 +375,51 @@ def test_pointing_game_counts_only_positives_with_masses():
     assert empty["evaluated"] == 0 and math.isnan(empty["score"])
 
 
-def _fake_run(run_dir: Path, rows: list[tuple], auc: float) -> dict:
-    run_dir.mkdir(parents=True)
-    with (run_dir / "test_predictions.csv").open("w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(
-            [
-                "file_id",
-                "patient_id",
-                "label",
-                "birads",
-                "probability",
-                "top_patch_row",
-                "top_patch_col",
-            ]
-        )
-        for file_id, label, r, c in rows:
-            out.writerow([file_id, "p", label, "5" if label else "1", 0.5, r, c])
+def _fake_run(run_dir: Path, auc: float, localisation: dict | None) -> dict:
     test = {"auc": auc, "accuracy": 0.5, "sensitivity": 0.5, "specificity": 0.5, "threshold": 0.5}
-    return {"run_dir": str(run_dir), "test": test}
+    return {"run_dir": str(run_dir), "test": {**test, **(localisation or {})}}
 
 
-def test_evaluate_reports_the_pointing_game(tmp_path):
+def _scores(instance_auc, iou, hits, images):
+    return {
+        "instance_auc": instance_auc,
+        "iou": iou,
+        "pointing_game": hits / images if images else math.nan,
+        "pointing_hits": hits,
+        "pointing_images": images,
+    }
+
+
+def test_evaluate_reports_the_localisation_scores(tmp_path):
     from deepmil_jax import train
 
-    boxes = {
-        "a": np.array([[10, 10, 20, 20]]),
-        "b": np.array([[60, 60, 70, 70]]),
-        "c": np.array([[60, 10, 70, 20]]),
-        "d": np.zeros((0, 4)),
-    }
-    fold0 = _fake_run(
-        tmp_path / "label_assign" / "fold0", [("a", 1, 0, 0), ("b", 1, 0, 0), ("d", 1, 1, 1)], 0.8
-    )  # 1 of 2
-    fold1 = _fake_run(
-        tmp_path / "label_assign" / "fold1", [("c", 1, 1, 0), ("a", 0, 1, 1)], 0.9
-    )  # 1 of 1
-    for fold, run in enumerate((fold0, fold1)):
-        run["fold"] = fold
-        run["localization"] = evaluate.localization(
-            run["run_dir"], boxes, grid_shape=(2, 2), image_size=100
-        )
-    assert fold0["localization"] == {"hits": 1, "evaluated": 2, "score": 0.5}
-    assert fold1["localization"] == {"hits": 1, "evaluated": 1, "score": 1.0}
-    base = _fake_run(tmp_path / "alexnet" / "fold0", [("a", 1, 0, 0)], 0.7)
+    fold0 = _fake_run(tmp_path / "label_assign" / "fold0", 0.8, _scores(0.7, 0.2, 1, 2))
+    fold1 = _fake_run(tmp_path / "label_assign" / "fold1", 0.9, _scores(0.9, 0.4, 1, 1))
+    fold2 = _fake_run(tmp_path / "label_assign" / "fold2", 0.9, _scores(math.nan, math.nan, 0, 0))
     results = {
-        "alexnet": [{**base, "fold": 0, "localization": None}],
-        "label_assign": [fold0, fold1],
+        "alexnet": [{**_fake_run(tmp_path / "alexnet" / "fold0", 0.7, None), "fold": 0}],
+        "label_assign": [{**r, "fold": f} for f, r in enumerate((fold0, fold1, fold2))],
     }
     table = evaluate.summarize(results)
-    loc = table["label_assign"]["localization"]
-    assert loc["mean"] == pytest.approx(0.75)
-    assert loc["std"] == pytest.approx(np.std([0.5, 1.0], ddof=1))
-    assert (loc["hits"], loc["evaluated"]) == (2, 3)
-    assert table["alexnet"]["localization"] is None
+    row = table["label_assign"]
+    # a fold with nothing to score (NaN) is left out of the mean and standard deviation
+    assert row["instance_auc"]["mean"] == pytest.approx(0.8)
+    assert row["instance_auc"]["std"] == pytest.approx(np.std([0.7, 0.9], ddof=1))
+    assert row["iou"]["mean"] == pytest.approx(0.3)
+    assert row["pointing_game"]["mean"] == pytest.approx(0.75)
+    assert (row["pointing_game"]["hits"], row["pointing_game"]["evaluated"]) == (2, 3)
+    assert all(table["alexnet"][m] is None for m in ("instance_auc", "iou", "pointing_game"))
     evaluate.write_report(table, results, tmp_path / "report")
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "Pointing game" in md and "0.75 ± 0.35 (2/3)" in md
+    assert "| Instance AUC | IoU | Pointing game |" in md
+    assert "| 0.80 ± 0.14 | 0.30 ± 0.14 | 0.75 ± 0.35 (2/3) |" in md
     with (tmp_path / "report" / "report.csv").open() as f:
         by_scheme = {r["scheme"]: r for r in csv.DictReader(f)}
-    assert float(by_scheme["label_assign"]["localization_mean"]) == pytest.approx(0.75)
-    assert by_scheme["alexnet"]["localization_mean"] == ""
-    assert float(by_scheme["label_assign"]["auc_mean"]) == pytest.approx(0.85)
+    assert float(by_scheme["label_assign"]["instance_auc_mean"]) == pytest.approx(0.8)
+    assert by_scheme["alexnet"]["iou_mean"] == ""
+    assert float(by_scheme["label_assign"]["auc_mean"]) == pytest.approx(np.mean([0.8, 0.9, 0.9]))
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert saved["label_assign"]["localization"]["per_fold"] == [0.5, 1.0]
+    assert saved["label_assign"]["iou"]["per_fold"][:2] == [0.2, 0.4]
     # The grid of the models: 2x2 for 99-pixel images, 6x6 for the paper's 227.
     assert train.grid_shape(train.Config(image_size=99)) == (2, 2)
     assert train.grid_shape(train.Config(image_size=227, scheme="sparse")) == (6, 6)
