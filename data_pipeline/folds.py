@@ -10,8 +10,11 @@ Two protocols:
 * ``split="image"``: the paper's image-level protocol, ``StratifiedKFold`` over images (images of
   one patient may fall into different parts).
 
-Both shuffle with ``random_state=seed`` and are deterministic for a seed. ``write_split`` writes the
-membership (file ids per part) to JSON so that results can be audited.
+Both shuffle with ``random_state=seed`` and are deterministic for a seed. A third,
+``split="official"``, is for collections that come with their own train/test split (CBIS-DDSM,
+VinDr-Mammo): the test set is the official test set, whatever the fold, and fold ``f`` of a
+patient-grouped ``num_folds``-fold split of the official training set is the validation set.
+``write_split`` writes the membership (file ids per part) to JSON so that results can be audited.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from data_pipeline.errors import DataError
 
 __all__ = ["SPLIT_MODES", "Split", "assign_folds", "make_split", "write_split"]
 
-SPLIT_MODES = ("patient", "image")
+SPLIT_MODES = ("patient", "image", "official")
+_FOLD_MODES = ("patient", "image")  # the modes that cut the examples into folds
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,10 @@ class Split:
 def _check_inputs(
     labels: np.ndarray, groups: np.ndarray | None, num_folds: int, split: str
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    if split not in SPLIT_MODES:
-        raise DataError(f"split={split!r} is not a split mode; use one of {SPLIT_MODES}.")
+    if split not in _FOLD_MODES:
+        raise DataError(
+            f"split={split!r} is not a split mode that cuts folds; use one of {_FOLD_MODES}."
+        )
     if not isinstance(num_folds, int | np.integer) or num_folds < 3:
         raise DataError(
             f"num_folds={num_folds!r}: need at least 3 folds (test, validation and training); "
@@ -162,6 +168,7 @@ def make_split(
     fold: int = 0,
     split: str = "patient",
     seed: int = 0,
+    subsets: Sequence[str] | np.ndarray | None = None,
 ) -> Split:
     """The train / validation / test split of one fold (paper, Sec. 3: 5-fold cross-validation).
 
@@ -173,23 +180,66 @@ def make_split(
       groups: ``(n,)`` patient ids (may be None for ``split="image"``).
       num_folds: K (the paper: 5).
       fold: which fold is the test set, in ``[0, num_folds)``.
-      split: ``"patient"`` or ``"image"``.
+      split: ``"patient"``, ``"image"`` or ``"official"`` (the collection's own test set; the
+        validation set is fold ``fold`` of a patient-grouped split of its training set).
       seed: seed of the shuffled fold assignment; the same seed gives the same split.
+      subsets: for ``split="official"``, ``(n,)`` "train" or "test" per example.
 
     Returns:
       A ``Split`` of sorted int64 index arrays.
 
     Raises:
-      DataError: bad arguments, or fewer patients / positives / negatives than folds.
+      DataError: bad arguments, or fewer patients / positives / negatives than folds; for
+        ``"official"``, examples without an official subset.
     """
     if not isinstance(fold, int | np.integer) or not 0 <= fold < num_folds:
         raise DataError(f"fold={fold!r} is out of range; use 0 <= fold < num_folds={num_folds}.")
+    if split == "official":
+        return _official_split(labels, groups, subsets, num_folds=num_folds, fold=fold, seed=seed)
     assignment = assign_folds(labels, groups, num_folds=num_folds, split=split, seed=seed)
     validation_fold = (fold + 1) % num_folds
     index = np.arange(assignment.size, dtype=np.int64)  # pragma: no mutate (numpy 2: int64)
     test = index[assignment == fold]
     validation = index[assignment == validation_fold]
     train = index[(assignment != fold) & (assignment != validation_fold)]
+    return Split(train=train, validation=validation, test=test)
+
+
+def _official_split(
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence[str] | np.ndarray | None,
+    subsets: Sequence[str] | np.ndarray | None,
+    *,
+    num_folds: int,
+    fold: int,
+    seed: int,
+) -> Split:
+    """The collection's test set; validation: fold ``fold`` of its training set's folds."""
+    labels = np.asarray(labels)
+    subsets = np.asarray(subsets if subsets is not None else [""] * labels.size, dtype=str)
+    if subsets.shape != labels.shape or not np.isin(subsets, ("train", "test")).all():
+        raise DataError(
+            'split="official" needs the collection\'s own train/test split, and this dataset has '
+            'none (only CBIS-DDSM and VinDr-Mammo have one). Use split="patient" (--split).'
+        )
+    index = np.arange(labels.size, dtype=np.int64)  # pragma: no mutate (numpy 2: int64)
+    test = index[subsets == "test"]
+    official_train = index[subsets == "train"]
+    if test.size == 0 or official_train.size == 0:
+        raise DataError(
+            f"The official split has {official_train.size} training and {test.size} test "
+            'examples; both are needed. Use split="patient" (--split).'
+        )
+    train_groups = None if groups is None else np.asarray(groups)[official_train]
+    assignment = assign_folds(
+        labels[official_train],
+        train_groups,
+        num_folds=num_folds,
+        split="image" if groups is None else "patient",
+        seed=seed,
+    )
+    validation = official_train[assignment == fold]
+    train = official_train[assignment != fold]
     return Split(train=train, validation=validation, test=test)
 
 

@@ -198,3 +198,36 @@ def test_a_fold_of_one_example_is_not_empty():
     folds = assign_folds(labels, groups, num_folds=3, seed=1)
     assert np.bincount(folds).tolist() == [4, 3, 1]  # patient "a" alone tests fold 2
     assert make_split(labels, groups, num_folds=3, fold=2, seed=1).test.tolist() == [0]
+
+
+def test_official_split_keeps_the_collections_test_set():
+    # the official test set: every fourth patient's images (a hand-made choice, patient-wise)
+    patients = np.unique(GROUPS)
+    test_patients = set(patients[::4])
+    subsets = np.array(["test" if g in test_patients else "train" for g in GROUPS])
+    official_test = np.flatnonzero(subsets == "test")
+    official_train = np.flatnonzero(subsets == "train")
+    validations = []
+    for fold in range(K):
+        split = make_split(
+            LABELS, GROUPS, num_folds=K, fold=fold, split="official", seed=3, subsets=subsets
+        )
+        np.testing.assert_array_equal(split.test, official_test)  # whatever the fold
+        np.testing.assert_array_equal(
+            np.sort(np.concatenate([split.train, split.validation])), official_train
+        )
+        assert not set(GROUPS[split.train]) & set(GROUPS[split.validation])
+        assert set(LABELS[split.validation]) == {0, 1}
+        validations.append(split.validation)
+    # the validation sets of the K folds cut the official training set into K parts
+    joined = np.concatenate(validations)
+    np.testing.assert_array_equal(np.sort(joined), official_train)
+
+
+@pytest.mark.parametrize(
+    "subsets", [None, ["train"] * LABELS.size, ["train", ""] * (LABELS.size // 2) + ["test"]]
+)
+def test_official_split_needs_an_official_split(subsets):
+    subsets = subsets if subsets is None else subsets[: LABELS.size]
+    with pytest.raises(DataError, match="official"):
+        make_split(LABELS, GROUPS, num_folds=K, split="official", subsets=subsets)
