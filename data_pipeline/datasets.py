@@ -21,6 +21,10 @@ Builders (registered with TFDS when this module is imported):
   a custom config.
 * ``mammogram_folder``: ``manual_dir`` holds a CSV listing images and labels
   (``data_pipeline.inbreast.read_folder``); the CSV's name and columns are part of the config.
+* ``mias``, ``cbis_ddsm``, ``vindr_mammo``, ``cmmd``: ``manual_dir`` is the collection as
+  downloaded (``data_pipeline.collections_sources``). CBIS-DDSM's and VinDr-Mammo's official
+  train/test split is kept in the metadata (``official_split``) and loaded as
+  ``Examples.subsets`` (for ``folds.make_split(split="official")``).
 
 Each has one split, ``"train"``, holding every image (folds are chosen later by
 ``data_pipeline.folds``; TFDS reserves the split name ``"all"``). Features: ``image`` (h, w, 1)
@@ -63,6 +67,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from tqdm import tqdm
 
+from data_pipeline import collections_sources as _collections
 from data_pipeline import inbreast as _reader
 from data_pipeline import lesions as _lesions
 from data_pipeline import preprocess as _preprocess_module
@@ -98,7 +103,8 @@ __all__ = [
 
 hide_gpus()
 
-SOURCES = ("inbreast", "synthetic", "synthetic_hard", "folder")
+COLLECTIONS = ("mias", "cbis_ddsm", "vindr_mammo", "cmmd")  # data_pipeline.collections_sources
+SOURCES = ("inbreast", "synthetic", "synthetic_hard", "folder", *COLLECTIONS)
 # the synthetic sources: INbreast-layout data written by data_pipeline.synthetic in that style
 SYNTHETIC_STYLES = {"synthetic": "easy", "synthetic_hard": "hard"}
 _UINT16_MAX = 65535
@@ -527,6 +533,75 @@ class MammogramFolder(_MammogramBuilder):
         }
 
 
+class _CollectionBuilder(_MammogramBuilder, skip_registration=True):
+    """A public collection read as distributed (``data_pipeline.collections_sources``)."""
+
+    _SOURCE = ""
+    BUILDER_CONFIGS = [
+        MammogramConfig(name="227", image_size=(227, 227), description="227 x 227 (paper)."),
+        MammogramConfig(name="454", image_size=(454, 454), description="454 x 454."),
+    ]
+    DEFAULT_BUILDER_CONFIG_NAME = "227"
+
+    def _read_records(self, manual_dir: Path) -> tuple[list[Record], list[BadFile]]:
+        records, bad = _collections.READERS[self._SOURCE](manual_dir, skip_bad=self._skip_bad)
+        # the collection's own train/test split, for folds.make_split(split="official")
+        self.info.metadata["official_split"] = {r.file_id: r.subset for r in records if r.subset}
+        return records, bad
+
+
+class Mias(_CollectionBuilder):
+    """mini-MIAS (Suckling et al. 1994): 322 scanned-film MLO mammograms, 161 women."""
+
+    _SOURCE = "mias"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    Download mini-MIAS (all-mias.tar.gz, http://peipa.essex.ac.uk/info/mias.html), unpack it and
+    give its folder as manual_dir: it holds Info.txt and mdb001.pgm ... mdb322.pgm.
+    """
+    _DESCRIPTION = "mini-MIAS scanned-film mammograms; label 1 iff an abnormality is malignant."
+
+
+class CbisDdsm(_CollectionBuilder):
+    """CBIS-DDSM (Lee et al. 2017): scanned-film mammograms with biopsy-proven pathology."""
+
+    _SOURCE = "cbis_ddsm"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    Download CBIS-DDSM from TCIA (https://www.cancerimagingarchive.net/collection/cbis-ddsm/): the
+    images with the NBIA Data Retriever (its CBIS-DDSM/ folder, either directory layout) and the
+    four case description CSVs (mass_case_description_train_set.csv, ..._test_set.csv,
+    calc_case_description_train_set.csv, ..._test_set.csv). Give the folder holding both as
+    manual_dir.
+    """
+    _DESCRIPTION = "CBIS-DDSM full mammograms; label 1 iff an abnormality is MALIGNANT."
+
+
+class VindrMammo(_CollectionBuilder):
+    """VinDr-Mammo (Nguyen et al. 2023): 20,000 full-field digital mammograms, 5,000 studies."""
+
+    _SOURCE = "vindr_mammo"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    Download VinDr-Mammo from PhysioNet (https://physionet.org/content/vindr-mammo/1.0.0/, a
+    credentialed download) and give its folder as manual_dir: it holds
+    breast-level_annotations.csv, finding_annotations.csv and images/<study_id>/<image_id>.dicom.
+    """
+    _DESCRIPTION = "VinDr-Mammo mammograms; label 1 iff the breast's BI-RADS is 4 or more."
+
+
+class Cmmd(_CollectionBuilder):
+    """CMMD (Cui et al. 2021): 3,728 full-field digital mammograms of 1,775 Chinese patients."""
+
+    _SOURCE = "cmmd"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    Download CMMD from TCIA (https://www.cancerimagingarchive.net/collection/cmmd/): the images
+    with the NBIA Data Retriever (its CMMD/ folder) and CMMD_clinicaldata_revision.xlsx. Give the
+    folder holding both as manual_dir.
+    """
+    _DESCRIPTION = "CMMD mammograms; label 1 iff the breast's classification is Malignant."
+
+
+_COLLECTION_BUILDERS = {b._SOURCE: b for b in (Mias, CbisDdsm, VindrMammo, Cmmd)}
+
+
 # --------------------------------------------------------------------------------------------------
 # prepare(): prepare once, load into memory.
 
@@ -544,6 +619,8 @@ class Examples:
         mass outline (``data_pipeline.lesions``); all zero for an image without outlines.
       bad_files: the files left out when the dataset was prepared with ``skip_bad=True``.
       geometries: n ``Geometry``: where each image came from in its original (for heatmaps).
+      subsets: ``(n,)`` str, "train" or "test" in the collection's official split ('' where it
+        has none; None when not loaded from a prepared dataset).
     """
 
     images: np.ndarray
@@ -557,6 +634,7 @@ class Examples:
     mass_masks: np.ndarray
     bad_files: list[BadFile] = dataclasses.field(default_factory=list)
     geometries: list[Geometry] = dataclasses.field(default_factory=list)
+    subsets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -612,10 +690,11 @@ def get_builder(
         )
         with _quiet_about_custom_configs():
             return MammogramFolder(config=config, **kwargs), manual
-    predefined = Inbreast.builder_configs.get(name)
+    builder_class = _COLLECTION_BUILDERS.get(source, Inbreast)
+    predefined = builder_class.builder_configs.get(name)
     config = predefined or MammogramConfig(name=name, image_size=size)
     with _quiet_about_custom_configs():
-        return Inbreast(config=config, **kwargs), manual
+        return builder_class(config=config, **kwargs), manual
 
 
 @contextlib.contextmanager
@@ -638,7 +717,7 @@ def _quiet_about_custom_configs() -> Iterator[None]:
 # Fingerprints: a prepared dataset is reused only if it was made from the same inputs.
 
 _FINGERPRINT_FORMAT = 1
-_SOURCE_SUFFIXES = DICOM_SUFFIXES | RASTER_SUFFIXES | {".xml"}
+_SOURCE_SUFFIXES = DICOM_SUFFIXES | RASTER_SUFFIXES | {".xml", ".pgm"}
 
 
 def _sha256(path: Path) -> str | None:
@@ -656,7 +735,7 @@ def _code_version() -> str:
     Computed once, when this module is imported: the code this process runs, even if the files
     are edited later."""
     digest = hashlib.sha256()
-    for module in (_preprocess_module, _reader, _lesions):
+    for module in (_preprocess_module, _reader, _lesions, _collections):
         digest.update(Path(module.__file__).read_bytes())
     for function in (_pixels, _pixel_digest, _example, _features):
         digest.update(inspect.getsource(function).encode())
@@ -700,9 +779,11 @@ def _fingerprint(builder: _MammogramBuilder, manual: Path, skip_bad: bool) -> di
         tables[config.csv_name] = _sha256(csv_path)
         paths = listed_images(csv_path, config.image_column)
     else:
+        source = getattr(builder, "_SOURCE", "")
+        collection_tables = set(_collections.table_files(source, manual)) if source else set()
         paths = []
         for path in sorted(manual.rglob("*")):
-            if path.name.lower() in TABLE_NAMES:
+            if path.name.lower() in TABLE_NAMES or path in collection_tables:
                 tables[_source_key(path, manual)] = _sha256(path)
             elif path.suffix.lower() in _SOURCE_SUFFIXES:
                 paths.append(path)
@@ -832,6 +913,7 @@ def _load(builder: tfds.core.DatasetBuilder) -> Examples:
     h, w = builder.builder_config.image_size
     metadata = builder.info.metadata or {}
     bad = [BadFile(**b) for b in metadata.get("bad_files", [])]
+    official = metadata.get("official_split") or {}
     return Examples(
         images=np.stack(fields["image"]) if fields["image"] else np.zeros((0, h, w), np.uint16),
         labels=np.array(fields["label"], dtype=np.int32),
@@ -846,6 +928,7 @@ def _load(builder: tfds.core.DatasetBuilder) -> Examples:
         ),
         bad_files=bad,
         geometries=fields["geometry"],
+        subsets=np.array([official.get(f, "") for f in fields["file_id"]], dtype=str),
     )
 
 
@@ -883,7 +966,8 @@ def prepare(
         the synthetic dataset is written there first, in the easy or hard style of
         ``data_pipeline.synthetic``) or ``"folder"`` (``manual_dir`` = a CSV file, or a folder
         with one CSV or a ``labels.csv``; columns ``image_column``, ``label_column``,
-        ``patient_column``).
+        ``patient_column``), or a public collection as downloaded: ``"mias"``, ``"cbis_ddsm"``,
+        ``"vindr_mammo"``, ``"cmmd"`` (``data_pipeline.collections_sources``).
       manual_dir: where the raw data is.
       data_dir: where TFDS datasets are written (use one per raw dataset: a second INbreast-layout
         folder prepared into the same ``data_dir`` would replace the first one's copy).
