@@ -19,7 +19,18 @@ from absl import app, flags, logging
 from deepmil_jax.errors import ConfigError, DeepMILError
 
 SCHEMES = ("alexnet", "max_pooling", "label_assign", "sparse")
-DATASETS = ("synthetic", "synthetic_hard", "inbreast", "folder")
+DATASETS = (
+    "synthetic",
+    "synthetic_hard",
+    "inbreast",
+    "folder",
+    "cbis_ddsm",
+    "vindr_mammo",
+    "cmmd",
+    "mias",
+)
+# the collections that come with their own train/test split (--split=official)
+OFFICIAL_SPLIT_DATASETS = ("cbis_ddsm", "vindr_mammo")
 # generated on first use under --data_dir; the others are read from --manual_dir
 SYNTHETIC_DATASETS = ("synthetic", "synthetic_hard")
 
@@ -71,7 +82,9 @@ class Config:
         "synthetic: generated INbreast-like data (no download needed; easy lesions, the "
         "Quickstart's); synthetic_hard: the same layout made to tell MIL methods apart (lesions "
         "of 0.2-10% of the breast, benign look-alikes, dense tissue); inbreast: the INbreast "
-        "database at --manual_dir; folder: your CSV of images and labels at --manual_dir.",
+        "database at --manual_dir; folder: your CSV of images and labels at --manual_dir; "
+        "cbis_ddsm, vindr_mammo, cmmd, mias: that public collection as downloaded, at "
+        "--manual_dir (README, Data).",
         choices=DATASETS,
     )
     data_dir: str = setting(
@@ -79,7 +92,10 @@ class Config:
     )
     manual_dir: str = setting(
         "",
-        "inbreast: the INbreast folder (AllDICOMs, AllXML, INbreast.csv); folder: the CSV file.",
+        "inbreast: the INbreast folder (AllDICOMs, AllXML, INbreast.csv); folder: the CSV file; "
+        "cbis_ddsm: the folder with CBIS-DDSM/ and the four case CSVs; vindr_mammo: the folder "
+        "with breast-level_annotations.csv and images/; cmmd: the folder with CMMD/ and "
+        "CMMD_clinicaldata_revision.xlsx; mias: the folder with Info.txt and mdbNNN.pgm.",
     )
     image_column: str = setting(
         "image", "--dataset=folder: the CSV column of image paths (relative to the CSV)."
@@ -105,8 +121,9 @@ class Config:
     split: str = setting(
         "patient",
         "patient: no patient's images in two of train/validation/test; image: the paper's "
-        "image-level split.",
-        choices=("patient", "image"),
+        "image-level split; official: the collection's own test set (cbis_ddsm, vindr_mammo), "
+        "with fold --fold of its training set (by patient) as the validation set.",
+        choices=("patient", "image", "official"),
     )
     init: str = setting(
         "random",
@@ -145,6 +162,12 @@ class Config:
                 fail(name, f"{getattr(self, name)!r} is not one of {', '.join(choices)}.")
         if self.dataset not in SYNTHETIC_DATASETS and not self.manual_dir:
             fail("manual_dir", f"--dataset={self.dataset} needs the folder (or CSV) of your data.")
+        if self.split == "official" and self.dataset not in OFFICIAL_SPLIT_DATASETS:
+            fail(
+                "split",
+                f"--dataset={self.dataset} has no official train/test split (only "
+                f"{', '.join(OFFICIAL_SPLIT_DATASETS)}); use --split=patient.",
+            )
         if self.scheme == "label_assign":
             if self.k >= 1 and float(self.k) != int(self.k):
                 fail("k", f"{self.k} is neither a whole number of instances nor a fraction < 1.")

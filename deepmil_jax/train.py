@@ -238,6 +238,7 @@ def _prepare(config: Config, workdir: Path) -> _Run:
         fold=config.fold,
         split=config.split,
         seed=config.seed,
+        subsets=examples.subsets,
     )
     trainer = Trainer(config, mesh)
     if config.init.startswith("checkpoint:"):
