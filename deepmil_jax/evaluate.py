@@ -129,6 +129,14 @@ def _main() -> None:
     if unknown:
         raise ConfigError(f"--schemes: unknown {unknown}; choose from {', '.join(SCHEMES)}.")
     folds = list(chosen.folds) or list(range(config.num_folds))
+    if config.split == "official" and not chosen.folds:
+        # Every fold tests on the same official test set: pooling several folds' predictions
+        # would count each test image several times (a too narrow confidence interval).
+        folds = [0]
+        logging.info(
+            "--split=official: one run per scheme (fold 0), tested on the official test set; "
+            "pass --folds to run others (their pooled statistics repeat the test images)."
+        )
     for scheme in chosen.schemes:  # every flag checked before the first run trains
         dataclasses.replace(config, scheme=scheme).canonical().validate()
     for fold in folds:
