@@ -7,12 +7,18 @@ use, so that a program answers ``--help`` before JAX is imported.
 """
 
 __all__ = [
+    "AUTO_K",
     "POOLINGS",
+    "adaptive_label_assign_loss",
+    "attention_pooling",
     "bag_logits",
+    "bag_loss",
+    "extent_k",
     "l2_penalty",
     "label_assign_loss",
     "max_pooling_loss",
     "num_top_instances",
+    "soft_top_k",
     "sparse_loss",
 ]
 __version__ = "0.1.0"

@@ -28,14 +28,23 @@ import optax
 
 Pooling = Literal["max", "mean", "topk_mean", "lse", "noisy_or"]
 POOLINGS: tuple[str, ...] = ("max", "mean", "topk_mean", "lse", "noisy_or")
+# k chosen per image by the model (``adaptive_label_assign_loss``): k="auto" assigns the hard top
+# round(extent) instances, k="auto_soft" a soft top-extent membership (see ``soft_top_k``).
+AUTO_K: tuple[str, ...] = ("auto", "auto_soft")
 
 __all__ = [
+    "AUTO_K",
     "POOLINGS",
+    "adaptive_label_assign_loss",
+    "attention_pooling",
     "bag_logits",
+    "bag_loss",
+    "extent_k",
     "label_assign_loss",
     "l2_penalty",
     "max_pooling_loss",
     "num_top_instances",
+    "soft_top_k",
     "sparse_loss",
 ]
 
@@ -105,7 +114,9 @@ def num_top_instances(k: int | float, counts: jax.Array, m: int) -> jax.Array:
       (N,) int32, never more than a bag's valid count.
     """
     if isinstance(k, bool) or not isinstance(k, (int, float, np.integer, np.floating)):
-        raise TypeError(f"k must be a positive int or a float in (0, 1); got {k!r}.")
+        raise TypeError(
+            f"k must be a positive int, a float in (0, 1) or one of {AUTO_K}; got {k!r}."
+        )
     if isinstance(k, (int, np.integer)):
         if k < 1:
             raise ValueError(f"k must be at least 1; got {k}.")
@@ -190,7 +201,8 @@ def bag_logits(
       mask: optional bool of the same shape, False for padding instances.
       pooling: one of ``POOLINGS``.
       k: for ``"topk_mean"`` only.
-      temperature: for ``"lse"`` only.
+      temperature: for ``"lse"`` only: a positive Python number, or a JAX scalar (e.g. a learned
+        ``exp(log_temperature)``, whose sign is then the caller's to guarantee).
 
     Returns:
       (N,) bag logits; ``jax.nn.sigmoid`` of them gives bag probabilities.
@@ -212,7 +224,7 @@ def bag_logits(
         # any finite stand-in outside the top k works: _mean_probability_logit skips it
         return _mean_probability_logit(jnp.where(in_top, ranked, 0.0), in_top)  # pragma: no mutate
     if pooling == "lse":
-        if not temperature > 0:
+        if isinstance(temperature, (int, float, np.number)) and not temperature > 0:
             raise ValueError(f"temperature must be positive; got {temperature}.")
         counts = _valid_counts(logits, mask).astype(logits.dtype)
         lse = jax.nn.logsumexp(temperature * logits, axis=1, where=mask)
@@ -270,7 +282,9 @@ def label_assign_loss(
       labels: (N,) image labels, 0 or 1.
       k: positive int (the paper used k=6 of m=36 at 227x227), or a float in (0, 1): that fraction
         of each image's valid instances, rounded up. An int k larger than m is an error; with a
-        mask, k is capped at each image's valid count.
+        mask, k is capped at each image's valid count. ``"auto"`` or ``"auto_soft"``: k chosen
+        per image by the model, ``adaptive_label_assign_loss`` with ``method="extent"`` or
+        ``"soft"`` (its default temperature).
       mask: optional bool of the logits' shape, False for padding instances.
 
     Returns:
@@ -281,9 +295,20 @@ def label_assign_loss(
       >>> y = jnp.array([1, 0, 0, 1, 0, 0, 0, 1])
       >>> loss, grads = jax.value_and_grad(label_assign_loss)(z, y, 6)
     """
+    if isinstance(k, str) and k in AUTO_K:
+        method = "extent" if k == "auto" else "soft"
+        return adaptive_label_assign_loss(instance_logits, labels, method=method, mask=mask)
     logits, labels, mask = _flatten(instance_logits, labels, mask)
     counts = _valid_counts(logits, mask)
     top = num_top_instances(k, counts, logits.shape[1])
+    return _assign_top(logits, labels, top, counts, mask)
+
+
+def _assign_top(
+    logits: jax.Array, labels: jax.Array, top: jax.Array, counts: jax.Array, mask
+) -> jax.Array:
+    """Eq. 5-6 on flattened (N, m) logits with ``top`` (N,) int instances per image assigned
+    the image label; the mean instance cross-entropy over the valid instances."""
     ranked = _sorted_desc(logits, mask)
     rank = jnp.arange(logits.shape[1])[None, :]
     targets = jnp.where(rank < top[:, None], labels[:, None], 0.0)
@@ -327,6 +352,233 @@ def sparse_loss(
     probabilities = jax.nn.sigmoid(ranked)  # sigmoid(-inf) = 0, so padding adds nothing
     l1 = jnp.sum(probabilities, axis=1)
     return jnp.mean(_bce(ranked[:, 0], labels) + mu * l1)
+
+
+# ---------------------------------------------------------------------------------------------
+# k chosen per image (the paper's open problem: "an adaptive way to estimate the hyper-parameter k")
+
+
+def extent_k(instance_logits: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    """The model's own estimate of how many instances of each image are malignant.
+
+    The expected number of positive instances under the instance probabilities,
+    K_n = sum_j sigmoid(z_nj) over the valid instances, clipped to [1, m_n] (m_n: the image's
+    valid count), with no gradient (it chooses labels; it is not a path for learning).
+
+    Args:
+      instance_logits: (N, m) or (N, H, W) float pre-sigmoid instance scores.
+      mask: optional bool of the logits' shape, False for padding instances.
+
+    Returns:
+      (N,) real-valued counts in [1, m_n], float32 (float64 for float64 logits).
+
+    Example:
+      >>> extent_k(jnp.array([[0.0, 0.0, 10.0, -10.0]]))  # 0.5 + 0.5 + ~1 + ~0
+      Array([2.], dtype=float32)
+    """
+    logits, _, mask = _flatten(instance_logits, None, mask)
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    counts = _valid_counts(logits, mask).astype(dtype)
+    probabilities = jax.nn.sigmoid(logits.astype(dtype))
+    total = jnp.sum(probabilities, axis=1, where=mask)
+    return jax.lax.stop_gradient(jnp.clip(total, 1.0, counts))
+
+
+def soft_top_k(
+    instance_logits: jax.Array,
+    k: float | jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    mask: jax.Array | None = None,
+    iterations: int = 60,
+) -> jax.Array:
+    """Soft top-k membership: s_j = sigmoid((z_j - tau) / T) with tau chosen so that sum_j s_j = k.
+
+    A relaxation of the top-k indicator of label assignment (Eq. 5): as the temperature T -> 0
+    it tends to 1 on the k largest logits and 0 elsewhere (for an integer k and distinct logits);
+    a fractional k gives the boundary instance the fraction. The threshold tau of each bag is
+    found by bisection (``iterations`` halvings of a bracket around the logits: the sum is
+    decreasing in tau), and differentiated implicitly: d tau / d z_j = s'_j / sum_i s'_i, with
+    s' the sigmoid's derivative, so gradients flow to the logits, to k and to T without
+    unrolling the search. (ott-jax's ``soft_sort.top_k`` solves a regularised optimal transport
+    instead; this threshold form is exact in its sum, costs O(m) per halving, and needs no
+    dependency beyond JAX.)
+
+    Args:
+      instance_logits: (N, m) or (N, H, W) float pre-sigmoid instance scores.
+      k: scalar or (N,) real count per bag, in (0, m_n] (m_n: the bag's valid instances).
+      temperature: T > 0 in logit units (scalar; may be a traced, learned value).
+      mask: optional bool of the logits' shape, False for padding instances (membership 0).
+      iterations: bisection halvings (60 reach float32 resolution for logits of +-1e4).
+
+    Returns:
+      Memberships in [0, 1] of the logits' shape, summing to k over each bag; float32 (float64
+      for float64 logits).
+
+    Example:
+      >>> s = soft_top_k(jnp.array([[3.0, -1.0, 2.0, 0.0]]), 2, temperature=1e-3)
+      >>> s.round(3)
+      Array([[1., 0., 1., 0.]], dtype=float32)
+    """
+    shape = jnp.shape(instance_logits)
+    logits, _, mask = _flatten(instance_logits, None, mask)
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    z = logits.astype(dtype)
+    n, m = z.shape
+    valid = jnp.ones(z.shape, bool) if mask is None else mask
+    k = jnp.broadcast_to(jnp.asarray(k, dtype), (n,))
+    t = jnp.asarray(temperature, dtype)
+
+    z0, k0, t0 = jax.lax.stop_gradient((z, k, t))
+    # at tau = max z + margin every membership is below sigmoid(-log m - 20): the sum is < k;
+    # at tau = min z - margin every one is above 1 - e^-20 / m: the sum is about the count >= k
+    margin = t0 * (float(np.log(m)) + 20.0)
+    lo = jnp.min(jnp.where(valid, z0, jnp.inf), axis=1) - margin
+    hi = jnp.max(jnp.where(valid, z0, -jnp.inf), axis=1) + margin
+
+    def total(tau, zz, tt):
+        return jnp.sum(jnp.where(valid, jax.nn.sigmoid((zz - tau[:, None]) / tt), 0.0), axis=1)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) / 2
+        too_low = total(mid, z0, t0) > k0  # more than k inside: the threshold must rise
+        return jnp.where(too_low, mid, lo), jnp.where(too_low, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, iterations, halve, (lo, hi))
+    tau0 = (lo + hi) / 2
+    # Implicit differentiation in one Newton step from the solution: its value adds nothing
+    # (it is subtracted again), its derivative is -(d residual) / (d residual / d tau).
+    u0 = (z0 - tau0[:, None]) / t0
+    slope = jnp.sum(
+        jnp.where(valid, jnp.exp(jax.nn.log_sigmoid(u0) + jax.nn.log_sigmoid(-u0)), 0.0), axis=1
+    )
+    residual = total(tau0, z, t) - k
+    step = t0 * residual / jnp.maximum(slope, 1e-30)
+    tau = tau0 + (step - jax.lax.stop_gradient(step))
+    safe = jnp.where(valid, z, 0.0)  # no gradient through padding
+    member = jnp.where(valid, jax.nn.sigmoid((safe - tau[:, None]) / t), 0.0)
+    return member.reshape(shape)
+
+
+def adaptive_label_assign_loss(
+    instance_logits: jax.Array,
+    labels: jax.Array,
+    *,
+    method: Literal["extent", "soft"] = "extent",
+    temperature: float = 0.25,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Label assignment (Eq. 5-6) with k chosen per image by the model: ``--k=auto``.
+
+    The paper fixes one k for every mammogram and names the choice of k its open problem; here
+    each image's k is the model's own estimate of the malignant extent, K_n = ``extent_k`` (the
+    sum of its instance probabilities, clipped to [1, m_n], without gradient). Two assignments:
+
+    - ``method="extent"`` (``--k=auto``): the top round(K_n) instances take the image label and
+      the rest are negative, exactly Eq. 5 with a per-image k;
+    - ``method="soft"`` (``--k=auto_soft``): instance j takes the target y_n s_nj with s_n =
+      ``soft_top_k(z_n, K_n, temperature)``, a soft top-K membership summing to K_n (a
+      sharpened copy of the instance probabilities with the same total); it tends to the hard
+      assignment as ``temperature`` -> 0 (at T = 1 the targets would equal the probabilities).
+
+    As in Eq. 5, the assignment is a label: no gradient flows through it. Negative images are
+    unaffected (every target is 0). The loss is the instance cross-entropy averaged over the
+    valid instances of the batch, as ``label_assign_loss``.
+
+    Args:
+      instance_logits: (N, m) or (N, H, W) float pre-sigmoid instance scores.
+      labels: (N,) image labels, 0 or 1.
+      method: ``"extent"`` or ``"soft"``.
+      temperature: for ``"soft"``: T > 0 of the soft top-k, in logit units.
+      mask: optional bool of the logits' shape, False for padding instances.
+
+    Returns:
+      Scalar loss.
+
+    Example:
+      >>> z = jnp.array([[4.0, 3.0, -5.0, -6.0]])  # extent 0.98 + 0.95 + ~0 = 1.94 -> k = 2
+      >>> bool(jnp.isclose(adaptive_label_assign_loss(z, jnp.array([1])),
+      ...                  label_assign_loss(z, jnp.array([1]), 2)))
+      True
+    """
+    if method not in ("extent", "soft"):
+        raise ValueError(f"method must be 'extent' or 'soft'; got {method!r}.")
+    if isinstance(temperature, (int, float, np.number)) and not temperature > 0:
+        raise ValueError(f"temperature must be positive; got {temperature}.")
+    logits, labels, mask = _flatten(instance_logits, labels, mask)
+    counts = _valid_counts(logits, mask)
+    extent = extent_k(logits, mask=mask)
+    if method == "extent":
+        top = jnp.clip(jnp.round(extent).astype(jnp.int32), 1, counts)
+        return _assign_top(logits, labels, top, counts, mask)
+    member = jax.lax.stop_gradient(soft_top_k(logits, extent, temperature=temperature, mask=mask))
+    targets = labels[:, None] * member.astype(logits.dtype)
+    per_instance = _bce(logits, targets)
+    return jnp.sum(per_instance, where=mask) / jnp.sum(counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Poolings with parameters (their parameters live in deepmil_jax.models), and the bag loss
+
+
+def attention_pooling(
+    instance_logits: jax.Array,
+    attention_logits: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Attention MIL pooling (Ilse, Tomczak & Welling, ICML 2018, Eq. 8-9) of instance logits.
+
+    a_nj = softmax_j(attention_logits_nj) over the valid instances, bag logit = sum_j a_nj z_nj.
+    With a linear instance head (the paper's logistic regression) this equals Ilse et al.'s
+    classifier applied to the attention-weighted embedding sum_j a_j h_j, since the weights sum
+    to 1; the attention logits come from ``deepmil_jax.models.AttentionPooling`` (w^T tanh(V h),
+    or the gated w^T (tanh(V h) * sigmoid(U h))).
+
+    Args:
+      instance_logits: (N, m) or (N, H, W) float pre-sigmoid instance scores.
+      attention_logits: unnormalised attention scores of the same shape.
+      mask: optional bool of the logits' shape, False for padding instances (weight 0).
+
+    Returns:
+      ``(bag_logits (N,), weights)``: weights of the logits' shape, summing to 1 over each bag;
+      float32 (float64 for float64 logits), whatever the logits' or the scores' precision.
+    """
+    shape = jnp.shape(instance_logits)
+    logits, _, mask = _flatten(instance_logits, None, mask)
+    scores, _, _ = _flatten(attention_logits, None, None)
+    if scores.shape != logits.shape:
+        raise ValueError(
+            f"attention_logits must have the shape of instance_logits {shape}; got "
+            f"{jnp.shape(attention_logits)}."
+        )
+    valid = jnp.ones(logits.shape, bool) if mask is None else mask
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    scores = jnp.where(valid, scores.astype(dtype), 0.0)
+    top = jax.lax.stop_gradient(jnp.max(jnp.where(valid, scores, -jnp.inf), axis=1, keepdims=True))
+    e = jnp.where(valid, jnp.exp(scores - top), 0.0)
+    weights = e / jnp.sum(e, axis=1, keepdims=True)
+    bag = jnp.sum(weights * jnp.where(valid, logits.astype(dtype), 0.0), axis=1)
+    return bag, weights.reshape(shape)
+
+
+def bag_loss(bag_logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Cross-entropy of bag logits against image labels, averaged over the N images (Eq. 4 for
+    any pooling: ``max_pooling_loss(z, y) == bag_loss(bag_logits(z), y)``).
+
+    Args:
+      bag_logits: (N,) float bag logits (from ``bag_logits``, ``attention_pooling``, ...).
+      labels: (N,) image labels, 0 or 1.
+
+    Returns:
+      Scalar loss.
+    """
+    z = jnp.asarray(bag_logits)
+    if z.ndim != 1:
+        raise ValueError(f"bag_logits must be shaped (N,); got shape {z.shape}.")
+    _, labels, _ = _flatten(z[:, None], labels, None)
+    return jnp.mean(_bce(z, labels))
 
 
 def l2_penalty(params) -> jax.Array:

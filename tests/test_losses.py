@@ -361,3 +361,270 @@ def test_lse_pooling_refuses_zero_temperature_and_keeps_bfloat16():
         dm.bag_logits(z, pooling="lse", temperature=0.0)
     half = dm.bag_logits(z.astype(jnp.bfloat16), pooling="lse")
     assert half.dtype == jnp.bfloat16
+
+
+# ---- k chosen per image (issue 14): extent estimate, soft top-k, adaptive label assignment -----
+def _np_sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
+
+
+def ref_extent(logits, mask):
+    out = []
+    for n in range(len(logits)):
+        r = _np_sigmoid(_valid(logits, mask, n))
+        out.append(min(max(r.sum(), 1.0), len(r)))  # expected count, clipped to [1, m_n]
+    return np.array(out)
+
+
+def ref_fractional_top(logits, mask, ks):
+    """Per bag: 1 on the floor(k) largest logits, k - floor(k) on the next, 0 elsewhere."""
+    out = np.zeros(logits.shape, np.float64).reshape(len(logits), -1)
+    for n, k in enumerate(ks):
+        keep = np.ones(out.shape[1], bool) if mask is None else np.asarray(mask[n]).ravel()
+        idx = np.flatnonzero(keep)[np.argsort(-np.asarray(logits[n]).ravel()[keep])]
+        whole = int(math.floor(k))
+        out[n, idx[:whole]] = 1.0
+        if whole < len(idx):
+            out[n, idx[whole]] = k - whole
+    return out.reshape(logits.shape)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_extent_k_is_the_clipped_sum_of_probabilities(masked):
+    logits, _, mask = _case(11, shape=(6, 3, 4), masked=masked, scale=3.0)
+    logits[2] = -20.0  # sum ~ 0: clipped up to 1
+    logits[3] = 20.0  # sum = m_n: the count
+    np.testing.assert_allclose(dm.extent_k(logits, mask=mask), ref_extent(logits, mask), rtol=1e-5)
+    # hand computation: 0.5 + 0.5 + sigmoid(ln 3) = 0.75 + sigmoid(-ln 3) = 0.25 -> 2.0
+    z = np.array([[0.0, 0.0, math.log(3.0), -math.log(3.0)]], np.float32)
+    np.testing.assert_allclose(dm.extent_k(z), [2.0], rtol=1e-6)
+    # no gradient: it chooses labels
+    assert not np.any(jax.grad(lambda z: dm.extent_k(z).sum())(jnp.asarray(logits)))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("k", [1, 3, 2.4, 5.75])
+def test_soft_top_k_tends_to_the_hard_top_k(k, masked):
+    rng = np.random.default_rng(12)
+    # distinct logits at least 0.05 apart, so that T = 1e-3 separates them by 50 temperatures
+    logits = np.stack([rng.permutation(np.linspace(-4, 4, 12)) for _ in range(4)]).astype(
+        np.float32
+    )
+    mask = None
+    if masked:
+        mask = np.ones(logits.shape, bool)
+        mask[:, -4:] = False  # 8 valid instances per bag
+        logits[:, -4:] = 50.0  # padding with the largest logits must not be chosen
+    hard = ref_fractional_top(logits, mask, [k] * 4)
+    soft = dm.soft_top_k(logits, k, temperature=1e-3, mask=mask)
+    # a fractional boundary member moves by (float32 ulp of tau ~ 5e-7) * s' / T ~ 1e-4
+    np.testing.assert_allclose(soft, hard, atol=1e-5 if k == int(k) else 2e-4)
+    # at any temperature the memberships sum to k, and move away from the indicator as T grows
+    errors = []
+    for t in (0.05, 0.5, 2.0):
+        s = np.asarray(dm.soft_top_k(logits, k, temperature=t, mask=mask), np.float64)
+        np.testing.assert_allclose(s.sum(axis=1), k, rtol=1e-4)
+        assert np.all((s >= 0) & (s <= 1))
+        if masked:
+            assert np.all(s[:, -4:] == 0)
+        errors.append(np.abs(s - hard).max())
+    assert errors[0] < errors[1] < errors[2]
+
+
+def test_soft_top_k_gradients_are_the_implicit_ones():
+    # against finite differences of the whole bisection (x64), in the logits, k and T
+    rng = np.random.default_rng(13)
+    logits = rng.standard_normal((3, 7))
+    mask = np.ones((3, 7), bool)
+    mask[1, 5:] = False
+    weights = rng.standard_normal((3, 7))
+    with jax.enable_x64(True):
+
+        def f(z, k, t):
+            s = dm.soft_top_k(z, k, temperature=t, mask=mask, iterations=200)
+            return jnp.sum(s * weights)
+
+        args = (jnp.asarray(logits), jnp.array([2.5, 1.3, 4.0]), jnp.asarray(0.7))
+        check_grads(f, args, order=1, modes=("rev",), eps=1e-5)
+        # padding gets no gradient
+        assert np.all(np.asarray(jax.grad(f)(*args))[1, 5:] == 0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_auto_k_extent_is_label_assignment_with_each_images_rounded_extent(masked):
+    logits, labels, mask = _case(14, shape=(6, 3, 3), masked=masked, scale=3.0)
+    ks = ref_extent(logits, mask)
+    total, count = 0.0, 0
+    for n in range(len(labels)):  # one image at a time: the fixed-k reference with k = round(K_n)
+        one = None if mask is None else mask[n : n + 1]
+        valid = len(_valid(logits, mask, n))
+        total += valid * ref_label_assign(
+            logits[n : n + 1], labels[n : n + 1], int(round(ks[n])), one
+        )
+        count += valid
+    got = dm.adaptive_label_assign_loss(logits, labels, mask=mask)
+    np.testing.assert_allclose(got, total / count, rtol=1e-5)
+    np.testing.assert_allclose(dm.label_assign_loss(logits, labels, "auto", mask=mask), got)
+    assert any(round(k) > 1 for k in ks) and any(round(k) != round(ks[0]) for k in ks)
+
+
+def test_auto_k_soft_tends_to_the_fractional_extent_assignment():
+    logits, labels, mask = _case(15, shape=(5, 12), masked=True, scale=3.0)
+    ks = ref_extent(logits, mask)
+    targets = labels[:, None] * ref_fractional_top(logits, mask, ks)
+    z = logits.astype(np.float64)
+    bce = -(targets * np.log(_np_sigmoid(z)) + (1 - targets) * np.log(_np_sigmoid(-z)))
+    expected = bce[mask].sum() / mask.sum()
+    got = dm.adaptive_label_assign_loss(logits, labels, method="soft", temperature=1e-3, mask=mask)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    # the default temperature gives another loss, and "auto_soft" is that one
+    default = dm.adaptive_label_assign_loss(logits, labels, method="soft", mask=mask)
+    assert abs(float(default) - expected) > 1e-3
+    np.testing.assert_allclose(
+        dm.label_assign_loss(logits, labels, "auto_soft", mask=mask), default
+    )
+
+
+@pytest.mark.parametrize("method", ["extent", "soft"])
+@pytest.mark.parametrize("value", [1e4, -1e4])
+def test_auto_k_is_finite_at_extreme_logits_and_works_under_jit_and_vmap(method, value):
+    z = jnp.full((2, 6, 6), value, jnp.float32).at[0, 0, 0].set(-value)
+    y = jnp.array([1, 0])
+    loss = jax.jit(lambda z, y: dm.adaptive_label_assign_loss(z, y, method=method))
+    v, g = jax.value_and_grad(loss)(z, y)
+    assert np.isfinite(v) and np.all(np.isfinite(g))
+    # a batch of batches through vmap equals the loss of each batch
+    logits, _, mask = _case(16, shape=(3, 4, 9), masked=True)
+    labels = np.random.default_rng(16).integers(0, 2, (3, 4))
+    f = lambda z, y, m: dm.adaptive_label_assign_loss(z, y, method=method, mask=m)  # noqa: E731
+    batched = jax.vmap(f)(logits, labels, mask)
+    for i in range(3):
+        np.testing.assert_allclose(batched[i], f(logits[i], labels[i], mask[i]), rtol=1e-5)
+
+
+def test_auto_k_assignment_carries_no_gradient_and_negatives_are_plain_bce():
+    # all-negative images: every target is 0 whatever k, so the loss is the mean softplus
+    logits, _, _ = _case(17, shape=(4, 9))
+    zeros = np.zeros(4, int)
+    mean_bce = np.mean(np.log1p(np.exp(logits.astype(np.float64))))
+    for method in ("extent", "soft"):
+        got = dm.adaptive_label_assign_loss(logits, zeros, method=method)
+        np.testing.assert_allclose(got, mean_bce, rtol=1e-5)
+    # the gradient is that of the BCE with fixed targets: sigmoid(z) - t, over the N m instances
+    ones = np.ones(4, int)
+    with jax.enable_x64(True):
+        z = jnp.asarray(logits, jnp.float64)
+        member = np.asarray(dm.soft_top_k(z, dm.extent_k(z), temperature=0.25))
+        g = jax.grad(lambda z: dm.adaptive_label_assign_loss(z, ones, method="soft"))(z)
+        np.testing.assert_allclose(g, (_np_sigmoid(logits) - member) / logits.size, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: dm.adaptive_label_assign_loss(jnp.zeros((2, 4)), jnp.ones(2), method="x"),
+            "method",
+        ),
+        (
+            lambda: dm.adaptive_label_assign_loss(
+                jnp.zeros((2, 4)), jnp.ones(2), method="soft", temperature=0.0
+            ),
+            "temperature",
+        ),
+        (lambda: dm.label_assign_loss(jnp.zeros((2, 4)), jnp.ones(2), "automatic"), "auto"),
+        (
+            lambda: dm.attention_pooling(jnp.zeros((2, 4)), jnp.zeros((2, 5))),
+            "attention_logits must have",
+        ),
+        (lambda: dm.bag_loss(jnp.zeros((2, 4)), jnp.ones(2)), "shaped \\(N,\\)"),
+    ],
+)
+def test_new_functions_refuse_bad_arguments(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+# ---- attention pooling, learned temperature, bag loss -------------------------------------------
+def ref_attention(logits, scores, mask):
+    bags, weights = [], []
+    for n in range(len(logits)):
+        z, s = _valid(logits, mask, n), _valid(scores, mask, n)
+        a = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+        bags.append(float(a @ z))
+        w = np.zeros(np.asarray(logits[n]).size)
+        keep = np.ones(w.size, bool) if mask is None else np.asarray(mask[n]).ravel()
+        w[keep] = a
+        weights.append(w.reshape(np.shape(logits[n])))
+    return np.array(bags), np.array(weights)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_pooling_matches_reference(masked):
+    logits, _, mask = _case(18, shape=(5, 3, 4), masked=masked)
+    scores = np.random.default_rng(18).standard_normal(logits.shape).astype(np.float32) * 3
+    bag, weights = dm.attention_pooling(logits, scores, mask=mask)
+    ref_bags, ref_weights = ref_attention(logits, scores, mask)
+    np.testing.assert_allclose(bag, ref_bags, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(weights, ref_weights, rtol=1e-5, atol=1e-7)
+    # limits: equal scores give the mean logit; one dominant score gives that instance's logit
+    flat = dm.attention_pooling(logits, np.zeros_like(scores), mask=mask)[0]
+    np.testing.assert_allclose(
+        flat, [np.mean(_valid(logits, mask, n)) for n in range(5)], rtol=1e-5
+    )
+    peaked = np.where(np.arange(12).reshape(3, 4) == 0, 1e4, 0.0).astype(np.float32)
+    peaked = np.broadcast_to(peaked, logits.shape)
+    np.testing.assert_allclose(
+        dm.attention_pooling(logits, peaked, mask=mask)[0], logits[:, 0, 0], rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("value", [1e4, -1e4])
+def test_attention_pooling_is_finite_with_gradients(value):
+    z = jnp.full((2, 6, 6), value).at[0, 0, 0].set(-value)
+    s = jnp.full((2, 6, 6), -value).at[1, 2, 3].set(value)
+    mask = jnp.ones((2, 6, 6), bool).at[:, 5].set(False)
+
+    def loss(z, s):
+        return dm.bag_loss(dm.attention_pooling(z, s, mask=mask)[0], jnp.array([1, 0]))
+
+    v, (gz, gs) = jax.value_and_grad(loss, argnums=(0, 1))(z, s)
+    assert np.isfinite(v) and np.all(np.isfinite(gz)) and np.all(np.isfinite(gs))
+    assert np.all(np.asarray(gz)[:, 5] == 0) and np.all(np.asarray(gs)[:, 5] == 0)
+    rng = np.random.default_rng(19)
+    with jax.enable_x64(True):
+        args = (jnp.asarray(rng.standard_normal((3, 5))), jnp.asarray(rng.standard_normal((3, 5))))
+        check_grads(
+            lambda z, s: jnp.sum(dm.attention_pooling(z, s)[0] ** 2), args, order=1, modes=("rev",)
+        )
+
+
+def test_bag_loss_is_eq4_for_any_bag_logits():
+    logits, labels, mask = _case(20, shape=(6, 8), masked=True)
+    np.testing.assert_allclose(
+        dm.bag_loss(dm.bag_logits(logits, mask=mask), labels),
+        ref_max_pooling(logits, labels, mask),
+        rtol=1e-5,
+    )
+    bag = np.array([2.0, -1.0, 0.5], np.float32)
+    y = np.array([1, 0, 0])
+    expected = np.mean(
+        [math.log1p(math.exp(-2.0)), math.log1p(math.exp(-1.0)), math.log1p(math.exp(0.5))]
+    )
+    np.testing.assert_allclose(dm.bag_loss(bag, y), expected, rtol=1e-6)
+
+
+def test_lse_pooling_takes_a_traced_learned_temperature():
+    logits, _, mask = _case(21, shape=(4, 9), masked=True)
+
+    @jax.jit
+    def pooled(log_t):
+        return dm.bag_logits(logits, mask=mask, pooling="lse", temperature=jnp.exp(log_t))
+
+    for t in (0.3, 4.0):
+        np.testing.assert_allclose(
+            pooled(math.log(t)), ref_bag(logits, mask, "lse", temperature=t), rtol=1e-5
+        )
+    # the temperature's gradient is finite and moves the pooling between mean and max
+    g = jax.grad(lambda lt: pooled(lt).sum())(0.0)
+    assert np.isfinite(g) and g > 0  # sharper pooling raises every bag logit towards the max
