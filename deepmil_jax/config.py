@@ -18,7 +18,22 @@ from absl import app, flags, logging
 
 from deepmil_jax.errors import ConfigError, DeepMILError
 
-SCHEMES = ("alexnet", "max_pooling", "label_assign", "sparse")
+SCHEMES = (
+    "alexnet",
+    "max_pooling",
+    "label_assign",
+    "sparse",
+    # the MIL poolings of other work (issue 14): deepmil_jax.losses.bag_logits' parameter-free
+    # ones, attention MIL (Ilse et al. 2018) and a log-sum-exp pooling with a learned sharpness
+    "mean_pooling",
+    "topk_pooling",
+    "lse_pooling",
+    "noisy_or",
+    "attention",
+    "gated_attention",
+    "learned_lse",
+)
+AUTO_K = ("auto", "auto_soft")  # --k values that let the model choose k per image
 DATASETS = (
     "synthetic",
     "synthetic_hard",
@@ -35,6 +50,33 @@ OFFICIAL_SPLIT_DATASETS = ("cbis_ddsm", "vindr_mammo")
 SYNTHETIC_DATASETS = ("synthetic", "synthetic_hard")
 
 
+def parse_k(value: Any) -> int | float | str:
+    """``--k`` in canonical form: an int count (6 and 6.0 alike), a float fraction in (0, 1), or
+    one of ``AUTO_K``; ConfigError for anything else (the flag arrives as text)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text in AUTO_K:
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(
+                f"--k: {value!r} is not a number; give a count (6), a fraction (0.15), "
+                f"or one of {', '.join(AUTO_K)}."
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ConfigError(f"--k: {value!r} is not a count, a fraction or one of {AUTO_K}.")
+    if value <= 0:
+        raise ConfigError(f"--k: must be positive; got {value}.")
+    if value >= 1:
+        if float(value) != int(value):
+            raise ConfigError(
+                f"--k: {value} is neither a whole number of instances nor a fraction < 1."
+            )
+        return int(value)
+    return float(value)
+
+
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
     """A dataclass field with its flag's help text (and, for a string, its allowed values)."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
@@ -47,13 +89,21 @@ class Config:
     scheme: str = setting(
         "label_assign",
         "MIL scheme: alexnet (the paper's baseline: AlexNet with its fully connected layers), "
-        "max_pooling (Eq. 4), label_assign (Eq. 6), sparse (Eq. 7).",
+        "max_pooling (Eq. 4), label_assign (Eq. 6), sparse (Eq. 7); other MIL poolings, each "
+        "trained by the cross-entropy of its bag probability: mean_pooling (mean instance "
+        "probability), topk_pooling (mean probability of the top --k), lse_pooling "
+        "(log-sum-exp of the logits, T=1), noisy_or (1 - prod(1 - r)), attention and "
+        "gated_attention (attention MIL, Ilse et al. 2018; heatmaps show attention-weighted "
+        "instance logits), learned_lse (log-sum-exp with a learned temperature).",
         choices=SCHEMES,
     )
-    k: float = setting(
+    k: float | str = setting(
         6,
         "label_assign: the top-k instances of each image take its label; an integer count "
-        "(paper: 6 of 36) or a fraction in (0, 1) of the instances.",
+        "(paper: 6 of 36), a fraction in (0, 1) of the instances, or auto: k chosen per image as "
+        "the model's estimate of the malignant extent (the sum of its instance probabilities), "
+        "auto_soft: the same with a soft top-k assignment. topk_pooling: the count or fraction "
+        "pooled.",
     )
     mu: float = setting(
         1e-5, "sparse: weight of the L1 term on the sorted instance probabilities (paper: 1e-5)."
@@ -168,11 +218,13 @@ class Config:
                 f"--dataset={self.dataset} has no official train/test split (only "
                 f"{', '.join(OFFICIAL_SPLIT_DATASETS)}); use --split=patient.",
             )
-        if self.scheme == "label_assign":
-            if self.k >= 1 and float(self.k) != int(self.k):
-                fail("k", f"{self.k} is neither a whole number of instances nor a fraction < 1.")
-            if self.k <= 0:
-                fail("k", f"must be positive; got {self.k}.")
+        if self.scheme in ("label_assign", "topk_pooling"):
+            k = parse_k(self.k)
+            if k in AUTO_K and self.scheme != "label_assign":
+                fail(
+                    "k",
+                    f"{k} is for --scheme=label_assign; give {self.scheme} a count or fraction.",
+                )
         for name in ("batch_size", "eval_batch_size", "epochs", "num_folds", "image_size"):
             if getattr(self, name) < 1:
                 fail(name, f"must be positive; got {getattr(self, name)}.")
@@ -208,8 +260,8 @@ class Config:
                 f"{self.image_size} is too small for the {self.backbone} AlexNet: its feature "
                 "map would be empty; use 67 or more (the paper: 227).",
             )
-        if self.scheme == "label_assign" and self.k >= 1 and self.k > rows * cols:
-            k = int(self.k)
+        k = parse_k(self.k)
+        if self.scheme in ("label_assign", "topk_pooling") and k not in AUTO_K and k > rows * cols:
             fail(
                 "k",
                 f"{k} is more than the {rows * cols} instances of --image_size={self.image_size} "
@@ -241,7 +293,7 @@ class Config:
             data_dir=path(self.data_dir),
             manual_dir=path(self.manual_dir),
             init=init,
-            k=int(self.k) if self.k >= 1 and float(self.k) == int(self.k) else float(self.k),
+            k=parse_k(self.k),
             learning_rate=float(learning_rate),
             weight_decay=float(weight_decay),
             head_hidden=tuple(int(h) for h in self.head_hidden),
@@ -356,10 +408,11 @@ def define_flags(cls: type, flag_values: flags.FlagValues = flags.FLAGS) -> None
             flags.DEFINE_bool(f.name, default, help_text, flag_values=flag_values)
         elif kind.startswith("int"):
             flags.DEFINE_integer(f.name, default, help_text, flag_values=flag_values)
-        elif kind.startswith("float"):
+        elif kind.startswith("float") and "str" not in kind:
             flags.DEFINE_float(f.name, default, help_text, flag_values=flag_values)
-        else:
-            flags.DEFINE_string(f.name, default, help_text, flag_values=flag_values)
+        else:  # str, or a number or a word (--k=6, --k=auto): text, parsed by the dataclass
+            text = default if default is None or isinstance(default, str) else str(default)
+            flags.DEFINE_string(f.name, text, help_text, flag_values=flag_values)
 
 
 def from_flags(cls: type, flag_values: flags.FlagValues = flags.FLAGS) -> Any:
