@@ -618,3 +618,114 @@ def test_cmmd_problems(tmp_path):
     records, bad = read_cmmd(root, skip_bad=True)
     assert len(bad) == 3
     assert _by_id(records)["D1-0001_1-1"].label == 0  # the first row of the breast holds
+
+
+# ==================================================================================================
+# Each collection prepares and trains two epochs as a --dataset= choice.
+
+TRAIN = dict(
+    scheme="label_assign",
+    k=1,
+    image_size=99,  # a 2x2 grid of instances
+    batch_size=4,
+    eval_batch_size=16,
+    epochs=2,
+    num_folds=3,
+    learning_rate=1e-4,
+    augment=False,
+    seed=1,
+)
+
+
+def _train_two_epochs(source: str, root: Path, tmp_path: Path, split: str) -> dict:
+    """Trains --dataset=source on its fixture (two epochs, fold 0) and returns split.json with
+    the results and the epochs logged."""
+    import json
+
+    from deepmil_jax import train
+
+    config = train.Config(
+        **TRAIN, dataset=source, manual_dir=str(root), data_dir=str(tmp_path / "data"), split=split
+    )
+    results = train.train_and_evaluate(config, tmp_path / "run")
+    parts = json.loads((tmp_path / "run" / "split.json").read_text())
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert epochs == [1, 2]
+    assert 0.0 <= results["test"]["auc"] <= 1.0  # the test part holds both classes
+    with open(tmp_path / "run" / "test_predictions.csv", newline="") as f:
+        tested = sorted(row["file_id"] for row in csv.DictReader(f))
+    assert tested == sorted(parts["test"])
+    return parts
+
+
+def _assert_patient_wise(parts: dict, patient_of: dict[str, str]) -> None:
+    assert sorted(parts["train"] + parts["validation"] + parts["test"]) == sorted(patient_of)
+    patients = [{patient_of[i] for i in parts[name]} for name in ("train", "validation", "test")]
+    assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+
+
+def test_cbis_ddsm_trains_on_the_official_split(tmp_path):
+    # 12 women, both views of the left breast; even numbers malignant; 10-12 in the test tables
+    plan = [
+        (
+            "Mass" if n % 3 else "Calc",
+            "Test" if n > 9 else "Training",
+            n,
+            "LEFT",
+            view,
+            [(4, "MALIGNANT" if n % 2 == 0 else "BENIGN")],
+        )
+        for n in range(1, 13)
+        for view in ("CC", "MLO")
+    ]
+    root = write_cbis_ddsm(tmp_path / "cbis", plan=plan)
+    parts = _train_two_epochs("cbis_ddsm", root, tmp_path, "official")
+    official_test = {f"P_{n:05d}_LEFT_{v}" for n in (10, 11, 12) for v in ("CC", "MLO")}
+    assert set(parts["test"]) == official_test
+    assert len(parts["train"]) + len(parts["validation"]) == 18 and parts["validation"]
+
+
+def test_vindr_mammo_trains_on_the_official_split(tmp_path):
+    studies = [f"{i:02d}" + "ab" * 15 for i in range(12)]
+    plan = {
+        s: ("test" if i >= 9 else "training", {"L": 4 if i % 2 == 0 else 1, "R": 2})
+        for i, s in enumerate(studies)
+    }
+    root = write_vindr(tmp_path / "vindr", plan=plan)
+    parts = _train_two_epochs("vindr_mammo", root, tmp_path, "official")
+    official_test = {
+        _vindr_image_id(s, side, view)
+        for s in studies[9:]
+        for side in "LR"
+        for view in ("CC", "MLO")
+    }
+    assert set(parts["test"]) == official_test
+    study_of = {
+        _vindr_image_id(s, side, view): s
+        for s in studies
+        for side in "LR"
+        for view in ("CC", "MLO")
+    }
+    train_studies = {study_of[i] for i in parts["train"]}
+    assert not train_studies & {study_of[i] for i in parts["validation"]}
+
+
+def test_cmmd_trains_patient_wise(tmp_path):
+    plan = {
+        f"D1-{n:04d}": ({side: "Malignant" if n % 2 else "Benign"}, [side])
+        for n in range(1, 10)
+        for side in ["L" if n % 3 else "R"]
+    }
+    root, expected = write_cmmd(tmp_path / "cmmd", plan=plan)
+    parts = _train_two_epochs("cmmd", root, tmp_path, "patient")
+    _assert_patient_wise(parts, {i: i.split("_")[0] for i in expected})
+
+
+@pytest.mark.skipif(
+    ".pgm" not in __import__("data_pipeline.preprocess").preprocess.RASTER_SUFFIXES,
+    reason="PGM decoding is not in data_pipeline.preprocess yet (issue 15, part 1)",
+)
+def test_mias_trains_patient_wise(tmp_path):
+    root = write_mias(tmp_path / "mias")
+    parts = _train_two_epochs("mias", root, tmp_path, "patient")
+    _assert_patient_wise(parts, {f"mdb{n:03d}": str((n + 1) // 2) for n, _, _ in MIAS_PLAN})
