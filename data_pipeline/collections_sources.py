@@ -181,9 +181,10 @@ def _cell(row: list[str], index: dict[str, int], key: str) -> str:
 
 
 def _warn_unlisted(paths: list[Path], what: str) -> None:
+    """One warning: ``what`` (e.g. "mini-MIAS images without an Info.txt row") are left out."""
     if paths:
         logging.warning(
-            "%d %s no table row names, left out (they have no label): %s%s",
+            "%d %s, left out (no label): %s%s",
             len(paths),
             what,
             ", ".join(str(p) for p in paths[:_LISTED]),
@@ -308,7 +309,9 @@ def read_mias(
                 masses=tuple(masses),
             )
         )
-    _warn_unlisted([images[r] for r in sorted(set(images) - named)], "mini-MIAS images")
+    _warn_unlisted(
+        [images[r] for r in sorted(set(images) - named)], "mini-MIAS images without an Info.txt row"
+    )
     if omitted:
         logging.info(
             "%d mini-MIAS abnormalities have no centre and radius in %s (widely spread "
@@ -481,7 +484,8 @@ def read_cbis_ddsm(
         )
     listed = {case.lower() for image in images.values() for case in image["cases"]}
     _warn_unlisted(
-        [folders[c] for c in sorted(folders) if c not in listed], "CBIS-DDSM case folders"
+        [folders[c] for c in sorted(folders) if c not in listed],
+        "CBIS-DDSM case folders that no case table lists",
     )
     if both:
         logging.warning(
@@ -669,7 +673,7 @@ def read_vindr_mammo(
         for p in (sorted(images_dir.rglob("*.dicom")) if images_dir.is_dir() else [])
         if p not in listed and p.stem not in seen
     ]
-    _warn_unlisted(unlisted, "VinDr-Mammo images")
+    _warn_unlisted(unlisted, "VinDr-Mammo images without a row in breast-level_annotations.csv")
     bad = problems.finish()
     if not keyed:
         raise DataError(f"{root}: no usable VinDr-Mammo images; see the problems listed above.")

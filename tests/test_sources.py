@@ -729,3 +729,42 @@ def test_mias_trains_patient_wise(tmp_path):
     root = write_mias(tmp_path / "mias")
     parts = _train_two_epochs("mias", root, tmp_path, "patient")
     _assert_patient_wise(parts, {f"mdb{n:03d}": str((n + 1) // 2) for n, _, _ in MIAS_PLAN})
+
+
+def test_a_changed_table_prepares_again(tmp_path):
+    from data_pipeline import datasets
+
+    root, expected = write_cmmd(tmp_path / "cmmd", xlsx=False)
+    kwargs = dict(manual_dir=root, data_dir=tmp_path / "tfds", image_size=67, num_workers=0)
+    first = datasets.prepare("cmmd", **kwargs)
+    assert dict(zip(first.file_ids, first.labels.tolist(), strict=True)) == {
+        i: label for i, (_, _, label) in expected.items()
+    }
+    assert set(first.subsets) == {""}  # CMMD has no official split
+    # D1-0001's right breast becomes malignant in the table: its two images change label
+    table = root / "CMMD_clinicaldata_revision.csv"
+    table.write_text(
+        table.read_text().replace("D1-0001,R,50,2,mass,Benign", "D1-0001,R,50,2,mass,Malignant")
+    )
+    second = datasets.prepare("cmmd", **kwargs)
+    changed = {
+        i for i, a, b in zip(first.file_ids, first.labels, second.labels, strict=True) if a != b
+    }
+    assert changed == {"D1-0001_1-1", "D1-0001_1-2"}
+    assert all(second.labels[list(second.file_ids).index(i)] == 1 for i in changed)
+
+
+def test_official_split_is_kept_in_the_prepared_dataset(tmp_path):
+    from data_pipeline import datasets
+
+    root = write_vindr(tmp_path / "vindr")
+    examples = datasets.prepare(
+        "vindr_mammo", manual_dir=root, data_dir=tmp_path / "tfds", image_size=67, num_workers=0
+    )
+    for file_id, subset, patient in zip(
+        examples.file_ids, examples.subsets, examples.patient_ids, strict=True
+    ):
+        assert subset == {"training": "train", "test": "test"}[VINDR_PLAN[patient][0]], file_id
+    # VinDr's boxes come through: every BI-RADS >= 4 image has one box in the preprocessed frame
+    for label, boxes in zip(examples.labels, examples.mass_boxes, strict=True):
+        assert len(boxes) == int(label)
