@@ -1,0 +1,205 @@
+"""Tests of deepmil_jax.steps, the numbers of training and evaluation: each scheme's loss against
+numpy re-computations of the paper's equations, the objective's weight-decay term, Adam's update
+by its formula, dropout seeded by the step, and the evaluation's predictions (order, padding, max
+pooling). Small models (99x99 images, a 2x2 instance grid) keep it fast."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from deepmil_jax import steps
+from deepmil_jax.config import Config
+
+# 99x99 images give a 2x2 grid of instances; k=2 of 4 differs from max pooling.
+SMALL = Config(
+    scheme="label_assign",
+    k=2,
+    image_size=99,
+    batch_size=4,
+    eval_batch_size=4,
+    learning_rate=1e-3,
+    weight_decay=0.5,
+    seed=1,
+)
+
+
+def _bce(z, y):
+    """-y log sigmoid(z) - (1 - y) log(1 - sigmoid(z)) in float64."""
+    z = np.asarray(z, np.float64)
+    return np.logaddexp(0.0, z) - y * z
+
+
+def _max_pooling(z, y):  # Eq. 4: the bag's probability is its largest instance probability
+    z = np.asarray(z, np.float64).reshape(len(y), -1)
+    return np.mean(_bce(z.max(axis=1), y))
+
+
+def _label_assign(z, y, k):  # Eq. 5-6: the top k instances take the image label, the rest 0
+    z = np.asarray(z, np.float64).reshape(len(y), -1)
+    ranked = -np.sort(-z, axis=1)
+    targets = np.where(np.arange(z.shape[1])[None, :] < k, np.asarray(y)[:, None], 0.0)
+    return np.mean(_bce(ranked, targets))
+
+
+def _sparse(z, y, mu):  # Eq. 7: max pooling plus mu times the L1 norm of the probabilities
+    z = np.asarray(z, np.float64).reshape(len(y), -1)
+    return np.mean(_bce(z.max(axis=1), y) + mu * (1 / (1 + np.exp(-z))).sum(axis=1))
+
+
+def _half_squared_norm(params):
+    return 0.5 * sum(np.sum(np.asarray(p, np.float64) ** 2) for p in jax.tree.leaves(params))
+
+
+def _numpy(tree):
+    return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def _batch(seed, n=4, size=99):
+    rng = np.random.default_rng(seed)
+    images = rng.random((n, size, size, 1), dtype=np.float32)
+    images[:, 30:70, 40:80] += 1.5  # a bright region, so that the instances differ
+    labels = np.array([1, 0, 1, 0, 1, 1][:n], np.int32)
+    return images, labels
+
+
+def _eval_logits(trainer, images):
+    """The instance logits of the model in evaluation mode, eagerly (no jitted step)."""
+    model = nnx.merge(trainer.context.eval_graph, trainer.state["params"], trainer.state["rest"])
+    return np.asarray(model(images), np.float64)
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    return steps.Trainer(SMALL, steps.make_mesh())
+
+
+@pytest.mark.parametrize(
+    "scheme,k,reference",
+    [
+        ("alexnet", 2, lambda z, y: _max_pooling(z, y)),
+        ("max_pooling", 2, lambda z, y: _max_pooling(z, y)),
+        ("label_assign", 2, lambda z, y: _label_assign(z, y, 2)),
+        ("label_assign", 0.25, lambda z, y: _label_assign(z, y, 3)),  # ceil(0.25 * 9)
+        ("sparse", 2, lambda z, y: _sparse(z, y, 0.5)),
+    ],
+)
+def test_scheme_loss_is_the_papers_equation(scheme, k, reference):
+    rng = np.random.default_rng(0)
+    logits = (2 * rng.standard_normal((5, 3, 3))).astype(np.float32)
+    labels = np.array([1, 0, 1, 1, 0], np.int32)
+    config = dataclasses.replace(SMALL, scheme=scheme, k=k, mu=0.5)
+    loss = float(steps.scheme_loss(config, logits, labels))
+    assert loss == pytest.approx(reference(logits, labels), rel=1e-5)
+    # the references differ, so that each scheme is told from the others
+    values = [_max_pooling(logits, labels), _label_assign(logits, labels, 2)]
+    values += [_label_assign(logits, labels, 3), _sparse(logits, labels, 0.5)]
+    assert min(abs(a - b) for i, a in enumerate(values) for b in values[i + 1 :]) > 0.05
+
+
+def test_loss_fn_is_the_data_term_plus_half_lambda_times_the_squared_weights(trainer):
+    images, labels = _batch(0)
+    state = trainer.state
+    loss, data = jax.jit(steps.loss_fn, static_argnums=0)(
+        trainer.context, state["params"], state["rest"], images, labels, 0
+    )
+    # no dropout in the MIL model, so training and evaluation mode give the same logits
+    expected = _label_assign(_eval_logits(trainer, images), labels, 2)
+    assert float(data) == pytest.approx(expected, rel=1e-5)
+    penalty = _half_squared_norm(state["params"])
+    assert 0.5 * penalty > 0.01 * expected  # the term is large enough to be seen
+    assert float(loss) == pytest.approx(expected + 0.5 * penalty, rel=1e-5)
+
+
+def _adam(p, m, v, g, t, lr, b1=0.9, b2=0.999, eps=1e-8):
+    """One step of Adam (Kingma & Ba, Algorithm 1) in float64: new params, m, v."""
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
+    return p - lr * m_hat / (np.sqrt(v_hat) + eps), m, v
+
+
+def test_train_step_is_adam_on_the_objective():
+    trainer = steps.Trainer(SMALL, steps.make_mesh())
+    objective = jax.value_and_grad(steps.loss_fn, argnums=1, has_aux=True)
+    objective = jax.jit(objective, static_argnums=0)
+    leaves = lambda tree: [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]  # noqa: E731
+    p = leaves(trainer.state["params"])
+    m = [np.zeros_like(x) for x in p]
+    v = [np.zeros_like(x) for x in p]
+    for step in (0, 1):
+        images, labels = _batch(step)
+        state = _numpy(trainer.state)
+        (loss, data), grads = objective(
+            trainer.context, state["params"], state["rest"], images, labels, step
+        )
+        out = trainer.train_step({"image": images, "label": labels}, step)
+        assert set(out) == {"loss", "data_loss"}
+        assert float(out["loss"]) == pytest.approx(float(loss), rel=1e-5)
+        assert float(out["data_loss"]) == pytest.approx(float(data), rel=1e-5)
+        g = leaves(grads)
+        new = [_adam(*x, step + 1, SMALL.learning_rate) for x in zip(p, m, v, g, strict=True)]
+        p, m, v = (list(x) for x in zip(*new, strict=True))
+        after = leaves(trainer.state["params"])
+        error = np.concatenate([np.abs(a - b).ravel() for a, b in zip(after, p, strict=True)])
+        # Each weight moves by about lr. A weight whose gradient is near zero moves by an amount
+        # that the rounding of its gradient decides (the jitted step's differs from ours), so a
+        # few in a million may be off by more than 2% of lr (of 2.3 million, 0 to 3 here).
+        assert np.mean(error > 0.02 * SMALL.learning_rate) < 1e-5
+        p = after  # go on from the step's float32 weights
+    assert int(trainer.state["opt_state"][0].count) == 2
+
+
+def test_dropout_acts_in_training_only_and_follows_the_step():
+    # fc6 and fc7 with dropout; they need 227x227 images
+    config = dataclasses.replace(SMALL, scheme="alexnet", image_size=227)
+    trainer = steps.Trainer(config, steps.make_mesh())
+    images, labels = _batch(1, size=227)
+    state = trainer.state
+    loss_fn = jax.jit(steps.loss_fn, static_argnums=0)
+
+    def data_term(step):
+        return float(
+            loss_fn(trainer.context, state["params"], state["rest"], images, labels, step)[1]
+        )
+
+    no_dropout = _max_pooling(_eval_logits(trainer, images), labels)
+    first, again, second = data_term(0), data_term(0), data_term(1)
+    assert first == again  # the same step, the same masks
+    assert first != second  # another step, other masks
+    assert abs(first - no_dropout) > 1e-4 and abs(second - no_dropout) > 1e-4
+    # evaluation: dropout off, deterministic
+    logits = np.asarray(steps.eval_step(trainer.context, trainer.state, images), np.float64)
+    np.testing.assert_allclose(logits, _eval_logits(trainer, images), rtol=1e-4, atol=1e-5)
+
+
+def test_eval_step_gives_the_evaluation_models_float32_logits(trainer):
+    images, _ = _batch(2)
+    logits = steps.eval_step(trainer.context, trainer.state, images)
+    assert logits.shape == (4, 2, 2) and logits.dtype == np.float32
+    np.testing.assert_allclose(np.asarray(logits), _eval_logits(trainer, images), atol=5e-5)
+    # the state is not given away: it still evaluates
+    again = steps.eval_step(trainer.context, trainer.state, images)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(logits))
+
+
+def test_predict_orders_by_index_drops_padding_and_takes_the_max_instance(trainer):
+    images, _ = _batch(3, n=6)
+    images[5] = 0.0  # the padding image of the second batch
+    batches = [
+        {"image": images[[3, 0, 4, 1]], "mask": np.ones(4, bool), "index": np.array([3, 0, 4, 1])},
+        {
+            "image": images[[2, 5, 5, 5]],
+            "mask": np.array([True, False, False, False]),
+            "index": np.array([2, -1, -1, -1]),
+        },
+    ]
+    out = trainer.predict(batches)
+    expected = _eval_logits(trainer, images[:5])
+    flat = expected.reshape(5, -1)
+    assert np.ptp(flat, axis=1).min() > 0.05  # max, mean and other poolings differ here
+    np.testing.assert_array_equal(out["index"], np.arange(5))
+    np.testing.assert_allclose(out["instance_logits"], expected, atol=5e-5)
+    np.testing.assert_allclose(out["probability"], 1 / (1 + np.exp(-flat.max(axis=1))), atol=2e-5)
