@@ -622,7 +622,7 @@ def read_vindr_mammo(
     table = _shallowest(root, lambda n: n == _VINDR_BREAST, _VINDR_BREAST)
     base = table.parent
     problems = _Problems(skip_bad, str(root))
-    boxes = _vindr_boxes(base / _VINDR_FINDINGS, problems)
+    boxes = _vindr_boxes(base / _VINDR_FINDINGS)
     header, rows = _rows(table)
     index = _header_index(table, header, _VINDR_COLUMNS)
     keyed, seen = [], {}
@@ -680,8 +680,10 @@ def read_vindr_mammo(
     return _sorted(keyed), bad
 
 
-def _vindr_boxes(table: Path, problems: _Problems) -> dict[str, list[np.ndarray]]:
-    """{image_id: [rectangle outlines]} of the findings with finding_birads >= 4 and a box."""
+def _vindr_boxes(table: Path) -> dict[str, list[np.ndarray]]:
+    """{image_id: [rectangle outlines]} of the findings with finding_birads >= 4 and a box. A
+    finding whose box is missing or empty gets no outline (its image keeps its label); one
+    warning lists such rows."""
     if not table.is_file():
         logging.warning(
             "No %s beside breast-level_annotations.csv: VinDr-Mammo images get no finding boxes, "
@@ -692,6 +694,7 @@ def _vindr_boxes(table: Path, problems: _Problems) -> dict[str, list[np.ndarray]
     header, rows = _rows(table)
     index = _header_index(table, header, _VINDR_BOX_COLUMNS)
     boxes: dict[str, list[np.ndarray]] = {}
+    unusable: list[int] = []
     for line, row in rows:
         birads = _vindr_birads(_cell(row, index, "findingbirads"))
         if not birads or birads[0] < "4":
@@ -699,14 +702,20 @@ def _vindr_boxes(table: Path, problems: _Problems) -> dict[str, list[np.ndarray]
         try:
             x0, y0, x1, y1 = (float(_cell(row, index, k)) for k in ("xmin", "ymin", "xmax", "ymax"))
         except ValueError:
-            problems.add(
-                f"{table}:{line}", "a BI-RADS >= 4 finding without a numeric box; restore the table"
-            )
+            unusable.append(line)
             continue
         if not all(map(math.isfinite, (x0, y0, x1, y1))) or x1 <= x0 or y1 <= y0:
-            problems.add(f"{table}:{line}", f"empty or inverted box {(x0, y0, x1, y1)}")
+            unusable.append(line)
             continue
         boxes.setdefault(_cell(row, index, "imageid"), []).append(_box_outline(y0, x0, y1, x1))
+    if unusable:
+        logging.warning(
+            "%d BI-RADS >= 4 finding(s) in %s have no usable box (missing, empty or inverted; "
+            "lines %s): they get no outline.",
+            len(unusable),
+            table,
+            ", ".join(map(str, unusable[:_LISTED])) + (" ..." if len(unusable) > _LISTED else ""),
+        )
     return boxes
 
 

@@ -496,6 +496,17 @@ def test_vindr_problems(tmp_path, caplog):
     assert str(root / "images" / "ffff" / f"{'0' * 32}.dicom") in message
     records, bad = read_vindr_mammo(root, skip_bad=True)
     assert len(records) == 19 and len(bad) == 3
+    # a BI-RADS >= 4 finding without a box: its image keeps its label, without an outline
+    findings = root / "finding_annotations.csv"
+    rows = list(csv.reader(open(findings, newline="")))
+    boxed = next(n for n, r in enumerate(rows) if r[10] == "BI-RADS 4")
+    rows[boxed][11:15] = ["", "", "", ""]
+    _write_csv(findings, rows[0], rows[1:])
+    with caplog.at_level(pylogging.WARNING):
+        records, bad = read_vindr_mammo(root, skip_bad=True)
+    record = _by_id(records)[rows[boxed][2]]
+    assert record.label == 1 and record.masses == () and len(bad) == 3
+    assert f"lines {boxed + 1}" in caplog.text
     (root / "finding_annotations.csv").unlink()
     with caplog.at_level(pylogging.WARNING):
         records, _ = read_vindr_mammo(root, skip_bad=True)
