@@ -59,7 +59,8 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 def bag_probability(instance_logits: np.ndarray) -> np.ndarray:
     """(N, ...) instance logits -> (N,) image probabilities: the sigmoid of each image's largest
-    instance logit, the bag prediction of max-pooling MIL (used for every scheme)."""
+    instance logit, the bag prediction of max-pooling MIL (the paper's schemes; a model with its
+    own pooling gives its bag logit, ``DeepMIL.instances_and_bag``)."""
     z = np.asarray(instance_logits)
     return sigmoid(z.reshape(z.shape[0], -1).max(axis=1))
 

@@ -5,8 +5,9 @@ r"""Predict mammograms with a trained model: probabilities, the most suspicious 
 
 Each file (DICOM, PNG or TIFF; folders are searched recursively) goes through the preprocessing of
 training (``data_pipeline.preprocess.preprocess_file`` with the run's ``image_size``), then the
-network, in batches. The image's malignancy probability is ``sigmoid(max instance logit)`` (the
-bag prediction of max-pooling MIL, used for every scheme). The output folder receives
+network, in batches. The image's malignancy probability is the sigmoid of the model's bag logit:
+the largest instance logit for the paper's schemes (max-pooling MIL, Eq. 2-3), the scheme's own
+pooling for the others (attention, log-sum-exp, ...). The output folder receives
 
 * ``predictions.csv``, one row per input: ``file, probability, top_patch_row, top_patch_col,
   center_y, center_x, box_y0, box_x0, box_y1, box_x1, flipped, top_patch_mass_coverage, mass_iou,
@@ -91,8 +92,9 @@ CSV_COLUMNS = (
     "error",
 )
 
-# (N, H, W, 1) float32 images in [0, 1] -> (N, h', w') instance logits.
-PredictFn = Callable[[np.ndarray], np.ndarray]
+# (N, H, W, 1) float32 images in [0, 1] -> (N, h', w') instance logits, or the pair
+# ((N, h', w') instance scores, (N,) bag logits) for a model with its own pooling.
+PredictFn = Callable[[np.ndarray], np.ndarray | tuple[np.ndarray, np.ndarray]]
 
 
 @dataclasses.dataclass
@@ -193,7 +195,8 @@ def _mass_outlines(
 
 
 def model_predict_fn(model, batch_size: int) -> PredictFn:
-    """A jitted ``(N, H, W, 1) -> (N, h', w')`` numpy function of an NNX model (in eval mode).
+    """A jitted numpy function of an NNX model (in eval mode): ``(N, H, W, 1)`` images ->
+    (``(N, h', w')`` instance scores, ``(N,)`` bag logits of the model's own pooling).
 
     Batches are padded to ``batch_size`` so that one compilation serves every batch.
     """
@@ -205,18 +208,21 @@ def model_predict_fn(model, batch_size: int) -> PredictFn:
 
     @jax.jit
     def run(state, images):
-        return nnx.merge(graphdef, state)(images).astype(jnp.float32)
+        instance_logits, bag_logits = nnx.merge(graphdef, state).instances_and_bag(images)
+        return instance_logits.astype(jnp.float32), bag_logits.astype(jnp.float32)
 
     def predict(images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, np.float32)
-        outs = []
+        outs, bags = [], []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             pad = batch_size - len(chunk)
             if pad:
                 chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
-            outs.append(np.asarray(run(state, chunk))[: batch_size - pad])
-        return np.concatenate(outs)
+            instance_logits, bag_logits = run(state, chunk)
+            outs.append(np.asarray(instance_logits)[: batch_size - pad])
+            bags.append(np.asarray(bag_logits)[: batch_size - pad])
+        return np.concatenate(outs), np.concatenate(bags)
 
     return predict
 
@@ -246,6 +252,7 @@ def predict_files(
 
     Args:
       predict_fn: ``(N, H, W, 1)`` float32 images in [0, 1] -> ``(N, h', w')`` instance logits
+        (the bag logit is then their maximum), or a pair (instance scores, ``(N,)`` bag logits)
         (``model_predict_fn(model, batch_size)``, or any function, e.g. a test's fake).
       files: image paths.
       image_size: the training run's ``image_size`` (the preprocessed side, or (H, W)).
@@ -281,14 +288,18 @@ def predict_files(
                 logging.warning("Skipping %s", e)
         good = [p for p in batch if p.error is None]
         if good:
-            logits = np.asarray(predict_fn(np.stack(images)[..., None]), np.float32)
+            out = predict_fn(np.stack(images)[..., None])
+            logits, bags = out if isinstance(out, tuple) else (out, None)
+            logits = np.asarray(logits, np.float32)
             if logits.ndim != 3 or logits.shape[0] != len(good):
                 raise ValueError(
                     f"predict_fn returned shape {logits.shape}; expected "
                     f"({len(good)}, h', w') instance logits"
                 )
-            for pred, z in zip(good, logits, strict=True):
-                _finish(pred, z, size)
+            if bags is None:  # instance logits alone: max pooling, the paper's bag prediction
+                bags = logits.reshape(len(good), -1).max(axis=1)
+            for pred, z, bag in zip(good, logits, np.asarray(bags), strict=True):
+                _finish(pred, z, size, bag)
                 pred.outlines = _mass_outlines(
                     Path(pred.file), xml_dir, pred.geometry.original_shape
                 )
@@ -308,10 +319,10 @@ def predict_files(
     return results
 
 
-def _finish(pred: Prediction, logits: np.ndarray, size: tuple[int, int]) -> None:
-    """Probability and the top patch in original coordinates."""
+def _finish(pred: Prediction, logits: np.ndarray, size: tuple[int, int], bag: float) -> None:
+    """Probability (the sigmoid of the bag logit) and the top patch in original coordinates."""
     pred.instance_logits = logits
-    pred.probability = float(heatmap.bag_probability(logits[None])[0])
+    pred.probability = float(heatmap.sigmoid(bag))
     pred.top_patch = heatmap.top_cell(logits)
     edges = heatmap.box_to_original(
         heatmap.cell_box(*pred.top_patch, logits.shape, size), pred.geometry

@@ -33,13 +33,26 @@ from deepmil_jax.models import build_model
 # Loss of each scheme
 
 
-def scheme_loss(config: Config, instance_logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """The data term of the paper's Eq. 4, 6 or 7 for ``config.scheme``; (N, h, w) logits."""
+def scheme_loss(
+    config: Config,
+    instance_logits: jax.Array,
+    labels: jax.Array,
+    bag_logits: jax.Array | None = None,
+) -> jax.Array:
+    """The data term of the paper's Eq. 4, 6 or 7 for ``config.scheme``; (N, h, w) logits.
+
+    The other MIL poolings (mean_pooling, topk_pooling, lse_pooling, noisy_or, attention,
+    gated_attention, learned_lse) are trained by the cross-entropy of the model's own (N,) bag
+    logits (``model.instances_and_bag``), which they need."""
     if config.scheme in ("alexnet", "max_pooling"):  # alexnet: one instance, so plain BCE
         return losses.max_pooling_loss(instance_logits, labels)
-    if config.scheme == "label_assign":
+    if config.scheme == "label_assign":  # k: a count, a fraction, "auto" or "auto_soft"
         return losses.label_assign_loss(instance_logits, labels, config.k)
-    return losses.sparse_loss(instance_logits, labels, config.mu)
+    if config.scheme == "sparse":
+        return losses.sparse_loss(instance_logits, labels, config.mu)
+    if bag_logits is None:
+        raise ValueError(f"the {config.scheme} scheme is trained on bag logits; pass bag_logits")
+    return losses.bag_loss(bag_logits, labels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,6 +78,7 @@ def create_model(config: Config, rngs: nnx.Rngs, *, warn: bool = True) -> nnx.Mo
         backbone=config.backbone,
         head_hidden=config.head_hidden,
         pretrained=pretrained,
+        k=config.k if config.scheme == "topk_pooling" else 6,
         dtype=jnp.bfloat16 if config.precision == "bf16" else jnp.float32,
         rngs=rngs,
     )
@@ -120,8 +134,8 @@ def loss_fn(
     dropout_key = jax.random.fold_in(jax.random.key(config.seed + 2), step)
     model = nnx.merge(context.train_graph, params, rest, copy=True)
     nnx.reseed(model, dropout=dropout_key)
-    logits = model(images).astype(jnp.float32)
-    data_loss = scheme_loss(config, logits, labels)
+    logits, bag_logits = model.instances_and_bag(images)
+    data_loss = scheme_loss(config, logits.astype(jnp.float32), labels, bag_logits)
     return data_loss + config.weight_decay * losses.l2_penalty(params), data_loss
 
 
@@ -135,9 +149,10 @@ def _train_step(context: StepContext, state: dict, batch: dict, step):
     return new_state, {"loss": loss, "data_loss": data_loss}
 
 
-def _eval_step(context: StepContext, state: dict, images: jax.Array) -> jax.Array:
+def _eval_step(context: StepContext, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     model = nnx.merge(context.eval_graph, state["params"], state["rest"])
-    return model(images).astype(jnp.float32)
+    instance_logits, bag_logits = model.instances_and_bag(images)
+    return instance_logits.astype(jnp.float32), bag_logits.astype(jnp.float32)
 
 
 @functools.cache
@@ -165,8 +180,9 @@ def lower_train_step(context: StepContext, state: dict, batch: dict, step) -> ja
     return _jitted(_train_step, True).lower(context, state, batch, step)
 
 
-def eval_step(context: StepContext, state: dict, images: jax.Array) -> jax.Array:
-    """(N, h', w') float32 instance logits of ``images`` (N, H, W, 1), the model in eval mode."""
+def eval_step(context: StepContext, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """((N, h', w') float32 instance scores, (N,) float32 bag logits of the scheme's pooling) of
+    ``images`` (N, H, W, 1), the model in eval mode."""
     return _jitted(_eval_step, False)(context, state, images)
 
 
@@ -226,13 +242,16 @@ class Trainer:
         return out
 
     def predict(self, batches) -> dict[str, np.ndarray]:
-        """Instance logits of every real (unmasked) example of an eval stream, by index."""
-        indices, instance = [], []
+        """Instance logits (scores) and the bag probability of the scheme's own pooling (the
+        sigmoid of the model's bag logit) of every real (unmasked) example of an eval stream, by
+        index."""
+        indices, instance, bags = [], [], []
         for batch in batches:
-            logits = eval_step(self.context, self.state, self.to_global(batch["image"]))
+            logits, bag = eval_step(self.context, self.state, self.to_global(batch["image"]))
             gathered = multihost_utils.process_allgather(
                 {
                     "logits": logits,
+                    "bag": bag,
                     "mask": self.to_global(batch["mask"]),
                     "index": self.to_global(batch["index"]),
                 },
@@ -241,12 +260,12 @@ class Trainer:
             keep = np.asarray(gathered["mask"])
             indices.append(np.asarray(gathered["index"])[keep])
             instance.append(np.asarray(gathered["logits"])[keep])
+            bags.append(np.asarray(gathered["bag"])[keep])
         order = np.argsort(np.concatenate(indices))
-        instance_logits = np.concatenate(instance)[order]
         return {
             "index": np.concatenate(indices)[order],
-            "instance_logits": instance_logits,
-            "probability": heatmap.bag_probability(instance_logits),
+            "instance_logits": np.concatenate(instance)[order],
+            "probability": heatmap.sigmoid(np.concatenate(bags)[order]),
         }
 
 

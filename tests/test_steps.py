@@ -171,17 +171,20 @@ def test_dropout_acts_in_training_only_and_follows_the_step():
     assert first != second  # another step, other masks
     assert abs(first - no_dropout) > 1e-4 and abs(second - no_dropout) > 1e-4
     # evaluation: dropout off, deterministic
-    logits = np.asarray(steps.eval_step(trainer.context, trainer.state, images), np.float64)
+    logits = np.asarray(steps.eval_step(trainer.context, trainer.state, images)[0], np.float64)
     np.testing.assert_allclose(logits, _eval_logits(trainer, images), rtol=1e-4, atol=1e-5)
 
 
 def test_eval_step_gives_the_evaluation_models_float32_logits(trainer):
     images, _ = _batch(2)
-    logits = steps.eval_step(trainer.context, trainer.state, images)
+    logits, bag = steps.eval_step(trainer.context, trainer.state, images)
     assert logits.shape == (4, 2, 2) and logits.dtype == np.float32
     np.testing.assert_allclose(np.asarray(logits), _eval_logits(trainer, images), atol=5e-5)
+    # label assignment's bag logit is the max instance logit (Eq. 2-3)
+    assert bag.shape == (4,) and bag.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(bag), np.asarray(logits).reshape(4, -1).max(axis=1))
     # the state is not given away: it still evaluates
-    again = steps.eval_step(trainer.context, trainer.state, images)
+    again, _ = steps.eval_step(trainer.context, trainer.state, images)
     np.testing.assert_array_equal(np.asarray(again), np.asarray(logits))
 
 

@@ -107,7 +107,7 @@ def _check_localisation(config, run_dir, test):
     idx = np.array([index[r["file_id"]] for r in rows])
     _, model = checkpoints.load_trained(run_dir)
     images = examples.images[idx].astype(np.float32)[..., None] / 65535.0
-    logits = predict.model_predict_fn(model, 16)(images)
+    logits, _ = predict.model_predict_fn(model, 16)(images)
     grid = logits.shape[1]  # 3 x 3 for 131-pixel images: repeat pixels 3 times to align cells
     lesion, other = [], []
     ious = []
@@ -220,7 +220,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     config = dataclasses.replace(SMALL, data_dir=data_dir, epochs=1)
     train.train_and_evaluate(config, tmp_path / "run")
     good, _ = _run_and_params(config, tmp_path / "run")
-    monkeypatch.setattr(steps, "scheme_loss", lambda config, logits, labels: jax.numpy.nan)
+    monkeypatch.setattr(steps, "scheme_loss", lambda config, logits, labels, *bag: jax.numpy.nan)
     with pytest.raises(train.TrainingDiverged, match="last good checkpoint"):
         train.train_and_evaluate(dataclasses.replace(config, epochs=2), tmp_path / "run")
     monkeypatch.undo()

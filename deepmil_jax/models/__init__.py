@@ -6,7 +6,9 @@ Public API::
     AlexNet.from_converted(params, metadata, *, dtype, param_dtype)
     normalize(images, kind)
     InstanceHead(in_features=256, hidden=(), *, dtype, param_dtype, rngs)
-    DeepMIL(backbone, head)
+    DeepMIL(backbone, head, pooling=None)  # .instances_and_bag(images) -> (scores, bag logits)
+    FixedPooling(pooling="max", *, k=6), LearnedLSEPooling(temperature=1.0)
+    AttentionPooling(in_features=256, hidden=128, *, gated=False, dtype, param_dtype, rngs)
     AlexNetClassifier(backbone, *, dropout=0.5, dtype, param_dtype, rngs)
     build_model(scheme, *, backbone="caffe", head_hidden=(), pretrained=None, ...)
 
@@ -24,21 +26,29 @@ from deepmil_jax.models.alexnet import (
     normalize,
 )
 from deepmil_jax.models.mil import (
+    POOLING_SCHEMES,
     SCHEMES,
     AlexNetClassifier,
+    AttentionPooling,
     DeepMIL,
+    FixedPooling,
     InstanceHead,
+    LearnedLSEPooling,
     build_model,
 )
 
 __all__ = [
     "LRNS",
     "NORMALIZATIONS",
+    "POOLING_SCHEMES",
     "SCHEMES",
     "AlexNet",
     "AlexNetClassifier",
+    "AttentionPooling",
     "DeepMIL",
+    "FixedPooling",
     "InstanceHead",
+    "LearnedLSEPooling",
     "build_model",
     "local_response_norm",
     "max_pool",

@@ -8,10 +8,16 @@ sparse Eq. 7) turn the ``(N, h, w)`` instance logits into a bag prediction.
 ``AlexNetClassifier`` is the paper's "AlexNet" baseline: the same features followed by AlexNet's
 fully connected layers and one logit, returned as a 1x1 instance map ``(N, 1, 1)`` so the same
 losses apply (max pooling over a single instance is plain binary cross-entropy).
+
+Every model also gives its bag (image) logits with ``instances_and_bag(images)``: the paper's
+schemes pool by the maximum (Eq. 2-3); the other MIL poolings (``POOLING_SCHEMES``) are modules
+here (``FixedPooling``, ``AttentionPooling``, ``LearnedLSEPooling``) whose arithmetic is the pure
+functions of ``deepmil_jax.losses``. Training, evaluation and prediction all use that bag logit.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,6 +27,7 @@ import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
+from deepmil_jax import losses
 from deepmil_jax.architecture import FC_GRID, FC_LAYERS, FC_SIZE
 from deepmil_jax.config import SCHEMES
 from deepmil_jax.errors import ConfigError
@@ -60,19 +67,151 @@ class InstanceHead(nnx.Module):
         return self.logit(x)[..., 0].astype(jnp.float32)
 
 
+# The parameter-free pooling (``losses.bag_logits``) of each scheme that has one; "attention",
+# "gated_attention" and "learned_lse" have parameters (AttentionPooling, LearnedLSEPooling).
+POOLING_SCHEMES = {
+    "max_pooling": "max",
+    "label_assign": "max",
+    "sparse": "max",
+    "mean_pooling": "mean",
+    "topk_pooling": "topk_mean",
+    "lse_pooling": "lse",
+    "noisy_or": "noisy_or",
+}
+ATTENTION_HIDDEN = 128  # L of Ilse et al.'s attention network (their MNIST-bags and histology: 128)
+
+
+class FixedPooling(nnx.Module):
+    """A pooling without parameters: ``losses.bag_logits(z, pooling=..., k=..., temperature=1)``.
+
+    The instance scores (heatmaps, the top patch) are the instance logits themselves.
+    """
+
+    def __init__(self, pooling: str = "max", *, k: int | float = 6):
+        if pooling not in losses.POOLINGS:
+            raise ConfigError(f"unknown pooling {pooling!r}; choose one of {losses.POOLINGS}")
+        self.pooling = pooling
+        self.k = k
+
+    def instance_scores(self, features: jax.Array, instance_logits: jax.Array) -> jax.Array:
+        return instance_logits
+
+    def __call__(
+        self, features: jax.Array, instance_logits: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """(features (N, h, w, C), instance logits (N, h, w)) -> (scores (N, h, w), bag (N,))."""
+        bag = losses.bag_logits(instance_logits, pooling=self.pooling, k=self.k)
+        return instance_logits, bag
+
+
+class AttentionPooling(nnx.Module):
+    """Attention MIL pooling (Ilse, Tomczak & Welling, ICML 2018, Eq. 8-9) of instance logits.
+
+    Attention scores from the backbone features h_j (C channels): w^T tanh(V h_j), or with
+    ``gated=True`` w^T (tanh(V h_j) * sigmoid(U h_j)) (their gated attention), softmax-normalised
+    over the instances into weights a_j; the bag logit is sum_j a_j z_j
+    (``losses.attention_pooling``). With the paper's linear instance head this is exactly Ilse et
+    al.'s classifier on the attention-weighted embedding sum_j a_j h_j (the weights sum to 1).
+
+    Instance scores for heatmaps: the attention-weighted instance logits m * a_j * z_j (m: the
+    number of instances), not the plain z_j. Why: the bag logit is their mean, so the heatmap
+    decomposes the prediction exactly into what each patch contributed, and uniform attention
+    gives back z_j. The plain z_j are a poor map here: the gradient reaching z_j is scaled by a_j,
+    so patches the attention ignores keep untrained, arbitrary logits that the prediction never
+    used; weighting by a_j sends them to 0 (probability 0.5, "not looked at"). The top patch is
+    the one that contributed most to the malignancy logit.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 256,
+        hidden: int = ATTENTION_HIDDEN,
+        *,
+        gated: bool = False,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.gated = gated
+        self.V = nnx.Linear(in_features, hidden, **kw)
+        if gated:
+            self.U = nnx.Linear(in_features, hidden, **kw)
+        self.w = nnx.Linear(hidden, 1, **kw)
+
+    def attention_logits(self, features: jax.Array) -> jax.Array:
+        """Features ``(N, h, w, C)`` -> unnormalised attention scores ``(N, h, w)`` in float32."""
+        x = jnp.tanh(self.V(features))
+        if self.gated:
+            x = x * nnx.sigmoid(self.U(features))
+        return self.w(x)[..., 0].astype(jnp.float32)
+
+    def __call__(
+        self, features: jax.Array, instance_logits: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """(features, instance logits (N, h, w)) -> (m a_j z_j (N, h, w), bag logits (N,))."""
+        bag, weights = losses.attention_pooling(instance_logits, self.attention_logits(features))
+        m = instance_logits.shape[1] * instance_logits.shape[2]
+        return m * weights * instance_logits, bag
+
+    def instance_scores(self, features: jax.Array, instance_logits: jax.Array) -> jax.Array:
+        return self(features, instance_logits)[0]
+
+
+class LearnedLSEPooling(nnx.Module):
+    """Log-sum-exp pooling with a learned sharpness: (1/T) log mean_j exp(T z_j), T = exp(t).
+
+    ``losses.bag_logits(pooling="lse")`` with the temperature a parameter learned with the rest
+    of the network (started at ``temperature``; T -> 0 is the mean of the logits, T -> inf their
+    maximum), so the data choose between averaging the evidence and trusting the one most
+    suspicious patch. The log parametrisation keeps T positive. The weight-decay term of the
+    loss also pulls t towards 0 (T = 1), with the same small lambda as every parameter.
+    Instance scores for heatmaps: the instance logits (the pooling is monotone in each of them).
+    """
+
+    def __init__(self, temperature: float = 1.0):
+        self.log_temperature = nnx.Param(jnp.asarray(math.log(temperature), jnp.float32))
+
+    @property
+    def temperature(self) -> jax.Array:
+        return jnp.exp(self.log_temperature[...])
+
+    def instance_scores(self, features: jax.Array, instance_logits: jax.Array) -> jax.Array:
+        return instance_logits
+
+    def __call__(
+        self, features: jax.Array, instance_logits: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        bag = losses.bag_logits(instance_logits, pooling="lse", temperature=self.temperature)
+        return instance_logits, bag
+
+
 class DeepMIL(nnx.Module):
-    """Deep multi-instance network: raw ``(N, H, W, 1)`` images on [0, 1] -> ``(N, h, w)`` logits.
+    """Deep multi-instance network: raw ``(N, H, W, 1)`` images on [0, 1] -> ``(N, h, w)`` scores.
+
+    ``model(images)`` gives the instance scores drawn in heatmaps (the instance logits, or for
+    attention MIL the attention-weighted ones, see ``AttentionPooling``);
+    ``model.instances_and_bag(images)`` gives them with the ``(N,)`` bag logits of the model's
+    ``pooling`` (default: max pooling, the paper's Eq. 2-3).
 
     Applies the backbone's own input normalisation (``AlexNet.forward_raw``), so training code
     feeds [0, 1] images whatever the pretrained weights expect.
     """
 
-    def __init__(self, backbone: AlexNet, head: InstanceHead):
+    def __init__(self, backbone: AlexNet, head: InstanceHead, pooling: nnx.Module | None = None):
         self.backbone = backbone
         self.head = head
+        self.pooling = FixedPooling("max") if pooling is None else pooling
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        return self.head(self.backbone.forward_raw(images))
+        features = self.backbone.forward_raw(images)
+        return self.pooling.instance_scores(features, self.head(features))
+
+    def instances_and_bag(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(N, H, W, 1)`` images -> (instance scores ``(N, h, w)``, bag logits ``(N,)``),
+        float32."""
+        features = self.backbone.forward_raw(images)
+        return self.pooling(features, self.head(features))
 
 
 class AlexNetClassifier(nnx.Module):
@@ -157,6 +296,11 @@ class AlexNetClassifier(nnx.Module):
         x = self.dropout(nnx.relu(self.fc7(x)))
         return self.fc8(x).astype(jnp.float32).reshape(n, 1, 1)
 
+    def instances_and_bag(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(the ``(N, 1, 1)`` logit map, the same logits as ``(N,)`` bag logits)."""
+        logits = self(images)
+        return logits, logits.reshape(-1)
+
 
 def _pretrained_arrays(
     pretrained: tuple[Mapping[str, Any], Mapping[str, Any]], backbone: str
@@ -184,6 +328,7 @@ def build_model(
     head_hidden: Sequence[int] = (),
     pretrained: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None,
     dropout: float = 0.5,
+    k: int | float = 6,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs,
@@ -192,14 +337,20 @@ def build_model(
 
     Args:
       scheme: ``"alexnet"`` -> :class:`AlexNetClassifier` (``(N, 1, 1)`` logits, 227x227 input);
-        ``"max_pooling"``, ``"label_assign"``, ``"sparse"`` -> :class:`DeepMIL` (``(N, h, w)``).
+        any other of ``SCHEMES`` -> :class:`DeepMIL` (``(N, h, w)``) with the scheme's pooling:
+        max for the paper's ``"max_pooling"``, ``"label_assign"``, ``"sparse"``;
+        ``POOLING_SCHEMES``' ``losses.bag_logits`` pooling (:class:`FixedPooling`);
+        :class:`AttentionPooling` for ``"attention"`` and ``"gated_attention"``;
+        :class:`LearnedLSEPooling` for ``"learned_lse"``.
       backbone: ``"caffe"`` (the paper's) or ``"torchvision"``; must match the pretrained weights.
       head_hidden: hidden 1x1 layer sizes of the instance head (``()`` = logistic regression).
       pretrained: ``(params, metadata)`` as ``deepmil_jax.weights.load_converted(path)`` returns
         them (ImageNet weights; the LRN flavour and normalisation come from ``metadata``), or
-        None for random initialisation. The instance head (and fc8 of the classifier) always
-        start fresh. Only arrays are copied here; reading the folder is the caller's.
+        None for random initialisation. The instance head, the pooling's parameters (and fc8
+        of the classifier) always start fresh. Only arrays are copied here; reading the folder
+        is the caller's.
       dropout: dropout rate of the classifier's fully connected layers (alexnet scheme only).
+      k: instances pooled by ``"topk_pooling"`` (a count, or a fraction in (0, 1)).
       dtype: compute dtype (e.g. ``jnp.bfloat16``); ``param_dtype``: parameter dtype.
       rngs: random streams for initialisation (and ``dropout``).
     """
@@ -218,4 +369,11 @@ def build_model(
             )
         features = AlexNet.from_converted(params, metadata, **kw)
     head = InstanceHead(features.out_features, tuple(head_hidden), **kw, rngs=rngs)
-    return DeepMIL(features, head)
+    if scheme in ("attention", "gated_attention"):
+        gated = scheme == "gated_attention"
+        pooling = AttentionPooling(features.out_features, gated=gated, **kw, rngs=rngs)
+    elif scheme == "learned_lse":
+        pooling = LearnedLSEPooling()
+    else:
+        pooling = FixedPooling(POOLING_SCHEMES[scheme], k=k)
+    return DeepMIL(features, head, pooling)
