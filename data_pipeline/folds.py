@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from absl import logging
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from data_pipeline.errors import DataError
@@ -230,7 +231,17 @@ def _official_split(
             f"The official split has {official_train.size} training and {test.size} test "
             'examples; both are needed. Use split="patient" (--split).'
         )
-    train_groups = None if groups is None else np.asarray(groups)[official_train]
+    if groups is not None:
+        groups = np.asarray(groups)
+        both = np.intersect1d(groups[test], groups[official_train])
+        if both.size:
+            logging.warning(
+                "The official split puts %d patient(s) in both its training and its test set "
+                "(e.g. %s); their test images are not independent of training.",
+                both.size,
+                ", ".join(map(str, both[:3])),
+            )
+    train_groups = None if groups is None else groups[official_train]
     assignment = assign_folds(
         labels[official_train],
         train_groups,

@@ -231,3 +231,18 @@ def test_official_split_needs_an_official_split(subsets):
     subsets = subsets if subsets is None else subsets[: LABELS.size]
     with pytest.raises(DataError, match="official"):
         make_split(LABELS, GROUPS, num_folds=K, split="official", subsets=subsets)
+
+
+def test_official_split_warns_about_patients_in_both_parts(caplog):
+    subsets = np.array(["train"] * LABELS.size)
+    subsets[-1] = "test"  # the last image's patient has other images in the training set
+    subsets[:8] = "test"
+    shared = {GROUPS[-1]} | ({GROUPS[7]} if GROUPS[7] == GROUPS[8] else set())
+    with caplog.at_level("WARNING"):
+        make_split(LABELS, GROUPS, num_folds=3, split="official", subsets=subsets)
+    assert f"{len(shared)} patient(s) in both" in caplog.text
+    caplog.clear()
+    patient_wise = np.where(np.isin(GROUPS, GROUPS[:8]), "test", "train")
+    with caplog.at_level("WARNING"):
+        make_split(LABELS, GROUPS, num_folds=3, split="official", subsets=patient_wise)
+    assert "in both" not in caplog.text
