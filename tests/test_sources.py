@@ -779,3 +779,15 @@ def test_official_split_is_kept_in_the_prepared_dataset(tmp_path):
     # VinDr's boxes come through: every BI-RADS >= 4 image has one box in the preprocessed frame
     for label, boxes in zip(examples.labels, examples.mass_boxes, strict=True):
         assert len(boxes) == int(label)
+
+
+@pytest.mark.parametrize("dataset", ["cmmd", "mias", "inbreast", "folder"])
+def test_official_split_is_refused_without_one(dataset):
+    from deepmil_jax import train
+    from deepmil_jax.errors import ConfigError
+
+    config = train.Config(dataset=dataset, manual_dir="/data", split="official")
+    with pytest.raises(ConfigError, match="--split: .* no official train/test split"):
+        config.validate()
+    for with_split in ("cbis_ddsm", "vindr_mammo"):  # these have one
+        train.Config(dataset=with_split, manual_dir="/data", split="official").validate()
