@@ -22,10 +22,15 @@ import deepmil_jax.models.alexnet as alexnet_mod
 from deepmil_jax.errors import ConfigError, WeightsError
 from deepmil_jax.models import (
     LRNS,
+    POOLING_SCHEMES,
+    SCHEMES,
     AlexNet,
     AlexNetClassifier,
+    AttentionPooling,
     DeepMIL,
+    FixedPooling,
     InstanceHead,
+    LearnedLSEPooling,
     build_model,
     local_response_norm,
     normalize,
@@ -230,7 +235,7 @@ def test_build_model_schemes():
     model = build_model("sparse", backbone="torchvision", rngs=nnx.Rngs(0))
     assert (model.backbone.variant, model.backbone.normalization) == ("torchvision", "torchvision")
     with pytest.raises(ConfigError, match="unknown scheme"):
-        build_model("mean_pooling", rngs=nnx.Rngs(0))
+        build_model("median_pooling", rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="unknown AlexNet variant"):
         build_model("sparse", backbone="vgg", rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match=r"is a path.*load_converted"):
@@ -371,3 +376,146 @@ def test_pretrained_arrays_are_copied_and_checked():
     missing = {k: v for k, v in params.items() if k != "conv4"}
     with pytest.raises(WeightsError, match="no layer 'conv4'"):
         build_model("sparse", pretrained=(missing, metadata), rngs=nnx.Rngs(0))
+
+
+# ---- the MIL poolings of issue 14: attention (gated), learned log-sum-exp, fixed poolings ------
+def _np(x) -> np.ndarray:
+    return np.asarray(x[...], np.float64)
+
+
+def _attention_reference(pool: AttentionPooling, feats: np.ndarray, z: np.ndarray):
+    """Ilse et al. Eq. 8-9 in float64 numpy: a = softmax(w^T (tanh(V h) [* sigmoid(U h)]))."""
+    h = feats.astype(np.float64)
+    x = np.tanh(h @ _np(pool.V.kernel) + _np(pool.V.bias))
+    if pool.gated:
+        x = x / (1 + np.exp(-(h @ _np(pool.U.kernel) + _np(pool.U.bias))))
+    scores = (x @ _np(pool.w.kernel) + _np(pool.w.bias))[..., 0].reshape(len(h), -1)
+    a = np.exp(scores - scores.max(1, keepdims=True))
+    a /= a.sum(1, keepdims=True)
+    zf = z.reshape(len(z), -1).astype(np.float64)
+    return (a * zf).sum(1), a
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_attention_pooling_is_ilse_et_al(gated):
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(3, 2, 3, 16)).astype(np.float32)
+    z = rng.normal(size=(3, 2, 3)).astype(np.float32) * 2
+    pool = AttentionPooling(16, 8, gated=gated, rngs=nnx.Rngs(4))
+    assert hasattr(pool, "U") == gated
+    scores, bag = pool(jnp.asarray(feats), jnp.asarray(z))
+    ref_bag, a = _attention_reference(pool, feats, z)
+    np.testing.assert_allclose(bag, ref_bag, rtol=1e-5, atol=1e-6)
+    # heatmap scores: attention-weighted instance logits m a_j z_j, whose mean is the bag logit
+    np.testing.assert_allclose(scores, (6 * a * z.reshape(3, -1)).reshape(z.shape), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(scores).mean(axis=(1, 2)), bag, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_on_a_linear_head_is_the_classifier_of_the_weighted_embedding(caffe_net):
+    """With the paper's logistic-regression head, sum_j a_j (w.h_j + b) = w.(sum_j a_j h_j) + b:
+    Ilse et al.'s embedding-level attention MIL."""
+    model = build_model("attention", rngs=nnx.Rngs(7))
+    raw = raw_images(2, 131)
+    scores, bag = model.instances_and_bag(raw)
+    feats = np.asarray(model.backbone.forward_raw(raw), np.float64)
+    _, a = _attention_reference(model.pooling, feats, np.zeros(feats.shape[:3]))
+    embedding = (a[..., None] * feats.reshape(2, -1, 256)).sum(1)  # (N, 256)
+    head = model.head.logit
+    expected = (embedding @ _np(head.kernel) + _np(head.bias))[:, 0]
+    np.testing.assert_allclose(bag, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(model(raw), scores)  # __call__ gives the heatmap scores
+
+
+def test_learned_lse_pooling_learns_its_temperature():
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(4, 3, 3)).astype(np.float32) * 2
+    pool = LearnedLSEPooling(temperature=2.0)
+    scores, bag = pool(None, jnp.asarray(z))
+    zf = z.reshape(4, -1).astype(np.float64)
+    ref = np.log(np.mean(np.exp(2.0 * zf), axis=1)) / 2.0
+    np.testing.assert_allclose(bag, ref, rtol=1e-5)
+    np.testing.assert_array_equal(scores, z)  # heatmaps: the instance logits
+    # the log-temperature is a parameter with a finite, non-zero gradient
+    graphdef, params = nnx.split(pool, nnx.Param)
+
+    def total(p):
+        return nnx.merge(graphdef, p)(None, jnp.asarray(z))[1].sum()
+
+    grads = jax.grad(total)(params)
+    g = float(grads["log_temperature"][...])
+    assert np.isfinite(g) and g > 0  # a sharper pooling moves each bag towards its maximum
+
+
+def test_every_scheme_builds_its_pooling_and_bag_logits():
+    raw = raw_images(2, 131)  # a 3x3 grid
+    for scheme in SCHEMES:
+        if scheme == "alexnet":
+            continue
+        model = build_model(scheme, k=2, rngs=nnx.Rngs(0))
+        assert isinstance(model, DeepMIL), scheme
+        scores, bag = model.instances_and_bag(raw)
+        assert scores.shape == (2, 3, 3) and bag.shape == (2,), scheme
+        assert scores.dtype == bag.dtype == jnp.float32, scheme
+        if scheme in POOLING_SCHEMES:
+            assert isinstance(model.pooling, FixedPooling)
+            z = np.asarray(model.head(model.backbone.forward_raw(raw))).reshape(2, -1)
+            r = 1 / (1 + np.exp(-z.astype(np.float64)))
+            expected = {
+                "max": z.max(1),
+                "mean": np.log(r.mean(1) / (1 - r.mean(1))),
+                "topk_mean": None,
+                "lse": np.log(np.mean(np.exp(z), axis=1)),
+                "noisy_or": None,
+            }[POOLING_SCHEMES[scheme]]
+            if POOLING_SCHEMES[scheme] == "topk_mean":
+                top = np.sort(r, axis=1)[:, -2:].mean(1)
+                expected = np.log(top / (1 - top))
+            if POOLING_SCHEMES[scheme] == "noisy_or":
+                q = np.prod(1 - r, axis=1)
+                expected = np.log((1 - q) / q)
+            np.testing.assert_allclose(bag, expected, rtol=1e-4, err_msg=scheme)
+    assert {"attention", "gated_attention", "learned_lse"} <= set(SCHEMES) - set(POOLING_SCHEMES)
+    clf = build_model("alexnet", rngs=nnx.Rngs(0))
+    clf.eval()
+    logits, bag = clf.instances_and_bag(raw_images(2, 227))
+    np.testing.assert_array_equal(bag, np.asarray(logits).reshape(2))
+
+
+@pytest.mark.parametrize("scheme", ["attention", "gated_attention", "learned_lse"])
+def test_pooling_parameters_start_fresh_over_pretrained_convolutions(scheme):
+    source = AlexNet("caffe", lrn="caffe", normalization="caffe", rngs=nnx.Rngs(5))
+    params = {
+        f"conv{i}": {k: _np(getattr(getattr(source, f"conv{i}"), k)) for k in ("kernel", "bias")}
+        for i in range(1, 6)
+    }
+    metadata = {"variant": "caffe", "lrn": "caffe", "normalization": "caffe"}
+    a = build_model(scheme, pretrained=(params, metadata), rngs=nnx.Rngs(0))
+    b = build_model(scheme, pretrained=(params, metadata), rngs=nnx.Rngs(1))
+    np.testing.assert_array_equal(a.backbone.conv3.kernel[...], params["conv3"]["kernel"])
+    pooled = jax.tree.leaves(nnx.state(a.pooling, nnx.Param))
+    assert pooled and all(p.dtype == jnp.float32 for p in pooled)
+    if scheme == "learned_lse":
+        assert float(a.pooling.temperature) == 1.0  # the plain log-sum-exp to start
+    else:  # random attention weights, drawn from the given streams
+        assert not np.array_equal(a.pooling.V.kernel[...], b.pooling.V.kernel[...])
+        assert np.std(np.asarray(a.pooling.V.kernel[...])) > 0
+
+
+@pytest.mark.parametrize("scheme", ["attention", "gated_attention", "learned_lse"])
+def test_new_poolings_in_bf16_keep_float32_params_and_outputs(scheme):
+    f32 = build_model(scheme, rngs=nnx.Rngs(0))
+    bf16 = build_model(scheme, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert {p.dtype for p in jax.tree.leaves(nnx.state(bf16, nnx.Param))} == {
+        jnp.dtype(jnp.float32)
+    }
+    raw = raw_images(2, SMALL)
+    (s16, b16), (s32, b32) = bf16.instances_and_bag(raw), f32.instances_and_bag(raw)
+    assert s16.dtype == b16.dtype == jnp.float32
+    if scheme != "learned_lse":
+        assert bf16.pooling.V(jnp.ones((1, 256), jnp.bfloat16)).dtype == jnp.bfloat16
+    assert rel_err(b16, b32) < 0.1 and rel_err(s16, s32) < 0.1
+
+
+def test_fixed_pooling_refuses_an_unknown_pooling():
+    with pytest.raises(ConfigError, match="unknown pooling"):
+        FixedPooling("median")
