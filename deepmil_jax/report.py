@@ -21,6 +21,13 @@ NAMES = {
     "max_pooling": "Deep MIL, max pooling",
     "label_assign": "Deep MIL, label assignment",
     "sparse": "Deep MIL, sparse",
+    "mean_pooling": "MIL, mean pooling",
+    "topk_pooling": "MIL, top-k mean pooling",
+    "lse_pooling": "MIL, log-sum-exp pooling",
+    "noisy_or": "MIL, noisy-OR pooling",
+    "attention": "Attention MIL (Ilse et al. 2018)",
+    "gated_attention": "Gated attention MIL (Ilse et al. 2018)",
+    "learned_lse": "MIL, log-sum-exp with learned sharpness",
 }
 BOOTSTRAP_RESAMPLES = 2000
 RELIABILITY_BINS = 10
