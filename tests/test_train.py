@@ -506,3 +506,111 @@ def test_evaluation_probability_is_the_sigmoid_of_the_max_instance_logit():
     # jitted (CPU compiler options) and eager convolutions round differently, by ~1e-5
     np.testing.assert_allclose(out["instance_logits"].reshape(5, -1), logits, atol=5e-5)
     np.testing.assert_allclose(out["probability"], 1 / (1 + np.exp(-logits.max(axis=1))), atol=2e-5)
+
+
+# ---- the MIL poolings and k=auto of issue 14, from the command line to predictions ------------
+def test_new_schemes_and_k_auto_parse_from_the_command_line():
+    from absl import flags
+
+    from deepmil_jax import config as config_mod
+
+    fv = flags.FlagValues()
+    config_mod.define_flags(train.Config, fv)
+    assert set(train.SCHEMES) <= set(fv["scheme"].parser.enum_values)
+    for name in ("attention", "gated_attention", "learned_lse", "noisy_or", "topk_pooling"):
+        assert name in fv["scheme"].help
+    assert "auto" in fv["k"].help
+    fv(["train", "--scheme=label_assign", "--k=auto", "--image_size=99"])
+    c = config_mod.from_flags(train.Config, fv)
+    c.validate()
+    assert c.canonical().k == "auto"
+    fv(["train", "--scheme=gated_attention", "--k=0.25"])
+    assert config_mod.from_flags(train.Config, fv).canonical().k == 0.25
+    for bad, why in (("--k=sometimes", "not a number"), ("--k=2.5", "whole number")):
+        fv(["train", bad])
+        with pytest.raises(ConfigError, match=f"--k: .*{why}"):
+            config_mod.from_flags(train.Config, fv).validate()
+
+
+def test_k_auto_trains_on_each_images_rounded_extent():
+    config = dataclasses.replace(SMALL, k="auto", image_size=131, batch_size=4)  # 3x3 grid
+    trainer = train.Trainer(config, train.make_mesh())
+    rng = np.random.default_rng(4)
+    images = rng.random((4, 131, 131, 1), dtype=np.float32)
+    labels = np.array([1, 1, 0, 1], np.int32)
+    state, context = trainer.state, trainer.context
+    data = float(train.loss_fn(context, state["params"], state["rest"], images, labels, 0)[1])
+    model = nnx.merge(context.train_graph, state["params"], state["rest"])
+    z = np.asarray(model(images), np.float64).reshape(4, -1)
+    # numpy reference: k_n = round(sum_j sigmoid(z_nj)) clipped to [1, 9]; Eq. 5-6 with it
+    r = 1 / (1 + np.exp(-z))
+    total = 0.0
+    for n in range(4):
+        k = int(np.clip(np.round(r[n].sum()), 1, 9))
+        order = np.argsort(-z[n])
+        t = np.zeros(9)
+        t[order[:k]] = labels[n]
+        total += -(t * np.log(r[n]) + (1 - t) * np.log(1 - r[n])).sum()
+    assert data == pytest.approx(total / 36, rel=1e-4)
+    assert np.isfinite(float(trainer.train_step({"image": images, "label": labels}, 0)["loss"]))
+
+
+def _attention_bag(model, images: np.ndarray) -> np.ndarray:
+    """Ilse et al.'s attention pooling recomputed in float64 numpy from the model's features."""
+    feats = np.asarray(model.backbone.forward_raw(images), np.float64)
+    n = len(feats)
+    pool, head = model.pooling, model.head.logit
+
+    def p(x):
+        return np.asarray(x[...], np.float64)
+
+    z = (feats @ p(head.kernel) + p(head.bias))[..., 0].reshape(n, -1)
+    x = np.tanh(feats @ p(pool.V.kernel) + p(pool.V.bias))
+    if pool.gated:
+        x = x / (1 + np.exp(-(feats @ p(pool.U.kernel) + p(pool.U.bias))))
+    s = (x @ p(pool.w.kernel) + p(pool.w.bias))[..., 0].reshape(n, -1)
+    a = np.exp(s - s.max(1, keepdims=True))
+    a /= a.sum(1, keepdims=True)
+    return (a * z).sum(1), z
+
+
+def test_gated_attention_end_to_end_evaluates_and_predicts_with_its_own_pooling(tmp_path, data_dir):
+    import skimage.io
+
+    from data_pipeline.preprocess import PreprocessConfig, preprocess_file
+    from deepmil_jax import predict
+
+    config = dataclasses.replace(SMALL, scheme="gated_attention", data_dir=data_dir)
+    run_dir = tmp_path / "run"
+    results = train.train_and_evaluate(config, run_dir)
+    assert np.isfinite(results["test"]["auc"])
+    loaded, model = checkpoints.load_trained(run_dir)
+    assert loaded.scheme == "gated_attention"
+    # the reported probabilities are the attention pooling's, recomputed independently
+    examples = train.load_examples(loaded)
+    with open(run_dir / "test_predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    index = {file_id: i for i, file_id in enumerate(examples.file_ids)}
+    idx = np.array([index[r["file_id"]] for r in rows])
+    images = examples.images[idx].astype(np.float32)[..., None] / 65535.0
+    bag, z = _attention_bag(model, images)
+    got = np.array([float(r["probability"]) for r in rows])
+    np.testing.assert_allclose(got, 1 / (1 + np.exp(-bag)), atol=2e-4)
+    assert np.abs(got - 1 / (1 + np.exp(-z.max(1)))).max() > 1e-3  # not max pooling's
+    # predict: the same pooling, and a heatmap of the attention-weighted instance logits
+    path = tmp_path / "scan.png"
+    skimage.io.imsave(path, examples.images[idx[0]], check_contrast=False)
+    (pred,) = predict.predict_files(
+        predict.model_predict_fn(model, 4),
+        [path],
+        image_size=loaded.image_size,
+        output_dir=tmp_path / "out",
+        progress=False,
+    )
+    assert pred.error is None and Path(pred.heatmap).exists()
+    size = (loaded.image_size, loaded.image_size)
+    image, _ = preprocess_file(path, PreprocessConfig(size=size))  # what predict fed the model
+    expected, _ = _attention_bag(model, image[None, ..., None].astype(np.float32))
+    assert pred.probability == pytest.approx(1 / (1 + np.exp(-expected[0])), abs=2e-4)
+    a_z = pred.instance_logits.reshape(-1)  # m a_j z_j: their mean is the bag logit
+    assert np.log(pred.probability / (1 - pred.probability)) == pytest.approx(a_z.mean(), abs=1e-3)
