@@ -15,7 +15,19 @@ from deepmil_jax.benchmark.timing import Figures, median
 
 def torch_steps(setup: Setup) -> tuple[Callable[[int], int], dict[str, Any]] | None:
     """(n steps on the fixed batch -> images done, what PyTorch ran with), or None without the
-    torch extra. On the GPU when JAX runs on an accelerator and torch sees CUDA."""
+    torch extra or for a scheme the reference lacks. On the GPU when JAX runs on an accelerator
+    and torch sees CUDA."""
+    config = setup.config
+    if config.scheme not in ("alexnet", "max_pooling", "label_assign", "sparse") or isinstance(
+        config.k, str
+    ):
+        logging.warning(
+            "The PyTorch reference has the paper's schemes with a fixed k only; no torch "
+            "comparison for --scheme=%s --k=%s",
+            config.scheme,
+            config.k,
+        )
+        return None
     try:
         import torch
 
@@ -29,7 +41,6 @@ def torch_steps(setup: Setup) -> tuple[Callable[[int], int], dict[str, Any]] | N
             "JAX runs on %s but torch sees no CUDA device; torch runs on the CPU",
             jax.default_backend(),
         )
-    config = setup.config
     trainer = torch_reference.TorchTrainer(
         config.scheme,
         backbone=config.backbone,
