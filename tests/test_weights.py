@@ -474,6 +474,7 @@ def test_train_init_imagenet_loads_the_converted_arrays(keras_case, torchvision_
     for (_, out), backbone, scheme in (
         (keras_case, "caffe", "alexnet"),
         (torchvision_case, "torchvision", "label_assign"),
+        (torchvision_case, "torchvision", "gated_attention"),  # attention weights start fresh
     ):
         config = dataclasses.replace(
             train.Config(), scheme=scheme, backbone=backbone, init=f"imagenet:{out}"
