@@ -99,6 +99,36 @@ def test_scheme_loss_is_the_papers_equation(scheme, k, reference):
     assert min(abs(a - b) for i, a in enumerate(values) for b in values[i + 1 :]) > 0.05
 
 
+@pytest.mark.parametrize("scheme", ["mean_pooling", "attention", "learned_lse"])
+def test_the_other_schemes_are_the_cross_entropy_of_the_models_bag_logits(scheme):
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((5, 3, 3)).astype(np.float32)
+    bag = (2 * rng.standard_normal(5)).astype(np.float32)
+    labels = np.array([1, 0, 0, 1, 1], np.int32)
+    config = dataclasses.replace(SMALL, scheme=scheme)
+    loss = float(steps.scheme_loss(config, logits, labels, bag))
+    assert loss == pytest.approx(np.mean(_bce(bag, labels)), rel=1e-5)
+    with pytest.raises(ValueError, match="bag_logits"):
+        steps.scheme_loss(config, logits, labels)
+
+
+def test_loss_fn_of_mean_pooling_is_the_cross_entropy_of_the_mean_probability():
+    trainer = steps.Trainer(dataclasses.replace(SMALL, scheme="mean_pooling"), steps.make_mesh())
+    images, labels = _batch(4)
+    state = trainer.state
+    loss, data = jax.jit(steps.loss_fn, static_argnums=0)(
+        trainer.context, state["params"], state["rest"], images, labels, 0
+    )
+    z = _eval_logits(trainer, images).reshape(len(labels), -1)
+    p = np.mean(1 / (1 + np.exp(-z)), axis=1)  # the bag: the mean instance probability
+    expected = np.mean(-labels * np.log(p) - (1 - labels) * np.log(1 - p))
+    assert abs(expected - _max_pooling(z, labels)) > 0.01  # mean and max pooling differ here
+    assert float(data) == pytest.approx(expected, rel=1e-5)
+    assert float(loss) == pytest.approx(
+        expected + 0.5 * _half_squared_norm(state["params"]), rel=1e-5
+    )
+
+
 def test_loss_fn_is_the_data_term_plus_half_lambda_times_the_squared_weights(trainer):
     images, labels = _batch(0)
     state = trainer.state
