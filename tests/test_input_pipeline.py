@@ -351,3 +351,93 @@ def test_box_shape_by_hand():
     assert AugmentConfig(box_size=300).box_shape(227, 100) == (227, 100)  # 300, 132 clipped
     assert AugmentConfig(box_size=0).box_shape(227, 227) == (0, 0)
     assert AugmentConfig(box_size=-5).box_shape(227, 227) == (0, 0)
+
+
+def test_float64_images_are_augmented_as_float32():
+    image = np.random.default_rng(8).uniform(0, 1, size=(32, 32, 1))
+    seed = tf.constant([4, 5], tf.int64)
+    out = augment(image, seed).numpy()
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, augment(image.astype(np.float32), seed).numpy())
+
+
+def _blobs(out, threshold=0.05):
+    """Centroids (x, y) and peak values of the connected bright regions of an (h, w) image."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(out > threshold)
+    y, x = np.mgrid[0 : out.shape[0], 0 : out.shape[1]]
+    found = []
+    for i in range(1, count + 1):
+        weight = np.where(labels == i, out, 0.0)
+        centroid = np.array([(weight * x).sum(), (weight * y).sum()]) / weight.sum()
+        found.append((centroid, weight.max()))
+    return found
+
+
+def test_flip_and_rotation_are_drawn_independently_and_both_ways():
+    """A spot 20 pixels right of the centre lands left of it when flipped, and at the rotation's
+    angle: every combination of flip and rotation direction occurs."""
+    h = w = 64
+    image, _, _ = _spot(h, w, 51.5, 31.5)
+    config = AugmentConfig(flip=True, max_shift=0.0, max_rotation=45.0, box_size=0)
+    seen, angles = set(), []
+    for s in range(24):
+        out = augment(tf.constant(image[:, :, None]), tf.constant([s, 2]), config).numpy()
+        ((centroid, _),) = _blobs(out[:, :, 0])
+        dx, dy = centroid - [31.5, 31.5]
+        flipped = dx < 0
+        angle = math.degrees(math.atan2(-dy, -dx) if flipped else math.atan2(dy, dx))
+        assert abs(angle) <= 45.1
+        seen.add((bool(flipped), angle > 0))
+        angles.append(angle)
+    assert seen == {(False, False), (False, True), (True, False), (True, True)}
+    assert np.ptp(angles) > 45  # spread over the range, not one angle
+
+
+def test_shift_is_drawn_per_axis_both_ways_and_independently_of_the_rotation():
+    """Two spots, a bright one at the centre and a dim one 20 pixels right of it: the bright one
+    moves by the shift, the line between them turns by the rotation."""
+    h, w = 64, 80
+    centre = np.array([39.5, 31.5])
+    bright, _, _ = _spot(h, w, *centre)
+    dim, _, _ = _spot(h, w, centre[0] + 20, centre[1])
+    image = (bright + 0.5 * dim)[:, :, None]
+    config = AugmentConfig(flip=False, max_shift=0.1, max_rotation=45.0, box_size=0)
+    shifts, signs = [], set()
+    for s in range(24):
+        out = augment(tf.constant(image), tf.constant([s, 6]), config).numpy()[:, :, 0]
+        (a, peak_a), (b, peak_b) = _blobs(out)
+        if peak_a < peak_b:
+            a, b = b, a
+        shift = a - centre
+        angle = math.atan2(b[1] - a[1], b[0] - a[0])
+        assert abs(shift[0]) <= 0.1 * w + 0.05 and abs(shift[1]) <= 0.1 * h + 0.05
+        shifts.append(shift / [w, h])
+        signs.add((angle > 0, bool(shift[1] > 0)))
+    shifts = np.array(shifts)
+    for axis in (0, 1):  # both ways on each axis, over most of the range
+        assert shifts[:, axis].min() < -0.05 and shifts[:, axis].max() > 0.05
+    assert np.abs(shifts[:, 0] - shifts[:, 1]).max() > 0.05  # x and y drawn apart
+    assert signs == {(False, False), (False, True), (True, False), (True, True)}
+
+
+def test_zero_box_is_placed_independently_of_the_shift():
+    """With shift and box only, a constant image shows the shift as zero rows at the top (moved
+    down) or bottom (moved up), and the box as the other zeros: all four combinations of shift
+    direction and box half occur."""
+    h = w = 64
+    image = np.full((h, w, 1), 0.5, np.float32)
+    config = AugmentConfig(flip=False, max_shift=0.1, max_rotation=0.0, box_size=50)
+    seen = set()
+    for s in range(40):
+        out = augment(tf.constant(image), tf.constant([s, 9]), config).numpy()[:, :, 0]
+        zero = out == 0
+        full_rows, full_cols = zero.all(axis=1), zero.all(axis=0)
+        if full_rows[0] == full_rows[-1]:
+            continue  # a shift of under a pixel: no full zero row
+        box = zero & ~full_rows[:, None] & ~full_cols[None, :]
+        if not box.any():
+            continue  # the box fell in the fill
+        seen.add((bool(full_rows[0]), np.flatnonzero(box.any(axis=1)).mean() > h / 2))
+    assert seen == {(False, False), (False, True), (True, False), (True, True)}
