@@ -126,9 +126,10 @@ def _check_root(root: str | os.PathLike, what: str) -> Path:
 
 def _shallowest(root: Path, matches, what: str, required: bool = True) -> Path | None:
     """The file under ``root`` whose name ``matches`` (a predicate on the lower-case name) that is
-    nearest to ``root``; DataError when two are equally near (or, if ``required``, none)."""
+    nearest to ``root`` (a CSV before a spreadsheet: a CSV beside the .xlsx is the user's own
+    export); DataError when two of one kind are equally near (or, if ``required``, none)."""
     found = sorted(
-        (len(p.relative_to(root).parts), str(p), p)
+        (len(p.relative_to(root).parts), p.suffix.lower() != ".csv", str(p), p)
         for p in root.rglob("*")
         if matches(p.name.lower()) and p.is_file() and not p.name.startswith(".")
     )
@@ -136,12 +137,12 @@ def _shallowest(root: Path, matches, what: str, required: bool = True) -> Path |
         if required:
             raise DataError(f"{root}: no {what} under this folder; {_WHERE[what]}")
         return None
-    if len(found) > 1 and found[1][0] == found[0][0]:
+    if len(found) > 1 and found[1][:2] == found[0][:2]:
         raise DataError(
-            f"{root}: two copies of {what} ({found[0][2]}, {found[1][2]}) at the same depth; "
+            f"{root}: two copies of {what} ({found[0][3]}, {found[1][3]}) at the same depth; "
             "keep one."
         )
-    return found[0][2]
+    return found[0][3]
 
 
 _WHERE = {

@@ -601,6 +601,22 @@ def test_cmmd_sides_views_and_labels_per_breast(tmp_path, caplog, xlsx):
     assert "D1-0004" in caplog.text and "1-1.dcm" in caplog.text
 
 
+def test_cmmd_csv_export_beside_the_xlsx_is_read(tmp_path):
+    root, expected = write_cmmd(tmp_path / "cmmd")
+    rows = [CMMD_HEADER] + [
+        [p, s, 50, 2, "mass", "Malignant", ""] for p, (lst, _) in CMMD_PLAN.items() for s in lst
+    ]
+    _write_csv(root / "CMMD_clinicaldata_revision.csv", rows[0], rows[1:])  # all malignant
+    records, _ = read_cmmd(root)
+    assert {r.file_id for r in records} == set(expected) and {r.label for r in records} == {1}
+    (root / "CMMD" / "CMMD_clinicaldata_revision.csv").write_text("deeper copy, not read\n")
+    assert {r.label for r in read_cmmd(root)[0]} == {1}
+    twin = root / "cmmd_clinicaldata_revision.CSV"
+    twin.write_text("ID1\n")
+    with pytest.raises(DataError, match="two copies"):
+        read_cmmd(root)
+
+
 def test_cmmd_laterality_from_the_table_when_the_header_has_none(tmp_path):
     root, expected = write_cmmd(tmp_path / "cmmd", plan={"D1-0002": ({"L": "Malignant"}, ["L"])})
     first = root / "CMMD" / "D1-0002" / "07-18-2010-NA-NA-79377" / "1.000000-NA-70244" / "1-1.dcm"
