@@ -465,6 +465,8 @@ def read_cbis_ddsm(
         _cbis_table_rows(table, subset, images, problems)
     keyed, both = [], 0
     for key, image in images.items():
+        if image["bad"] or not image["cases"]:
+            continue  # a row of it is a listed problem
         path = _cbis_dicom(image["cases"], folders, problems)
         if path is None:
             continue
@@ -517,13 +519,6 @@ def _cbis_table_rows(table: Path, subset: str, images: dict[str, dict], problems
     index = _header_index(table, header, _CBIS_COLUMNS)
     for line, row in rows:
         where = f"{table}:{line}"
-        pathology = _cell(row, index, "pathology").upper()
-        if pathology not in _PATHOLOGY:
-            problems.add(
-                where,
-                f"pathology {pathology or '(empty)'!r}; expected {', '.join(_PATHOLOGY)}",
-            )
-            continue
         image_path = _cell(row, index, "imagefilepath")
         case = re.split(r"[/\\]", image_path.strip().strip('"'), maxsplit=1)[0]
         m = _CBIS_CASE.match(case)
@@ -536,8 +531,17 @@ def _cbis_table_rows(table: Path, subset: str, images: dict[str, dict], problems
             continue
         key = f"{m.group(3)}_{m.group(4)}_{m.group(5)}".upper()
         image = images.setdefault(
-            key, {"label": 0, "cases": [], "subsets": set(), "assessment": []}
+            key, {"label": 0, "cases": [], "subsets": set(), "assessment": [], "bad": False}
         )
+        pathology = _cell(row, index, "pathology").upper()
+        if pathology not in _PATHOLOGY:
+            problems.add(
+                where,
+                f"pathology {pathology or '(empty)'!r}; expected {', '.join(_PATHOLOGY)} (image "
+                f"{key} left out: its label is unknown)",
+            )
+            image["bad"] = True
+            continue
         image["label"] = max(image["label"], _PATHOLOGY[pathology])
         if case not in image["cases"]:
             image["cases"].append(case)

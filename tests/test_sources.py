@@ -331,6 +331,9 @@ def test_cbis_ddsm_problems(tmp_path, caplog):
     table = root / "mass_case_description_train_set.csv"
     rows = list(csv.reader(open(table, newline="")))
     rows[1][MASS_HEADER.index("pathology")] = "UNKNOWN"
+    # P_00004_RIGHT_CC has a BENIGN and a MALIGNANT row: an unreadable one makes its label unknown
+    p4 = [n for n, r in enumerate(rows) if r[0] == "P_00004"]
+    rows[p4[1]][MASS_HEADER.index("pathology")] = ""
     _write_csv(table, rows[0], rows[1:])
     # a case folder that the tables list but the download lacks
     missing = next((root / "CBIS-DDSM").glob("Calc-Training_P_00007_RIGHT_CC"))
@@ -339,15 +342,14 @@ def test_cbis_ddsm_problems(tmp_path, caplog):
     missing.rmdir()
     with pytest.raises(DataError) as error:
         read_cbis_ddsm(root)
-    assert "2 problem(s)" in str(error.value)
+    assert "3 problem(s)" in str(error.value)
     assert "UNKNOWN" in str(error.value) and "Calc-Training_P_00007_RIGHT_CC" in str(error.value)
     with caplog.at_level(pylogging.WARNING):
         records, bad = read_cbis_ddsm(root, skip_bad=True)
-    assert len(bad) == 2
-    # the row with the unknown pathology was the only abnormality of P_00001_LEFT_CC
+    assert len(bad) == 3
+    # the rows with an unknown pathology leave their images (P_00001_LEFT_CC, P_00004_RIGHT_CC) out
     assert set(_by_id(records)) == {
         "P_00001_LEFT_MLO",
-        "P_00004_RIGHT_CC",
         "P_00006_LEFT_MLO",
         "P_00008_LEFT_MLO",
         "P_00016_LEFT_CC",
