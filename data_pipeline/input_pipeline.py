@@ -204,13 +204,13 @@ def augment(
             shift_x = fraction[1] * tf.cast(w, tf.float32)
         matrix = transform_matrix(h, w, flip=flip, angle=angle, shift_y=shift_y, shift_x=shift_x)
         image = apply_transform(image, matrix)
-    if config.box_size > 0:
+    if config.box_size:  # box_shape is (0, 0) for a size <= 0: no box
         static_h, static_w = image.shape[0], image.shape[1]
         if static_h is None or static_w is None:
             raise ValueError("augment needs a static image height and width for the zero box.")
         bh, bw = config.box_shape(static_h, static_w)
         # Top-left corner uniform over the positions where the box fits inside the image.
-        room = tf.constant([static_h - bh + 1, static_w - bw + 1], tf.int32)
+        room = tf.constant([static_h - bh + 1, static_w - bw + 1])  # int32
         uniform = tf.random.stateless_uniform([2], seed=seeds[3])
         corner = tf.minimum(tf.cast(uniform * tf.cast(room, tf.float32), tf.int32), room - 1)
         rows = tf.range(static_h)

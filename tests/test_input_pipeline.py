@@ -441,3 +441,32 @@ def test_zero_box_is_placed_independently_of_the_shift():
             continue  # the box fell in the fill
         seen.add((bool(full_rows[0]), np.flatnonzero(box.any(axis=1)).mean() > h / 2))
     assert seen == {(False, False), (False, True), (True, False), (True, True)}
+
+
+def test_zero_box_takes_every_position_that_fits():
+    h, w = 8, 10
+    bh, bw = ONLY_BOX.box_shape(h, w)
+    assert (bh, bw) == (2, 2)  # round(50 * 8 / 227), round(50 * 10 / 227)
+    image = tf.ones((h, w, 1), tf.float32)
+    rows, cols = [], []
+    for s in range(200):
+        zero = augment(image, tf.constant([s, 11]), ONLY_BOX).numpy()[:, :, 0] == 0
+        top, left = np.argwhere(zero).min(axis=0)
+        assert zero.sum() == bh * bw and zero[top : top + bh, left : left + bw].all()
+        rows.append(top)
+        cols.append(left)
+    # every corner from the first row (column) to the last where the box fits, each about as often
+    np.testing.assert_array_equal(np.unique(rows), np.arange(h - bh + 1))
+    np.testing.assert_array_equal(np.unique(cols), np.arange(w - bw + 1))
+    assert np.bincount(rows).min() > 200 / (h - bh + 1) / 2
+    assert np.bincount(cols).min() > 200 / (w - bw + 1) / 2
+
+
+@pytest.mark.parametrize("shape", [(None, 64, 1), (64, None, 1)])
+def test_zero_box_needs_a_static_height_and_width(shape):
+    traced = tf.function(
+        lambda x: augment(x, tf.constant([1, 2]), ONLY_BOX),
+        input_signature=[tf.TensorSpec(shape, tf.float32)],
+    )
+    with pytest.raises(ValueError, match="static image height and width"):
+        traced.get_concrete_function()
