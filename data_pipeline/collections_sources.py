@@ -328,54 +328,50 @@ def read_mias(
 
 def _mias_rows(table: Path, problems: _Problems) -> tuple[dict[str, list[tuple]], set[str]]:
     """({mdbNNN: [(line, class, severity, (x, y, radius) or None)]}, every mdbNNN the table
-    names, also in rows that were bad) from Info.txt."""
+    names) from Info.txt. An image with a bad row is left out whole (its label is unknown)."""
     try:
         text = table.read_bytes().decode("latin-1")
     except OSError as e:
         raise DataError(f"{table}: cannot read it ({e.strerror or e}).") from e
     rows: dict[str, list[tuple]] = {}
     named: set[str] = set()
-    conflicted: set[str] = set()
+    dropped: set[str] = set()
     for line, raw in enumerate(text.splitlines(), start=1):
         fields = raw.split()
         if not fields or not _MIAS_ROW.match(fields[0]):
             continue  # blank lines, a header or notes
-        where = f"{table}:{line}"
         ref = fields[0].lower()
         named.add(ref)
-        if len(fields) < 3:
-            problems.add(where, f"row for {ref} without a class; expected REFNUM BG CLASS ...")
-            continue
-        tissue, kind = fields[1].upper(), fields[2].upper()
-        if tissue not in _MIAS_TISSUE or kind not in MIAS_CLASSES:
-            problems.add(
-                where,
-                f"unknown tissue {fields[1]!r} or class {fields[2]!r} for {ref}; expected "
-                f"{'/'.join(_MIAS_TISSUE)} and one of {', '.join(MIAS_CLASSES)}",
-            )
-            continue
-        if kind == "NORM":
-            if len(fields) > 3:
-                problems.add(where, f"NORM row for {ref} with a severity or location; correct it")
+        entry = _mias_entry(fields, line)
+        if isinstance(entry, tuple):
+            kinds = {e[1] == "NORM" for e in rows.get(ref, [])} | {entry[1] == "NORM"}
+            if len(kinds) == 1:
+                rows.setdefault(ref, []).append(entry)
                 continue
-            entry = (line, kind, "", None)
-        else:
-            severity = fields[3].upper() if len(fields) > 3 else ""
-            if severity not in ("B", "M"):
-                problems.add(
-                    where, f"{kind} row for {ref} with severity {severity or 'missing'}; use B or M"
-                )
-                continue
-            entry = (line, kind, severity, _mias_location(fields[4:]))
-        kinds = {e[1] == "NORM" for e in rows.get(ref, [])} | {kind == "NORM"}
-        if len(kinds) > 1 or ref in conflicted:
-            if ref not in conflicted:
-                problems.add(where, f"{ref} is listed as NORM and with an abnormality; fix one")
-            conflicted.add(ref)
-            rows.pop(ref, None)
-            continue
-        rows.setdefault(ref, []).append(entry)
-    return rows, named
+            entry = "listed as NORM and with an abnormality; fix one"
+        problems.add(f"{table}:{line}", f"{ref}: {entry} ({ref} left out)")
+        dropped.add(ref)
+    return {ref: e for ref, e in rows.items() if ref not in dropped}, named
+
+
+def _mias_entry(fields: list[str], line: int) -> tuple | str:
+    """(line, class, severity, location or None) of an Info.txt row, or what is wrong with it."""
+    if len(fields) < 3:
+        return "row without a class; expected REFNUM BG CLASS SEVERITY X Y RADIUS"
+    tissue, kind = fields[1].upper(), fields[2].upper()
+    if tissue not in _MIAS_TISSUE or kind not in MIAS_CLASSES:
+        return (
+            f"unknown tissue {fields[1]!r} or class {fields[2]!r}; expected "
+            f"{'/'.join(_MIAS_TISSUE)} and one of {', '.join(MIAS_CLASSES)}"
+        )
+    if kind == "NORM":
+        if len(fields) > 3:
+            return "NORM row with a severity or location; correct it"
+        return (line, kind, "", None)
+    severity = fields[3].upper() if len(fields) > 3 else ""
+    if severity not in ("B", "M"):
+        return f"{kind} row with severity {severity or 'missing'}; use B or M"
+    return (line, kind, severity, _mias_location(fields[4:]))
 
 
 def _mias_location(fields: list[str]) -> tuple[float, float, float] | None:

@@ -136,17 +136,18 @@ def test_mias_bad_rows_are_listed_and_skippable(tmp_path):
         + "mdb013 G WXYZ B 1 2 3\n"  # unknown class
         + "mdb003 D CIRC B 10 10 5\n"  # mdb003 is also NORM
         + "mdb099 F NORM\n"  # no image
+        + "mdb007 G SPIC X 1 2 3\n"  # unknown severity: mdb007 (other rows fine) is left out
     )
     (root / "Licence.txt").write_text("not a table\n")
     with pytest.raises(DataError) as error:
         read_mias(root)
     message = str(error.value)
-    assert "3 problem(s)" in message and "WXYZ" in message and "mdb099" in message
-    assert f"{info}:14: unknown tissue 'G' or class 'WXYZ'" in message  # names the line
+    assert "4 problem(s)" in message and "WXYZ" in message and "mdb099" in message
+    assert f"{info}:14: mdb013: unknown tissue 'G' or class 'WXYZ'" in message  # names the line
     records, bad = read_mias(root, skip_bad=True)
-    assert len(bad) == 3
-    # mdb003 (NORM and CIRC) is left out, as its rows contradict each other
-    assert "mdb003" not in _by_id(records) and len(records) == 11
+    assert len(bad) == 4
+    # mdb003 (NORM and CIRC) and mdb007 (a bad row) are left out: their labels are unknown
+    assert set(_by_id(records)) == {f"mdb{n:03d}" for n in range(1, 13)} - {"mdb003", "mdb007"}
 
 
 def test_mias_image_without_a_row_is_left_out_with_a_warning(tmp_path, caplog):
