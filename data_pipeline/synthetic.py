@@ -1,6 +1,6 @@
 """A synthetic INbreast: the same file layout, at a reduced size, with a signal only in the lesion.
 
-    python -m data_pipeline.synthetic --out=DIR [--num_images=80] [--seed=0]
+    python -m data_pipeline.synthetic --out=DIR [--num_images=80] [--seed=0] [--style=easy|hard]
 
 writes
     DIR/AllDICOMs/<id>_<patient>_MG_<L|R>_<CC|MLO>_ANON.dcm   16-bit DICOM (12 bits stored), some
@@ -22,19 +22,56 @@ The lesion is the only signal. The breast size and the tissue brightness are dra
 stratified distribution in both classes, and each breast's mean intensity (lesion included) is set
 to its drawn value, so that global statistics (mean intensity, breast area) sit at chance; the
 benign findings occur independently of the label. Everything follows from the seed.
+
+Two styles (`style=`, `--style=`): "easy" (the default, described above; its files are the same
+bytes for the same seed as before the hard style existed) and "hard" (issue 13), a benchmark on
+which only a careful model separates the classes:
+
+- Every breast carries one to three mass-like findings (30%, 40%, 30%), in both classes and in
+  both views. Each one's area is drawn log-uniform between 0.2% and 10% of the breast's area
+  (`HARD_LESION_AREA`) and its peak brightness from `HARD_CONTRAST`, whatever it is. In a positive
+  breast one up to all of them (uniformly; so 60% of the positive breasts have one lesion, 30% two
+  and 10% three) are malignant lesions; in a negative breast the same draw makes them
+  asymmetries: long thin densities (axis ratio 4-8) exactly as bright and as large. The others are
+  benign masses (in both classes alike). About 30% of the breasts of either class carry one more
+  asymmetry. The count, sizes and brightness of the findings thus say nothing of the label, and
+  the image's histogram neither; their shapes do.
+- A malignant lesion has a circumscribed (lobulated), spiculated (bright lines radiating from the
+  core) or ill-defined (irregular, wide soft edge) margin, and a dome-shaped, finely mottled
+  interior. A benign mass is an oval with a sharp edge, smoothly varying and 0.7 times as bright
+  (their ranges overlap), half of them with a dark halo. All are dimmed where glandular tissue
+  lies over them.
+- Breast density is drawn per breast (stratified within each class, so the same in both):
+  glandular tissue covers 8% to 68% of the breast, as bright as the findings, and hides them. The
+  ACR column of the table follows from it (1-4).
+- Every image has the easy style's scattered calcifications; about a third (in both classes)
+  also have a cluster of 6-20 calcifications, outlined as a "Cluster" ROI.
+- As in the easy style, each breast's mean intensity is set to a value drawn independently of
+  the label, and the breast size is stratified within each class.
+
+The XML (OsiriX ROI plist) of a hard image names its malignant lesions' outlines "Mass" (the only
+ROIs `data_pipeline.inbreast.read_mass_outlines` reads, so they are the instance ground truth),
+its benign masses' outlines "Benign Mass" (`BENIGN_MASS`) and its asymmetries' "Asymmetry"
+(`ASYMMETRY`), neither ever read as masses; the cluster's outline is "Cluster" and every
+calcification a "Calcification" point. An outline traces the finding's core at half its edge's
+height; a spiculated lesion's spicules reach beyond it.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import plistlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.ndimage
+import scipy.spatial
+import scipy.special
 import skimage.filters
 import skimage.transform
 from pydicom.dataset import FileDataset, FileMetaDataset
@@ -42,7 +79,20 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from data_pipeline.errors import DataError
 
-__all__ = ["SyntheticImage", "synthesize_image", "write_dicom", "write_synthetic_inbreast"]
+__all__ = [
+    "ASYMMETRY",
+    "BENIGN_MASS",
+    "HARD_CONTRAST",
+    "HARD_LESION_AREA",
+    "MARGINS",
+    "STYLES",
+    "Finding",
+    "SyntheticImage",
+    "synthesize_hard_image",
+    "synthesize_image",
+    "write_dicom",
+    "write_synthetic_inbreast",
+]
 
 _HEADER = [
     "Patient ID",
@@ -62,6 +112,34 @@ _POSITIVE_BIRADS = (("4a", 0.1), ("4b", 0.1), ("4c", 0.2), ("5", 0.45), ("6", 0.
 _NEGATIVE_BIRADS = (("1", 0.25), ("2", 0.6), ("3", 0.15))
 _VIEWS = (("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO"))  # the order INbreast lists them
 
+STYLES = ("easy", "hard")
+# The hard style. The ROI name of a benign mass in the XML (malignant lesions are "Mass").
+BENIGN_MASS = "Benign Mass"
+# The ROI name of an elongated benign density (INbreast also names its asymmetries so).
+ASYMMETRY = "Asymmetry"
+# Area of a finding (malignant or benign) as a fraction of the breast's area: log-uniform in range.
+HARD_LESION_AREA = (0.002, 0.10)
+# Peak brightness a finding adds to the tissue (tissue 0.3-0.45 before the mean is set; glandular
+# tissue adds 0.06-0.11). Calibrated so that the paper's schemes reach AUC ~0.75-0.9 (issue 13).
+HARD_CONTRAST = (0.1, 0.25)
+# How the findings look (tried at the project's defaults; see HARD_CONTRAST): brightness falls by
+# _DOME from centre to edge; mottling of relative amplitude _MOTTLE, fine (grain radius/8) in
+# lesions and asymmetries, coarse (radius/1.5) in benign masses, so the brightness histograms agree;
+# spicules as bright as _SPICULE_BRIGHTNESS x the contrast, _SPICULE_WIDTH x the radius wide;
+# benign masses _BENIGN_GAIN as bright as lesions and asymmetries (the image's histogram then does
+# not tell the classes apart: the asymmetries of a negative breast stand in for the lesions).
+_DOME = 0.5
+_MOTTLE = 0.35
+_FINE_GRAIN = 8.0
+_SPICULE_BRIGHTNESS = 1.0
+_SPICULE_WIDTH = 0.1
+_BENIGN_GAIN = 0.7
+MARGINS = ("circumscribed", "spiculated", "ill-defined")
+_MARGIN_WEIGHTS = (0.3, 0.4, 0.3)
+_FINDINGS_PER_BREAST = ((1, 0.3), (2, 0.4), (3, 0.3))
+_CLUSTER_PROBABILITY = 0.35
+_EXTRA_ASYMMETRY = 0.3
+
 
 @dataclass(frozen=True)
 class SyntheticImage:
@@ -70,14 +148,22 @@ class SyntheticImage:
     Attributes:
       image: (H, W) float64 display intensities in [0, 1] (background near 0).
       breast: (H, W) bool, the breast.
-      masses: lesion outlines, each (P, 2) float64 (y, x) in pixels.
+      masses: malignant lesion outlines, each (P, 2) float64 (y, x) in pixels.
       calcifications: (C, 2) float64 (y, x) centres of the calcification-like dots.
+      benign_masses: benign mass outlines (hard style), each (P, 2) float64 (y, x).
+      clusters: calcification cluster outlines (hard style), each (P, 2) float64 (y, x).
+      margins: the margin of each of `masses` (hard style: one of MARGINS; empty for easy).
+      asymmetries: outlines of elongated benign densities (hard style), each (P, 2) (y, x).
     """
 
     image: np.ndarray
     breast: np.ndarray
     masses: tuple[np.ndarray, ...]
     calcifications: np.ndarray
+    benign_masses: tuple[np.ndarray, ...] = ()
+    clusters: tuple[np.ndarray, ...] = ()
+    margins: tuple[str, ...] = ()
+    asymmetries: tuple[np.ndarray, ...] = ()
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -331,6 +417,299 @@ def _add_marker(rng: np.random.Generator, image: np.ndarray, breast: np.ndarray,
         return
 
 
+# --------------------------------------------------------------------------------------------------
+# The hard style (issue 13).
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A mass-like finding of one breast, drawn once and shown in both of its views.
+
+    Attributes:
+      malignant: a malignant lesion ("Mass" in the XML) or a benign mass ("Benign Mass").
+      area: its area as a fraction of the breast's area (before it is fitted into the breast).
+      margin: one of MARGINS for a malignant lesion; "benign" for a benign mass, "asymmetry" for
+        an elongated benign density.
+      contrast: the peak brightness it adds to the tissue.
+    """
+
+    malignant: bool
+    area: float
+    margin: str
+    contrast: float
+
+
+def synthesize_hard_image(
+    rng: np.random.Generator,
+    *,
+    shape: tuple[int, int] = (512, 416),
+    laterality: str = "L",
+    view: str = "CC",
+    size: float = 0.5,
+    brightness: float = 0.5,
+    density: float = 0.5,
+    findings: Sequence[Finding] = (),
+    marker: bool = False,
+    cluster: bool = False,
+) -> SyntheticImage:
+    """Draw one mammogram of the hard style (see the module docstring).
+
+    Args:
+      rng: the source of every random choice.
+      shape: (H, W) in pixels.
+      laterality: "L" (chest wall on the left edge) or "R" (on the right edge).
+      view: "CC" or "MLO" (MLO adds a pectoral muscle).
+      size: in [0, 1): where the breast's size falls in its range.
+      brightness: in [0, 1): where the breast's mean intensity falls in its range.
+      density: in [0, 1): how much glandular tissue the breast holds (8% to 68% of it).
+      findings: the mass-like findings to draw, each at its own place (malignant ones first, so
+        that only a benign mass is left out when the breast has no room for it).
+      marker: add a bright marker outside the breast.
+      cluster: add a cluster of 6-20 calcifications (outlined).
+
+    Returns:
+      The image; its `masses` are the malignant lesions' outlines, `benign_masses` the others'.
+    """
+    grid = _Grid.of(shape, laterality)
+    body = _breast(rng, grid, size)
+    image = _tissue(rng, grid, body)
+    gland = _glandular(rng, grid, body, density)
+    image += rng.uniform(0.06, 0.11) * gland
+    muscle = _pectoral_muscle(rng, grid, body) if view == "MLO" else np.zeros(shape, dtype=bool)
+    image += 0.1 * muscle
+    area = float(body.breast.sum())
+    room, step = _room(body.breast & ~muscle)
+
+    masses, benign, margins, asymmetries = [], [], [], []
+    placed: list[tuple[float, float, float]] = []  # (y, x, reach) of each finding drawn
+    order = sorted(range(len(findings)), key=lambda i: (not findings[i].malignant, i))
+    for i in order:
+        f = findings[i]
+        unit, reach = _outline_shape(rng, f.margin)
+        spot = _place(
+            rng, room, step, placed, math.sqrt(f.area * area / math.pi), reach, f.malignant
+        )
+        if spot is None:
+            continue
+        cy, cx, r0 = spot
+        placed.append((cy, cx, reach * r0))
+        outline = _add_finding(rng, image, grid, (cy, cx), r0, f, unit, reach, gland)
+        if f.malignant:
+            masses.append(outline)
+            margins.append(f.margin)
+        elif f.margin == "asymmetry":
+            asymmetries.append(outline)
+        else:
+            benign.append(outline)
+
+    # Set the breast's mean (findings included) to its drawn brightness, independently of the label.
+    target = 0.30 + 0.12 * brightness
+    image += target - image[body.breast].mean()
+    np.clip(image, 0.0, 0.9, out=image)
+    ys, xs = np.nonzero(body.breast & ~muscle & (body.r < 0.8))
+    calcifications = _add_calcifications(rng, image, grid, (ys, xs), body.breast)
+    clusters = []
+    if cluster:
+        dots, hull = _add_cluster(rng, image, grid, (ys, xs), body.breast)
+        calcifications = np.concatenate([calcifications, dots])
+        if hull is not None:
+            clusters.append(hull)
+
+    H = shape[0]
+    background = 0.012 + 0.006 * (grid.yy / H) + rng.uniform(0.0, 0.004, size=shape)
+    image = background + (image - background) * body.skin
+    if marker:
+        _add_marker(rng, image, body.breast, laterality)
+    return SyntheticImage(
+        np.clip(image, 0.0, 1.0),
+        body.breast,
+        tuple(masses),
+        calcifications,
+        benign_masses=tuple(benign),
+        clusters=tuple(clusters),
+        margins=tuple(margins),
+        asymmetries=tuple(asymmetries),
+    )
+
+
+def _glandular(rng: np.random.Generator, grid: _Grid, body: _Breast, density: float) -> np.ndarray:
+    """Glandular (dense) tissue: (H, W) in [0, 1], patches covering about 8% (density 0) to 68%
+    (density 1) of the image, fading towards the skin line."""
+    field = _smooth_noise(rng, grid.shape, grid.shape[0] / 30)
+    threshold = float(scipy.special.ndtri(1.0 - (0.08 + 0.6 * density)))  # field is ~N(0, 1)
+    thickness = np.sqrt(np.clip(1.0 - body.r**2, 0.0, 1.0))
+    return _smoothstep((field - threshold) / 0.8 + 0.5) * np.sqrt(thickness)
+
+
+def _room(allowed: np.ndarray) -> tuple[np.ndarray, int]:
+    """How far each pixel lies from the nearest pixel outside `allowed` (H, W) bool or outside the
+    image, on a grid of every `step`-th pixel (about 128 rows): (h, w) float64 in pixels, step."""
+    step = max(1, allowed.shape[0] // 128)
+    small = np.pad(allowed[::step, ::step], 1)
+    return scipy.ndimage.distance_transform_edt(small)[1:-1, 1:-1] * step - step, step
+
+
+def _place(
+    rng: np.random.Generator,
+    room: np.ndarray,
+    step: int,
+    placed: list[tuple[float, float, float]],
+    r0: float,
+    reach: float,
+    required: bool,
+) -> tuple[float, float, float] | None:
+    """A centre (y, x) for a finding of radius `r0` (reaching `reach` * r0) that fits inside the
+    breast and clear of the findings `placed`; the radius shrinks (to 85%, up to 10 times) until
+    one is found. Returns (y, x, r0), or None when none fits and the finding is not `required`
+    (a required one then goes to the roomiest place, overlapping others)."""
+    yy, xx = np.nonzero(room >= 0)
+    free = room[yy, xx]
+    cy, cx = yy * step, xx * step
+    for _ in range(11):
+        ok = free >= reach * r0
+        for py, px, pr in placed:
+            ok &= (cy - py) ** 2 + (cx - px) ** 2 >= (1.1 * (pr + reach * r0)) ** 2
+        if ok.any():
+            k = rng.choice(np.flatnonzero(ok))
+            return float(cy[k]), float(cx[k]), r0
+        r0 *= 0.85
+    if not required:
+        return None
+    k = int(np.argmax(free))
+    return float(cy[k]), float(cx[k]), max(1.0, min(r0, free[k] / reach))
+
+
+def _outline_shape(
+    rng: np.random.Generator, margin: str
+) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+    """A finding's outline for radius 1: radius(angle) enclosing an area of pi, and how far it
+    reaches at most. A benign mass is an oval; a malignant lesion is lobulated, more irregular
+    when ill-defined."""
+    if margin in ("benign", "asymmetry"):  # an oval, or a long thin one
+        q = rng.uniform(0.6, 1.0) if margin == "benign" else rng.uniform(1 / 8, 1 / 4)
+        phi = rng.uniform(0.0, np.pi)  # semi-axes 1/sqrt(q) along phi, sqrt(q) across
+
+        def unit(t: np.ndarray) -> np.ndarray:
+            return 1.0 / np.sqrt(q * np.cos(t - phi) ** 2 + np.sin(t - phi) ** 2 / q)
+
+        # An asymmetry is placed by the room its area needs; its ends may reach out of the breast.
+        return unit, (1.0 / math.sqrt(q) if margin == "benign" else 1.0)
+    orders = (2, 3, 4, 5, 7) + ((9, 11, 13) if margin == "ill-defined" else ())
+    top = 0.06 if margin == "spiculated" else 0.09
+    harmonics = [(h, rng.uniform(0.02, top), rng.uniform(0, 2 * np.pi)) for h in orders]
+
+    def lobulated(t: np.ndarray) -> np.ndarray:
+        return 1.0 + sum(a * np.sin(h * t + p) for h, a, p in harmonics)
+
+    t = np.linspace(0.0, 2 * np.pi, 256, endpoint=False)
+    r = lobulated(t)
+    scale = 1.0 / math.sqrt(float(np.mean(r**2)))  # the area, pi * mean(r^2), becomes pi
+
+    def unit(t: np.ndarray) -> np.ndarray:
+        return scale * lobulated(t)
+
+    return unit, scale * float(r.max())
+
+
+_EDGE = {
+    "benign": 0.06,
+    "asymmetry": 0.12,
+    "circumscribed": 0.12,
+    "spiculated": 0.18,
+    "ill-defined": 0.5,
+}
+
+
+def _add_finding(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    grid: _Grid,
+    centre: tuple[float, float],
+    r0: float,
+    finding: Finding,
+    unit: Callable[[np.ndarray], np.ndarray],
+    reach: float,
+    gland: np.ndarray,
+) -> np.ndarray:
+    """Adds `finding` of radius `r0` at `centre` to `image`, dimmed where `gland` is dense;
+    returns its outline (48, 2) (y, x)."""
+    cy, cx = centre
+    edge = _EDGE[finding.margin] * r0 + 0.5
+    spicule = rng.uniform(1.0, 2.2) * r0 if finding.margin == "spiculated" else 0.0
+    extent = 3.0 * r0 if finding.margin == "asymmetry" else reach * r0
+    win = _window(centre, extent + edge + spicule + 1, grid.shape)
+    wy, wx = grid.yy[win[0]] - cy, grid.xx[:, win[1]] - cx
+    dist = np.hypot(wy, wx)
+    rad = r0 * unit(np.arctan2(wy, wx))
+    inside = _smoothstep((rad - dist) / edge + 0.5)
+    # Every kind is dome-shaped and mottled by the same amount (so that the image's histogram
+    # does not tell lesions from asymmetries): finely, or coarsely in a benign mass.
+    grain = r0 / 1.5 if finding.margin == "benign" else r0 / _FINE_GRAIN
+    speckle = _smooth_noise(rng, inside.shape, max(1.0, grain))
+    dome = 1.0 - _DOME * np.clip(dist / rad, 0.0, 1.0) ** 2
+    look = inside * dome * (1.0 + _MOTTLE * speckle) / (1.0 - _DOME / 2)
+    if spicule:
+        rays = _spicules(rng, wy, wx, r0, reach * r0 + spicule)
+        look += _SPICULE_BRIGHTNESS * rays * (1.0 - inside)
+    if finding.margin == "benign":
+        look *= _BENIGN_GAIN
+        if rng.random() < 0.5:  # a dark (fatty) halo around it
+            look -= 0.25 * np.exp(-(((dist - rad - edge) / (0.1 * r0 + 1.0)) ** 2)) * (dist > rad)
+    image[win] += finding.contrast * look * (1.0 - 0.4 * gland[win])
+    t = np.linspace(0.0, 2 * np.pi, 48, endpoint=False)
+    rr = r0 * unit(t)
+    return np.stack([cy + rr * np.sin(t), cx + rr * np.cos(t)], axis=1)
+
+
+def _spicules(
+    rng: np.random.Generator, wy: np.ndarray, wx: np.ndarray, r0: float, length: float
+) -> np.ndarray:
+    """10-20 thin straight lines radiating from a lesion's core out to about `length` from its
+    centre, fading outwards: (h, w) in [0, 1] over the window (wy (h, 1), wx (1, w) offsets)."""
+    width = max(0.7, _SPICULE_WIDTH * r0)
+    out = np.zeros(np.broadcast_shapes(wy.shape, wx.shape))
+    for angle in rng.uniform(0.0, 2 * np.pi, int(rng.integers(10, 21))):
+        c, s = math.cos(angle), math.sin(angle)
+        along = wx * c + wy * s
+        reach = rng.uniform(0.6, 1.0) * length
+        fade = np.clip((reach - along) / (reach - 0.6 * r0), 0.0, 1.0) * (along > 0.6 * r0)
+        np.maximum(out, np.exp(-((wy * c - wx * s) ** 2) / (2 * width**2)) * fade, out=out)
+    return out
+
+
+def _add_cluster(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    grid: _Grid,
+    places: tuple[np.ndarray, np.ndarray],
+    breast: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Adds a cluster of 6-20 calcifications around one of `places`; returns their centres
+    (C, 2) (y, x) and the cluster's outline (its convex hull, widened by 2 pixels), or None when
+    fewer than three dots landed in the breast."""
+    H, W = grid.shape
+    ys, xs = places
+    k = int(rng.integers(len(ys)))
+    spread = rng.uniform(0.006, 0.02) * H
+    dots = np.array([ys[k], xs[k]]) + rng.normal(0.0, spread, (int(rng.integers(6, 21)), 2))
+    dots = np.clip(dots, [0, 0], [H - 1, W - 1])
+    dots = dots[breast[np.round(dots[:, 0]).astype(int), np.round(dots[:, 1]).astype(int)]]
+    for cyx in dots:
+        rc = rng.uniform(0.3, 0.8) * max(1.0, H / 256)
+        win = _window((cyx[0], cyx[1]), rc + 1, grid.shape)
+        dot = (grid.yy[win[0]] - cyx[0]) ** 2 + (grid.xx[:, win[1]] - cyx[1]) ** 2 <= rc**2
+        image[win][dot & breast[win]] = _CALC_LEVEL
+        image[int(round(cyx[0])), int(round(cyx[1]))] = _CALC_LEVEL
+    try:
+        hull = dots[scipy.spatial.ConvexHull(dots).vertices]
+    except (scipy.spatial.QhullError, ValueError):  # fewer than 3 dots, or all in a line
+        return dots, None
+    centre = hull.mean(axis=0)
+    offset = hull - centre
+    hull = centre + offset * (1.0 + 2.0 / np.maximum(np.hypot(*offset.T), 1e-9))[:, None]
+    return dots, hull
+
+
 def _stratified(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
     """Values in [0, 1), evenly spread within each class (one per stratum), in random order."""
     out = np.empty(len(labels))
@@ -438,6 +817,12 @@ def _write_xml(path: Path, shape: tuple[int, int], image: SyntheticImage, spacin
     rois = [_roi("Mass", m, i, spacing) for i, m in enumerate(image.masses)]
     for c in image.calcifications:
         rois.append(_roi("Calcification", c[None, :], len(rois), spacing))
+    for m in image.benign_masses:  # hard style only: the easy style's XML is as it was
+        rois.append(_roi(BENIGN_MASS, m, len(rois), spacing))
+    for m in image.clusters:
+        rois.append(_roi("Cluster", m, len(rois), spacing))
+    for m in image.asymmetries:
+        rois.append(_roi(ASYMMETRY, m, len(rois), spacing))
     plist = {
         "Images": [
             {
@@ -463,6 +848,7 @@ def write_synthetic_inbreast(
     num_images: int = 80,
     seed: int = 0,
     image_shape: tuple[int, int] = (512, 416),
+    style: str = "easy",
 ) -> Path:
     """Write a synthetic INbreast (AllDICOMs/, AllXML/, INbreast.csv) under `out_dir`.
 
@@ -472,18 +858,25 @@ def write_synthetic_inbreast(
       num_images: images in all, four per woman (the last woman may have fewer).
       seed: every random choice follows from it; the same seed writes the same bytes.
       image_shape: (H, W) of each image (INbreast's are 4084 x 3328 or 3328 x 2560).
+      style: "easy" (one bright lesion, the quick default) or "hard" (lesions of many sizes and
+        margins among benign masses of the same size and brightness; see the module docstring).
 
     Returns:
       The folder, to pass to `data_pipeline.inbreast.read_inbreast` or as manual_dir.
     """
     if num_images < 1:
         raise ValueError(f"num_images must be positive, got {num_images}")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     H, W = image_shape
     if min(H, W) < 64:
         raise ValueError(f"image_shape must be at least 64 x 64, got {image_shape}")
     out = Path(out_dir)
     dicoms, xmls = out / "AllDICOMs", out / "AllXML"
-    slots = _plan(np.random.default_rng(seed), num_images)
+    rng = np.random.default_rng(seed)
+    slots = _plan(rng, num_images)
+    if style == "hard":  # drawn after the easy plan, which stays as it was
+        slots = _plan_findings(rng, slots)
     others = sorted(set(_image_names(dicoms)) - {s.name for s in slots}) if dicoms.is_dir() else []
     if others:
         raise DataError(
@@ -492,7 +885,7 @@ def write_synthetic_inbreast(
         )
     dicoms.mkdir(parents=True, exist_ok=True)
     xmls.mkdir(parents=True, exist_ok=True)
-    rows = [_write_image(out, slot, seed, i, (H, W)) for i, slot in enumerate(slots)]
+    rows = [_write_image(out, slot, seed, i, (H, W), style) for i, slot in enumerate(slots)]
     with open(out / "INbreast.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, delimiter=";", lineterminator="\r\n")
         writer.writerow(_HEADER)
@@ -514,6 +907,8 @@ class _Slot:
     birads: str
     size: float
     brightness: float
+    density: float = 0.0
+    findings: tuple[Finding, ...] = ()
 
 
 def _plan(rng: np.random.Generator, num_images: int) -> list[_Slot]:
@@ -548,23 +943,71 @@ def _plan(rng: np.random.Generator, num_images: int) -> list[_Slot]:
     ]
 
 
-def _write_image(out: Path, slot: _Slot, seed: int, index: int, shape: tuple[int, int]) -> list:
+def _plan_findings(rng: np.random.Generator, slots: list[_Slot]) -> list[_Slot]:
+    """The hard style's plan per breast (both views share it): its density (stratified within
+    each class) and its findings, whose count, sizes and brightness are drawn alike in both
+    classes; in a positive breast the first one to three of them are malignant."""
+    breasts = sorted({(s.patient, s.laterality): s.label for s in slots}.items())
+    density = _stratified(rng, np.array([label for _, label in breasts]))
+    lo, hi = HARD_LESION_AREA
+    plan = {}
+    for (breast, label), d in zip(breasts, density, strict=True):
+        count = int(_choose(rng, _FINDINGS_PER_BREAST))
+        special = int(rng.integers(1, count + 1))  # malignant if positive, else asymmetries
+        findings = []
+        for i in range(count + int(rng.random() < _EXTRA_ASYMMETRY)):
+            area = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+            contrast = rng.uniform(*HARD_CONTRAST)
+            margin = str(rng.choice(MARGINS, p=_MARGIN_WEIGHTS))
+            if i >= count:  # in both classes alike
+                margin = "asymmetry"
+            elif i >= special:
+                margin = "benign"
+            elif not label:
+                margin = "asymmetry"
+            findings.append(Finding(margin in MARGINS, area, margin, contrast))
+        findings = tuple(findings)
+        plan[breast] = (float(d), findings)
+    return [
+        dataclasses.replace(s, density=plan[s.patient, s.laterality][0], findings=f)
+        for s in slots
+        for f in [plan[s.patient, s.laterality][1]]
+    ]
+
+
+def _write_image(
+    out: Path, slot: _Slot, seed: int, index: int, shape: tuple[int, int], style: str
+) -> list:
     """Draws image `index` (its own generator, from the seed and the index), writes its DICOM
     and its XML (if it has findings) and returns its INbreast.csv row."""
     H, W = shape
     spacing = 0.07 * 4084 / H  # mm per pixel: INbreast's 70 microns at its 4084 rows
     image_rng = np.random.default_rng([seed, index])
-    image = synthesize_image(
-        image_rng,
-        shape=shape,
-        laterality=slot.laterality,
-        view=slot.view,
-        lesion=bool(slot.label),
-        size=slot.size,
-        brightness=slot.brightness,
-        marker=bool(image_rng.random() < 0.4),
-        faint_blob=bool(image_rng.random() < 0.35),
-    )
+    if style == "hard":
+        image = synthesize_hard_image(
+            image_rng,
+            shape=shape,
+            laterality=slot.laterality,
+            view=slot.view,
+            size=slot.size,
+            brightness=slot.brightness,
+            density=slot.density,
+            findings=slot.findings,
+            marker=bool(image_rng.random() < 0.4),
+            cluster=bool(image_rng.random() < _CLUSTER_PROBABILITY),
+        )
+    else:
+        image = synthesize_image(
+            image_rng,
+            shape=shape,
+            laterality=slot.laterality,
+            view=slot.view,
+            lesion=bool(slot.label),
+            size=slot.size,
+            brightness=slot.brightness,
+            marker=bool(image_rng.random() < 0.4),
+            faint_blob=bool(image_rng.random() < 0.35),
+        )
     stored = np.round(image.image * _MAX_STORED).astype(np.uint16)
     photometric = "MONOCHROME1" if image_rng.random() < 0.2 else "MONOCHROME2"
     if photometric == "MONOCHROME1":
@@ -580,10 +1023,12 @@ def _write_image(out: Path, slot: _Slot, seed: int, index: int, shape: tuple[int
         uid_seed=f"{seed}-{slot.file_id}",
         PixelSpacing=[spacing, spacing],
     )
-    if image.masses or len(image.calcifications):
+    if image.masses or len(image.calcifications) or image.benign_masses or image.clusters:  # noqa
         _write_xml(out / "AllXML" / f"{slot.file_id}.xml", (H, W), image, spacing)
     date = f"2010{int(image_rng.integers(1, 13)):02d}"
     acr = str(int(image_rng.integers(1, 5)))
+    if style == "hard":  # ACR density 1-4 from the breast's drawn density
+        acr = str(1 + min(3, int(4 * slot.density)))
     return ["removed", "removed", slot.laterality, slot.view, date, slot.file_id, acr, slot.birads]
 
 
@@ -601,9 +1046,15 @@ def _main(argv: Sequence[str]) -> None:
             raise SystemExit(
                 f"error: --{name}={f[name].value}: images must be at least 64 pixels a side"
             )
+    if f.style not in STYLES:
+        raise SystemExit(f"error: --style={f.style}: choose one of {', '.join(STYLES)}")
     try:
         out = write_synthetic_inbreast(
-            f.out, num_images=f.num_images, seed=f.seed, image_shape=(f.height, f.width)
+            f.out,
+            num_images=f.num_images,
+            seed=f.seed,
+            image_shape=(f.height, f.width),
+            style=f.style,
         )
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
@@ -621,6 +1072,12 @@ def _define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Seed of every random choice; the same seed, the same files.")
     flags.DEFINE_integer("height", 512, "Image height in pixels (INbreast: 4084).")
     flags.DEFINE_integer("width", 416, "Image width in pixels (INbreast: 3328).")
+    flags.DEFINE_string(
+        "style",
+        "easy",
+        "easy: one bright lesion per positive breast (the quick default); hard: lesions of many "
+        "sizes and margins among benign masses alike in size and brightness, in both classes.",
+    )
     flags.mark_flag_as_required("out")
 
 

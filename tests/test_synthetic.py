@@ -1,5 +1,7 @@
 """Tests of data_pipeline.synthetic: INbreast layout and formats, determinism, lesion size and
-place, and that the lesion is the only signal (global statistics at chance, a local one not)."""
+place, and that the lesion is the only signal (global statistics at chance, a local one not); for
+the hard style, lesion sizes, distractors in both classes and their ROI names, and a classifier on
+global statistics at chance."""
 
 import csv
 import filecmp
@@ -18,9 +20,14 @@ import skimage.filters
 from sklearn.metrics import roc_auc_score
 
 from data_pipeline.errors import DataError
-from data_pipeline.inbreast import read_inbreast
+from data_pipeline.inbreast import read_inbreast, read_mass_outlines
 from data_pipeline.preprocess import preprocess_file, read_image
-from data_pipeline.synthetic import write_synthetic_inbreast
+from data_pipeline.synthetic import (
+    ASYMMETRY,
+    BENIGN_MASS,
+    HARD_LESION_AREA,
+    write_synthetic_inbreast,
+)
 
 NAME = re.compile(r"^(\d{8})_([0-9a-f]{16})_MG_([LR])_(CC|MLO)_ANON\.dcm$")
 HEADER = "Patient ID;Patient age;Laterality;View;Acquisition date;File Name;ACR;Bi-Rads"
@@ -173,7 +180,7 @@ def test_command_line(tmp_path):
         capture_output=True,
         text=True,
     ).stdout
-    assert "--num_images" in out and "--seed" in out and "--out" in out
+    assert "--num_images" in out and "--seed" in out and "--out" in out and "--style" in out
     subprocess.run(
         [
             sys.executable,
@@ -192,6 +199,23 @@ def test_command_line(tmp_path):
     records, bad = read_inbreast(tmp_path)
     assert len(records) == 4 and bad == []
     assert read_image(records[0].path).shape == (96, 80)
+    easy_names = {
+        roi["Name"] for r in records for roi in _rois(tmp_path / "AllXML" / f"{r.file_id}.xml")
+    }
+    subprocess.run(
+        [sys.executable, "-m", "data_pipeline.synthetic", f"--out={tmp_path / 'hard'}"]
+        + ["--num_images=4", "--height=96", "--width=80", "--style=hard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    records, bad = read_inbreast(tmp_path / "hard")
+    assert len(records) == 4 and bad == []
+    for r in records:  # every hard breast has a lesion, a benign mass or an asymmetry
+        names = {roi["Name"] for roi in _rois(tmp_path / "hard" / "AllXML" / f"{r.file_id}.xml")}
+        assert names & {"Mass", BENIGN_MASS, ASYMMETRY}
+    assert not easy_names & {BENIGN_MASS, ASYMMETRY, "Cluster"}
 
 
 def test_data_pipeline_imports_no_jax():
@@ -217,10 +241,206 @@ def test_cli_errors_are_one_line_naming_the_flag(tmp_path):
 
     lines = run(f"--out={tmp_path / 'a'}", "--num_images=0")
     assert lines == ["error: --num_images=0: write at least one image"]
+    lines = run(f"--out={tmp_path / 'd'}", "--style=medium")
+    assert lines == ["error: --style=medium: choose one of easy, hard"]
     lines = run(f"--out={tmp_path / 'b'}", "--height=8")
     assert len(lines) == 1 and lines[0].startswith("error: --height=8"), lines
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not any((tmp_path / d).exists() for d in "abd")
     # A folder holding other images: the DataError, on one line.
     write_synthetic_inbreast(tmp_path / "c", num_images=2, seed=0, image_shape=(64, 416))
     lines = run(f"--out={tmp_path / 'c'}", "--num_images=2", "--seed=1", "--height=64")
     assert len(lines) == 1 and lines[0].startswith("error: ") and "AllDICOMs" in lines[0], lines
+
+
+# --------------------------------------------------------------------------------------------------
+# The hard style (issue 13).
+
+HARD_SHAPE = (128, 104)  # small: the statistics need many images, not many pixels
+
+
+def _rois(xml: Path) -> list[dict]:
+    return plistlib.loads(xml.read_bytes())["Images"][0]["ROIs"]
+
+
+def _shoelace(points_yx: np.ndarray) -> float:
+    y, x = points_yx[:, 0], points_yx[:, 1]
+    return 0.5 * abs(float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y)))
+
+
+def _points(roi: dict) -> np.ndarray:
+    xy = [tuple(float(v) for v in p.strip("()").split(",")) for p in roi["Point_px"]]
+    return np.array([(y, x) for x, y in xy])
+
+
+@pytest.fixture(scope="module")
+def hard(tmp_path_factory):
+    """400 small hard-style images (100 women), read, their XML parsed and preprocessed once."""
+    root = write_synthetic_inbreast(
+        tmp_path_factory.mktemp("hard"),
+        num_images=400,
+        seed=0,
+        image_shape=HARD_SHAPE,
+        style="hard",
+    )
+    records, bad = read_inbreast(root)
+    assert bad == [] and len(records) == 400
+    rois = [_rois(root / "AllXML" / f"{r.file_id}.xml") for r in records]
+    processed = [preprocess_file(r.path) for r in records]
+    return root, records, rois, processed
+
+
+def test_hard_mass_outlines_exactly_in_positives(hard):
+    root, records, rois, _ = hard
+    labels = np.array([r.label for r in records])
+    assert labels.sum() == 100  # a quarter of the breasts, both views
+    named = [Counter(roi["Name"] for roi in image_rois) for image_rois in rois]
+    for r, names in zip(records, named, strict=True):
+        # The reader's masses are exactly the "Mass" ROIs: none in a negative image, one to three
+        # in a positive one; benign masses, clusters and calcifications are left out.
+        assert len(r.masses) == names["Mass"]
+        assert (names["Mass"] > 0) == bool(r.label), r.file_id
+        assert names["Mass"] <= 3 and names["Calcification"] >= 1
+        assert set(names) <= {"Mass", BENIGN_MASS, ASYMMETRY, "Cluster", "Calcification"}
+        if names[BENIGN_MASS]:
+            benign = read_mass_outlines(root / "AllXML" / f"{r.file_id}.xml", name=BENIGN_MASS)
+            assert len(benign) == names[BENIGN_MASS]
+            assert not any(np.array_equal(b, m) for b in benign for m in r.masses)
+    lesions = Counter(n["Mass"] for n, y in zip(named, labels, strict=True) if y)
+    assert lesions[1] > lesions[2] > lesions[3] > 0  # some positives have two or three lesions
+    # Both views of a breast show the same number of lesions.
+    per_breast = {}
+    for r in records:
+        per_breast.setdefault((r.patient_id, r.laterality), set()).add(len(r.masses))
+    assert all(len(v) == 1 for v in per_breast.values())
+
+
+def test_hard_distractors_in_both_classes_alike(hard):
+    _, records, rois, _ = hard
+    labels = np.array([r.label for r in records])
+    named = [Counter(roi["Name"] for roi in image_rois) for image_rois in rois]
+    benign = np.array([n[BENIGN_MASS] > 0 for n in named])
+    asymmetry = np.array([n[ASYMMETRY] > 0 for n in named])
+    cluster = np.array([n["Cluster"] > 0 for n in named])
+    findings = np.array([n["Mass"] + n[BENIGN_MASS] + n[ASYMMETRY] for n in named])
+    # Benign masses, asymmetries and calcification clusters in both classes.
+    pos, neg = labels == 1, labels == 0
+    assert 0.25 < benign[pos].mean() < 0.6 and 0.25 < benign[neg].mean() < 0.6
+    assert abs(benign[pos].mean() - benign[neg].mean()) < 0.15
+    assert asymmetry[pos].mean() > 0.15 and asymmetry[neg].all()
+    for c in (pos, neg):
+        assert 0.2 < cluster[c].mean() < 0.5
+    # The number of mass-like findings does not tell the classes apart.
+    assert abs(findings[pos].mean() - findings[neg].mean()) < 0.3
+    assert 0.4 < _auc(labels, findings) < 0.6
+
+
+def _breast_areas(records) -> dict[str, float]:
+    return {r.file_id: float((read_image(r.path) > 0.1).sum()) for r in records}
+
+
+def test_hard_lesion_areas_span_the_range(hard):
+    _, records, rois, _ = hard
+    breast = _breast_areas(records)
+    fractions = {"Mass": [], BENIGN_MASS: []}
+    for r, image_rois in zip(records, rois, strict=True):
+        for roi in image_rois:
+            if roi["Name"] in fractions:
+                fractions[roi["Name"]].append(_shoelace(_points(roi)) / breast[r.file_id])
+    lesion = np.array(fractions["Mass"])
+    lo, hi = HARD_LESION_AREA
+    # From about 0.2% to 10% of the breast (outline vs thresholded breast; a large lesion shrinks
+    # when the breast has no room for it).
+    assert 0.7 * lo < lesion.min() < 1.5 * lo and 0.6 * hi < lesion.max() < 1.3 * hi
+    # Log-uniform: each third of the log range holds about a third of the lesions.
+    edges = np.exp(np.linspace(np.log(lo), np.log(hi), 4))
+    thirds = np.histogram(lesion, bins=[0, edges[1], edges[2], np.inf])[0] / len(lesion)
+    assert np.all(np.abs(thirds - 1 / 3) < 0.12), thirds
+    # The benign masses are drawn from the same sizes.
+    benign = np.array(fractions[BENIGN_MASS])
+    assert 0.67 < np.median(benign) / np.median(lesion) < 1.5
+
+
+def test_hard_distractors_as_bright_as_lesions(hard):
+    """Mean intensity inside each outline minus that of a ring around it, in the decoded image:
+    asymmetries as bright as lesions (drawn alike), benign masses somewhat dimmer, all brighter
+    than their surroundings."""
+    _, records, rois, _ = hard
+    contrast = {"Mass": [], BENIGN_MASS: [], ASYMMETRY: []}
+    for r, image_rois in zip(records[:200], rois[:200], strict=True):
+        image = read_image(r.path)
+        breast = image > 0.1
+        for roi in image_rois:
+            if roi["Name"] not in contrast:
+                continue
+            outline = _points(roi)
+            inside = skimage.draw.polygon2mask(image.shape, outline) & breast
+            centre = outline.mean(0)
+            ring = skimage.draw.polygon2mask(image.shape, (outline - centre) * 1.6 + centre)
+            ring &= ~inside & breast
+            if inside.sum() >= 4 and ring.sum() >= 4:
+                contrast[roi["Name"]].append(image[inside].mean() - image[ring].mean())
+    lesion, benign, asymmetry = (np.median(contrast[k]) for k in ("Mass", BENIGN_MASS, ASYMMETRY))
+    assert min(lesion, benign, asymmetry) > 0.02
+    assert 0.75 < asymmetry / lesion < 1.33
+    assert 0.5 < benign / lesion < 1.0
+    # Their ranges overlap: a quarter of the benign masses are brighter than a quarter of lesions.
+    assert np.percentile(contrast[BENIGN_MASS], 75) > np.percentile(contrast["Mass"], 25)
+
+
+def test_hard_global_statistics_are_at_chance(hard):
+    """A logistic regression on global statistics of each preprocessed image (mean, spread,
+    percentiles of the breast's intensities, breast area), cross-validated by woman, is at chance;
+    the same classifier finds a global shift of 0.01 in the positives' breast mean."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    _, records, _, processed = hard
+    labels = np.array([r.label for r in records])
+    features = []
+    for image, g in processed:
+        inside = image[image > 0.05]
+        y0, x0, y1, x1 = g.crop
+        area = (image > 0.05).mean() * (y1 - y0) * (x1 - x0)  # in original pixels
+        percentiles = np.percentile(inside, [1, 5, 25, 50, 75, 95, 99])
+        features.append(
+            [image.mean(), image.std(), inside.mean(), inside.std(), *percentiles, area]
+        )
+    features = np.array(features)
+    for j in range(features.shape[1]):
+        assert 0.4 < _auc(labels, features[:, j]) < 0.6, f"feature {j}"
+
+    def cv_auc(x: np.ndarray) -> float:
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+        folds = StratifiedGroupKFold(5, shuffle=True, random_state=0)
+        groups = [r.patient_id for r in records]
+        return float(
+            cross_val_score(model, x, labels, groups=groups, cv=folds, scoring="roc_auc").mean()
+        )
+
+    assert 0.35 < cv_auc(features) < 0.65
+    leaky = features.copy()
+    leaky[:, 2] += 0.01 * labels
+    assert cv_auc(leaky) > 0.9
+
+
+def test_hard_deterministic_for_a_seed(tmp_path):
+    kw = {"num_images": 8, "image_shape": (128, 104), "style": "hard"}
+    a = write_synthetic_inbreast(tmp_path / "a", seed=5, **kw)
+    b = write_synthetic_inbreast(tmp_path / "b", seed=5, **kw)
+    c = write_synthetic_inbreast(tmp_path / "c", seed=6, **kw)
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    assert len([f for f in files if f.endswith(".xml")]) == 8
+    _, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
+    assert mismatch == [] and errors == []
+    dicoms = sorted((a / "AllDICOMs").iterdir())
+    others = sorted((c / "AllDICOMs").iterdir())
+    assert not np.array_equal(read_image(dicoms[0]), read_image(others[0]))
+    # The same seed in the easy style: the same women and labels, other pictures.
+    e = write_synthetic_inbreast(tmp_path / "e", seed=5, num_images=8, image_shape=(128, 104))
+    assert sorted(p.name for p in (e / "AllDICOMs").iterdir()) == [p.name for p in dicoms]
+    assert not np.array_equal(read_image(dicoms[0]), read_image(e / "AllDICOMs" / dicoms[0].name))
+    with pytest.raises(ValueError, match="style"):
+        write_synthetic_inbreast(tmp_path / "d", num_images=4, style="medium")
