@@ -131,6 +131,7 @@ def describe(setup: Setup) -> dict[str, Any]:
     return {
         "backbone": setup.config.backbone,
         "scheme": setup.config.scheme,
+        "k": setup.config.k,
         "batch_size": setup.batch,
         "device": f"{setup.mesh.devices.size} x {setup.device.device_kind} "
         f"({setup.device.platform})",
