@@ -880,13 +880,12 @@ def _ensure_synthetic(manual_dir: Path, num_images: int, style: str) -> None:
         style,
         num_images,
     )
-    styled = {} if style == "easy" else {"style": style}  # TODO(lead): always pass style
     if manual_dir.is_dir() and any(manual_dir.iterdir()):
-        write_synthetic_inbreast(manual_dir, num_images=num_images, **styled)
+        write_synthetic_inbreast(manual_dir, num_images=num_images, style=style)
         return
     # written aside and renamed, so that an interrupted run leaves no half-written dataset
     partial = manual_dir.with_name(manual_dir.name + ".partial")
-    write_synthetic_inbreast(partial, num_images=num_images, **styled)
+    write_synthetic_inbreast(partial, num_images=num_images, style=style)
     partial.rename(manual_dir)
 
 
