@@ -417,6 +417,7 @@ def image_files(
 
 
 _PRIORITY = {s: 0 for s in DICOM_SUFFIXES} | {".png": 1, ".tif": 2, ".tiff": 2}
+_PRIORITY |= {s: 3 for s in RASTER_SUFFIXES if s not in _PRIORITY}  # PGM/PPM, JPEG
 
 
 def find_images(root: str | os.PathLike) -> dict[str, list[Path]]:
