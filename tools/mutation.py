@@ -1,0 +1,274 @@
+"""Mutation testing of the modules that decide the numbers, one module at a time (README,
+"Mutation testing"). A developer's tool, not part of CI.
+
+    .venv/bin/python tools/mutation.py [--max-children 2] [--clean] [--committed] [TARGET ...]
+
+For each target (default: every one in ``TARGETS`` not marked ``default=False``) this copies the
+sources, the tests and ``pyproject.toml`` into ``mutants/<target>/`` (ignored by git), narrows
+the copy's ``[tool.mutmut]`` to the target's module (``only_mutate``) and its fast test modules
+(``pytest_add_cli_args_test_selection``), and runs mutmut there (niced, on the CPU): each mutant
+runs only the tests that call the mutated function. It prints, per target, caught / (caught +
+uncaught) (caught: a test failed, timed out or crashed), the uncaught mutants, and the wall and
+CPU time of the run. A target keeps mutmut's results: a later run tests only the mutants of new
+or changed functions and the earlier survivors (tests may have been added); ``--clean`` tests
+every mutant again. ``cd mutants/<target> && ../../.venv/bin/mutmut show NAME`` shows a mutant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MUTMUT = ROOT / ".venv" / "bin" / "mutmut"
+COPIED = ("deepmil_jax", "data_pipeline", "tests")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    file: str  # the module mutated
+    functions: tuple[str, ...]  # mutmut's mutant-name patterns of the functions tested
+    tests: tuple[str, ...]  # the fast test modules that test them
+    default: bool = True
+
+
+def _all(module: str) -> tuple[str, ...]:
+    return (f"{module}.*",)
+
+
+TARGETS = {
+    "losses": Target(
+        "deepmil_jax/losses.py", _all("deepmil_jax.losses"), ("tests/test_losses.py",)
+    ),
+    "metrics": Target(
+        "deepmil_jax/metrics.py", _all("deepmil_jax.metrics"), ("tests/test_metrics.py",)
+    ),
+    # render_heatmap's drawing is marked no-mutate in the module
+    "heatmap": Target(
+        "deepmil_jax/heatmap.py", _all("deepmil_jax.heatmap"), ("tests/test_heatmap.py",)
+    ),
+    "folds": Target(
+        "data_pipeline/folds.py", _all("data_pipeline.folds"), ("tests/test_folds.py",)
+    ),
+    # the label rules only; the rest of inbreast.py reads files
+    "inbreast": Target(
+        "data_pipeline/inbreast.py",
+        (
+            "data_pipeline.inbreast.x_birads_label*",
+            "data_pipeline.inbreast.x__normalise_birads*",
+            "data_pipeline.inbreast.x__parse_label*",
+        ),
+        ("tests/test_inbreast.py",),
+    ),
+    "input_pipeline": Target(
+        "data_pipeline/input_pipeline.py",
+        _all("data_pipeline.input_pipeline"),
+        ("tests/test_input_pipeline.py",),
+    ),
+    # the parts that decide numbers: the losses of the schemes, the steps, the predictions
+    "steps": Target(
+        "deepmil_jax/steps.py",
+        (
+            "deepmil_jax.steps.x_scheme_loss*",
+            "deepmil_jax.steps.x_loss_fn*",
+            "deepmil_jax.steps.x__train_step*",
+            "deepmil_jax.steps.x_train_step*",
+            "deepmil_jax.steps.x__eval_step*",
+            "deepmil_jax.steps.x_eval_step*",
+            "deepmil_jax.steps.x_make_optimizer*",
+            "deepmil_jax.steps.xǁTrainerǁpredict*",
+        ),
+        ("tests/test_steps.py",),
+    ),
+    # not scored yet: its DICOM tests are slow (README)
+    "preprocess": Target(
+        "data_pipeline/preprocess.py",
+        _all("data_pipeline.preprocess"),
+        ("tests/test_preprocess.py",),
+        default=False,
+    ),
+}
+
+
+def _sync(source: Path, dest: Path, mutants: Path) -> None:
+    """Makes ``dest`` a copy of ``source`` (Python and fixture files), touching only files that
+    changed; mutmut keeps an unchanged copy of a file in ``mutants/`` forever, so a changed
+    file's copy there is removed for mutmut to copy it again."""
+    wanted = set()
+    for path in source.rglob("*"):
+        if "__pycache__" in path.parts or not path.is_file():
+            continue
+        rel = path.relative_to(source)
+        wanted.add(rel)
+        target = dest / rel
+        if target.exists() and target.read_bytes() == path.read_bytes():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+        stale = mutants / source.name / rel
+        if stale.exists():
+            stale.unlink()
+    for path in list(dest.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            if path.relative_to(dest) not in wanted:
+                path.unlink()
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+
+
+def _pyproject(target: Target, source: Path) -> str:
+    """The project's pyproject.toml with its ``[tool.mutmut]`` narrowed to ``target``."""
+    text = (source / "pyproject.toml").read_text()
+    settings = tomllib.loads(text)["tool"]["mutmut"]
+    settings["only_mutate"] = [target.file]
+    settings["pytest_add_cli_args_test_selection"] = list(target.tests)
+    kept, skipping = [], False
+    for line in text.splitlines():
+        if line.startswith("["):
+            skipping = line.strip() == "[tool.mutmut]"
+        if not skipping:
+            kept.append(line)
+    section = ["[tool.mutmut]"] + [f"{k} = {_toml_value(v)}" for k, v in settings.items()]
+    return "\n".join(kept + [""] + section) + "\n"
+
+
+def prepare(name: str, target: Target, committed: bool) -> Path:
+    work = ROOT / "mutants" / name
+    mutants = work / "mutants"
+    source = ROOT
+    if committed:  # the files as committed (HEAD), not the working tree's
+        source = ROOT / "mutants" / "HEAD"
+        shutil.rmtree(source, ignore_errors=True)
+        source.mkdir(parents=True)
+        archive = subprocess.run(
+            ["git", "archive", "HEAD", *COPIED, "pyproject.toml"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    for part in COPIED:
+        _sync(source / part, work / part, mutants)
+    pyproject = _pyproject(target, source)
+    path = work / "pyproject.toml"
+    if not path.exists() or path.read_text() != pyproject:
+        path.write_text(pyproject)
+    return work
+
+
+# mutmut's verdicts that count as caught: a test failed, or the tests ran past the time limit
+# (an endless loop) or crashed
+CAUGHT = ("killed", "timeout", "segfault")
+
+
+def statuses(work: Path, target: Target) -> dict[str, str]:
+    """mutmut's verdict on each of the target's mutants ("not checked" when not yet run)."""
+    from mutmut.stats import status_by_exit_code
+
+    meta = json.loads((work / "mutants" / (target.file + ".meta")).read_text())
+    return {
+        key: status_by_exit_code[code]
+        for key, code in sorted(meta["exit_code_by_key"].items())
+        if any(fnmatch.fnmatchcase(key, pattern) for pattern in target.functions)
+    }
+
+
+def tally(work: Path, target: Target) -> tuple[dict[str, int], list[str]]:
+    """Counts of each verdict among the target's mutants, and the uncaught ones."""
+    counts: dict[str, int] = {}
+    survivors = []
+    for key, status in statuses(work, target).items():
+        counts[status] = counts.get(status, 0) + 1
+        if status not in CAUGHT:
+            survivors.append(f"{key}: {status}")
+    return counts, survivors
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("targets", nargs="*", metavar="TARGET", help=", ".join(TARGETS))
+    parser.add_argument("--max-children", type=int, default=2)
+    parser.add_argument(
+        "--committed",
+        action="store_true",
+        help="test the files as committed (git HEAD) instead of the working tree's, e.g. while "
+        "others edit the checkout",
+    )
+    parser.add_argument(
+        "--clean", action="store_true", help="forget earlier runs' results: test every mutant"
+    )
+    args = parser.parse_args()
+    names = args.targets or [n for n, t in TARGETS.items() if t.default]
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        parser.error(f"unknown target(s) {unknown}; choose from {', '.join(TARGETS)}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    summary = []
+    total_wall = total_cpu = 0.0
+    for name in names:
+        target = TARGETS[name]
+        work = prepare(name, target, args.committed)
+        if args.clean:
+            shutil.rmtree(work / "mutants", ignore_errors=True)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.monotonic()
+        run = ["nice", "-n", "15", str(MUTMUT), "run", "--max-children", str(args.max_children)]
+        # 1. generate the mutants and map tests to functions (mutmut keeps both between runs); a
+        # name that matches no mutant runs none (mutmut then stops with "nothing matches")
+        module = target.file.removesuffix(".py").replace("/", ".")
+        first = subprocess.run(
+            [*run, f"{module}.no_such_mutant"], cwd=work, env=env, capture_output=True, text=True
+        )
+        returncode = 0
+        if "nothing matches" not in first.stdout + first.stderr:
+            print(first.stdout + first.stderr)
+            returncode = first.returncode or 1
+        # 2. run the target's mutants not yet tested (new, or of a changed function) and the
+        # survivors of earlier runs (tests may have been added since)
+        pending = [key for key, status in statuses(work, target).items() if status not in CAUGHT]
+        if not returncode and pending:
+            returncode = subprocess.run([*run, *pending], cwd=work, env=env).returncode
+        wall = time.monotonic() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        total_wall += wall
+        total_cpu += cpu
+        if returncode:
+            print(f"{name}: mutmut run failed with exit status {returncode}", file=sys.stderr)
+            return returncode
+        counts, survivors = tally(work, target)
+        killed = sum(v for k, v in counts.items() if k in CAUGHT)
+        # a mutant that no test reached, or not run, counts as surviving
+        survived = sum(v for k, v in counts.items() if k not in CAUGHT)
+        score = 100.0 * killed / max(killed + survived, 1)
+        summary.append(
+            f"{name}: {killed} / {killed + survived} = {score:.1f}% {counts}; "
+            f"{wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU"
+        )
+        for line in survivors:
+            print(f"  survived {line}")
+    print("\n".join(summary))
+    print(f"total: {total_wall / 60:.1f} min wall, {total_cpu / 60:.1f} min CPU")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
