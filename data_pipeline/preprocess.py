@@ -3,15 +3,27 @@
 The steps, shared by every data source, training and prediction (`preprocess_file`):
 
 1. decode (`read_image`): DICOM through pydicom with the modality LUT (rescale) and the VOI LUT
-   (window or LUT table), MONOCHROME1 inverted, any bit depth; or PNG/TIFF, 8 or 16 bit. The
-   displayed values are rescaled so that the image's darkest value is 0 and its brightest is 1.
-2. breast mask: Otsu's threshold (see `_otsu`) on a downsampled copy (long side about
-   `mask_size` pixels), then the largest connected component with its holes filled, so labels
-   and markers outside the breast drop out. Pixels outside the (slightly dilated) mask are set
-   to 0.
+   (window or LUT table), MONOCHROME1 inverted, any bit depth, uncompressed or compressed (JPEG
+   baseline/extended/lossless, JPEG-LS, JPEG 2000 through pydicom's pylibjpeg plugins, RLE);
+   or an image file: PNG, TIFF, binary PGM/PPM (8 or 16 bit; mini-MIAS's films) and JPEG, with
+   colour converted to grey (luminance). The displayed values are rescaled so that the image's
+   darkest value is 0 and its brightest is 1.
+2. breast mask, on a downsampled copy (long side about `mask_size` pixels), robust to what
+   scanned films add around the breast (`data_pipeline.synthetic_film` draws it):
+   a. Otsu's threshold (see `_otsu`); when Otsu separates only a bright plateau (wide film edges
+      and labels), Otsu's threshold within the darker class instead (`_threshold`);
+   b. film edges dropped: bright, flat lines along a side of the image (`_drop_border_strips`);
+   c. the breast detached: an opening (radius 1.5% of the long side) cuts thin strips and
+      bridges that join labels and markers to the breast, its largest component is the breast,
+      and the mask's pixels near it are put back (`_detach`);
+   d. a smoothed outline (`_smooth`) and holes filled.
+   Pixels outside the (slightly dilated) mask are set to 0. On digital mammograms with nothing
+   joined to the breast, (b)-(d) change nothing: the largest Otsu component, as before.
 3. crop to the mask's bounding box (in original pixels).
 4. optional horizontal flip, so that every breast has its chest wall on the LEFT of the image.
-   The side is read from the image (which half holds more breast tissue), never from metadata.
+   The side is read from the image, never from metadata: the side whose outermost columns the
+   breast covers more (the chest wall cuts it; the nipple side is its tip), or when that is
+   close (a breast filling the frame) the half holding more breast tissue.
 5. resize with anti-aliasing to `size` (227 x 227 in the paper): integer block averaging first,
    then `skimage.transform.resize` on the small remainder, which keeps full-size mammograms fast.
 
@@ -22,9 +34,10 @@ outside their image.
 
 Limits (module constants): every decoder reads the image's dimensions from its header first and
 refuses more than `MAX_PIXELS` (100 megapixels; a full-field mammogram is 10-40) before decoding,
-so a small compressed file cannot expand into gigabytes; preprocessing refuses an image with a
-side under `MIN_SIDE` (32 pixels; even 200-micron scans are over 1000 pixels a side, and the
-synthetic data's reduced images are at least 64), which cannot be a mammogram.
+so a small compressed file cannot expand into gigabytes (for compressed DICOM pixel data, both
+the DICOM header's size and the codestream's own, which must agree); preprocessing refuses an
+image with a side under `MIN_SIDE` (32 pixels; even 200-micron scans are over 1000 pixels a side,
+and the synthetic data's reduced images are at least 64), which cannot be a mammogram.
 
 Speed: for 16-bit DICOMs the LUTs are evaluated once per possible stored value (65536 entries) and
 applied by table lookup, and only the crop is ever converted to float32 (measure it with
@@ -69,7 +82,7 @@ __all__ = [
 ]
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic"})
-RASTER_SUFFIXES = frozenset({".png", ".tif", ".tiff"})
+RASTER_SUFFIXES = frozenset({".png", ".tif", ".tiff", ".pgm", ".ppm", ".pnm", ".jpg", ".jpeg"})
 
 # The most pixels (rows x columns) a decoder accepts, read from the file's header before any pixel
 # data is decoded. Full-field mammograms are 10-40 megapixels (INbreast 4084 x 3328 = 13.6).
@@ -85,6 +98,25 @@ _DECODER_HELP = (
     "Install a decoder (pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or "
     "pip install python-gdcm) or decompress the file first (gdcmconv --raw IN OUT, or "
     "dcmdjpeg IN OUT)."
+)
+# The packages (dependencies of this project) that decode each compressed transfer syntax that
+# public mammography collections use, through pydicom's pylibjpeg plugin; RLE needs none.
+_DECODER_PACKAGES = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg pylibjpeg-libjpeg",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": "pylibjpeg pylibjpeg-libjpeg",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": "pylibjpeg pylibjpeg-libjpeg",  # JPEG-LS Near Lossless
+    "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K
+}
+# Start-of-frame markers of JPEG (SOF0-3, 5-7, 9-11, 13-15) and JPEG-LS (SOF55).
+_JPEG_SOF = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC)}) | frozenset(
+    {*range(0xCD, 0xD0), 0xF7}
 )
 
 
@@ -318,7 +350,7 @@ def _is_dicom(path: Path) -> bool:
         return True
     raise DataError(
         f"{path}: unknown image type {suffix or '(no suffix)'!r}; use DICOM (.dcm) or "
-        f"PNG/TIFF ({', '.join(sorted(RASTER_SUFFIXES))}), 8 or 16 bit grayscale."
+        f"an image file ({', '.join(sorted(RASTER_SUFFIXES))}), 8 or 16 bit grayscale."
     )
 
 
@@ -406,6 +438,50 @@ def _from_values(arr: np.ndarray, transform, invert: bool, where: Path) -> _Deco
     return _Decoded(index=None, lut=None, image=values)
 
 
+def _codestream_shape(data: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a JPEG, JPEG-LS or JPEG 2000 codestream's header, None if it is none
+    of these (RLE's segments carry no size: its decoders fill the header's Rows x Columns)."""
+    if data[:2] == b"\xff\xd8":  # JPEG and JPEG-LS: walk the segments to the start of frame
+        offset = 2
+        while offset + 9 <= len(data) and data[offset] == 0xFF:
+            marker = data[offset + 1]
+            if marker in _JPEG_SOF:
+                height = int.from_bytes(data[offset + 5 : offset + 7], "big")
+                width = int.from_bytes(data[offset + 7 : offset + 9], "big")
+                return height, width
+            if marker == 0xFF:  # fill byte
+                offset += 1
+                continue
+            offset += 2 + int.from_bytes(data[offset + 2 : offset + 4], "big")
+        return None
+    start = data.find(b"\xff\x4f\xff\x51", 0, 4096)  # JPEG 2000: SOC then SIZ (maybe in JP2)
+    if start >= 0 and start + 24 <= len(data):
+        x, y, x_off, y_off = (
+            int.from_bytes(data[start + i : start + i + 4], "big") for i in (8, 12, 16, 20)
+        )
+        return y - y_off, x - x_off
+    return None
+
+
+def _check_codestream(path: Path, pixel_data: bytes, rows: int, cols: int) -> None:
+    """Refuse, before decoding, a compressed frame whose own header claims more than MAX_PIXELS
+    or another size than the DICOM header (decoders allocate what the codestream says)."""
+    from pydicom.encaps import generate_fragments
+
+    # The first fragment that starts a codestream (the basic offset table comes before it).
+    shapes = (_codestream_shape(bytes(f[:65536])) for f in generate_fragments(pixel_data))
+    shape = next((s for s in shapes if s is not None), None)
+    if shape is None:
+        return
+    _check_size(path, *shape)
+    if shape != (rows, cols):
+        raise DataError(
+            f"{path}: the compressed image is {shape[0]} x {shape[1]} pixels but the DICOM header "
+            f"says {rows} x {cols} (Rows x Columns); the file is damaged or was edited. Export it "
+            "again from the source."
+        )
+
+
 def _decode_dicom(path: Path) -> _Decoded:
     try:
         ds = pydicom.dcmread(path, force=True)
@@ -429,9 +505,17 @@ def _decode_dicom(path: Path) -> _Decoded:
             except Exception:  # no decoder of any kind is known for this syntax
                 available = False
             if not available:
+                packages = _DECODER_PACKAGES.get(str(syntax))
+                install = (
+                    f"Install its decoder: pip install {packages} (dependencies of deepmil-jax; "
+                    "reinstall with `bash setup.sh`), or decompress the file first (gdcmconv "
+                    "--raw IN OUT)."
+                    if packages
+                    else _DECODER_HELP
+                )
                 raise DataError(
                     f"{path}: the pixel data is compressed ({syntax.name}) and no decoder for it "
-                    f"is installed. {_DECODER_HELP}"
+                    f"is installed. {install}"
                 )
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
         if photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -446,6 +530,8 @@ def _decode_dicom(path: Path) -> _Decoded:
             )
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         _check_size(path, rows, cols, int(ds.get("SamplesPerPixel", 1) or 1))
+        if syntax is not None and syntax.is_compressed:
+            _check_codestream(path, ds.PixelData, rows, cols)
         arr = ds.pixel_array
     except DataError:
         raise
@@ -474,8 +560,56 @@ def _decode_dicom(path: Path) -> _Decoded:
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF and BigTIFF
 
 
+def _pnm_header(path: Path) -> tuple[int, int, int, int, int] | None:
+    """(rows, columns, samples, maxval, data offset) of a binary PGM (P5) or PPM (P6), from its
+    header (whitespace-separated width, height and maxval, '#' comments to the end of a line,
+    one whitespace byte before the pixels); None for any other file."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head[:2] not in (b"P5", b"P6"):
+        return None
+    fields: list[int] = []
+    i = 2
+    while len(fields) < 3:
+        while i < len(head) and head[i : i + 1].isspace():
+            i += 1
+        if head[i : i + 1] == b"#":
+            end = head.find(b"\n", i)
+            if end < 0:
+                raise ValueError("a PNM header comment runs past 4 KB")
+            i = end + 1
+            continue
+        j = i
+        while j < len(head) and head[j : j + 1].isdigit():
+            j += 1
+        if j == i or j >= len(head) or not head[j : j + 1].isspace():
+            raise ValueError("the PNM header needs width, height and maxval")
+        fields.append(int(head[i:j]))
+        i = j
+    width, height, maxval = fields
+    if not (1 <= maxval <= 65535) or width < 1 or height < 1:
+        raise ValueError(f"the PNM header gives {width} x {height} pixels, maxval {maxval}")
+    return height, width, 3 if head[:2] == b"P6" else 1, maxval, i + 1
+
+
+def _read_pnm(path: Path, header: tuple[int, int, int, int, int]) -> np.ndarray:
+    """The pixels (H, W) or (H, W, 3) of a binary PGM/PPM: uint8, or uint16 when maxval > 255
+    (big-endian in the file, as Netpbm specifies)."""
+    rows, cols, samples, maxval, offset = header
+    dtype = np.dtype(">u2") if maxval > 255 else np.dtype(np.uint8)
+    count = rows * cols * samples
+    data = np.fromfile(path, dtype=dtype, count=count, offset=offset)
+    if data.size < count:
+        raise ValueError(f"the file holds {data.size} of its {count} samples (truncated)")
+    data = data.astype(dtype.newbyteorder("="), copy=False)
+    return data.reshape((rows, cols, samples) if samples > 1 else (rows, cols))
+
+
 def _raster_header(path: Path) -> tuple[int, int, int, int]:
-    """(rows, columns, samples per pixel, images) of a PNG/TIFF, from its header alone."""
+    """(rows, columns, samples per pixel, images) of an image file, from its header alone."""
+    pnm = _pnm_header(path)
+    if pnm is not None:
+        return pnm[0], pnm[1], pnm[2], 1
     with open(path, "rb") as f:
         head = f.read(4)
     if head in _TIFF_MAGIC:
@@ -510,15 +644,17 @@ def _decode_raster(path: Path) -> _Decoded:
     except Exception as e:
         raise DataError(
             f"{path}: cannot read the image ({_describe(e)}); the file is damaged or not a "
-            "PNG/TIFF. Export it again."
+            "supported image (DICOM, PNG, TIFF, PGM/PPM, JPEG). Export it again."
         ) from e
     _check_size(path, rows, cols, samples, frames)
     try:
-        arr = np.asarray(skimage.io.imread(path))
+        pnm = _pnm_header(path)
+        # Binary PGM/PPM read here: Pillow reads a 16-bit PPM as 8 bits.
+        arr = _read_pnm(path, pnm) if pnm is not None else np.asarray(skimage.io.imread(path))
     except Exception as e:
         raise DataError(
             f"{path}: cannot read the image ({_describe(e)}); the file is damaged or not a "
-            "PNG/TIFF. Export it again."
+            "supported image (DICOM, PNG, TIFF, PGM/PPM, JPEG). Export it again."
         ) from e
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         rgb = arr[..., :3]
@@ -552,8 +688,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode a mammogram to displayed intensities.
 
     DICOM: modality LUT (rescale), then VOI LUT (window or table), MONOCHROME1 inverted, any bit
-    depth.
-    PNG/TIFF: 8 or 16 bit grayscale (RGB with equal channels is accepted).
+    depth; compressed pixel data through pydicom's decoders (JPEG, JPEG-LS, JPEG 2000, RLE).
+    PNG, TIFF, PGM/PPM (binary, 8 or 16 bit) and JPEG files: grayscale, or colour converted to
+    grey with luminance weights (equal channels are taken as they are).
 
     Returns:
       (H, W) float32 in [0, 1]: the darkest displayed value is 0 and the brightest 1.

@@ -11,9 +11,15 @@ import pytest
 import skimage.io
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGLosslessSV1, generate_uid
+from pydicom.uid import (
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 
 from data_pipeline.errors import DataError
 from data_pipeline.preprocess import (
@@ -312,21 +318,202 @@ def test_not_a_dicom(tmp_path):
         read_image(bad)
 
 
-def test_compressed_without_decoder(tmp_path):
-    assert not pydicom.pixels.get_decoder(JPEGLosslessSV1).is_available  # as in our venv
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = JPEGLosslessSV1
-    ds = FileDataset("c.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Rows, ds.Columns, ds.SamplesPerPixel = 8, 8, 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = encapsulate([b"\xff\xd8" + b"\x00" * 30 + b"\xff\xd9"])
+def jpeg_lossless_dicom(path: Path, stored: np.ndarray, bits: int = 12) -> Path:
+    """A DICOM whose pixel data is JPEG Lossless SV1, encoded by imagecodecs (libjpeg-turbo)."""
+    import imagecodecs
+
+    ds = pydicom.dcmread(write_dicom(path, stored, bits_stored=bits))
+    frame = imagecodecs.jpeg8_encode(stored, lossless=True, predictor=1, bitspersample=bits)
+    ds.PixelData = encapsulate([frame])
     ds["PixelData"].VR = "OB"
-    ds.save_as(tmp_path / "c.dcm", enforce_file_format=True)
-    with pytest.raises(DataError, match=r"c\.dcm.*compressed.*no decoder.*pylibjpeg"):
-        read_image(tmp_path / "c.dcm")
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.save_as(path)
+    return path
+
+
+def test_compressed_without_decoder_names_the_file_and_the_package(tmp_path, monkeypatch):
+    stored = ramp(hi=4000)
+    path = jpeg_lossless_dicom(tmp_path / "c.dcm", stored)
+
+    class Missing:  # what pydicom answers in an environment without the plugin
+        is_available = False
+
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda uid: Missing())
+    with pytest.raises(
+        DataError, match=r"c\.dcm.*compressed.*no decoder.*pip install pylibjpeg pylibjpeg-libjpeg"
+    ):
+        read_image(path)
+    # A syntax pydicom has no decoder for at all: the general advice.
+    monkeypatch.undo()
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: pydicom decodes none
+    ds.save_as(tmp_path / "mpeg.dcm")
+    with pytest.raises(DataError, match=r"mpeg\.dcm.*compressed.*no decoder.*gdcmconv"):
+        read_image(tmp_path / "mpeg.dcm")
+
+
+def compressed(path: Path, stored: np.ndarray, syntax, **options) -> Path:
+    """`stored` written as DICOM, compressed with pydicom's own encoders (Dataset.compress)."""
+    ds = pydicom.dcmread(write_dicom(path, stored, bits_stored=12))
+    ds.compress(syntax, **options)
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless, JPEGLSLossless, JPEGLosslessSV1])
+def test_lossless_compressed_dicom_decodes_exactly(tmp_path, syntax):
+    rng = np.random.default_rng(3)
+    stored = rng.integers(0, 4096, (70, 54)).astype(np.uint16)  # noise: nothing to predict
+    stored[0, 0], stored[-1, -1] = 0, 4095
+    if syntax == JPEGLosslessSV1:
+        path = jpeg_lossless_dicom(tmp_path / "c.dcm", stored)
+    else:
+        path = compressed(tmp_path / "c.dcm", stored, syntax)
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == syntax and len(ds.PixelData) > 0
+    np.testing.assert_array_equal(read_image(path), (stored / 4095.0).astype(np.float32))
+
+
+def test_compressed_preprocesses_like_uncompressed(tmp_path):
+    image = breast_phantom((400, 320), centre_y=200, half_height=150, depth=220)
+    image = add_disc(image, (180, 60), 8, 0.9)
+    stored = np.round(image * 4095).astype(np.uint16)
+    plain = preprocess_file(write_dicom(tmp_path / "plain.dcm", stored, bits_stored=12))
+    for syntax in (RLELossless, JPEG2000Lossless):
+        out, g = preprocess_file(compressed(tmp_path / f"{syntax.name[:4]}.dcm", stored, syntax))
+        assert g == plain[1]
+        np.testing.assert_array_equal(out, plain[0])
+
+
+def test_near_lossless_jpeg_ls_stays_within_its_error_bound(tmp_path):
+    stored = ramp(hi=4095)
+    path = compressed(tmp_path / "nl.dcm", stored, JPEGLSNearLossless, jls_error=3)
+    decoded = np.round(read_image(path) * 4095).astype(int)  # min 0 and max 4095 survive
+    error = np.abs(decoded - stored.astype(int))
+    assert error.max() <= 3 and error.max() > 0  # lossy, and within the JPEG-LS bound NEAR=3
+
+
+def test_jpeg_baseline_dicom_matches_pillows_decoding(tmp_path):
+    import io
+
+    import PIL.Image
+    import skimage.filters
+
+    image = breast_phantom((96, 80), centre_y=48, half_height=36, depth=50, tissue=0.6)
+    image = skimage.filters.gaussian(image, 3)  # smooth: little ringing, min and max kept
+    stored = np.round(image * 250 + 3).astype(np.uint8)
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(stored).save(buffer, "JPEG", quality=90)
+    ds = pydicom.dcmread(write_dicom(tmp_path / "b.dcm", stored))
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.save_as(tmp_path / "b.dcm")
+    reference = np.asarray(PIL.Image.open(io.BytesIO(buffer.getvalue())), dtype=np.float64)
+    got = read_image(tmp_path / "b.dcm")  # decoded by libjpeg (pylibjpeg), not Pillow
+    assert np.abs(got - minmax(reference)).max() <= 2.0 / 255
+    assert np.abs(got - minmax(stored)).max() < 0.1  # and close to the original
+
+
+def edit_codestream(path: Path, find: bytes, at: int, value: bytes) -> None:
+    """Overwrite bytes `at` past `find` inside the (compressed) pixel data of a DICOM file."""
+    ds = pydicom.dcmread(path)
+    data = bytearray(ds.PixelData)
+    start = data.find(find)
+    assert start >= 0
+    data[start + at : start + at + len(value)] = value
+    ds.PixelData = bytes(data)
+    ds.save_as(path)
+
+
+def test_codestream_size_is_checked_before_decoding(tmp_path):
+    stored = ramp(hi=4095)  # 64 x 48
+    # JPEG 2000 whose SIZ claims 20000 x 20000: refused by the pixel cap, nothing decoded.
+    path = compressed(tmp_path / "j2k.dcm", stored, JPEG2000Lossless)
+    edit_codestream(path, b"\xff\x4f\xff\x51", 8, (20000).to_bytes(4, "big") * 2)
+    with pytest.raises(DataError, match=r"j2k\.dcm.*20000 x 20000 pixels.*100-megapixel cap"):
+        read_image(path)
+    # JPEG lossless whose frame header says 64 x 49 while the DICOM header says 64 x 48.
+    path = jpeg_lossless_dicom(tmp_path / "jpg.dcm", stored)
+    edit_codestream(path, b"\xff\xc3", 7, (49).to_bytes(2, "big"))
+    with pytest.raises(DataError, match=r"jpg\.dcm.*compressed image is 64 x 49.*says 64 x 48"):
+        read_image(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# PGM/PPM and JPEG files.
+
+
+def netpbm(magic: bytes, pixels: np.ndarray, maxval: int) -> bytes:
+    """Netpbm bytes written by hand: header with a comment and odd whitespace, big-endian."""
+    h, w = pixels.shape[:2]
+    header = magic + b"\n# scanner: test\n" + f"{w}  {h}\n{maxval}".encode() + b"\n"
+    dtype = ">u2" if maxval > 255 else np.uint8
+    return header + pixels.astype(dtype).tobytes()
+
+
+@pytest.mark.parametrize("maxval", [255, 4095, 65535])
+def test_pgm_8_and_16_bit(tmp_path, maxval):
+    image = breast_phantom((120, 96), centre_y=60, half_height=45, depth=60)
+    stored = np.round(add_disc(image, (50, 30), 4, 1.0) * maxval).astype(np.uint16)
+    path = tmp_path / "mdb001.pgm"
+    path.write_bytes(netpbm(b"P5", stored, maxval))
+    np.testing.assert_allclose(read_image(path), minmax(stored), atol=1e-6)
+    out, g = preprocess_file(path)
+    ref, g_ref = preprocess_image(minmax(stored).astype(np.float32))
+    assert g == g_ref
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("maxval", [255, 65535])
+def test_ppm_colour_becomes_luminance(tmp_path, maxval):
+    import skimage.color
+
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, maxval + 1, (40, 36, 3))
+    rgb[0, 0], rgb[-1, -1] = 0, maxval
+    path = tmp_path / "c.ppm"
+    path.write_bytes(netpbm(b"P6", rgb, maxval))
+    reference = skimage.color.rgb2gray(rgb / maxval)  # skimage's luminance weights
+    np.testing.assert_allclose(read_image(path), minmax(reference), atol=1e-5)
+    if maxval > 255:  # all 16 bits count (Pillow would keep only the high byte)
+        low = rgb % 256
+        path.write_bytes(netpbm(b"P6", low, maxval))
+        np.testing.assert_allclose(
+            read_image(path), minmax(skimage.color.rgb2gray(low / maxval)), atol=1e-5
+        )
+
+
+def test_plain_ascii_pgm_and_jpeg(tmp_path):
+    import PIL.Image
+
+    stored = np.round(ramp(hi=200, dtype=np.uint8)).astype(np.uint8)
+    rows = "\n".join(" ".join(str(v) for v in row) for row in stored)
+    (tmp_path / "a.pgm").write_text(f"P2\n48 64\n255\n{rows}\n")
+    np.testing.assert_allclose(read_image(tmp_path / "a.pgm"), minmax(stored), atol=1e-6)
+    import skimage.filters
+
+    image = skimage.filters.gaussian(breast_phantom((120, 96), centre_y=60, half_height=45), 3)
+    grey = np.round(image * 240 + 5).astype(np.uint8)
+    PIL.Image.fromarray(grey).save(tmp_path / "g.jpg", quality=95)
+    PIL.Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "rgb.jpeg", quality=95)
+    for name in ("g.jpg", "rgb.jpeg"):
+        got = read_image(tmp_path / name)
+        assert got.shape == grey.shape and np.abs(got - minmax(grey)).max() < 0.08
+
+
+def test_bad_pnm_files(tmp_path):
+    stored = ramp(hi=255, dtype=np.uint8)
+    data = netpbm(b"P5", stored, 255)
+    (tmp_path / "cut.pgm").write_bytes(data[:-100])
+    with pytest.raises(DataError, match=r"cut\.pgm.*truncated"):
+        read_image(tmp_path / "cut.pgm")
+    (tmp_path / "huge.pgm").write_bytes(b"P5 20000 20000 255\n" + bytes(1000))
+    with pytest.raises(DataError, match=r"huge\.pgm.*20000 x 20000 pixels.*100-megapixel cap"):
+        read_image(tmp_path / "huge.pgm")
+    (tmp_path / "nohead.pgm").write_bytes(b"P5 48\n")
+    with pytest.raises(DataError, match=r"nohead\.pgm"):
+        read_image(tmp_path / "nohead.pgm")
 
 
 def test_other_bad_inputs(tmp_path):
