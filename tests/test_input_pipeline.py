@@ -470,3 +470,12 @@ def test_zero_box_needs_a_static_height_and_width(shape):
     )
     with pytest.raises(ValueError, match="static image height and width"):
         traced.get_concrete_function()
+
+
+def test_transform_matrix_defaults_to_the_identity():
+    # x_in = 1 x + 0 y + 0, y_in = 0 x + 1 y + 0: no flip, rotation or shift
+    np.testing.assert_allclose(
+        transform_matrix(48, 64).numpy(), [1, 0, 0, 0, 1, 0, 0, 0], atol=1e-6
+    )
+    flip_only = transform_matrix(48, 64, flip=True).numpy()  # x_in = 63 - x
+    np.testing.assert_allclose(flip_only, [-1, 0, 63, 0, 1, 0, 0, 0], atol=1e-5)
