@@ -13,6 +13,7 @@ __all__ = [
     "attention_pooling",
     "bag_logits",
     "bag_loss",
+    "excess_extent_k",
     "extent_k",
     "l2_penalty",
     "label_assign_loss",

@@ -29,8 +29,10 @@ import optax
 Pooling = Literal["max", "mean", "topk_mean", "lse", "noisy_or"]
 POOLINGS: tuple[str, ...] = ("max", "mean", "topk_mean", "lse", "noisy_or")
 # k chosen per image by the model (``adaptive_label_assign_loss``): k="auto" assigns the hard top
-# round(extent) instances, k="auto_soft" a soft top-extent membership (see ``soft_top_k``).
-AUTO_K: tuple[str, ...] = ("auto", "auto_soft")
+# round(extent) instances, k="auto_soft" a soft top-extent membership (see ``soft_top_k``),
+# k="auto_excess" the hard top round(extent in excess of the batch's negative images).
+AUTO_K: tuple[str, ...] = ("auto", "auto_soft", "auto_excess")
+_AUTO_METHODS = {"auto": "extent", "auto_soft": "soft", "auto_excess": "excess"}
 
 __all__ = [
     "AUTO_K",
@@ -39,6 +41,7 @@ __all__ = [
     "attention_pooling",
     "bag_logits",
     "bag_loss",
+    "excess_extent_k",
     "extent_k",
     "label_assign_loss",
     "l2_penalty",
@@ -282,9 +285,9 @@ def label_assign_loss(
       labels: (N,) image labels, 0 or 1.
       k: positive int (the paper used k=6 of m=36 at 227x227), or a float in (0, 1): that fraction
         of each image's valid instances, rounded up. An int k larger than m is an error; with a
-        mask, k is capped at each image's valid count. ``"auto"`` or ``"auto_soft"``: k chosen
-        per image by the model, ``adaptive_label_assign_loss`` with ``method="extent"`` or
-        ``"soft"`` (its default temperature).
+        mask, k is capped at each image's valid count. ``"auto"``, ``"auto_soft"`` or
+        ``"auto_excess"``: k chosen per image by the model, ``adaptive_label_assign_loss`` with
+        ``method="extent"``, ``"soft"`` (its default temperature) or ``"excess"``.
       mask: optional bool of the logits' shape, False for padding instances.
 
     Returns:
@@ -296,7 +299,7 @@ def label_assign_loss(
       >>> loss, grads = jax.value_and_grad(label_assign_loss)(z, y, 6)
     """
     if isinstance(k, str) and k in AUTO_K:
-        method = "extent" if k == "auto" else "soft"
+        method = _AUTO_METHODS[k]
         return adaptive_label_assign_loss(instance_logits, labels, method=method, mask=mask)
     logits, labels, mask = _flatten(instance_logits, labels, mask)
     counts = _valid_counts(logits, mask)
@@ -384,6 +387,40 @@ def extent_k(instance_logits: jax.Array, *, mask: jax.Array | None = None) -> ja
     return jax.lax.stop_gradient(jnp.clip(total, 1.0, counts))
 
 
+def excess_extent_k(
+    instance_logits: jax.Array, labels: jax.Array, *, mask: jax.Array | None = None
+) -> jax.Array:
+    """The malignant extent in excess of what the model sees in benign images of the batch.
+
+    ``extent_k`` counts every probable instance, including the background probability that the
+    model gives benign tissue (at initialisation every r is about 0.5, so K would be m/2, and a
+    label assignment fitted to K keeps it there). This subtracts the negative images' share:
+    K_n = sum_j r_nj - m_n * b, with b = the mean over the batch's negative images of their mean
+    instance probability, clipped to [1, m_n], without gradient. With no negative image in the
+    batch, b = 0 (``extent_k``).
+
+    Args:
+      instance_logits: (N, m) or (N, H, W) float pre-sigmoid instance scores.
+      labels: (N,) image labels, 0 or 1.
+      mask: optional bool of the logits' shape, False for padding instances.
+
+    Returns:
+      (N,) real-valued counts in [1, m_n], float32 (float64 for float64 logits).
+
+    Example:
+      >>> z = jnp.array([[3.0, 3.0, 0.0, 0.0], [0.0, 0.0, 0.0, -9.0]])  # b = 3 * 0.5 / 4
+      >>> excess_extent_k(z, jnp.array([1, 0])).round(3)  # 2 * 0.953 + 1 - 4 * 0.375 = 1.405
+      Array([1.405, 1.   ], dtype=float32)
+    """
+    logits, labels, mask = _flatten(instance_logits, labels, mask)
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    counts = _valid_counts(logits, mask).astype(dtype)
+    total = jnp.sum(jax.nn.sigmoid(logits.astype(dtype)), axis=1, where=mask)
+    negative = (labels == 0).astype(dtype)
+    background = jnp.sum(negative * total / counts) / jnp.maximum(jnp.sum(negative), 1.0)
+    return jax.lax.stop_gradient(jnp.clip(total - counts * background, 1.0, counts))
+
+
 def soft_top_k(
     instance_logits: jax.Array,
     k: float | jax.Array,
@@ -465,7 +502,7 @@ def adaptive_label_assign_loss(
     instance_logits: jax.Array,
     labels: jax.Array,
     *,
-    method: Literal["extent", "soft"] = "extent",
+    method: Literal["extent", "soft", "excess"] = "extent",
     temperature: float = 0.25,
     mask: jax.Array | None = None,
 ) -> jax.Array:
@@ -480,7 +517,11 @@ def adaptive_label_assign_loss(
     - ``method="soft"`` (``--k=auto_soft``): instance j takes the target y_n s_nj with s_n =
       ``soft_top_k(z_n, K_n, temperature)``, a soft top-K membership summing to K_n (a
       sharpened copy of the instance probabilities with the same total); it tends to the hard
-      assignment as ``temperature`` -> 0 (at T = 1 the targets would equal the probabilities).
+      assignment as ``temperature`` -> 0 (at T = 1 the targets would equal the probabilities);
+    - ``method="excess"`` (``--k=auto_excess``): as ``"extent"`` with K_n =
+      ``excess_extent_k``, the extent beyond the background probability of the batch's negative
+      images, so that k starts near 1 instead of m/2 and grows only where positives show more
+      probable instances than negatives.
 
     As in Eq. 5, the assignment is a label: no gradient flows through it. Negative images are
     unaffected (every target is 0). The loss is the instance cross-entropy averaged over the
@@ -489,7 +530,7 @@ def adaptive_label_assign_loss(
     Args:
       instance_logits: (N, m) or (N, H, W) float pre-sigmoid instance scores.
       labels: (N,) image labels, 0 or 1.
-      method: ``"extent"`` or ``"soft"``.
+      method: ``"extent"``, ``"soft"`` or ``"excess"``.
       temperature: for ``"soft"``: T > 0 of the soft top-k, in logit units.
       mask: optional bool of the logits' shape, False for padding instances.
 
@@ -502,14 +543,17 @@ def adaptive_label_assign_loss(
       ...                  label_assign_loss(z, jnp.array([1]), 2)))
       True
     """
-    if method not in ("extent", "soft"):
-        raise ValueError(f"method must be 'extent' or 'soft'; got {method!r}.")
+    if method not in ("extent", "soft", "excess"):
+        raise ValueError(f"method must be 'extent', 'soft' or 'excess'; got {method!r}.")
     if isinstance(temperature, (int, float, np.number)) and not temperature > 0:
         raise ValueError(f"temperature must be positive; got {temperature}.")
     logits, labels, mask = _flatten(instance_logits, labels, mask)
     counts = _valid_counts(logits, mask)
-    extent = extent_k(logits, mask=mask)
-    if method == "extent":
+    if method == "excess":
+        extent = excess_extent_k(logits, labels, mask=mask)
+    else:
+        extent = extent_k(logits, mask=mask)
+    if method in ("extent", "excess"):
         top = jnp.clip(jnp.round(extent).astype(jnp.int32), 1, counts)
         return _assign_top(logits, labels, top, counts, mask)
     member = jax.lax.stop_gradient(soft_top_k(logits, extent, temperature=temperature, mask=mask))
