@@ -717,7 +717,7 @@ def _quiet_about_custom_configs() -> Iterator[None]:
 # Fingerprints: a prepared dataset is reused only if it was made from the same inputs.
 
 _FINGERPRINT_FORMAT = 1
-_SOURCE_SUFFIXES = DICOM_SUFFIXES | RASTER_SUFFIXES | {".xml", ".pgm"}
+_SOURCE_SUFFIXES = DICOM_SUFFIXES | RASTER_SUFFIXES | {".xml"}
 
 
 def _sha256(path: Path) -> str | None:

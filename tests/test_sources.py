@@ -751,10 +751,6 @@ def test_cmmd_trains_patient_wise(tmp_path):
     _assert_patient_wise(parts, {i: i.split("_")[0] for i in expected})
 
 
-@pytest.mark.skipif(
-    ".pgm" not in __import__("data_pipeline.preprocess").preprocess.RASTER_SUFFIXES,
-    reason="PGM decoding is not in data_pipeline.preprocess yet (issue 15, part 1)",
-)
 def test_mias_trains_patient_wise(tmp_path):
     root = write_mias(tmp_path / "mias")
     parts = _train_two_epochs("mias", root, tmp_path, "patient")
