@@ -479,3 +479,16 @@ def test_transform_matrix_defaults_to_the_identity():
     )
     flip_only = transform_matrix(48, 64, flip=True).numpy()  # x_in = 63 - x
     np.testing.assert_allclose(flip_only, [-1, 0, 63, 0, 1, 0, 0, 0], atol=1e-5)
+
+
+def test_seeds_are_taken_modulo_two_to_the_63():
+    images = _indexed_images(12)
+    labels = np.zeros(12)
+
+    def first_epoch(seed):
+        ds = train_dataset(images, labels, batch_size=12, seed=seed, augment=False)
+        return _recover_index(_take(ds, 1)[0]["image"])
+
+    np.testing.assert_array_equal(first_epoch(2**63 + 5), first_epoch(5))
+    np.testing.assert_array_equal(first_epoch(2**64 + 5), first_epoch(2**63 + 5))
+    assert not np.array_equal(first_epoch(5), first_epoch(5 + 126))
