@@ -23,9 +23,9 @@ from data_pipeline.errors import DataError
 from data_pipeline.inbreast import read_inbreast, read_mass_outlines
 from data_pipeline.preprocess import preprocess_file, read_image
 from data_pipeline.synthetic import (
-    ASYMMETRY,
     BENIGN_MASS,
     HARD_LESION_AREA,
+    LINEAR_DENSITY,
     write_synthetic_inbreast,
 )
 
@@ -212,10 +212,10 @@ def test_command_line(tmp_path):
     )
     records, bad = read_inbreast(tmp_path / "hard")
     assert len(records) == 4 and bad == []
-    for r in records:  # every hard breast has a lesion, a benign mass or an asymmetry
+    for r in records:  # every hard breast has a lesion, a benign mass or a linear density
         names = {roi["Name"] for roi in _rois(tmp_path / "hard" / "AllXML" / f"{r.file_id}.xml")}
-        assert names & {"Mass", BENIGN_MASS, ASYMMETRY}
-    assert not easy_names & {BENIGN_MASS, ASYMMETRY, "Cluster"}
+        assert names & {"Mass", BENIGN_MASS, LINEAR_DENSITY}
+    assert not easy_names & {BENIGN_MASS, LINEAR_DENSITY, "Cluster"}
 
 
 def test_data_pipeline_imports_no_jax():
@@ -300,7 +300,7 @@ def test_hard_mass_outlines_exactly_in_positives(hard):
         assert len(r.masses) == names["Mass"]
         assert (names["Mass"] > 0) == bool(r.label), r.file_id
         assert names["Mass"] <= 3 and names["Calcification"] >= 1
-        assert set(names) <= {"Mass", BENIGN_MASS, ASYMMETRY, "Cluster", "Calcification"}
+        assert set(names) <= {"Mass", BENIGN_MASS, LINEAR_DENSITY, "Cluster", "Calcification"}
         if names[BENIGN_MASS]:
             benign = read_mass_outlines(root / "AllXML" / f"{r.file_id}.xml", name=BENIGN_MASS)
             assert len(benign) == names[BENIGN_MASS]
@@ -319,19 +319,25 @@ def test_hard_distractors_in_both_classes_alike(hard):
     labels = np.array([r.label for r in records])
     named = [Counter(roi["Name"] for roi in image_rois) for image_rois in rois]
     benign = np.array([n[BENIGN_MASS] > 0 for n in named])
-    asymmetry = np.array([n[ASYMMETRY] > 0 for n in named])
+    linear = np.array([n[LINEAR_DENSITY] > 0 for n in named])
     cluster = np.array([n["Cluster"] > 0 for n in named])
-    findings = np.array([n["Mass"] + n[BENIGN_MASS] + n[ASYMMETRY] for n in named])
-    # Benign masses, asymmetries and calcification clusters in both classes.
+    # Benign masses, linear densities and calcification clusters in both classes.
     pos, neg = labels == 1, labels == 0
     assert 0.25 < benign[pos].mean() < 0.6 and 0.25 < benign[neg].mean() < 0.6
     assert abs(benign[pos].mean() - benign[neg].mean()) < 0.15
-    assert asymmetry[pos].mean() > 0.15 and asymmetry[neg].all()
+    assert linear[pos].mean() > 0.15 and linear[neg].mean() > 0.95
     for c in (pos, neg):
         assert 0.2 < cluster[c].mean() < 0.5
-    # The number of mass-like findings does not tell the classes apart.
-    assert abs(findings[pos].mean() - findings[neg].mean()) < 0.3
-    assert 0.4 < _auc(labels, findings) < 0.6
+    # The area of all findings (lesions, benign masses, linear densities; shoelace areas of the
+    # outlines over the breast's pixels) does not tell the classes apart.
+    breast = _breast_areas(records)
+    names = ("Mass", BENIGN_MASS, LINEAR_DENSITY)
+    covered = [
+        sum(_shoelace(_points(roi)) for roi in image_rois if roi["Name"] in names)
+        / breast[r.file_id]
+        for r, image_rois in zip(records, rois, strict=True)
+    ]
+    assert 0.4 < _auc(labels, covered) < 0.6
 
 
 def _breast_areas(records) -> dict[str, float]:
@@ -362,10 +368,10 @@ def test_hard_lesion_areas_span_the_range(hard):
 
 def test_hard_distractors_as_bright_as_lesions(hard):
     """Mean intensity inside each outline minus that of a ring around it, in the decoded image:
-    asymmetries as bright as lesions (drawn alike), benign masses somewhat dimmer, all brighter
+    linear densities as bright as lesions (drawn alike), benign masses somewhat dimmer, all brighter
     than their surroundings."""
     _, records, rois, _ = hard
-    contrast = {"Mass": [], BENIGN_MASS: [], ASYMMETRY: []}
+    contrast = {"Mass": [], BENIGN_MASS: [], LINEAR_DENSITY: []}
     for r, image_rois in zip(records[:200], rois[:200], strict=True):
         image = read_image(r.path)
         breast = image > 0.1
@@ -379,9 +385,11 @@ def test_hard_distractors_as_bright_as_lesions(hard):
             ring &= ~inside & breast
             if inside.sum() >= 4 and ring.sum() >= 4:
                 contrast[roi["Name"]].append(image[inside].mean() - image[ring].mean())
-    lesion, benign, asymmetry = (np.median(contrast[k]) for k in ("Mass", BENIGN_MASS, ASYMMETRY))
-    assert min(lesion, benign, asymmetry) > 0.02
-    assert 0.75 < asymmetry / lesion < 1.33
+    lesion, benign, linear = (
+        np.median(contrast[k]) for k in ("Mass", BENIGN_MASS, LINEAR_DENSITY)
+    )
+    assert min(lesion, benign, linear) > 0.02
+    assert 0.75 < linear / lesion < 1.33
     assert 0.5 < benign / lesion < 1.0
     # Their ranges overlap: a quarter of the benign masses are brighter than a quarter of lesions.
     assert np.percentile(contrast[BENIGN_MASS], 75) > np.percentile(contrast["Mass"], 25)
