@@ -492,3 +492,26 @@ def test_seeds_are_taken_modulo_two_to_the_63():
     np.testing.assert_array_equal(first_epoch(2**63 + 5), first_epoch(5))
     np.testing.assert_array_equal(first_epoch(2**64 + 5), first_epoch(2**63 + 5))
     assert not np.array_equal(first_epoch(5), first_epoch(5 + 126))
+
+
+def test_the_processes_streams_interleave_to_the_one_process_stream():
+    """Process p's j-th example of an epoch is the one-process stream's (j * P + p)-th, augmented
+    the same way (its seed follows the global position)."""
+    n, batch, steps = 12, 4, 6  # 2 epochs
+    rng = np.random.default_rng(10)
+    images = rng.uniform(0, 1, size=(n, 24, 24)).astype(np.float32)
+    labels = np.arange(n) % 2
+    one = _take(train_dataset(images, labels, batch_size=batch, seed=4), steps)
+    two = [
+        _take(
+            train_dataset(
+                images, labels, batch_size=batch, seed=4, process_index=p, process_count=2
+            ),
+            steps,
+        )
+        for p in range(2)
+    ]
+    for step in range(steps):
+        for key in ("image", "label"):
+            woven = np.stack([two[0][step][key], two[1][step][key]], axis=1)
+            np.testing.assert_array_equal(woven.reshape(one[step][key].shape), one[step][key])
