@@ -515,3 +515,13 @@ def test_the_processes_streams_interleave_to_the_one_process_stream():
         for key in ("image", "label"):
             woven = np.stack([two[0][step][key], two[1][step][key]], axis=1)
             np.testing.assert_array_equal(woven.reshape(one[step][key].shape), one[step][key])
+
+
+def test_streams_are_in_order_with_static_batch_shapes():
+    images = _indexed_images(10)
+    train = train_dataset(images, np.zeros(10), batch_size=4, seed=0)
+    evaluation = eval_dataset(images, np.zeros(10), batch_size=4)
+    for ds in (train, evaluation):
+        assert ds.options().deterministic is True  # parallel map, results in order
+        assert ds.element_spec["image"].shape == (4, 8, 8, 1)  # a fixed batch size for jit
+        assert ds.element_spec["label"].shape == (4,)
