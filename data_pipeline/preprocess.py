@@ -16,9 +16,11 @@ The steps, shared by every data source, training and prediction (`preprocess_fil
    c. the breast detached: an opening (radius 1.5% of the long side) cuts thin strips and
       bridges that join labels and markers to the breast, its largest component is the breast,
       and the mask's pixels near it are put back (`_detach`);
-   d. a smoothed outline (`_smooth`) and holes filled.
-   Pixels outside the (slightly dilated) mask are set to 0. On digital mammograms with nothing
-   joined to the breast, (b)-(d) change nothing: the largest Otsu component, as before.
+   d. holes filled (background regions enclosed by the breast, or by it and the chest wall).
+   Pixels outside the (slightly dilated) mask are set to 0. On a digital mammogram with a smooth
+   outline and nothing joined to the breast this is the largest Otsu component with its holes
+   filled, as before (the same crops on the synthetic INbreast sets); protrusions of a ragged
+   outline thinner than the opening and longer than its radius are trimmed.
 3. crop to the mask's bounding box (in original pixels).
 4. optional horizontal flip, so that every breast has its chest wall on the LEFT of the image.
    The side is read from the image, never from metadata: the side whose outermost columns the
@@ -759,7 +761,6 @@ def _otsu(small: np.ndarray) -> float:
 _DETACH = 0.015  # opening radius: bridges and strips thinner than twice this are cut
 _STRIP_DEPTH = 0.1  # film edges are looked for this far in from each side
 _STRIP_COVER = 0.8  # a film-edge line is bright over at least this fraction of its length
-_SMOOTH = 0.002  # Gaussian sigma that smooths the mask's outline
 
 
 def _threshold(small: np.ndarray) -> float:
@@ -815,6 +816,16 @@ def _drop_border_strips(mask: np.ndarray, small: np.ndarray) -> np.ndarray:
     return out
 
 
+def _enclosed_filled(mask: np.ndarray) -> np.ndarray:
+    """`mask` with every background region that does not reach the image border filled."""
+    background, count = ndi.label(~mask)
+    hole = np.ones(count + 1, dtype=bool)
+    hole[0] = False
+    for edge in (background[0], background[-1], background[:, 0], background[:, -1]):
+        hole[edge] = False
+    return mask | hole[background]
+
+
 def _detach(mask: np.ndarray) -> np.ndarray:
     """The breast's component, cut free of whatever thin bridges join it to labels or markers.
 
@@ -828,7 +839,7 @@ def _detach(mask: np.ndarray) -> np.ndarray:
     k = max(1, round(_DETACH * max(mask.shape)))
     # Holes first: film grain leaves fatty tissue near the threshold full of pinholes, which
     # the opening would otherwise cut away with the bridges.
-    padded = np.pad(ndi.binary_fill_holes(mask), 1).view(np.uint8)
+    padded = np.pad(_enclosed_filled(mask), 1).view(np.uint8)
     core = ndi.minimum_filter(padded, size=2 * k + 1, mode="constant", cval=0)
     if not core.any():
         return _largest_component(mask)
@@ -841,16 +852,6 @@ def _detach(mask: np.ndarray) -> np.ndarray:
     keep[labels[breast]] = True
     keep[0] = False
     return keep[labels[1:-1, 1:-1]]
-
-
-def _smooth(mask: np.ndarray) -> np.ndarray:
-    """The mask with a smooth outline: a Gaussian blur (sigma `_SMOOTH` of the long side, at
-    least one pixel) thresholded at one half, which keeps straight and gently curved edges where
-    they are and removes the single-pixel ragged edge that film grain leaves at the skin line.
-    Falls back to the unsmoothed mask should smoothing erase it."""
-    sigma = max(1.0, _SMOOTH * max(mask.shape))
-    smooth = ndi.gaussian_filter(mask.astype(np.float32), sigma, mode="nearest") > 0.5
-    return smooth if smooth.any() else mask
 
 
 def _chest_wall_left(small: np.ndarray, mask: np.ndarray) -> bool:
@@ -881,7 +882,6 @@ def _breast_mask(small: np.ndarray, where: str) -> tuple[np.ndarray, bool]:
         raise DataError(f"{where}: no breast found above Otsu's threshold; check the image.")
     stripped = _drop_border_strips(mask, small)
     mask = _detach(stripped if stripped.any() else mask)
-    mask = _smooth(mask)
     left = _chest_wall_left(small, mask)
     return _fill_holes(mask, left), left
 
