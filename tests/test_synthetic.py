@@ -385,9 +385,7 @@ def test_hard_distractors_as_bright_as_lesions(hard):
             ring &= ~inside & breast
             if inside.sum() >= 4 and ring.sum() >= 4:
                 contrast[roi["Name"]].append(image[inside].mean() - image[ring].mean())
-    lesion, benign, linear = (
-        np.median(contrast[k]) for k in ("Mass", BENIGN_MASS, LINEAR_DENSITY)
-    )
+    lesion, benign, linear = (np.median(contrast[k]) for k in ("Mass", BENIGN_MASS, LINEAR_DENSITY))
     assert min(lesion, benign, linear) > 0.02
     assert 0.75 < linear / lesion < 1.33
     assert 0.5 < benign / lesion < 1.0
