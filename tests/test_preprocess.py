@@ -707,8 +707,11 @@ def assert_image_or_data_error(path: Path) -> None:
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @fuzz
 @given(
-    suffix=st.sampled_from([".png", ".tif", ".tiff"]),
-    prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*", b"II+\x00"]),
+    suffix=st.sampled_from([".png", ".tif", ".tiff", ".pgm", ".ppm", ".jpg"]),
+    prefix=st.sampled_from(
+        [b"", b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*", b"II+\x00", b"P5\n", b"P6 3 2 65535\n"]
+        + [b"P5 40 40 255\n", b"\xff\xd8\xff\xe0"]
+    ),
     data=st.binary(max_size=300),
 )
 def test_fuzz_raster_reader_random_bytes(tmp_path, suffix, prefix, data):
