@@ -525,3 +525,20 @@ def test_streams_are_in_order_with_static_batch_shapes():
         assert ds.options().deterministic is True  # parallel map, results in order
         assert ds.element_spec["image"].shape == (4, 8, 8, 1)  # a fixed batch size for jit
         assert ds.element_spec["label"].shape == (4,)
+
+
+def test_augment_clips_to_zero_one():
+    image = np.random.default_rng(12).uniform(0, 1, size=(32, 32, 1)).astype(np.float32)
+    config = AugmentConfig(box_size=0)
+    high = augment(tf.constant(2.0 * image), tf.constant([1, 1]), config).numpy()
+    low = augment(tf.constant(image - 0.5), tf.constant([1, 1]), config).numpy()
+    assert high.max() == 1.0 and low.min() == 0.0
+
+
+def test_one_image_batches_and_an_empty_set():
+    images = _indexed_images(3)
+    batch = _take(train_dataset(images, np.zeros(3), batch_size=1, seed=0, augment=False), 1)[0]
+    assert batch["image"].shape == (1, 8, 8, 1)
+    assert len(_take(eval_dataset(images, np.zeros(3), batch_size=1), 10)) == 3
+    with pytest.raises(DataError, match="No images"):
+        eval_dataset(np.zeros((0, 8, 8), np.float32), np.zeros(0), batch_size=2)
