@@ -760,17 +760,18 @@ def _otsu(small: np.ndarray) -> float:
 # Film-robust masking (module docstring, step 2). Sizes are fractions of the mask image's long side.
 _DETACH = 0.015  # opening radius: bridges and strips thinner than twice this are cut
 _STRIP_DEPTH = 0.1  # film edges are looked for this far in from each side
-_STRIP_COVER = 0.8  # a film-edge line is bright over at least this fraction of its length
+_STRIP_COVER = 0.9  # a film-edge line is bright over at least this fraction of its length
 
 
 def _threshold(small: np.ndarray) -> float:
     """Otsu's threshold (`_otsu`), or, when Otsu split off only a bright plateau (film edges and
-    labels at the brightest values, as on scanned films with wide unexposed borders), Otsu's
-    threshold within the darker class, which separates the breast from the background."""
+    labels at the brightest values, as on scanned films with wide unexposed borders: under a
+    quarter of the image, its mean within 15% of the range from the maximum), Otsu's threshold
+    within the darker class, which separates the breast from the background."""
     t = _otsu(small)
     upper = small[small > t]
     lo, hi = float(small.min()), float(small.max())
-    if upper.size and float(upper.mean()) >= hi - 0.15 * (hi - lo):
+    if 0 < upper.size < 0.25 * small.size and float(upper.mean()) >= hi - 0.15 * (hi - lo):
         lower = small[small <= t]
         if lower.size > 1 and float(lower.max()) > float(lower.min()):
             t = _otsu(lower)

@@ -869,3 +869,33 @@ def test_clean_phantom_equals_an_independent_resize_of_its_crop():
         preserve_range=True,
     )
     np.testing.assert_allclose(out, reference, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Film-robust masking: its guards leave digital mammograms alone (film cases: test_synthetic_film).
+
+
+def test_saturated_pectoral_muscle_is_not_taken_for_a_film_edge():
+    """A window that clips the pectoral muscle to the maximum makes chest-wall columns bright and
+    flat over 85% of their length; only lines bright over 90% are film edges, so the crop still
+    starts at the chest wall and the muscle is kept."""
+    image = breast_phantom((600, 480), centre_y=300, half_height=290, depth=300, tissue=0.45)
+    image[20:530, :40] = 1.0  # 85% of each of the first 40 columns
+    out, g = preprocess_image(image.astype(np.float32))
+    assert g.crop[1] == 0 and not g.flipped
+    py, px = np.round(g.from_original(np.array([300.0, 20.0]))).astype(int)
+    assert out[py, px] > 0.99
+
+
+def test_a_saturated_breast_is_not_taken_for_a_bright_plateau():
+    """Otsu's upper class at the maximum is a film-edge plateau only when it is under a quarter of
+    the image: a breast clipped to white by its window (40% of the image) keeps Otsu's threshold,
+    and noise in the background never joins it."""
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.0, 0.05, (600, 480))
+    breast = breast_phantom((600, 480), centre_y=300, half_height=200, depth=300) > 0
+    image[breast] = 1.0
+    _, g = preprocess_image(image.astype(np.float32))
+    rows, cols = np.flatnonzero(breast.any(1)), np.flatnonzero(breast.any(0))
+    expected = (rows[0], cols[0], rows[-1] + 1, cols[-1] + 1)
+    assert np.abs(np.array(g.crop) - expected).max() <= 2, (g.crop, expected)
