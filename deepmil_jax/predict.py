@@ -3,11 +3,12 @@ r"""Predict mammograms with a trained model: probabilities, the most suspicious 
     python -m deepmil_jax.predict --checkpoint=runs/label_assign_fold0 --output=predictions \
         scans/ more/22678622_x_MG_R_CC_ANON.dcm
 
-Each file (DICOM, PNG or TIFF; folders are searched recursively) goes through the preprocessing of
-training (``data_pipeline.preprocess.preprocess_file`` with the run's ``image_size``), then the
-network, in batches. The image's malignancy probability is the sigmoid of the model's bag logit:
-the largest instance logit for the paper's schemes (max-pooling MIL, Eq. 2-3), the scheme's own
-pooling for the others (attention, log-sum-exp, ...). The output folder receives
+Each file (DICOM, PNG, TIFF, PGM/PPM or JPEG; folders are searched recursively) goes through the
+preprocessing of training (``data_pipeline.preprocess.preprocess_file`` with the run's
+``image_size``), then the network, in batches. The image's malignancy probability is the sigmoid
+of the model's bag logit: the largest instance logit for the paper's schemes (max-pooling MIL,
+Eq. 2-3), the scheme's own pooling for the others (attention, log-sum-exp, ...). The output
+folder receives
 
 * ``predictions.csv``, one row per input: ``file, probability, top_patch_row, top_patch_col,
   center_y, center_x, box_y0, box_x0, box_y1, box_x1, flipped, top_patch_mass_coverage, mass_iou,
@@ -386,7 +387,9 @@ def _main(argv: Sequence[str]) -> None:
     output = Path(settings.output).expanduser()
     files = find_images(argv[1:], exclude=output)
     if not files:
-        raise DataError(f"No DICOM, PNG or TIFF files in {' '.join(argv[1:])}.")
+        raise DataError(
+            f"No image files (DICOM, PNG, TIFF, PGM/PPM, JPEG) in {' '.join(argv[1:])}."
+        )
     # Absolute: Orbax refuses relative checkpoint paths.
     checkpoint = Path(settings.checkpoint).expanduser().absolute()
     config, model = checkpoints.load_trained(checkpoint, which=settings.which)
