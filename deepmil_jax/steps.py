@@ -146,7 +146,9 @@ def _train_step(context: StepContext, state: dict, batch: dict, step):
     (loss, data_loss), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
         context, state["params"], state["rest"], batch["image"], batch["label"], step
     )
+    # pragma: no mutate start (Adam does not read the parameters: None changes nothing)
     updates, opt_state = context.optimizer.update(grads, state["opt_state"], state["params"])
+    # pragma: no mutate end
     params = optax.apply_updates(state["params"], updates)
     new_state = {"params": params, "opt_state": opt_state, "rest": state["rest"]}
     return new_state, {"loss": loss, "data_loss": data_loss}
@@ -190,7 +192,8 @@ def lower_train_step(context: StepContext, state: dict, batch: dict, step) -> ja
 def eval_step(context: StepContext, state: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """((N, h', w') float32 instance scores, (N,) float32 bag logits of the scheme's pooling) of
     ``images`` (N, H, W, 1), the model in eval mode."""
-    return _jitted(_eval_step, False)(context, state, images)
+    step = _jitted(_eval_step, False)  # pragma: no mutate (None donates nothing either)
+    return step(context, state, images)
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

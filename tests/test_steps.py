@@ -204,6 +204,17 @@ def test_dropout_acts_in_training_only_and_follows_the_step():
     logits = np.asarray(steps.eval_step(trainer.context, trainer.state, images)[0], np.float64)
     np.testing.assert_allclose(logits, _eval_logits(trainer, images), rtol=1e-4, atol=1e-5)
 
+    # called outside jit too, loss_fn leaves the state it is given (its dropout key) unchanged
+    def values(tree):
+        key = jax.dtypes.prng_key
+        raw = [jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, key) else x for x in tree]
+        return [np.array(x) for x in raw]
+
+    rest = values(jax.tree.leaves(state["rest"]))
+    steps.loss_fn(trainer.context, state["params"], state["rest"], images[:1], labels[:1], 5)
+    after = values(jax.tree.leaves(state["rest"]))
+    assert len(rest) == 2 and all(map(np.array_equal, rest, after))  # key and count
+
 
 def test_eval_step_gives_the_evaluation_models_float32_logits(trainer):
     images, _ = _batch(2)
