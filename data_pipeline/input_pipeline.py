@@ -152,12 +152,9 @@ def apply_transform(image: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
         images=image[tf.newaxis],
         transforms=tf.reshape(tf.cast(matrix, tf.float32), [1, 8]),
         output_shape=size,
-        # pragma: no mutate start (the op's default fill_mode is CONSTANT; a float's constant is
-        # float32 by default)
-        fill_value=tf.constant(0.0, tf.float32),
+        fill_value=tf.constant(0.0, tf.float32),  # pragma: no mutate (float32: the default)
         interpolation="BILINEAR",
-        fill_mode="CONSTANT",
-        # pragma: no mutate end
+        fill_mode="CONSTANT",  # pragma: no mutate (CONSTANT: the op's default)
     )
     return out[0]
 
