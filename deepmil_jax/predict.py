@@ -289,27 +289,10 @@ def predict_files(
                 logging.warning("Skipping %s", e)
         good = [p for p in batch if p.error is None]
         if good:
-            out = predict_fn(np.stack(images)[..., None])
-            logits, bags = out if isinstance(out, tuple) else (out, None)
-            logits = np.asarray(logits, np.float32)
-            if logits.ndim != 3 or logits.shape[0] != len(good):
-                raise ValueError(
-                    f"predict_fn returned shape {logits.shape}; expected "
-                    f"({len(good)}, h', w') instance logits"
-                )
-            if bags is None:  # instance logits alone: max pooling, the paper's bag prediction
-                bags = logits.reshape(len(good), -1).max(axis=1)
-            for pred, z, bag in zip(good, logits, np.asarray(bags), strict=True):
+            logits, bags = _run(predict_fn, images)
+            for pred, z, bag in zip(good, logits, bags, strict=True):
                 _finish(pred, z, size, bag)
-                pred.outlines = _mass_outlines(
-                    Path(pred.file), xml_dir, pred.geometry.original_shape
-                )
-                if pred.outlines:
-                    mask = mass_mask(pred.geometry, pred.outlines)
-                    pred.top_patch_mass_coverage = float(
-                        heatmap.cell_coverage(mask, z.shape)[pred.top_patch]
-                    )
-                    pred.mass_iou = heatmap.heatmap_iou(z, mask)
+                _score_outlines(pred, xml_dir)
                 if heatmaps:
                     name = _unique_name(Path(pred.file).stem, used)
                     pred.heatmap = str(heat_dir / f"{name}.png")
@@ -318,6 +301,32 @@ def predict_files(
         bar.update(len(batch))
     bar.close()
     return results
+
+
+def _run(predict_fn: PredictFn, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(instance logits (n, h', w'), bag logits (n,)) of the preprocessed ``images``."""
+    out = predict_fn(np.stack(images)[..., None])
+    logits, bags = out if isinstance(out, tuple) else (out, None)
+    logits = np.asarray(logits, np.float32)
+    if logits.ndim != 3 or logits.shape[0] != len(images):
+        raise ValueError(
+            f"predict_fn returned shape {logits.shape}; expected "
+            f"({len(images)}, h', w') instance logits"
+        )
+    if bags is None:  # instance logits alone: max pooling, the paper's bag prediction
+        bags = logits.reshape(len(images), -1).max(axis=1)
+    return logits, np.asarray(bags)
+
+
+def _score_outlines(pred: Prediction, xml_dir: str | os.PathLike | None) -> None:
+    """The image's mass outlines (INbreast XML, if found) and, with them, the top patch's coverage
+    and the heatmap's IoU."""
+    pred.outlines = _mass_outlines(Path(pred.file), xml_dir, pred.geometry.original_shape)
+    if pred.outlines:
+        mask = mass_mask(pred.geometry, pred.outlines)
+        coverage = heatmap.cell_coverage(mask, pred.instance_logits.shape)
+        pred.top_patch_mass_coverage = float(coverage[pred.top_patch])
+        pred.mass_iou = heatmap.heatmap_iou(pred.instance_logits, mask)
 
 
 def _finish(pred: Prediction, logits: np.ndarray, size: tuple[int, int], bag: float) -> None:
