@@ -812,7 +812,7 @@ def random_array(shape, dtype, special, seed) -> np.ndarray:
     kind=st.sampled_from(["dataset", "names", "array", "softlink", "subgroup", "empty"]),
     names=st.one_of(
         st.lists(st.sampled_from(["{}_W", "{}_b", "x", "", "a/b", "/conv_3/conv_3_W"]), max_size=3),
-        st.integers(),
+        st.integers(-(2**63), 2**63 - 1),  # what an HDF5 attribute can hold (int64)
         st.lists(st.floats(), max_size=2),
     ),
     right_shape=st.booleans(),
