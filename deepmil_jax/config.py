@@ -78,6 +78,50 @@ def parse_k(value: Any) -> int | float | str:
     return float(value)
 
 
+# the schemes that read --k
+K_SCHEMES = ("label_assign", "topk_pooling")
+
+
+def scheme_variant(
+    entry: str, flag: str = "--schemes"
+) -> tuple[str, str, int | float | str | None]:
+    """An entry of evaluate's ``--schemes`` (and the benchmark's ``--compare``): a scheme
+    (``sparse``), or a scheme that reads k with its own k (``label_assign:k=3``), as ``(name,
+    scheme, k)``: ``name`` is the entry's folder and report name (``label_assign_k3``), ``k`` None
+    when the entry sets none (the run takes ``--k``). ConfigError for anything else."""
+    scheme, sep, rest = entry.strip().partition(":")
+    if scheme not in SCHEMES:
+        raise ConfigError(f"{flag}: unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}.")
+    if not sep:
+        return scheme, scheme, None
+    key, eq, value = rest.partition("=")
+    if key.strip() != "k" or not eq:
+        raise ConfigError(f"{flag}: {entry!r}: only k can be set per scheme, as {scheme}:k=VALUE.")
+    if scheme not in K_SCHEMES:
+        raise ConfigError(
+            f"{flag}: {entry!r}: {scheme} does not read k; k= applies to {' and '.join(K_SCHEMES)}."
+        )
+    try:
+        k = parse_k(value)
+    except ConfigError as error:
+        raise ConfigError(f"{flag}: {entry!r}: {error}") from None
+    return f"{scheme}_k{k}", scheme, k
+
+
+def scheme_variants(
+    entries: tuple[str, ...] | list[str], flag: str = "--schemes"
+) -> dict[str, tuple[str, Any]]:
+    """``{name: (scheme, k or None)}`` of ``scheme_variant`` entries, refusing two that name one
+    run (``label_assign:k=6`` and ``label_assign:k=6.0``)."""
+    variants: dict[str, tuple[str, Any]] = {}
+    for entry in entries:
+        name, scheme, k = scheme_variant(entry, flag)
+        if name in variants:
+            raise ConfigError(f"{flag}: {entry!r} repeats the run {name}; give it once.")
+        variants[name] = (scheme, k)
+    return variants
+
+
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
     """A dataclass field with its flag's help text (and, for a string, its allowed values)."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
@@ -263,7 +307,7 @@ class Config:
                 "map would be empty; use 67 or more (the paper: 227).",
             )
         k = parse_k(self.k)
-        if self.scheme in ("label_assign", "topk_pooling") and k not in AUTO_K and k > rows * cols:
+        if self.scheme in K_SCHEMES and k not in AUTO_K and k > rows * cols:
             fail(
                 "k",
                 f"{k} is more than the {rows * cols} instances of --image_size={self.image_size} "
@@ -334,7 +378,10 @@ class CrossValidation:
 
     schemes: tuple[str, ...] = setting(
         PAPER_SCHEMES,
-        "Schemes to cross-validate (--scheme is ignored here); any of --scheme's choices.",
+        "Schemes to cross-validate (--scheme is ignored here); any of --scheme's choices, "
+        "label_assign and topk_pooling also with their own k, as label_assign:k=3 (a k "
+        "sweep in one report; without it --k applies). Runs go to <workdir>/<scheme> or "
+        "<workdir>/<scheme>_k<k>.",
     )
     folds: tuple[int, ...] = setting((), "Folds to run; default all of 0..num_folds-1.")
 

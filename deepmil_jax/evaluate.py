@@ -35,15 +35,14 @@ from absl import logging
 
 from deepmil_jax import report, train
 from deepmil_jax.config import (
-    SCHEMES,
     Config,
     CrossValidation,
     Launch,
     from_flags,
     initialize_distributed,
     run_main,
+    scheme_variants,
 )
-from deepmil_jax.errors import ConfigError
 from deepmil_jax.report import (  # noqa: F401 (evaluate.NAMES etc. kept for callers)
     LOCALISATION,
     NAMES,
@@ -56,22 +55,34 @@ from deepmil_jax.workdir import finished_config
 
 
 def cross_validate(config: Config, schemes: list[str], folds: list[int], workdir: Path) -> dict:
-    """Runs (or reuses) every scheme x fold and returns the per-fold test results by scheme."""
+    """Runs (or reuses) every scheme x fold and returns the per-fold test results by run name.
+
+    ``schemes``: ``--schemes`` entries (``config.scheme_variant``): a scheme, or one with its own
+    k (``label_assign:k=3``, run in ``<workdir>/label_assign_k3``)."""
     results: dict[str, list[dict]] = {}
-    for scheme in schemes:
-        results[scheme] = []
+    for name, run_config in scheme_configs(config, schemes).items():
+        results[name] = []
         for fold in folds:
-            run_dir = workdir / scheme / f"fold{fold}"
+            run_dir = workdir / name / f"fold{fold}"
             done = run_dir / "results.json"
-            run_config = dataclasses.replace(config, scheme=scheme, fold=fold).canonical()
-            if finished_config(run_dir) == run_config.to_json():
+            fold_config = dataclasses.replace(run_config, fold=fold).canonical()
+            if finished_config(run_dir) == fold_config.to_json():
                 logging.info("Reusing %s", done)
                 result = json.loads(done.read_text())
             else:  # trains, resumes, or refuses a run with other settings (naming the flag)
-                logging.info("Training %s on fold %d in %s", scheme, fold, run_dir)
-                result = train.train_and_evaluate(run_config, run_dir)
-            results[scheme].append({"fold": fold, "run_dir": str(run_dir), **result})
+                logging.info("Training %s on fold %d in %s", name, fold, run_dir)
+                result = train.train_and_evaluate(fold_config, run_dir)
+            results[name].append({"fold": fold, "run_dir": str(run_dir), **result})
     return results
+
+
+def scheme_configs(config: Config, schemes: list[str]) -> dict[str, Config]:
+    """``{run name: the run's settings}`` of ``--schemes`` entries; an entry's own k replaces
+    ``config.k``."""
+    return {
+        name: dataclasses.replace(config, scheme=scheme, k=config.k if k is None else k)
+        for name, (scheme, k) in scheme_variants(schemes).items()
+    }
 
 
 def _fold_statistics(values: list) -> dict | None:
@@ -125,9 +136,6 @@ def _main() -> None:
     launch = from_flags(Launch)
     initialize_distributed(launch)
     config, chosen = from_flags(Config), from_flags(CrossValidation)
-    unknown = [s for s in chosen.schemes if s not in SCHEMES]
-    if unknown:
-        raise ConfigError(f"--schemes: unknown {unknown}; choose from {', '.join(SCHEMES)}.")
     folds = list(chosen.folds) or list(range(config.num_folds))
     if config.split == "official" and not chosen.folds:
         # Every fold tests on the same official test set: pooling several folds' predictions
@@ -137,8 +145,8 @@ def _main() -> None:
             "--split=official: one run per scheme (fold 0), tested on the official test set; "
             "pass --folds to run others (their pooled statistics repeat the test images)."
         )
-    for scheme in chosen.schemes:  # every flag checked before the first run trains
-        dataclasses.replace(config, scheme=scheme).canonical().validate()
+    for run_config in scheme_configs(config, list(chosen.schemes)).values():
+        run_config.canonical().validate()  # every flag checked before the first run trains
     for fold in folds:
         dataclasses.replace(config, fold=fold).validate()
     # Absolute: Orbax refuses relative checkpoint paths.
@@ -149,7 +157,7 @@ def _main() -> None:
             s
             for s, runs in results.items()
             for r in runs
-            if s != "alexnet" and "instance_auc" not in r["test"]
+            if r["config"]["scheme"] != "alexnet" and "instance_auc" not in r["test"]
         }
     )
     if old:

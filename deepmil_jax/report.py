@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from deepmil_jax import heatmap, metrics
+from deepmil_jax.config import K_SCHEMES
 
 # The paper's Table 1 (INbreast, 5-fold cross-validation), for comparison in the report.
 PAPER_AUC = {"alexnet": 0.79, "max_pooling": 0.83, "label_assign": 0.84, "sparse": 0.89}
@@ -30,6 +31,18 @@ NAMES = {
     "learned_lse": "MIL, log-sum-exp with learned sharpness",
 }
 BOOTSTRAP_RESAMPLES = 2000
+
+
+def title(name: str) -> str:
+    """A run name's title in reports: ``NAMES`` of a scheme, with its own k for an entry
+    ``scheme:k=K`` of evaluate's ``--schemes`` (run name ``<scheme>_k<K>``,
+    ``config.scheme_variant``)."""
+    for scheme in K_SCHEMES:
+        if name.startswith(f"{scheme}_k"):
+            return f"{NAMES[scheme]}, k={name[len(scheme) + 2 :]}"
+    return NAMES.get(name, name)
+
+
 RELIABILITY_BINS = 10
 
 
@@ -167,7 +180,7 @@ def _markdown(table: dict[str, dict]) -> list[str]:
     ]
     for scheme, row in table.items():
         paper = f"{PAPER_AUC[scheme]:.2f}" if scheme in PAPER_AUC else "-"
-        line = f"| {NAMES.get(scheme, scheme)} | {_cell(row['accuracy'])} | {_cell(row['auc'])} |"
+        line = f"| {title(scheme)} | {_cell(row['accuracy'])} | {_cell(row['auc'])} |"
         line += f" {paper} |"
         for metric in localised:
             stat = row.get(metric)
@@ -210,19 +223,19 @@ def _markdown_pooled(table: dict[str, dict]) -> list[str]:
     lines = [
         "",
         "| Method | Images | Pooled AUC [95% CI] | Brier | Sensitivity | Specificity "
-        f"| DeLong p vs {NAMES.get(reference, reference)} |",
+        f"| DeLong p vs {title(reference)} |",
         "|---|---|---|---|---|---|---|",
     ]
     for scheme, row, pooled in rows:
         sens, spec = _cell(row["sensitivity"]), _cell(row["specificity"])
         if not pooled:
-            lines.append(f"| {NAMES.get(scheme, scheme)} | - | - | - | {sens} | {spec} | - |")
+            lines.append(f"| {title(scheme)} | - | - | - | {sens} | {spec} | - |")
             continue
         low, high = pooled["auc_ci"]
         delong = pooled["delong"]
         p = f"{delong['p_value']:.3g} ({delong['images']} images)" if delong else "-"
         lines.append(
-            f"| {NAMES.get(scheme, scheme)} | {pooled['images']} | {pooled['auc']:.3f} "
+            f"| {title(scheme)} | {pooled['images']} | {pooled['auc']:.3f} "
             f"[{low:.3f}, {high:.3f}] | {pooled['brier']:.3f} | {sens} | {spec} | {p} |"
         )
     lines += [
@@ -262,7 +275,7 @@ def plot_roc(scheme: str, runs: list[dict], path: Path) -> None:
     ax.set(
         xlabel="1 - specificity",
         ylabel="sensitivity",
-        title=NAMES.get(scheme, scheme),
+        title=title(scheme),
         xlim=(0, 1),
         ylim=(0, 1.01),
     )
@@ -299,7 +312,7 @@ def plot_reliability(scheme: str, runs: list[dict], path: Path) -> None:
         lw=1.2,
         label=f"Brier {metrics.brier_score(labels, probs):.3f}",
     )
-    top.set(ylabel="fraction positive", title=NAMES.get(scheme, scheme), xlim=(0, 1), ylim=(0, 1))
+    top.set(ylabel="fraction positive", title=title(scheme), xlim=(0, 1), ylim=(0, 1))
     top.legend(loc="upper left", fontsize=7)
     edges = table["edges"]
     bottom.bar(edges[:-1], table["count"], width=np.diff(edges), align="edge", color="grey")

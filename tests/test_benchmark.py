@@ -78,7 +78,10 @@ def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-m", "deepmil_jax.benchmark", "--quick", f"--json={out}"],
+        [
+            *(sys.executable, "-m", "deepmil_jax.benchmark", "--quick", f"--json={out}"),
+            "--compare=label_assign,max_pooling",
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -98,6 +101,7 @@ def test_quick_json_has_every_figure(quick):
         value = result[key]
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, key
     assert "images/s" in table and "JAX / PyTorch" in table
+    assert "step time max_pooling" in table
 
 
 def test_quick_figures_are_consistent(quick):
@@ -113,7 +117,15 @@ def test_quick_figures_are_consistent(quick):
     )
     for key, values in r["per_repeat"].items():
         assert len(values) == r["repeats"]
-        assert r[key] == pytest.approx(float(np.median(values)), rel=1e-9), key
+        if "[" not in key:  # the --compare part's rates, checked below
+            assert r[key] == pytest.approx(float(np.median(values)), rel=1e-9), key
+    # --compare: step time relative to --scheme's, both timed in alternation in this run
+    rates = {k[k.index("[") + 1 : -1]: v for k, v in r["per_repeat"].items() if "[" in k}
+    assert set(rates) == {"reference", "max_pooling"}  # label_assign is the --scheme itself
+    assert r["step_time_vs_scheme"]["label_assign"] == 1.0
+    assert r["step_time_vs_scheme"]["max_pooling"] == pytest.approx(
+        np.median(rates["reference"]) / np.median(rates["max_pooling"]), rel=1e-9
+    )
     for key in ("train_images_per_sec", "torch_train_images_per_sec"):
         assert r[f"{key}_best"] == pytest.approx(max(r["per_repeat"][key]), rel=1e-9)
     assert r["train_vs_torch_best"] == pytest.approx(

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import plistlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,9 @@ import pytest
 import skimage.io
 
 from data_pipeline.preprocess import Geometry, PreprocessConfig, preprocess_file
-from deepmil_jax import evaluate, heatmap, predict
+from deepmil_jax import evaluate, heatmap, predict, report
 from deepmil_jax.checkpoints import RunCheckpoints
+from deepmil_jax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -447,6 +449,55 @@ def test_evaluate_reuses_only_a_run_with_the_same_settings(tmp_path, monkeypatch
         dataclasses.replace(config, k=2), ["label_assign"], [0], tmp_path / "cv"
     )
     assert trained == [(2.0, run_dir)] and other["label_assign"][0]["test"]["auc"] == 0.5
+
+
+def test_evaluate_k_sweep_runs_each_k_in_its_own_folder(tmp_path, monkeypatch):
+    """``--schemes=label_assign:k=3,...``: one run per entry, each with its own k, in
+    <workdir>/<scheme>_k<k>; a plain entry takes --k; report titles name the k."""
+    from deepmil_jax import train
+
+    config = train.Config(k=6, image_size=99, data_dir=str(tmp_path))
+    trained = []
+
+    def fake_train(cfg, workdir):
+        trained.append((cfg.scheme, cfg.k, Path(workdir).relative_to(tmp_path).as_posix()))
+        return {"config": cfg.to_json(), "test": {"auc": 0.5}}
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+    entries = ["sparse", "label_assign:k=3", "label_assign:k=0.25", "label_assign:k=auto"]
+    results = evaluate.cross_validate(config, entries, [1], tmp_path)
+    assert trained == [
+        ("sparse", 6, "sparse/fold1"),
+        ("label_assign", 3, "label_assign_k3/fold1"),
+        ("label_assign", 0.25, "label_assign_k0.25/fold1"),
+        ("label_assign", "auto", "label_assign_kauto/fold1"),
+    ]
+    assert list(results) == [
+        "sparse",
+        "label_assign_k3",
+        "label_assign_k0.25",
+        "label_assign_kauto",
+    ]
+    assert report.title("label_assign_k3") == "Deep MIL, label assignment, k=3"
+    assert report.title("label_assign_kauto") == "Deep MIL, label assignment, k=auto"
+    assert report.title("sparse") == "Deep MIL, sparse"
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        (["label_assign:k=6", "label_assign:k=6.0"], "repeats the run label_assign_k6"),
+        (["sparse:k=3"], "sparse does not read k"),
+        (["label_assign:mu=3"], "only k can be set"),
+        (["label_assign:k=three"], "'label_assign:k=three': --k: 'three' is not a number"),
+        (["maxpooling"], "unknown scheme 'maxpooling'"),
+    ],
+)
+def test_evaluate_bad_scheme_entries_are_refused(tmp_path, entries, message):
+    from deepmil_jax import train
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        evaluate.scheme_configs(train.Config(), entries)
 
 
 def test_cli_bad_max_side_is_refused_before_predicting(tmp_path, workdir):

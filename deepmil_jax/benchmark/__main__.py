@@ -19,7 +19,7 @@ from absl import flags, logging
 
 from deepmil_jax import config as _config
 from deepmil_jax.benchmark.settings import PARTS, Settings
-from deepmil_jax.config import Config, from_flags, run_main
+from deepmil_jax.config import Config, from_flags, run_main, scheme_variants
 from deepmil_jax.errors import ConfigError
 
 _S = Settings()
@@ -49,6 +49,13 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_bool(
     "torch_channels_last", _S.torch_channels_last, "PyTorch in the channels_last memory format."
+)
+flags.DEFINE_list(
+    "compare",
+    [],
+    "Also time the train step of these schemes on the same batch, in alternation with "
+    "--scheme's, and report each one's step time relative to it (evaluate's --schemes "
+    "syntax: max_pooling,label_assign:k=3,label_assign:k=auto,attention).",
 )
 flags.DEFINE_list("parts", list(PARTS), f"What to measure, a subset of {','.join(PARTS)}.")
 flags.DEFINE_bool(
@@ -132,7 +139,8 @@ def main() -> None:
     parts = frozenset(f.parts) - (frozenset() if settings.torch else {"torch"})
     if "torch" in parts:  # on a GPU, leave room for PyTorch (read when JAX's backend starts)
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
-    result = run_benchmark(settings, parts=parts, base_config=base_config)
+    scheme_variants(f.compare, "--compare")  # refused before anything is compiled
+    result = run_benchmark(settings, parts=parts, base_config=base_config, compare=tuple(f.compare))
     print(format_table(result))
     if f.json:
         Path(f.json).expanduser().write_text(json.dumps(result, indent=2, default=float) + "\n")

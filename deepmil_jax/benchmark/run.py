@@ -25,6 +25,7 @@ def run_benchmark(
     *,
     parts: frozenset[str] = frozenset(PARTS),
     base_config: Config | None = None,
+    compare: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Measures the figures of the package docstring; returns the JSON object.
 
@@ -33,6 +34,8 @@ def run_benchmark(
       parts: which of train (always measured), eval, pipeline, overlap, preprocess, torch.
       base_config: the training configuration to take the remaining fields from (learning rate,
         mu, ...); default ``Config()``.
+      compare: schemes whose train step is timed against the settings' scheme
+        (``train_timer.time_schemes``).
     """
     setup = resolve(settings, base_config)
     result = describe(setup)
@@ -49,6 +52,8 @@ def run_benchmark(
     if torch is not None:
         result.update(torch[1])
         figures.update(torch_timer.compare(figures))
+    if compare:
+        figures.update(train_timer.time_schemes(setup, steps, images, labels, list(compare)))
     if "eval" in parts:
         figures.update(eval_timer.time_eval(setup, trainer, images))
     if parts & {"pipeline", "overlap"}:

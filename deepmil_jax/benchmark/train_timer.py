@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -11,7 +12,8 @@ from absl import logging
 
 from deepmil_jax.benchmark import peaks
 from deepmil_jax.benchmark.settings import Setup
-from deepmil_jax.benchmark.timing import Figures, interleave
+from deepmil_jax.benchmark.timing import Figures, interleave, median
+from deepmil_jax.config import scheme_variants
 from deepmil_jax.steps import Trainer, lower_train_step
 
 
@@ -77,3 +79,33 @@ def time_train(
         train_images_per_sec_best=max(figures.per_repeat["train_images_per_sec"]),
     )
     return figures
+
+
+def time_schemes(
+    setup: Setup, steps: TrainSteps, images: jax.Array, labels: jax.Array, entries: list[str]
+) -> Figures:
+    """The train step of each of ``entries`` (evaluate's ``--schemes`` syntax: ``max_pooling``,
+    ``label_assign:k=3``) on the same batch, timed in alternation with the benchmark's own
+    ``--scheme`` (``steps``). ``step_time_vs_scheme``: ``{name: median step time / the
+    --scheme's}`` (1.0 for an entry that is the --scheme itself)."""
+    s, reference = setup.settings, setup.config
+    bodies = {"reference": lambda: steps.on_devices(images, labels, s.steps_per_repeat)}
+    for name, (scheme, k) in scheme_variants(entries, "--compare").items():
+        config = dataclasses.replace(
+            reference, scheme=scheme, k=reference.k if k is None else k
+        ).canonical()
+        config.validate()
+        if config == reference:
+            continue
+        logging.info("Compiling the %s train step", name)
+        other = TrainSteps(Trainer(config, setup.mesh), setup.batch)
+        other.on_devices(images, labels, 1 + s.warmup)
+        bodies[name] = lambda other=other: other.on_devices(images, labels, s.steps_per_repeat)
+    logging.info("Timing %d schemes' train steps, interleaved", len(bodies))
+    rates = interleave(bodies, s.repeats)
+    ratios = {
+        name: median(rates["reference"]) / median(rates.get(name, rates["reference"]))
+        for name in scheme_variants(entries, "--compare")
+    }
+    per_repeat = {f"train_images_per_sec[{name}]": r for name, r in rates.items()}
+    return Figures({"step_time_vs_scheme": ratios}, per_repeat)
