@@ -220,7 +220,13 @@ def main() -> int:
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         parser.error(f"unknown target(s) {unknown}; choose from {', '.join(TARGETS)}")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     summary = []
     total_wall = total_cpu = 0.0
     for name in names:
@@ -228,6 +234,11 @@ def main() -> int:
         work = prepare(name, target, args.committed)
         if args.clean:
             shutil.rmtree(work / "mutants", ignore_errors=True)
+        # XLA's compiled programs are kept between the mutants' test runs (and between runs of
+        # this tool): a mutant recompiles only the programs its change alters (the cache is
+        # keyed by the program, so a mutated program is never served an unmutated one's code);
+        # test_steps.py takes 16 s instead of 40 s with a warm cache
+        env["JAX_COMPILATION_CACHE_DIR"] = str(work / ".jax_cache")
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.monotonic()
         run = ["nice", "-n", "15", str(MUTMUT), "run", "--max-children", str(args.max_children)]
