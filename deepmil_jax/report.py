@@ -126,7 +126,7 @@ LOCALISATION = {"instance_auc": "Instance AUC", "iou": "IoU", "pointing_game": "
 
 def write_report(table: dict[str, dict], results: dict[str, list[dict]], workdir: Path) -> None:
     """report.md / report.csv / report.json, roc_<scheme>.png and reliability_<scheme>.png in
-    ``workdir``."""
+    ``workdir``, and k_sweep.png when label_assign ran with two or more fixed k of its own."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "report.json").write_text(json.dumps(table, indent=2) + "\n")
     _write_csv(table, workdir / "report.csv")
@@ -134,6 +134,58 @@ def write_report(table: dict[str, dict], results: dict[str, list[dict]], workdir
     for scheme, runs in results.items():
         plot_roc(scheme, runs, workdir / f"roc_{scheme}.png")
         plot_reliability(scheme, runs, workdir / f"reliability_{scheme}.png")
+    sweep = k_sweep(table)
+    if len(sweep["fixed"]) >= 2:
+        plot_k_sweep(sweep, workdir / "k_sweep.png")
+
+
+def k_sweep(table: dict[str, dict], scheme: str = "label_assign") -> dict[str, dict]:
+    """The rows of ``scheme``'s runs with their own k (``<scheme>_k<k>``): ``{"fixed": {k:
+    row}}`` for counts and fractions, sorted by k, and ``{"chosen": {"auto": row, ...}}`` for k
+    the model chooses."""
+    fixed, chosen = {}, {}
+    for name, row in table.items():
+        if not name.startswith(f"{scheme}_k"):
+            continue
+        k = name[len(scheme) + 2 :]
+        try:
+            fixed[float(k)] = row
+        except ValueError:
+            chosen[k] = row
+    return {"fixed": dict(sorted(fixed.items())), "chosen": chosen}
+
+
+def plot_k_sweep(sweep: dict[str, dict], path: Path) -> None:
+    """AUC and instance AUC (fold mean ± standard deviation) against a fixed k, with each
+    chosen-k variant (``--k=auto``, ...) as a horizontal line and band at its own values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = list(sweep["fixed"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), dpi=120, sharex=True)
+    for ax, metric, label in ((axes[0], "auc", "AUC"), (axes[1], "instance_auc", "instance AUC")):
+        stats = [row.get(metric) for row in sweep["fixed"].values()]
+        if all(stats):
+            mean = np.array([st["mean"] for st in stats])
+            std = np.array([st["std"] for st in stats])
+            ax.errorbar(ks, mean, yerr=std, fmt="o-", capsize=3, c="k", label="fixed k")
+        for i, (k, row) in enumerate(sweep["chosen"].items()):
+            st = row.get(metric)
+            if not st:
+                continue
+            color = f"C{i}"
+            ax.axhline(st["mean"], c=color, ls="--", lw=1.2, label=f"k={k}")
+            ax.axhspan(st["mean"] - st["std"], st["mean"] + st["std"], color=color, alpha=0.12)
+        ax.set(xscale="log", xlabel="k (instances per positive image)", ylabel=label, ylim=(0, 1))
+        ax.set_xticks(ks, [f"{k:g}" for k in ks])
+        ax.legend(fontsize=7)
+    axes[0].set_title("label assignment: test AUC over folds")
+    axes[1].set_title("localisation on positive test images")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _write_csv(table: dict[str, dict], path: Path) -> None:

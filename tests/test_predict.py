@@ -483,6 +483,27 @@ def test_evaluate_k_sweep_runs_each_k_in_its_own_folder(tmp_path, monkeypatch):
     assert report.title("sparse") == "Deep MIL, sparse"
 
 
+def test_k_sweep_orders_fixed_k_and_keeps_chosen_k_apart(tmp_path):
+    def row(auc):
+        return {"auc": {"mean": auc, "std": 0.1}, "instance_auc": {"mean": auc / 2, "std": 0.0}}
+
+    table = {
+        "max_pooling": row(0.9),
+        "label_assign_k12": row(0.7),
+        "label_assign_k3": row(0.8),
+        "label_assign_kauto": row(0.75),
+        "label_assign_k0.25": row(0.6),
+        "topk_pooling_k3": row(0.5),
+    }
+    sweep = report.k_sweep(table)
+    assert list(sweep["fixed"]) == [0.25, 3.0, 12.0]
+    assert [r["auc"]["mean"] for r in sweep["fixed"].values()] == [0.6, 0.8, 0.7]
+    assert sweep["chosen"] == {"auto": table["label_assign_kauto"]}
+    assert list(report.k_sweep(table, "topk_pooling")["fixed"]) == [3.0]
+    report.plot_k_sweep(sweep, tmp_path / "k_sweep.png")
+    assert (tmp_path / "k_sweep.png").stat().st_size > 10_000
+
+
 @pytest.mark.parametrize(
     "entries, message",
     [
