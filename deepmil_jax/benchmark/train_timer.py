@@ -90,7 +90,8 @@ def time_schemes(
     --scheme's}`` (1.0 for an entry that is the --scheme itself)."""
     s, reference = setup.settings, setup.config
     bodies = {"reference": lambda: steps.on_devices(images, labels, s.steps_per_repeat)}
-    for name, (scheme, k) in scheme_variants(entries, "--compare").items():
+    variants = scheme_variants(entries, "--compare")
+    for name, (scheme, k) in variants.items():
         config = dataclasses.replace(
             reference, scheme=scheme, k=reference.k if k is None else k
         ).canonical()
@@ -105,7 +106,7 @@ def time_schemes(
     rates = interleave(bodies, s.repeats)
     ratios = {
         name: median(rates["reference"]) / median(rates.get(name, rates["reference"]))
-        for name in scheme_variants(entries, "--compare")
+        for name in variants
     }
     per_repeat = {f"train_images_per_sec[{name}]": r for name, r in rates.items()}
     return Figures({"step_time_vs_scheme": ratios}, per_repeat)
