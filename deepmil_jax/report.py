@@ -124,10 +124,19 @@ def _delong_against(preds: dict, ref: dict, reference: str) -> dict:
 LOCALISATION = {"instance_auc": "Instance AUC", "iou": "IoU", "pointing_game": "Pointing game"}
 
 
+# the figures write_report draws (and removes before drawing a new report's)
+PLOTS = ("roc_*.png", "reliability_*.png", "k_sweep.png")
+
+
 def write_report(table: dict[str, dict], results: dict[str, list[dict]], workdir: Path) -> None:
     """report.md / report.csv / report.json, roc_<scheme>.png and reliability_<scheme>.png in
-    ``workdir``, and k_sweep.png when label_assign ran with two or more fixed k of its own."""
+    ``workdir``, and k_sweep.png when label_assign ran with two or more fixed k of its own.
+    The plots of an earlier report in ``workdir`` are removed first: a scheme left out this time
+    (or a plot not drawn) leaves no figure beside a report that does not describe it."""
     workdir.mkdir(parents=True, exist_ok=True)
+    for pattern in PLOTS:
+        for old in workdir.glob(pattern):
+            old.unlink()
     (workdir / "report.json").write_text(json.dumps(table, indent=2) + "\n")
     _write_csv(table, workdir / "report.csv")
     (workdir / "report.md").write_text("\n".join(_markdown(table)) + "\n")

@@ -504,6 +504,20 @@ def test_k_sweep_orders_fixed_k_and_keeps_chosen_k_apart(tmp_path):
     assert (tmp_path / "k_sweep.png").stat().st_size > 10_000
 
 
+def test_report_removes_an_earlier_reports_plots(tmp_path):
+    """A scheme left out of this report leaves no ROC plot behind; other files stay."""
+    for name in ("roc_alexnet.png", "reliability_alexnet.png", "k_sweep.png", "notes.png"):
+        (tmp_path / name).write_bytes(b"old")
+    run_dir = tmp_path / "sparse" / "fold0"
+    run_dir.mkdir(parents=True)
+    rows = "".join(f"{i},{i % 2},{0.2 + 0.1 * i}\n" for i in range(6))
+    (run_dir / "test_predictions.csv").write_text("file_id,label,probability\n" + rows)
+    results = {"sparse": [{**_fake_run(run_dir, 0.8, None), "fold": 0}]}
+    report.write_report(evaluate.summarize(results), results, tmp_path)
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["notes.png", "reliability_sparse.png", "roc_sparse.png"]
+
+
 @pytest.mark.parametrize(
     "entries, message",
     [
