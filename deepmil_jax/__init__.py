@@ -15,6 +15,7 @@ __all__ = [
     "bag_loss",
     "excess_extent_k",
     "extent_k",
+    "relative_extent_k",
     "l2_penalty",
     "label_assign_loss",
     "max_pooling_loss",

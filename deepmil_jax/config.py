@@ -34,7 +34,8 @@ SCHEMES = (
     "learned_lse",
 )
 PAPER_SCHEMES = SCHEMES[:4]  # the paper's Table 1, evaluate's default
-AUTO_K = ("auto", "auto_soft", "auto_excess")  # --k values: the model chooses k per image
+# --k values: the model chooses k per image
+AUTO_K = ("auto", "auto_soft", "auto_excess", "auto_relative")
 DATASETS = (
     "synthetic",
     "synthetic_hard",
@@ -148,7 +149,8 @@ class Config:
         "(paper: 6 of 36), a fraction in (0, 1) of the instances, or auto: k chosen per image as "
         "the model's estimate of the malignant extent (the sum of its instance probabilities), "
         "auto_soft: the same with a soft top-k assignment, auto_excess: the extent beyond the "
-        "batch's negative images' background. topk_pooling: the count or fraction "
+        "batch's negative images' background, auto_relative: the instances as probable as "
+        "the image's top one (sum of r / max r). topk_pooling: the count or fraction "
         "pooled.",
     )
     mu: float = setting(

@@ -30,9 +30,15 @@ Pooling = Literal["max", "mean", "topk_mean", "lse", "noisy_or"]
 POOLINGS: tuple[str, ...] = ("max", "mean", "topk_mean", "lse", "noisy_or")
 # k chosen per image by the model (``adaptive_label_assign_loss``): k="auto" assigns the hard top
 # round(extent) instances, k="auto_soft" a soft top-extent membership (see ``soft_top_k``),
-# k="auto_excess" the hard top round(extent in excess of the batch's negative images).
-AUTO_K: tuple[str, ...] = ("auto", "auto_soft", "auto_excess")
-_AUTO_METHODS = {"auto": "extent", "auto_soft": "soft", "auto_excess": "excess"}
+# k="auto_excess" the hard top round(extent in excess of the batch's negative images),
+# k="auto_relative" the hard top round(extent relative to the image's most probable instance).
+AUTO_K: tuple[str, ...] = ("auto", "auto_soft", "auto_excess", "auto_relative")
+_AUTO_METHODS = {
+    "auto": "extent",
+    "auto_soft": "soft",
+    "auto_excess": "excess",
+    "auto_relative": "relative",
+}
 
 __all__ = [
     "AUTO_K",
@@ -47,6 +53,7 @@ __all__ = [
     "l2_penalty",
     "max_pooling_loss",
     "num_top_instances",
+    "relative_extent_k",
     "soft_top_k",
     "sparse_loss",
 ]
@@ -409,8 +416,8 @@ def excess_extent_k(
 
     Example:
       >>> z = jnp.array([[3.0, 3.0, 0.0, 0.0], [0.0, 0.0, 0.0, -9.0]])  # b = 3 * 0.5 / 4
-      >>> excess_extent_k(z, jnp.array([1, 0])).round(3)  # 2 * 0.953 + 1 - 4 * 0.375 = 1.405
-      Array([1.405, 1.   ], dtype=float32)
+      >>> print(excess_extent_k(z, jnp.array([1, 0])))  # 2 * 0.953 + 1 - 4 * 0.375 = 1.405
+      [1.405... 1.   ]
     """
     logits, labels, mask = _flatten(instance_logits, labels, mask)
     dtype = jnp.promote_types(logits.dtype, jnp.float32)
@@ -419,6 +426,37 @@ def excess_extent_k(
     negative = (labels == 0).astype(dtype)
     background = jnp.sum(negative * total / counts) / jnp.maximum(jnp.sum(negative), 1.0)
     return jax.lax.stop_gradient(jnp.clip(total - counts * background, 1.0, counts))
+
+
+def relative_extent_k(instance_logits: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    """The number of instances as probable as the image's most probable one.
+
+    K_n = sum_j r_nj / max_j r_nj over the valid instances (r = sigmoid(z)), clipped to
+    [1, m_n], without gradient. Unlike ``extent_k`` it does not depend on the overall level of
+    the probabilities, only on how they compare with the top one: an image whose instances are
+    all alike counts all of them (K = m_n, as at initialisation), one with a single instance far
+    above the rest counts one. Computed as sum_j exp(log r_nj - log r_n,top), so finite however
+    small every probability is.
+
+    Args:
+      instance_logits: (N, m) or (N, H, W) float pre-sigmoid instance scores.
+      mask: optional bool of the logits' shape, False for padding instances.
+
+    Returns:
+      (N,) real-valued counts in [1, m_n], float32 (float64 for float64 logits).
+
+    Example:
+      >>> z = jnp.array([[0.0, 0.0, -40.0, -40.0]])  # 0.5 / 0.5 + 0.5 / 0.5 + ~0 + ~0
+      >>> relative_extent_k(z)
+      Array([2.], dtype=float32)
+    """
+    logits, _, mask = _flatten(instance_logits, None, mask)
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    counts = _valid_counts(logits, mask).astype(dtype)
+    log_r = jax.nn.log_sigmoid(logits.astype(dtype))
+    top = jnp.max(log_r, axis=1, keepdims=True, where=mask, initial=-jnp.inf)
+    total = jnp.sum(jnp.exp(log_r - top), axis=1, where=mask)
+    return jax.lax.stop_gradient(jnp.clip(total, 1.0, counts))
 
 
 def soft_top_k(
@@ -502,7 +540,7 @@ def adaptive_label_assign_loss(
     instance_logits: jax.Array,
     labels: jax.Array,
     *,
-    method: Literal["extent", "soft", "excess"] = "extent",
+    method: Literal["extent", "soft", "excess", "relative"] = "extent",
     temperature: float = 0.25,
     mask: jax.Array | None = None,
 ) -> jax.Array:
@@ -521,7 +559,11 @@ def adaptive_label_assign_loss(
     - ``method="excess"`` (``--k=auto_excess``): as ``"extent"`` with K_n =
       ``excess_extent_k``, the extent beyond the background probability of the batch's negative
       images, so that k starts near 1 instead of m/2 and grows only where positives show more
-      probable instances than negatives.
+      probable instances than negatives;
+    - ``method="relative"`` (``--k=auto_relative``): as ``"extent"`` with K_n =
+      ``relative_extent_k``, the instances as probable as the image's top one, so that k starts
+      at m (every instance alike) and shrinks as the top instances stand out, whatever the
+      level of the background probability.
 
     As in Eq. 5, the assignment is a label: no gradient flows through it. Negative images are
     unaffected (every target is 0). The loss is the instance cross-entropy averaged over the
@@ -530,7 +572,7 @@ def adaptive_label_assign_loss(
     Args:
       instance_logits: (N, m) or (N, H, W) float pre-sigmoid instance scores.
       labels: (N,) image labels, 0 or 1.
-      method: ``"extent"``, ``"soft"`` or ``"excess"``.
+      method: ``"extent"``, ``"soft"``, ``"excess"`` or ``"relative"``.
       temperature: for ``"soft"``: T > 0 of the soft top-k, in logit units.
       mask: optional bool of the logits' shape, False for padding instances.
 
@@ -543,17 +585,19 @@ def adaptive_label_assign_loss(
       ...                  label_assign_loss(z, jnp.array([1]), 2)))
       True
     """
-    if method not in ("extent", "soft", "excess"):
-        raise ValueError(f"method must be 'extent', 'soft' or 'excess'; got {method!r}.")
+    if method not in _AUTO_METHODS.values():
+        raise ValueError(f"method must be one of {tuple(_AUTO_METHODS.values())}; got {method!r}.")
     if isinstance(temperature, (int, float, np.number)) and not temperature > 0:
         raise ValueError(f"temperature must be positive; got {temperature}.")
     logits, labels, mask = _flatten(instance_logits, labels, mask)
     counts = _valid_counts(logits, mask)
     if method == "excess":
         extent = excess_extent_k(logits, labels, mask=mask)
+    elif method == "relative":
+        extent = relative_extent_k(logits, mask=mask)
     else:
         extent = extent_k(logits, mask=mask)
-    if method in ("extent", "excess"):
+    if method != "soft":
         top = jnp.clip(jnp.round(extent).astype(jnp.int32), 1, counts)
         return _assign_top(logits, labels, top, counts, mask)
     member = jax.lax.stop_gradient(soft_top_k(logits, extent, temperature=temperature, mask=mask))

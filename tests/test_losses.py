@@ -668,7 +668,64 @@ def test_excess_extent_subtracts_the_negatives_background(masked):
     assert np.isfinite(v) and np.all(np.isfinite(g))
 
 
+def ref_relative_extent(logits, mask):
+    out = []
+    for n in range(len(logits)):
+        r = _np_sigmoid(_valid(logits, mask, n))
+        out.append(min(max(r.sum() / r.max(), 1.0), len(r)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_relative_extent_counts_instances_as_probable_as_the_top_one(masked):
+    logits, labels, mask = _case(23, shape=(8, 3, 4), masked=masked, scale=3.0)
+    logits[0] = 0.5  # all alike: every valid instance counts
+    expected = ref_relative_extent(logits, mask)
+    got = dm.relative_extent_k(logits, mask=mask)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert expected[0] == len(_valid(logits, mask, 0))
+    # where every probability is tiny (computed in log space, not as 0 / 0)
+    np.testing.assert_allclose(
+        dm.relative_extent_k(logits - 30.0, mask=mask),
+        ref_relative_extent(logits - 30.0, mask),
+        rtol=1e-5,
+    )
+    # finite at the extremes, where r underflows (K = m when all are equal, 1 for one at the top)
+    z = jnp.full((2, 6), -1e4).at[1, 2].set(1e4)
+    np.testing.assert_allclose(dm.relative_extent_k(z), [6.0, 1.0])
+    # the loss: label assignment with k_n = round(K_n), one image at a time
+    total, count = 0.0, 0
+    for n in range(len(labels)):
+        one = None if mask is None else mask[n : n + 1]
+        valid = len(_valid(logits, mask, n))
+        total += valid * ref_label_assign(
+            logits[n : n + 1], labels[n : n + 1], int(round(expected[n])), one
+        )
+        count += valid
+    got = dm.label_assign_loss(logits, labels, "auto_relative", mask=mask)
+    np.testing.assert_allclose(got, total / count, rtol=1e-5)
+    v, g = jax.value_and_grad(
+        lambda z: dm.adaptive_label_assign_loss(z, labels, method="relative", mask=mask)
+    )(jnp.full(logits.shape, -1e4).at[0, 0, 0].set(1e4))
+    assert np.isfinite(v) and np.all(np.isfinite(g))
+
+
 def test_config_knows_the_same_auto_k_values():
     from deepmil_jax import config
 
     assert config.AUTO_K == dm.AUTO_K
+
+
+def test_docstring_examples_give_what_they_show():
+    """help(deepmil_jax.losses...) shows worked examples; each must print what it claims."""
+    import doctest
+
+    from deepmil_jax import losses
+
+    finder = doctest.DocTestFinder(recurse=False)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for name in losses.__all__:  # the public functions only (not mutation testing's copies)
+        for test in finder.find(getattr(losses, name), name, globs=vars(losses).copy()):
+            runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.attempted >= 10 and result.failed == 0
