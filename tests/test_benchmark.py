@@ -101,7 +101,7 @@ def test_quick_json_has_every_figure(quick):
         value = result[key]
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, key
     assert "images/s" in table and "JAX / PyTorch" in table
-    assert "step time max_pooling" in table
+    assert "relative to label_assign's (--compare)" in table and "    max_pooling " in table
 
 
 def test_quick_figures_are_consistent(quick):

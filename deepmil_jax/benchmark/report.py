@@ -32,8 +32,11 @@ def format_table(result: dict[str, Any]) -> str:
             value = result[key]
             text = f"{value:.3g}" if abs(value) >= 1e4 or key == "mfu" else f"{value:.2f}"
             lines.append(f"  {name:<32} {text:>10} {unit}")
-    for name, ratio in result.get("step_time_vs_scheme", {}).items():
-        lines.append(f"  {'step time ' + name:<32} {ratio:>10.2f} x {result['scheme']}'s")
+    ratios = result.get("step_time_vs_scheme", {})
+    if ratios:
+        lines.append(f"  train step time relative to {result['scheme']}'s (--compare):")
+        width = max(map(len, ratios))
+        lines += [f"    {name:<{width}} {ratio:6.2f}x" for name, ratio in ratios.items()]
     lines.append(f"  peak: {result['peak_source']}")
     lines.append(
         f"  load average: {result['load_average_start']:.2f} at start, "
