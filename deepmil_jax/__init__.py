@@ -13,7 +13,6 @@ __all__ = [
     "attention_pooling",
     "bag_logits",
     "bag_loss",
-    "excess_extent_k",
     "extent_k",
     "relative_extent_k",
     "l2_penalty",

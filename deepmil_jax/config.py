@@ -35,7 +35,7 @@ SCHEMES = (
 )
 PAPER_SCHEMES = SCHEMES[:4]  # the paper's Table 1, evaluate's default
 # --k values: the model chooses k per image
-AUTO_K = ("auto", "auto_soft", "auto_excess", "auto_relative")
+AUTO_K = ("auto", "auto_soft", "auto_relative")
 DATASETS = (
     "synthetic",
     "synthetic_hard",
@@ -148,10 +148,9 @@ class Config:
         "label_assign: the top-k instances of each image take its label; an integer count "
         "(paper: 6 of 36), a fraction in (0, 1) of the instances, or auto: k chosen per image as "
         "the model's estimate of the malignant extent (the sum of its instance probabilities), "
-        "auto_soft: the same with a soft top-k assignment, auto_excess: the extent beyond the "
-        "batch's negative images' background, auto_relative: the instances as probable as "
-        "the image's top one (sum of r / max r). topk_pooling: the count or fraction "
-        "pooled.",
+        "auto_soft: the same with a soft top-k assignment, auto_relative: the instances as "
+        "probable as the image's top one (sum of r / max r). topk_pooling: the count or "
+        "fraction pooled.",
     )
     mu: float = setting(
         1e-5, "sparse: weight of the L1 term on the sorted instance probabilities (paper: 1e-5)."

@@ -30,13 +30,11 @@ Pooling = Literal["max", "mean", "topk_mean", "lse", "noisy_or"]
 POOLINGS: tuple[str, ...] = ("max", "mean", "topk_mean", "lse", "noisy_or")
 # k chosen per image by the model (``adaptive_label_assign_loss``): k="auto" assigns the hard top
 # round(extent) instances, k="auto_soft" a soft top-extent membership (see ``soft_top_k``),
-# k="auto_excess" the hard top round(extent in excess of the batch's negative images),
 # k="auto_relative" the hard top round(extent relative to the image's most probable instance).
-AUTO_K: tuple[str, ...] = ("auto", "auto_soft", "auto_excess", "auto_relative")
+AUTO_K: tuple[str, ...] = ("auto", "auto_soft", "auto_relative")
 _AUTO_METHODS = {
     "auto": "extent",
     "auto_soft": "soft",
-    "auto_excess": "excess",
     "auto_relative": "relative",
 }
 
@@ -47,7 +45,6 @@ __all__ = [
     "attention_pooling",
     "bag_logits",
     "bag_loss",
-    "excess_extent_k",
     "extent_k",
     "label_assign_loss",
     "l2_penalty",
@@ -293,8 +290,8 @@ def label_assign_loss(
       k: positive int (the paper used k=6 of m=36 at 227x227), or a float in (0, 1): that fraction
         of each image's valid instances, rounded up. An int k larger than m is an error; with a
         mask, k is capped at each image's valid count. ``"auto"``, ``"auto_soft"`` or
-        ``"auto_excess"``: k chosen per image by the model, ``adaptive_label_assign_loss`` with
-        ``method="extent"``, ``"soft"`` (its default temperature) or ``"excess"``.
+        ``"auto_relative"``: k chosen per image by the model, ``adaptive_label_assign_loss``
+        with ``method="extent"``, ``"soft"`` (its default temperature) or ``"relative"``.
       mask: optional bool of the logits' shape, False for padding instances.
 
     Returns:
@@ -392,40 +389,6 @@ def extent_k(instance_logits: jax.Array, *, mask: jax.Array | None = None) -> ja
     probabilities = jax.nn.sigmoid(logits.astype(dtype))
     total = jnp.sum(probabilities, axis=1, where=mask)
     return jax.lax.stop_gradient(jnp.clip(total, 1.0, counts))
-
-
-def excess_extent_k(
-    instance_logits: jax.Array, labels: jax.Array, *, mask: jax.Array | None = None
-) -> jax.Array:
-    """The malignant extent in excess of what the model sees in benign images of the batch.
-
-    ``extent_k`` counts every probable instance, including the background probability that the
-    model gives benign tissue (at initialisation every r is about 0.5, so K would be m/2, and a
-    label assignment fitted to K keeps it there). This subtracts the negative images' share:
-    K_n = sum_j r_nj - m_n * b, with b = the mean over the batch's negative images of their mean
-    instance probability, clipped to [1, m_n], without gradient. With no negative image in the
-    batch, b = 0 (``extent_k``).
-
-    Args:
-      instance_logits: (N, m) or (N, H, W) float pre-sigmoid instance scores.
-      labels: (N,) image labels, 0 or 1.
-      mask: optional bool of the logits' shape, False for padding instances.
-
-    Returns:
-      (N,) real-valued counts in [1, m_n], float32 (float64 for float64 logits).
-
-    Example:
-      >>> z = jnp.array([[3.0, 3.0, 0.0, 0.0], [0.0, 0.0, 0.0, -9.0]])  # b = 3 * 0.5 / 4
-      >>> print(excess_extent_k(z, jnp.array([1, 0])))  # 2 * 0.953 + 1 - 4 * 0.375 = 1.405
-      [1.405... 1.   ]
-    """
-    logits, labels, mask = _flatten(instance_logits, labels, mask)
-    dtype = jnp.promote_types(logits.dtype, jnp.float32)
-    counts = _valid_counts(logits, mask).astype(dtype)
-    total = jnp.sum(jax.nn.sigmoid(logits.astype(dtype)), axis=1, where=mask)
-    negative = (labels == 0).astype(dtype)
-    background = jnp.sum(negative * total / counts) / jnp.maximum(jnp.sum(negative), 1.0)
-    return jax.lax.stop_gradient(jnp.clip(total - counts * background, 1.0, counts))
 
 
 def relative_extent_k(instance_logits: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
@@ -540,7 +503,7 @@ def adaptive_label_assign_loss(
     instance_logits: jax.Array,
     labels: jax.Array,
     *,
-    method: Literal["extent", "soft", "excess", "relative"] = "extent",
+    method: Literal["extent", "soft", "relative"] = "extent",
     temperature: float = 0.25,
     mask: jax.Array | None = None,
 ) -> jax.Array:
@@ -548,7 +511,8 @@ def adaptive_label_assign_loss(
 
     The paper fixes one k for every mammogram and names the choice of k its open problem; here
     each image's k is the model's own estimate of the malignant extent, K_n = ``extent_k`` (the
-    sum of its instance probabilities, clipped to [1, m_n], without gradient). Two assignments:
+    sum of its instance probabilities, clipped to [1, m_n], without gradient), or
+    ``relative_extent_k``. Three assignments:
 
     - ``method="extent"`` (``--k=auto``): the top round(K_n) instances take the image label and
       the rest are negative, exactly Eq. 5 with a per-image k;
@@ -556,10 +520,6 @@ def adaptive_label_assign_loss(
       ``soft_top_k(z_n, K_n, temperature)``, a soft top-K membership summing to K_n (a
       sharpened copy of the instance probabilities with the same total); it tends to the hard
       assignment as ``temperature`` -> 0 (at T = 1 the targets would equal the probabilities);
-    - ``method="excess"`` (``--k=auto_excess``): as ``"extent"`` with K_n =
-      ``excess_extent_k``, the extent beyond the background probability of the batch's negative
-      images, so that k starts near 1 instead of m/2 and grows only where positives show more
-      probable instances than negatives;
     - ``method="relative"`` (``--k=auto_relative``): as ``"extent"`` with K_n =
       ``relative_extent_k``, the instances as probable as the image's top one, so that k starts
       at m (every instance alike) and shrinks as the top instances stand out, whatever the
@@ -572,7 +532,7 @@ def adaptive_label_assign_loss(
     Args:
       instance_logits: (N, m) or (N, H, W) float pre-sigmoid instance scores.
       labels: (N,) image labels, 0 or 1.
-      method: ``"extent"``, ``"soft"``, ``"excess"`` or ``"relative"``.
+      method: ``"extent"``, ``"soft"`` or ``"relative"``.
       temperature: for ``"soft"``: T > 0 of the soft top-k, in logit units.
       mask: optional bool of the logits' shape, False for padding instances.
 
@@ -591,9 +551,7 @@ def adaptive_label_assign_loss(
         raise ValueError(f"temperature must be positive; got {temperature}.")
     logits, labels, mask = _flatten(instance_logits, labels, mask)
     counts = _valid_counts(logits, mask)
-    if method == "excess":
-        extent = excess_extent_k(logits, labels, mask=mask)
-    elif method == "relative":
+    if method == "relative":
         extent = relative_extent_k(logits, mask=mask)
     else:
         extent = extent_k(logits, mask=mask)

@@ -630,44 +630,6 @@ def test_lse_pooling_takes_a_traced_learned_temperature():
     assert np.isfinite(g) and g > 0  # sharper pooling raises every bag logit towards the max
 
 
-def ref_excess_extent(logits, labels, mask):
-    totals = [_np_sigmoid(_valid(logits, mask, n)).sum() for n in range(len(labels))]
-    counts = [len(_valid(logits, mask, n)) for n in range(len(labels))]
-    negatives = [t / c for t, c, y in zip(totals, counts, labels, strict=True) if y == 0]
-    b = np.mean(negatives) if negatives else 0.0
-    return np.array([min(max(t - c * b, 1.0), c) for t, c in zip(totals, counts, strict=True)])
-
-
-@pytest.mark.parametrize("masked", [False, True])
-def test_excess_extent_subtracts_the_negatives_background(masked):
-    logits, labels, mask = _case(22, shape=(8, 3, 4), masked=masked, scale=3.0)
-    logits[0] += 8.0  # a positive image with many probable instances: K well above 1
-    expected = ref_excess_extent(logits, labels, mask)
-    np.testing.assert_allclose(
-        dm.excess_extent_k(logits, labels, mask=mask), expected, rtol=1e-5, atol=1e-6
-    )
-    assert expected[0] > 2 and np.any(expected == 1.0)
-    # without a negative image it is extent_k
-    ones = np.ones_like(labels)
-    np.testing.assert_allclose(
-        dm.excess_extent_k(logits, ones, mask=mask), dm.extent_k(logits, mask=mask), rtol=1e-6
-    )
-    # the loss: label assignment with k_n = round(K_n), one image at a time
-    total, count = 0.0, 0
-    for n in range(len(labels)):
-        one = None if mask is None else mask[n : n + 1]
-        valid = len(_valid(logits, mask, n))
-        k = int(round(expected[n]))
-        total += valid * ref_label_assign(logits[n : n + 1], labels[n : n + 1], k, one)
-        count += valid
-    got = dm.label_assign_loss(logits, labels, "auto_excess", mask=mask)
-    np.testing.assert_allclose(got, total / count, rtol=1e-5)
-    v, g = jax.value_and_grad(
-        lambda z: dm.adaptive_label_assign_loss(z, labels, method="excess", mask=mask)
-    )(jnp.full(logits.shape, 1e4).at[0, 0, 0].set(-1e4))
-    assert np.isfinite(v) and np.all(np.isfinite(g))
-
-
 def ref_relative_extent(logits, mask):
     out = []
     for n in range(len(logits)):
