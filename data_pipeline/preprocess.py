@@ -225,18 +225,21 @@ def outline_inside_fraction(outline_yx: np.ndarray, shape: tuple[int, int]) -> f
       outline_yx: (P, 2) points (y, x) in original image pixels, P >= 1.
       shape: (H, W) of the original image.
     """
-    q = _points(outline_yx).reshape(-1, 2)
+    q = _points(outline_yx).reshape(-1, 2)  # pragma: no mutate (numpy reads -2 as -1 too)
     if q.shape[0] == 0:
         raise ValueError("an outline needs at least one point")
     lo, hi = q.min(axis=0) - 0.5, q.max(axis=0) + 0.5
     inside_lo = np.maximum(lo, -0.5)
-    inside_hi = np.minimum(hi, np.asarray(shape, dtype=np.float64) - 0.5)
+    inside_hi = np.minimum(hi, np.asarray(shape) - 0.5)
     inside = np.prod(np.clip(inside_hi - inside_lo, 0.0, None))
     return float(inside / np.prod(hi - lo))
 
 
 def outlines_inside(
-    outlines: Sequence[np.ndarray], shape: tuple[int, int], *, where: str = "image"
+    outlines: Sequence[np.ndarray],
+    shape: tuple[int, int],
+    *,
+    where: str = "image",  # pragma: no mutate (the name in a warning)
 ) -> tuple[np.ndarray, ...]:
     """The outlines (each (P, 2) (y, x) in original pixels) that belong to an image of `shape`.
 
@@ -251,7 +254,7 @@ def outlines_inside(
             continue
         fraction = outline_inside_fraction(outline, shape)
         if fraction < MIN_OUTLINE_INSIDE:
-            q = _points(outline).reshape(-1, 2)
+            q = _points(outline).reshape(-1, 2)  # pragma: no mutate (numpy reads -2 as -1 too)
             logging.warning(
                 "%s: dropped mass outline %d: only %.0f%% of its bounding box (y %.1f-%.1f, "
                 "x %.1f-%.1f) lies inside the %d x %d image; is the outline file for another "
@@ -271,7 +274,10 @@ def outlines_inside(
 
 
 def mass_boxes(
-    geometry: Geometry, outlines: Sequence[np.ndarray], *, where: str = "image"
+    geometry: Geometry,
+    outlines: Sequence[np.ndarray],
+    *,
+    where: str = "image",  # pragma: no mutate (the name in a warning)
 ) -> np.ndarray:
     """Boxes (K, 4) float32 (y0, x0, y1, x1) in preprocessed pixels of the outlines that fit.
 
@@ -981,6 +987,8 @@ def preprocess_file(
 
 
 def _main(argv: Sequence[str]) -> None:
+    # pragma: no mutate block: the command line's glue, run in a subprocess by the tests (its
+    # errors, and its PNG against preprocess_file's image), which mutmut cannot map to it
     from absl import flags
 
     if len(argv) > 1:

@@ -636,6 +636,12 @@ def test_mass_boxes_drop_outlines_mostly_outside_the_image(caplog):
     assert outline_inside_fraction(mostly_out, shape) == 0.375
     assert outline_inside_fraction(corner, shape) == 0.0
     assert outline_inside_fraction(np.array([[99.0, 79.0]]), shape) == 1.0  # one pixel
+    top = np.array([[-20.0, 10.0], [19.0, 29.0]])  # box y [-20.5, 19.5]: 20 of 40 rows inside
+    assert outline_inside_fraction(top, shape) == 0.5
+    left = np.array([[10.0, -3.0], [19.0, 0.0]])  # box x [-3.5, 0.5]: 1 of 4 columns inside
+    assert outline_inside_fraction(left, shape) == 0.25
+    with pytest.raises(ValueError, match="at least one point"):
+        outline_inside_fraction(np.zeros((0, 2)), shape)
     g = Geometry(shape, (0, 0, 100, 80), False, (50, 40))
     with caplog.at_level("WARNING"):
         boxes = mass_boxes(g, [inside, half, np.zeros((0, 2)), mostly_out, corner], where="x.dcm")
@@ -678,7 +684,11 @@ def test_cli_errors_are_one_line_naming_the_file_or_flag(tmp_path):
     out = tmp_path / "o.png"
     proc = run_module("data_pipeline.preprocess", f"--input={dcm}", f"--output={out}", "--size=64")
     assert proc.returncode == 0, proc.stderr
-    assert skimage.io.imread(tmp_path / "o.png").shape == (64, 64)
+    # the 16-bit PNG holds preprocess_file's image, [0, 1] scaled to [0, 65535] and rounded
+    expected, _ = preprocess_file(dcm, PreprocessConfig(size=(64, 64)))
+    written = skimage.io.imread(out)
+    assert written.dtype == np.uint16 and written.shape == (64, 64)
+    np.testing.assert_array_equal(written, np.round(expected.astype(np.float64) * 65535))
 
 
 # ---------------------------------------------------------------------------------------------
