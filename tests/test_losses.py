@@ -450,6 +450,59 @@ def test_soft_top_k_gradients_are_the_implicit_ones():
         assert np.all(np.asarray(jax.grad(f)(*args))[1, 5:] == 0)
 
 
+def ref_soft_top_k(logits, mask, ks, temperature):
+    """sigmoid((z - tau) / T) with tau the root of sum_j sigmoid((z_j - tau) / T) = k, found by
+    scipy's Brent method in float64, one bag at a time."""
+    from scipy.optimize import brentq
+
+    out = np.zeros(np.shape(logits), np.float64).reshape(len(logits), -1)
+    for n, k in enumerate(ks):
+        z = _valid(logits, mask, n)
+        keep = np.ones(out.shape[1], bool) if mask is None else np.asarray(mask[n]).ravel()
+        excess = lambda tau, z=z, k=k: _np_sigmoid((z - tau) / temperature).sum() - k  # noqa: E731
+        bound = 50.0 * temperature
+        tau = brentq(excess, z.min() - bound, z.max() + bound, xtol=1e-12)
+        out[n, keep] = _np_sigmoid((z - tau) / temperature)
+    return out.reshape(np.shape(logits))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_soft_top_k_matches_a_root_finder_at_moderate_temperatures(masked):
+    # away from the hard limit, where every membership is strictly inside (0, 1); without a
+    # temperature it is T = 1, the documented default
+    logits, _, mask = _case(25, shape=(4, 2, 5), masked=masked)
+    ks = np.array([2.5, 1.0, 0.4, 3.2])
+    np.testing.assert_allclose(
+        dm.soft_top_k(logits, ks, mask=mask), ref_soft_top_k(logits, mask, ks, 1.0), atol=2e-6
+    )
+    np.testing.assert_allclose(
+        dm.soft_top_k(logits, 1.5, temperature=0.3, mask=mask),
+        ref_soft_top_k(logits, mask, [1.5] * 4, 0.3),
+        atol=2e-6,
+    )
+
+
+def test_float32_inputs_keep_float32_under_x64():
+    """With x64 enabled JAX's default float is float64; the functions documented as float32
+    (float64 for float64 logits), and the losses, must not turn float32 logits into float64,
+    even given float64 numpy k and temperature, as a caller's x64 code would pass them."""
+    rng = np.random.default_rng(26)
+    z = rng.standard_normal((3, 8)).astype(np.float32)
+    scores = rng.standard_normal((3, 8)).astype(np.float32)
+    y = np.array([1, 0, 1])
+    with jax.enable_x64(True):
+        for dtype in (jnp.float32, jnp.float64):
+            zz, ss = jnp.asarray(z, dtype), jnp.asarray(scores, dtype)
+            member = dm.soft_top_k(zz, np.array([2.5, 1.0, 4.0]), temperature=np.float64(0.5))
+            assert member.dtype == dtype
+            bag, weights = dm.attention_pooling(zz, ss)
+            assert bag.dtype == dtype and weights.dtype == dtype
+            assert dm.extent_k(zz).dtype == dtype and dm.relative_extent_k(zz).dtype == dtype
+            for k in (3, 0.25, *dm.AUTO_K):
+                assert dm.label_assign_loss(zz, y, k).dtype == dtype, k
+            assert dm.max_pooling_loss(zz, y).dtype == dtype
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_auto_k_extent_is_label_assignment_with_each_images_rounded_extent(masked):
     logits, labels, mask = _case(14, shape=(6, 3, 3), masked=masked, scale=3.0)
