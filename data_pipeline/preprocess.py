@@ -198,7 +198,7 @@ class Geometry:
 
         The box is clipped to the image, [0, h - 1] x [0, w - 1].
         """
-        q = self.from_original(outline_yx).reshape(-1, 2)
+        q = self.from_original(outline_yx).reshape(-1, 2)  # pragma: no mutate (-2 reads as -1)
         if q.shape[0] == 0:
             raise ValueError("an outline needs at least one point")
         h, w = self.size
@@ -286,7 +286,7 @@ def mass_boxes(
     """
     kept = outlines_inside(outlines, geometry.original_shape, where=where)
     boxes = [geometry.box_from_original(outline) for outline in kept]
-    return np.array(boxes, np.float32).reshape(-1, 4)
+    return np.array(boxes, np.float32).reshape(-1, 4)  # pragma: no mutate (-2 reads as -1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -454,8 +454,10 @@ def _codestream_shape(data: bytes) -> tuple[int, int] | None:
         while offset + 9 <= len(data) and data[offset] == 0xFF:
             marker = data[offset + 1]
             if marker in _JPEG_SOF:
+                # pragma: no mutate start ("big" is also from_bytes's default byte order)
                 height = int.from_bytes(data[offset + 5 : offset + 7], "big")
                 width = int.from_bytes(data[offset + 7 : offset + 9], "big")
+                # pragma: no mutate end
                 return height, width
             if marker == 0xFF:  # fill byte
                 offset += 1

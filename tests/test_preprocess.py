@@ -652,9 +652,45 @@ def test_mass_boxes_drop_outlines_mostly_outside_the_image(caplog):
     dropped = [r.getMessage() for r in caplog.records if "dropped mass outline" in r.getMessage()]
     assert len(dropped) == 2 and all(m.startswith("x.dcm: ") for m in dropped)
     assert "38%" in dropped[0] and "0%" in dropped[1]
-    assert mass_boxes(g, []).shape == (0, 4)
+    none = mass_boxes(g, [])
+    assert none.shape == (0, 4) and none.dtype == np.float32
     kept = outlines_inside([inside, corner, half], shape, where="y.dcm")
     assert len(kept) == 2 and kept[0] is inside and kept[1] is half
+
+
+def test_box_from_original_clips_to_the_image_by_hand():
+    g = Geometry((100, 80), (0, 0, 100, 80), False, (50, 40))  # scale 1/2: y' = (y + 0.5)/2 - 0.5
+    # an outline past the bottom-right corner: its far corner clipped to (h - 1, w - 1)
+    np.testing.assert_allclose(
+        g.box_from_original([[89.5, 69.5], [130, 100]]), [44.5, 34.5, 49, 39]
+    )
+    # wholly below, wholly right of the image: both corners clipped onto the edge
+    np.testing.assert_allclose(g.box_from_original([[120, 10.5], [130, 20.5]]), [49, 5, 49, 10])
+    np.testing.assert_allclose(g.box_from_original([[10.5, 90], [20.5, 99]]), [5, 39, 10, 39])
+    # above and left: clipped to 0; one point: a box of no extent
+    np.testing.assert_allclose(g.box_from_original([[-9, -9], [-1, -2]]), [0, 0, 0, 0])
+    np.testing.assert_allclose(g.box_from_original([[20.5, 30.5]]), [10, 15, 10, 15])
+    with pytest.raises(ValueError, match="at least one point"):
+        g.box_from_original(np.zeros((0, 2)))
+
+
+def test_codestream_shape_walks_jpeg_segments_by_hand():
+    from data_pipeline.preprocess import _codestream_shape
+
+    sof = b"\xff\xc0\x00\x0b\x08\x01\x23\x04\x56"  # SOF0: length, precision, 291 x 1110
+    app = b"\xff\xe0\x00\x04ab"  # a 4-byte APP0 segment to skip
+    assert _codestream_shape(b"\xff\xd8" + app + b"\xff" + sof + b"\x01\x00") == (291, 1110)
+    # the start of frame's size fields end the data exactly: still read
+    assert _codestream_shape(b"\xff\xd8" + app + sof) == (291, 1110)
+    # no start of frame before the data ends: None, not an IndexError
+    assert _codestream_shape(b"\xff\xd8" + app) is None
+    assert _codestream_shape(b"\xff\xd8" + app + sof[:8]) is None
+    # JPEG 2000: SIZ's Xsiz, Ysiz, XOsiz, YOsiz (big-endian 32 bit) after SOC, SIZ, Lsiz, Rsiz
+    siz = b"\xff\x4f\xff\x51\x00\x29\x00\x00" + b"".join(
+        v.to_bytes(4, "big") for v in (1300, 700, 100, 50)
+    )
+    assert _codestream_shape(b"jP  " + siz) == (650, 1200)
+    assert _codestream_shape(b"\x00" * 40) is None
 
 
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
