@@ -452,12 +452,19 @@ def netpbm(magic: bytes, pixels: np.ndarray, maxval: int) -> bytes:
     return header + pixels.astype(dtype).tobytes()
 
 
-@pytest.mark.parametrize("maxval", [255, 4095, 65535])
+@pytest.mark.parametrize("maxval", [255, 256, 4095, 65535])
 def test_pgm_8_and_16_bit(tmp_path, maxval):
+    from data_pipeline.preprocess import _pnm_header, _read_pnm
+
     image = breast_phantom((120, 96), centre_y=60, half_height=45, depth=60)
     stored = np.round(add_disc(image, (50, 30), 4, 1.0) * maxval).astype(np.uint16)
     path = tmp_path / "mdb001.pgm"
-    path.write_bytes(netpbm(b"P5", stored, maxval))
+    # bytes after the raster (some scanners pad files) are not pixels
+    path.write_bytes(netpbm(b"P5", stored, maxval) + b"\x07" * 64)
+    # two bytes a sample from maxval 256 on (Netpbm), read as native unsigned integers
+    raw = _read_pnm(path, _pnm_header(path))
+    assert raw.dtype == (np.uint16 if maxval > 255 else np.uint8)
+    np.testing.assert_array_equal(raw, stored)
     np.testing.assert_allclose(read_image(path), minmax(stored), atol=1e-6)
     out, g = preprocess_file(path)
     ref, g_ref = preprocess_image(minmax(stored).astype(np.float32))
@@ -691,6 +698,15 @@ def test_codestream_shape_walks_jpeg_segments_by_hand():
     )
     assert _codestream_shape(b"jP  " + siz) == (650, 1200)
     assert _codestream_shape(b"\x00" * 40) is None
+    # a segment longer than 255 bytes is skipped whole (its length is two bytes)
+    long_app = b"\xff\xe1\x01\x04" + bytes(258)
+    assert _codestream_shape(b"\xff\xd8" + long_app + sof) == (291, 1110)
+    # JPEG 2000: the first SIZ within the first 4 KB; one found later (in the data) is not a header
+    other = b"\xff\x4f\xff\x51" + bytes(4) + bytes(16)
+    assert _codestream_shape(b"jP  " + siz + other) == (650, 1200)
+    assert _codestream_shape(bytes(4089) + siz) == (650, 1200)  # SOC at 4089: ends at 4093
+    assert _codestream_shape(bytes(4093) + siz) is None
+    assert _codestream_shape(b"jP  " + siz[:23]) is None  # SIZ cut short
 
 
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
