@@ -612,7 +612,7 @@ def _read_pnm(path: Path, header: tuple[int, int, int, int, int]) -> np.ndarray:
     if data.size < count:
         raise ValueError(f"the file holds {data.size} of its {count} samples (truncated)")
     data = data.astype(dtype.newbyteorder("="), copy=False)  # pragma: no mutate (copy=None: same)
-    return data.reshape((rows, cols, samples) if samples > 1 else (rows, cols))
+    return data.reshape((rows, cols, 3) if samples == 3 else (rows, cols))
 
 
 def _raster_header(path: Path) -> tuple[int, int, int, int]:
@@ -964,7 +964,7 @@ def preprocess_image(
             "with read_image (or use preprocess_file)."
         )
     lo, hi = float(np.min(image)), float(np.max(image))
-    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1e-3 or hi > 1.0 + 1e-3:
+    if not (lo >= -1e-3 and hi <= 1.0 + 1e-3):  # NaN fails every comparison
         raise DataError(
             f"image: values must be finite and in [0, 1], got [{lo}, {hi}]; rescale it first."
         )

@@ -539,6 +539,31 @@ def test_other_bad_inputs(tmp_path):
         preprocess_image(np.full((10, 10), 3.0))
 
 
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.zeros((1, 50)), "2-D array"),  # 2-D but one row
+        (np.zeros((4, 4, 4)), "2-D array"),
+        (np.zeros((10, 10), np.uint8), "expected float"),
+        (np.full((10, 10), np.nan), "finite and in"),
+        (np.full((10, 10), np.inf), "finite and in"),
+        (np.full((10, 10), -np.inf), "finite and in"),
+        (np.full((10, 10), -0.0011), "finite and in"),
+        (np.full((10, 10), 1.0011), "finite and in"),
+    ],
+)
+def test_preprocess_image_refuses_what_it_cannot_take(image, message):
+    with pytest.raises(DataError, match=message):
+        preprocess_image(image)
+
+
+def test_preprocess_image_takes_rounding_just_outside_zero_and_one():
+    image = breast_phantom((120, 96), centre_y=60, half_height=45, depth=60)
+    image[0, 0], image[-1, -1] = -1e-3, 1.0 + 1e-3  # within the tolerance, exactly at it
+    out, _ = preprocess_image(image)
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @settings(
     max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
