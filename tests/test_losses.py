@@ -482,6 +482,33 @@ def test_soft_top_k_matches_a_root_finder_at_moderate_temperatures(masked):
     )
 
 
+def test_soft_top_k_threshold_reaches_float32_resolution_for_logits_of_1e4():
+    """Docstring: 60 halvings reach float32 resolution for logits of +-1e4. There a float32
+    threshold moves by ~1e-3 per ulp, a whole temperature at T = 1e-3, so the sum cannot be k
+    exactly: it must lie between the sums (float64) at the float32 thresholds one ulp either side
+    of the pair that brackets the exact threshold (Brent's method in float64)."""
+    from scipy.optimize import brentq
+
+    rng = np.random.default_rng(27)
+    t = 1e-3
+    logits = (1e4 * rng.standard_normal((8, 36))).astype(np.float32)
+    ks = np.array([27.47, 0.01, 3.5, 12.3, 0.43, 5.6, 20.2, 33.9])
+    got = np.asarray(dm.soft_top_k(logits, ks, temperature=t), np.float64).sum(axis=1)
+    down, up = np.float32(-np.inf), np.float32(np.inf)
+    for z, k, total in zip(logits.astype(np.float64), ks, got, strict=True):
+
+        def excess(tau, z=z, k=k):
+            return 0.5 * np.sum(1.0 + np.tanh((z - tau) / (2 * t))) - k  # sigmoid via tanh
+
+        exact = brentq(excess, z.min() - 50 * t, z.max() + 50 * t, xtol=1e-300)
+        below = np.float32(exact)
+        below = below if below <= exact else np.nextafter(below, down)  # float32 <= exact
+        above = np.nextafter(below, up)
+        lowest = excess(float(np.nextafter(above, up))) + k
+        highest = excess(float(np.nextafter(below, down))) + k
+        assert lowest - 1e-4 <= total <= highest + 1e-4, (k, lowest, total, highest)
+
+
 def test_float32_inputs_keep_float32_under_x64():
     """With x64 enabled JAX's default float is float64; the functions documented as float32
     (float64 for float64 logits), and the losses, must not turn float32 logits into float64,
