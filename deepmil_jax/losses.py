@@ -88,7 +88,8 @@ def _flatten(
             values = np.unique(np.asarray(labels))
             if not np.all(np.isin(values, (0, 1))):
                 raise ValueError(f"labels must be 0 or 1; got values {values.tolist()}.")
-        labels = labels.astype(logits.dtype)
+        # (not mutated: 0 and 1 are exact in any float, and optax casts targets to the logits')
+        labels = labels.astype(logits.dtype)  # pragma: no mutate
     return logits.reshape(n, -1), labels, mask
 
 
@@ -104,7 +105,7 @@ def _sorted_desc(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Logits of each bag sorted in decreasing order; padding instances sort last as -inf."""
     if mask is not None:
         logits = jnp.where(mask, logits, -jnp.inf)
-    return -jnp.sort(-logits, axis=1)
+    return -jnp.sort(-logits, axis=1)  # pragma: no mutate (logits are (N, m): axis -1 is 1)
 
 
 def num_top_instances(k: int | float, counts: jax.Array, m: int) -> jax.Array:
@@ -385,10 +386,13 @@ def extent_k(instance_logits: jax.Array, *, mask: jax.Array | None = None) -> ja
     """
     logits, _, mask = _flatten(instance_logits, None, mask)
     dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    # pragma: no mutate start (a sum of m_n probabilities never exceeds m_n: the clip's upper
+    # bound never binds; its lower bound, the dtype and the missing gradient are tested)
     counts = _valid_counts(logits, mask).astype(dtype)
+    # pragma: no mutate end
     probabilities = jax.nn.sigmoid(logits.astype(dtype))
     total = jnp.sum(probabilities, axis=1, where=mask)
-    return jax.lax.stop_gradient(jnp.clip(total, 1.0, counts))
+    return jax.lax.stop_gradient(jnp.clip(total, 1.0, counts))  # pragma: no mutate
 
 
 def relative_extent_k(instance_logits: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
@@ -415,11 +419,14 @@ def relative_extent_k(instance_logits: jax.Array, *, mask: jax.Array | None = No
     """
     logits, _, mask = _flatten(instance_logits, None, mask)
     dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    # pragma: no mutate start (the top term is exp(0) = 1 and none exceeds 1, so the sum lies in
+    # [1, m_n] and the clip never binds; its lower bound, dtype and missing gradient are tested)
     counts = _valid_counts(logits, mask).astype(dtype)
+    # pragma: no mutate end
     log_r = jax.nn.log_sigmoid(logits.astype(dtype))
     top = jnp.max(log_r, axis=1, keepdims=True, where=mask, initial=-jnp.inf)
     total = jnp.sum(jnp.exp(log_r - top), axis=1, where=mask)
-    return jax.lax.stop_gradient(jnp.clip(total, 1.0, counts))
+    return jax.lax.stop_gradient(jnp.clip(total, 1.0, counts))  # pragma: no mutate
 
 
 def soft_top_k(
@@ -428,7 +435,7 @@ def soft_top_k(
     *,
     temperature: float | jax.Array = 1.0,
     mask: jax.Array | None = None,
-    iterations: int = 60,
+    iterations: int = 60,  # pragma: no mutate (61 halvings give the same float32 threshold)
 ) -> jax.Array:
     """Soft top-k membership: s_j = sigmoid((z_j - tau) / T) with tau chosen so that sum_j s_j = k.
 
@@ -463,14 +470,14 @@ def soft_top_k(
     dtype = jnp.promote_types(logits.dtype, jnp.float32)
     z = logits.astype(dtype)
     n, m = z.shape
-    valid = jnp.ones(z.shape, bool) if mask is None else mask
+    valid = jnp.ones(z.shape, bool) if mask is None else mask  # pragma: no mutate (1.0: True)
     k = jnp.broadcast_to(jnp.asarray(k, dtype), (n,))
     t = jnp.asarray(temperature, dtype)
 
     z0, k0, t0 = jax.lax.stop_gradient((z, k, t))
     # at tau = max z + margin every membership is below sigmoid(-log m - 20): the sum is < k;
     # at tau = min z - margin every one is above 1 - e^-20 / m: the sum is about the count >= k
-    margin = t0 * (float(np.log(m)) + 20.0)
+    margin = t0 * (float(np.log(m)) + 20.0)  # pragma: no mutate (any wider bracket converges alike)
     lo = jnp.min(jnp.where(valid, z0, jnp.inf), axis=1) - margin
     hi = jnp.max(jnp.where(valid, z0, -jnp.inf), axis=1) + margin
 
@@ -480,10 +487,13 @@ def soft_top_k(
     def halve(_, bounds):
         lo, hi = bounds
         mid = (lo + hi) / 2
-        too_low = total(mid, z0, t0) > k0  # more than k inside: the threshold must rise
+        # more than k inside: the threshold must rise (not mutated: a sum exactly k may go either
+        # way, to a float32 threshold as good)
+        too_low = total(mid, z0, t0) > k0  # pragma: no mutate
         return jnp.where(too_low, mid, lo), jnp.where(too_low, hi, mid)
 
-    lo, hi = jax.lax.fori_loop(0, iterations, halve, (lo, hi))
+    # (not mutated: 59 halvings reach float32 resolution too, about 25 do for logits of +-1e4)
+    lo, hi = jax.lax.fori_loop(0, iterations, halve, (lo, hi))  # pragma: no mutate
     tau0 = (lo + hi) / 2
     # Implicit differentiation in one Newton step from the solution: its value adds nothing
     # (it is subtracted again), its derivative is -(d residual) / (d residual / d tau).
@@ -494,7 +504,7 @@ def soft_top_k(
     residual = total(tau0, z, t) - k
     step = t0 * residual / jnp.maximum(slope, 1e-30)
     tau = tau0 + (step - jax.lax.stop_gradient(step))
-    safe = jnp.where(valid, z, 0.0)  # no gradient through padding
+    safe = jnp.where(valid, z, 0.0)  # pragma: no mutate (any stand-in: no gradient through padding)
     member = jnp.where(valid, jax.nn.sigmoid((safe - tau[:, None]) / t), 0.0)
     return member.reshape(shape)
 
@@ -556,10 +566,11 @@ def adaptive_label_assign_loss(
     else:
         extent = extent_k(logits, mask=mask)
     if method != "soft":
-        top = jnp.clip(jnp.round(extent).astype(jnp.int32), 1, counts)
+        # (not mutated: extent is in [1, m_n] already, and an int or a float top ranks alike)
+        top = jnp.clip(jnp.round(extent).astype(jnp.int32), 1, counts)  # pragma: no mutate
         return _assign_top(logits, labels, top, counts, mask)
     member = jax.lax.stop_gradient(soft_top_k(logits, extent, temperature=temperature, mask=mask))
-    targets = labels[:, None] * member.astype(logits.dtype)
+    targets = labels[:, None] * member.astype(logits.dtype)  # pragma: no mutate (optax casts it)
     per_instance = _bce(logits, targets)
     return jnp.sum(per_instance, where=mask) / jnp.sum(counts)
 
@@ -599,13 +610,17 @@ def attention_pooling(
             f"attention_logits must have the shape of instance_logits {shape}; got "
             f"{jnp.shape(attention_logits)}."
         )
-    valid = jnp.ones(logits.shape, bool) if mask is None else mask
+    valid = jnp.ones(logits.shape, bool) if mask is None else mask  # pragma: no mutate (1.0: True)
     dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    # pragma: no mutate start (any finite stand-in for padding: its weight is 0; dtype is tested)
     scores = jnp.where(valid, scores.astype(dtype), 0.0)
+    # pragma: no mutate end
     top = jax.lax.stop_gradient(jnp.max(jnp.where(valid, scores, -jnp.inf), axis=1, keepdims=True))
     e = jnp.where(valid, jnp.exp(scores - top), 0.0)
     weights = e / jnp.sum(e, axis=1, keepdims=True)
+    # pragma: no mutate start (any finite stand-in for padding: its weight is 0; dtype is tested)
     bag = jnp.sum(weights * jnp.where(valid, logits.astype(dtype), 0.0), axis=1)
+    # pragma: no mutate end
     return bag, weights.reshape(shape)
 
 

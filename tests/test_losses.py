@@ -509,6 +509,15 @@ def test_soft_top_k_threshold_reaches_float32_resolution_for_logits_of_1e4():
         assert lowest - 1e-4 <= total <= highest + 1e-4, (k, lowest, total, highest)
 
 
+def test_integer_logits_are_refused():
+    """Integer scores would sort and pool without complaint (bag_logits would return ints)."""
+    z = jnp.array([[0, 2, -1]], jnp.int32)
+    with pytest.raises(TypeError, match="instance_logits must be a float array"):
+        dm.bag_logits(z)
+    with pytest.raises(TypeError, match="instance_logits must be a float array"):
+        dm.max_pooling_loss(z, jnp.array([1]))
+
+
 def test_float32_inputs_keep_float32_under_x64():
     """With x64 enabled JAX's default float is float64; the functions documented as float32
     (float64 for float64 logits), and the losses, must not turn float32 logits into float64,
@@ -735,6 +744,8 @@ def test_relative_extent_counts_instances_as_probable_as_the_top_one(masked):
     # finite at the extremes, where r underflows (K = m when all are equal, 1 for one at the top)
     z = jnp.full((2, 6), -1e4).at[1, 2].set(1e4)
     np.testing.assert_allclose(dm.relative_extent_k(z), [6.0, 1.0])
+    # no gradient: like extent_k, it chooses labels
+    assert not np.any(jax.grad(lambda z: dm.relative_extent_k(z, mask=mask).sum())(logits))
     # the loss: label assignment with k_n = round(K_n), one image at a time
     total, count = 0.0, 0
     for n in range(len(labels)):
