@@ -581,18 +581,18 @@ def _pnm_header(path: Path) -> tuple[int, int, int, int, int] | None:
     fields: list[int] = []
     i = 2
     while len(fields) < 3:
-        while i < len(head) and head[i : i + 1].isspace():
+        while head[i : i + 1].isspace():  # b"" past the end is no space
             i += 1
         if head[i : i + 1] == b"#":
             end = head.find(b"\n", i)
-            if end < 0:
+            if end == -1:
                 raise ValueError("a PNM header comment runs past 4 KB")
             i = end + 1
             continue
         j = i
-        while j < len(head) and head[j : j + 1].isdigit():
+        while head[j : j + 1].isdigit():
             j += 1
-        if j == i or j >= len(head) or not head[j : j + 1].isspace():
+        if j == i or not head[j : j + 1].isspace():  # b"" (the 4 KB ran out) is no space
             raise ValueError("the PNM header needs width, height and maxval")
         fields.append(int(head[i:j]))
         i = j
@@ -968,7 +968,7 @@ def preprocess_image(
         raise DataError(
             f"image: values must be finite and in [0, 1], got [{lo}, {hi}]; rescale it first."
         )
-    image = image.astype(np.float32, copy=False)
+    image = image.astype(np.float32, copy=False)  # pragma: no mutate (float32 out whatever this)
     return _preprocess(_Decoded(index=None, lut=None, image=image), config, "image")
 
 

@@ -472,6 +472,35 @@ def test_pgm_8_and_16_bit(tmp_path, maxval):
     np.testing.assert_allclose(out, ref, atol=1e-6)
 
 
+def test_pnm_header_by_hand(tmp_path):
+    from data_pipeline.preprocess import _pnm_header, _raster_header
+
+    def header(head: bytes, pixels: int = 1000):
+        path = tmp_path / "h.pgm"
+        path.write_bytes(head + bytes(pixels))
+        return _pnm_header(path)
+
+    # (rows, columns, samples, maxval, offset of the first pixel byte)
+    assert header(b"P5 4 3 255 ") == (3, 4, 1, 255, 11)
+    assert header(b"P6\n1\t1\r1\n") == (1, 1, 3, 1, 9)  # 1 x 1, maxval 1, any whitespace
+    assert header(b"P5#scanner\n4 3 65535\n") == (3, 4, 1, 65535, 21)  # a comment at once
+    assert header(b"P5 4 # width\n 3 255\n") == (3, 4, 1, 255, 20)
+    assert header(b"P2 4 3 255 ") is None  # plain (ASCII) PGM: not this reader's
+    for bad in (b"P5 0 3 255 ", b"P5 4 0 255 ", b"P5 4 3 0 ", b"P5 4 3 65536 "):
+        with pytest.raises(ValueError, match="the PNM header gives"):
+            header(bad)
+    for bad in (b"P5 4 3 255X", b"P5 4x3 255 ", b"P5 4 3"):
+        with pytest.raises(ValueError, match="needs width, height and maxval"):
+            header(bad, pixels=0)
+    # the header is read from the first 4 KB: a comment whose newline is byte 4096 runs past it
+    long = b"P5 #" + b"c" * (4096 - 4) + b"\n4 3 255 "
+    with pytest.raises(ValueError, match="runs past 4 KB"):
+        header(long)
+    path = tmp_path / "wide.pgm"
+    path.write_bytes(b"P5 5 3 255 " + bytes(15))
+    assert _raster_header(path) == (3, 5, 1, 1)
+
+
 @pytest.mark.parametrize("maxval", [255, 65535])
 def test_ppm_colour_becomes_luminance(tmp_path, maxval):
     import skimage.color
