@@ -627,14 +627,16 @@ def _raster_header(path: Path) -> tuple[int, int, int, int]:
 
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
-            samples = int(page.samplesperpixel) * int(page.imagedepth)
+            # not mutated: imagedepth is 1 but in volume TIFFs, which are refused as not 2-D
+            samples = int(page.samplesperpixel) * int(page.imagedepth)  # pragma: no mutate
             return int(page.imagelength), int(page.imagewidth), samples, len(tif.pages)
     import warnings
 
     import PIL.Image
 
     with warnings.catch_warnings():  # PIL warns above 89 megapixels; MAX_PIXELS decides here
-        warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+        # not mutated: ignoring every warning here (no category) changes no result
+        warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)  # pragma: no mutate
         try:
             with PIL.Image.open(path) as image:  # reads the header, decodes nothing
                 frames = int(getattr(image, "n_frames", 1))

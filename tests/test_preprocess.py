@@ -472,6 +472,54 @@ def test_pgm_8_and_16_bit(tmp_path, maxval):
     np.testing.assert_allclose(out, ref, atol=1e-6)
 
 
+def test_raster_files_with_several_images_or_samples_are_refused_from_the_header(tmp_path):
+    import PIL.Image
+    import tifffile
+
+    pages = tmp_path / "pages.tif"
+    tifffile.imwrite(pages, np.zeros((3, 16, 12), np.uint16), photometric="minisblack")  # 3 pages
+    apng = tmp_path / "frames.png"  # an animated PNG
+    frames = [PIL.Image.fromarray(np.full((16, 12), 40 * i, np.uint8)) for i in range(3)]
+    frames[0].save(apng, save_all=True, append_images=frames[1:])
+    five = tmp_path / "five.tif"
+    tifffile.imwrite(
+        five, np.zeros((16, 12, 5), np.uint8), photometric="minisblack", planarconfig="contig"
+    )
+    for path, message in ((pages, "holds 3 images"), (apng, "holds 3 images"), (five, "5 samples")):
+        with pytest.raises(DataError, match=f"{path.name}: .*{message}"):
+            read_image(path)
+
+
+def test_colour_and_narrow_rasters_decode_to_grey_by_hand(tmp_path):
+    rng = np.random.default_rng(7)
+    grey = rng.integers(0, 256, (20, 16)).astype(np.uint8)
+    other = rng.integers(0, 256, (20, 16)).astype(np.uint8)
+    weights = np.array([0.2125, 0.7154, 0.0721])  # ITU-R BT.709 luminance
+
+    def decoded(pixels: np.ndarray, name: str) -> np.ndarray:
+        skimage.io.imsave(tmp_path / name, pixels, check_contrast=False)
+        return read_image(tmp_path / name)
+
+    expected_grey = minmax(grey).astype(np.float32)
+    # equal channels are the grey image itself, exactly (no luminance rounding); alpha ignored
+    for name, pixels in (
+        ("rgb.png", np.stack([grey] * 3, -1)),
+        ("rgba.png", np.dstack([grey, grey, grey, other])),
+    ):
+        np.testing.assert_array_equal(decoded(pixels, name), expected_grey)
+    # two equal channels and a third that differs: luminance of all three
+    for name, pixels in (
+        ("rg.png", np.stack([grey, grey, other], -1)),
+        ("rb.png", np.stack([grey, other, grey], -1)),
+    ):
+        luminance = pixels.astype(np.float64) @ weights
+        np.testing.assert_allclose(decoded(pixels, name), minmax(luminance), atol=1e-5)
+    # a grey image 3 or 4 pixels wide is not a colour image
+    for width in (3, 4):
+        narrow = grey[:, :width]
+        np.testing.assert_allclose(decoded(narrow, f"w{width}.png"), minmax(narrow), atol=1e-7)
+
+
 def test_pnm_header_by_hand(tmp_path):
     from data_pipeline.preprocess import _pnm_header, _raster_header
 
