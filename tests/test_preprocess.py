@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 import skimage.io
+import skimage.measure
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.encaps import encapsulate
@@ -518,6 +519,28 @@ def test_colour_and_narrow_rasters_decode_to_grey_by_hand(tmp_path):
     for width in (3, 4):
         narrow = grey[:, :width]
         np.testing.assert_allclose(decoded(narrow, f"w{width}.png"), minmax(narrow), atol=1e-7)
+
+
+@pytest.mark.parametrize("fy, fx", [(1, 1), (3, 2), (64, 5), (130, 1)])
+def test_block_mean_matches_skimage_block_reduce(fy, fx):
+    """The mask's downsampling, strip by strip, against block_reduce on the same box; from a
+    lookup table (integer images) and from float images alike."""
+    from data_pipeline.preprocess import _Decoded
+
+    rng = np.random.default_rng(fy * 31 + fx)
+    index = rng.integers(0, 4096, (1400, 90)).astype(np.uint16)
+    lut = (rng.random(65536) ** 2).astype(np.float32)
+    box = (7, 3, 7 + 10 * fy + fy // 2, 3 + 17 * fx)  # rows that fill no whole block are left out
+    y0, x0, y1, x1 = box
+    for decoded, values in (
+        (_Decoded(index=index, lut=lut, image=None), lut[index]),
+        (_Decoded(index=None, lut=None, image=lut[index]), lut[index]),
+    ):
+        got = decoded.block_mean(box, fy, fx)
+        whole = values[y0 : y0 + 10 * fy, x0:x1].astype(np.float64)
+        expected = skimage.measure.block_reduce(whole, (fy, fx), np.mean)
+        assert got.dtype == np.float32 and got.shape == (10, 17)
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
 def test_pnm_header_by_hand(tmp_path):
