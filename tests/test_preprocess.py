@@ -515,6 +515,8 @@ def test_colour_and_narrow_rasters_decode_to_grey_by_hand(tmp_path):
     ):
         luminance = pixels.astype(np.float64) @ weights
         np.testing.assert_allclose(decoded(pixels, name), minmax(luminance), atol=1e-5)
+    # grey with alpha: the grey channel
+    np.testing.assert_array_equal(decoded(np.dstack([grey, other]), "la.png"), expected_grey)
     # a grey image 3 or 4 pixels wide is not a colour image
     for width in (3, 4):
         narrow = grey[:, :width]
