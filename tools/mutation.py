@@ -3,15 +3,17 @@
 
     .venv/bin/python tools/mutation.py [--max-children 2] [--clean] [--committed] [TARGET ...]
 
-For each target (default: every one in ``TARGETS``) this copies the
-sources, the tests and ``pyproject.toml`` into ``mutants/<target>/`` (ignored by git), narrows
-the copy's ``[tool.mutmut]`` to the target's module (``only_mutate``) and its fast test modules
-(``pytest_add_cli_args_test_selection``), and runs mutmut there (niced, on the CPU): each mutant
-runs only the tests that call the mutated function. It prints, per target, caught / (caught +
-uncaught) (caught: a test failed, timed out or crashed), the uncaught mutants, and the wall and
-CPU time of the run. A target keeps mutmut's results: a later run tests only the mutants of new
-or changed functions and the earlier survivors (tests may have been added); ``--clean`` tests
-every mutant again. ``cd mutants/<target> && ../../.venv/bin/mutmut show NAME`` shows a mutant.
+For each target (default: every one in ``TARGETS``) this copies the sources, the tests and
+``pyproject.toml`` into ``mutants/<target>/`` (ignored by git), narrows the copy's
+``[tool.mutmut]`` to the target's module (``only_mutate``) and its fast test modules
+(``pytest_add_cli_args_test_selection``), and runs mutmut there (niced, on the CPU, with XLA's
+compilation cache kept per target): each mutant runs only the tests that call the mutated
+function. It prints, per target, caught / (caught + uncaught) (caught: a test failed, timed out or
+crashed), the uncaught mutants, and the wall and CPU time of the run. A target keeps mutmut's
+results while its module is unchanged: a later run tests only the earlier survivors (tests may
+have been added); any change to the module's text, comments included, starts the target over,
+and ``--clean`` does so always. ``cd mutants/<target> && ../../.venv/bin/mutmut show NAME`` shows
+a mutant.
 """
 
 from __future__ import annotations
@@ -163,6 +165,13 @@ def prepare(name: str, target: Target, committed: bool) -> Path:
             capture_output=True,
         ).stdout
         subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    # mutmut keeps each mutant's verdict by name (function + number) and re-tests a function only
+    # when its code (ast.dump, comments ignored) changes; a new `# pragma: no mutate` renumbers
+    # the function's mutants without changing that, so old verdicts would label other mutants.
+    # Any change to the target module's text therefore starts the target over.
+    copy = work / target.file
+    if copy.exists() and copy.read_bytes() != (source / target.file).read_bytes():
+        shutil.rmtree(mutants, ignore_errors=True)
     for part in COPIED:
         _sync(source / part, work / part, mutants)
     pyproject = _pyproject(target, source)
