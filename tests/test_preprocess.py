@@ -545,6 +545,30 @@ def test_block_mean_matches_skimage_block_reduce(fy, fx):
         np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
+def test_fit_grows_or_shrinks_a_span_to_a_multiple_by_hand():
+    from data_pipeline.preprocess import _fit
+
+    assert _fit(3, 10, 4, 20) == (3, 11)  # 7 -> 8: grown at the high end
+    assert _fit(5, 18, 4, 19) == (3, 19)  # 13 -> 16: 1 more at the top (the edge), 2 at the bottom
+    assert _fit(2, 16, 4, 16) == (0, 16)  # 14 -> 16: all 2 at the bottom, down to 0 exactly
+    assert _fit(1, 16, 6, 16) == (1, 13)  # 15 -> 18 does not fit in 16: shrunk to 12
+    assert _fit(0, 15, 4, 15) == (0, 12)
+    assert _fit(4, 12, 4, 30) == (4, 12)  # already a multiple
+
+
+def test_otsu_threshold_is_the_midpoint_of_the_class_means_by_hand():
+    from data_pipeline.preprocess import _otsu
+
+    two = np.array([0.1] * 50 + [0.9] * 50).reshape(10, 10)  # Otsu alone: the gap's low edge
+    assert _otsu(two) == pytest.approx(0.5)
+    one = np.zeros((10, 10))
+    one[3, 7] = 1.0  # a single bright pixel above the threshold still moves it
+    assert _otsu(one) == pytest.approx(0.5)
+    assert _otsu(np.full((10, 10), 0.3)) == pytest.approx(0.3)  # one value: nothing to split
+    uneven = np.array([0.2] * 70 + [0.6] * 20 + [0.8] * 10).reshape(10, 10)
+    assert _otsu(uneven) == pytest.approx(0.5 * (0.2 + (0.6 * 20 + 0.8 * 10) / 30))
+
+
 def test_pnm_header_by_hand(tmp_path):
     from data_pipeline.preprocess import _pnm_header, _raster_header
 
