@@ -349,6 +349,7 @@ def test_box_shape_by_hand():
     assert AugmentConfig().box_shape(4, 3) == (1, 1)  # 0.88 and 0.66 round to 1
     assert AugmentConfig().box_shape(2, 500) == (1, 110)  # 0.44 -> at least 1
     assert AugmentConfig(box_size=300).box_shape(227, 100) == (227, 100)  # 300, 132 clipped
+    assert AugmentConfig(box_size=1).box_shape(227, 227) == (1, 1)  # the smallest box
     assert AugmentConfig(box_size=0).box_shape(227, 227) == (0, 0)
     assert AugmentConfig(box_size=-5).box_shape(227, 227) == (0, 0)
 
