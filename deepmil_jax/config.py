@@ -123,6 +123,17 @@ def scheme_variants(
     return variants
 
 
+def scheme_configs(
+    config: Config, entries: tuple[str, ...] | list[str], flag: str = "--schemes"
+) -> dict[str, Config]:
+    """``{run name: the run's settings}`` of ``scheme_variant`` entries; an entry's own k
+    replaces ``config.k``."""
+    return {
+        name: dataclasses.replace(config, scheme=scheme, k=config.k if k is None else k)
+        for name, (scheme, k) in scheme_variants(entries, flag).items()
+    }
+
+
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
     """A dataclass field with its flag's help text (and, for a string, its allowed values)."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})

@@ -41,7 +41,7 @@ from deepmil_jax.config import (
     from_flags,
     initialize_distributed,
     run_main,
-    scheme_variants,
+    scheme_configs,
 )
 from deepmil_jax.report import (  # noqa: F401 (evaluate.NAMES etc. kept for callers)
     LOCALISATION,
@@ -74,15 +74,6 @@ def cross_validate(config: Config, schemes: list[str], folds: list[int], workdir
                 result = train.train_and_evaluate(fold_config, run_dir)
             results[name].append({"fold": fold, "run_dir": str(run_dir), **result})
     return results
-
-
-def scheme_configs(config: Config, schemes: list[str]) -> dict[str, Config]:
-    """``{run name: the run's settings}`` of ``--schemes`` entries; an entry's own k replaces
-    ``config.k``."""
-    return {
-        name: dataclasses.replace(config, scheme=scheme, k=config.k if k is None else k)
-        for name, (scheme, k) in scheme_variants(schemes).items()
-    }
 
 
 def _fold_statistics(values: list) -> dict | None:

@@ -38,9 +38,16 @@ def title(name: str) -> str:
     ``scheme:k=K`` of evaluate's ``--schemes`` (run name ``<scheme>_k<K>``,
     ``config.scheme_variant``)."""
     for scheme in K_SCHEMES:
-        if name.startswith(f"{scheme}_k"):
-            return f"{NAMES[scheme]}, k={name[len(scheme) + 2 :]}"
+        k = _own_k(name, scheme)
+        if k is not None:
+            return f"{NAMES[scheme]}, k={k}"
     return NAMES.get(name, name)
+
+
+def _own_k(name: str, scheme: str) -> str | None:
+    """The k, as text, of the run name ``<scheme>_k<k>``; None for another name."""
+    prefix = f"{scheme}_k"
+    return name[len(prefix) :] if name.startswith(prefix) else None
 
 
 RELIABILITY_BINS = 10
@@ -154,9 +161,9 @@ def k_sweep(table: dict[str, dict], scheme: str = "label_assign") -> dict[str, d
     the model chooses."""
     fixed, chosen = {}, {}
     for name, row in table.items():
-        if not name.startswith(f"{scheme}_k"):
+        k = _own_k(name, scheme)
+        if k is None:
             continue
-        k = name[len(scheme) + 2 :]
         try:
             fixed[float(k)] = row
         except ValueError:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -13,7 +12,7 @@ from absl import logging
 from deepmil_jax.benchmark import peaks
 from deepmil_jax.benchmark.settings import Setup
 from deepmil_jax.benchmark.timing import Figures, interleave, median
-from deepmil_jax.config import scheme_variants
+from deepmil_jax.config import scheme_configs
 from deepmil_jax.steps import Trainer, lower_train_step
 
 
@@ -90,11 +89,9 @@ def time_schemes(
     --scheme's}`` (1.0 for an entry that is the --scheme itself)."""
     s, reference = setup.settings, setup.config
     bodies = {"reference": lambda: steps.on_devices(images, labels, s.steps_per_repeat)}
-    variants = scheme_variants(entries, "--compare")
-    for name, (scheme, k) in variants.items():
-        config = dataclasses.replace(
-            reference, scheme=scheme, k=reference.k if k is None else k
-        ).canonical()
+    configs = scheme_configs(reference, entries, "--compare")
+    for name, config in configs.items():
+        config = config.canonical()
         config.validate()
         if config == reference:
             continue
@@ -106,7 +103,7 @@ def time_schemes(
     rates = interleave(bodies, s.repeats)
     ratios = {
         name: median(rates["reference"]) / median(rates.get(name, rates["reference"]))
-        for name in variants
+        for name in configs
     }
     per_repeat = {f"train_images_per_sec[{name}]": r for name, r in rates.items()}
     return Figures({"step_time_vs_scheme": ratios}, per_repeat)
