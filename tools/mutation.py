@@ -140,6 +140,8 @@ def _pyproject(target: Target, source: Path) -> str:
     settings = tomllib.loads(text)["tool"]["mutmut"]
     settings["only_mutate"] = [target.file]
     settings["pytest_add_cli_args_test_selection"] = list(target.tests)
+    # the tests a mutant calls run fastest first (tools/mutation_order.py)
+    settings["pytest_add_cli_args"] = settings["pytest_add_cli_args"] + ["-p", "mutation_order"]
     kept, skipping = [], False
     for line in text.splitlines():
         if line.startswith("["):
@@ -233,6 +235,9 @@ def main() -> int:
         TF_CPP_MIN_LOG_LEVEL="3",
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        PYTHONPATH=os.pathsep.join(
+            filter(None, [str(ROOT / "tools"), os.environ.get("PYTHONPATH")])
+        ),
     )
     summary = []
     total_wall = total_cpu = 0.0
