@@ -1,5 +1,5 @@
 """pytest plugin for mutation runs (tools/mutation.py): runs the tests a mutant calls fastest
-first, by the durations mutmut recorded in its clean run, so that a mutant a quick test catches
+first, by the durations mutmut recorded when it mapped tests to functions, so that a mutant a quick test catches
 stops there (mutmut runs with ``-x``) instead of after the slow tests mutmut happened to list
 first. Outside a mutmut run (no ``mutmut-stats.json`` in the working directory) it changes
 nothing."""
