@@ -433,10 +433,17 @@ def localisation(
     """
     from sklearn.metrics import roc_auc_score
 
-    z = np.asarray(instance_logits, np.float64)
+    z = np.asarray(instance_logits)
+    sizes = (len(z), len(mass_masks), len(mass_boxes), len(labels))
+    if len(set(sizes)) != 1:
+        raise ValueError(
+            "localisation needs one instance map, mask, box list and label per image, got "
+            "{} maps, {} masks, {} box lists and {} labels".format(*sizes)
+        )
     grid = z.shape[1:]
     cells, truth, ious = [], [], []
-    for logits, mask, label in zip(z, mass_masks, labels, strict=True):
+    # the lengths are checked above: strict=False is equivalent
+    for logits, mask, label in zip(z, mass_masks, labels, strict=True):  # pragma: no mutate
         if int(label) != 1:
             continue
         lesion = cell_lesion_labels(cell_coverage(mask, grid))
@@ -446,21 +453,23 @@ def localisation(
         cells.append(logits[keep])
         truth.append(lesion[keep])
         ious.append(heatmap_iou(logits, mask))
-    y = np.concatenate(truth) if truth else np.zeros(0, int)
-    s = np.concatenate(cells) if cells else np.zeros(0)
-    both = 0 < int(y.sum()) < y.size
-    ids = [str(i) for i in range(len(z))]
+    instance_cells = sum(t.size for t in truth)
+    lesion_cells = sum(int(t.sum()) for t in truth)
     pointing = pointing_game(
-        {i: top_cell(logits) for i, logits in zip(ids, z, strict=True)},
-        dict(zip(ids, mass_boxes, strict=True)),
-        dict(zip(ids, labels, strict=True)),
+        {str(i): top_cell(logits) for i, logits in enumerate(z)},
+        {str(i): boxes for i, boxes in enumerate(mass_boxes)},
+        {str(i): label for i, label in enumerate(labels)},
         grid_shape=grid,
-        image_shape=np.asarray(mass_masks).shape[1:3],
+        image_shape=np.asarray(mass_masks).shape[1:],
     )
     return {
-        "instance_auc": float(roc_auc_score(y, s)) if both else math.nan,
-        "instance_cells": int(y.size),
-        "lesion_cells": int(y.sum()),
+        "instance_auc": (
+            float(roc_auc_score(np.concatenate(truth), np.concatenate(cells)))
+            if 0 < lesion_cells < instance_cells  # both classes present
+            else math.nan
+        ),
+        "instance_cells": instance_cells,
+        "lesion_cells": lesion_cells,
         "iou": float(np.nanmean(ious)) if ious else math.nan,
         "localised_images": len(ious),
         "pointing_game": pointing["score"],

@@ -344,3 +344,118 @@ def test_localisation_scores_positive_images_with_lesions_by_hand():
     assert out["pointing_game"] == pytest.approx(0.5)
     none = hm.localisation(logits[2:3], masks[2:3], boxes[2:3], np.array([0]))
     assert math.isnan(none["instance_auc"]) and none["localised_images"] == 0
+
+
+def _localisation_by_brute_force(logits, masks, boxes, labels):
+    """localisation's scores written out directly, for images whose cells are whole pixel blocks:
+    a cell's coverage is the mean of its block, the heatmap repeats each cell over its block, the
+    AUC counts lesion-over-other pairs (ties half) and the pointing game compares intervals."""
+    _, gh, gw = logits.shape
+    bh, bw = masks.shape[1] // gh, masks.shape[2] // gw
+    lesion_logits, other_logits, ious = [], [], []
+    hits = pointed = 0
+    for z, m, b, y in zip(logits, masks, boxes, labels, strict=True):
+        if y != 1:
+            continue
+        if len(b):
+            r, c = divmod(int(np.argmax(z)), gw)
+            pointed += 1
+            hits += any(
+                y0 + 0.5 < (r + 1) * bh
+                and y1 + 0.5 >= r * bh
+                and x0 + 0.5 < (c + 1) * bw
+                and x1 + 0.5 >= c * bw
+                for y0, x0, y1, x1 in b
+            )
+        cover = m.reshape(gh, bh, gw, bw).astype(float).mean(axis=(1, 3)) / 255
+        if not (cover >= 0.01).any():
+            continue
+        lesion_logits += list(z[cover >= 0.01])
+        other_logits += list(z[cover == 0])
+        hot = np.repeat(np.repeat(z >= 0, bh, axis=0), bw, axis=1)
+        lesion = m >= 128
+        union = (hot | lesion).sum()
+        ious.append((hot & lesion).sum() / union if union else math.nan)
+    pairs = [(p > q) + 0.5 * (p == q) for p in lesion_logits for q in other_logits]
+    return {
+        "instance_auc": float(np.mean(pairs)) if pairs else math.nan,
+        "instance_cells": len(lesion_logits) + len(other_logits),
+        "lesion_cells": len(lesion_logits),
+        "iou": float(np.nanmean(ious)) if ious else math.nan,
+        "localised_images": len(ious),
+        "pointing_game": hits / pointed if pointed else math.nan,
+        "pointing_hits": hits,
+        "pointing_images": pointed,
+    }
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_localisation_matches_a_brute_force_count_on_random_images(seed):
+    # 9 x 8 images on a 3 x 4 grid: cells of 3 x 2 pixels (rows and columns differ, so a swapped
+    # axis shows). Lesions: a rectangle of 255, a faint region (under 128: lesion cells without a
+    # lesion pixel) and single faint pixels (under 1% of a cell: cells left out).
+    rng = np.random.default_rng(seed)
+    n, (gh, gw), (H, W) = 14, (3, 4), (9, 8)
+    logits = np.round(rng.normal(size=(n, gh, gw)), 1)  # rounded: ties in the ranking
+    masks = np.zeros((n, H, W), np.uint8)
+    boxes = []
+    for m in masks:
+        y0, x0 = rng.integers(0, H - 1), rng.integers(0, W - 1)
+        m[y0 : y0 + rng.integers(1, 4), x0 : x0 + rng.integers(1, 4)] = 255
+        if rng.random() < 0.5:
+            m[rng.integers(0, H), :] = 90
+        m[rng.integers(0, H, 3), rng.integers(0, W, 3)] = np.maximum(m[0, 0], 1)
+        k = rng.integers(0, 3)
+        corner = rng.uniform(0, [H, W, H, W], size=(k, 4))
+        boxes.append(np.concatenate([corner[:, :2], corner[:, :2] + 1.5], axis=1))
+    masks[0] = 0  # a positive image without a lesion: scored by neither
+    masks[1] = 60  # lesion cells everywhere, no lesion pixel: its IoU is NaN with a cold map
+    logits[1] = -1.0
+    labels = np.resize([1, 1, 0, 1, 1], n)
+    got = hm.localisation(logits.astype(np.float32), masks, boxes, labels)
+    want = _localisation_by_brute_force(logits, masks, boxes, labels)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, nan_ok=True), key
+
+
+def test_localisation_with_every_scored_cell_a_lesion_or_nothing_to_score():
+    logits = np.array([[[1.0, -2.0], [0.5, 3.0]]])
+    full = np.full((1, 4, 4), 255, np.uint8)
+    box = [np.array([[0.0, 0.0, 3.0, 3.0]])]
+    out = hm.localisation(logits, full, box, np.array([1]))
+    # no negative cell: no AUC, but the IoU (hot 3 cells = 12 of 16 lesion pixels) and the pointing
+    # game are scored
+    assert math.isnan(out["instance_auc"])
+    assert (out["instance_cells"], out["lesion_cells"], out["localised_images"]) == (4, 4, 1)
+    assert out["iou"] == pytest.approx(12 / 16)
+    assert (out["pointing_hits"], out["pointing_images"], out["pointing_game"]) == (1, 1, 1.0)
+    none = hm.localisation(logits, full, box, np.array([0]))
+    assert math.isnan(none["instance_auc"]) and math.isnan(none["iou"])
+    assert math.isnan(none["pointing_game"])
+    assert (none["instance_cells"], none["lesion_cells"], none["localised_images"]) == (0, 0, 0)
+    assert (none["pointing_hits"], none["pointing_images"]) == (0, 0)
+
+
+@pytest.mark.parametrize("short", ["masks", "boxes", "labels"])
+def test_localisation_refuses_inputs_of_different_lengths(short):
+    args = {
+        "instance_logits": np.zeros((2, 2, 2)),
+        "mass_masks": np.zeros((2, 4, 4), np.uint8),
+        "mass_boxes": [np.zeros((0, 4))] * 2,
+        "labels": np.ones(2, int),
+    }
+    key = {"masks": "mass_masks", "boxes": "mass_boxes", "labels": "labels"}[short]
+    args[key] = args[key][:1]
+    counts = {"masks": "2 maps, 1 masks, 2 box", "boxes": "2 maps, 2 masks, 1 box"}
+    with pytest.raises(ValueError, match=counts.get(short, "2 box lists and 1 labels")):
+        hm.localisation(**args)
+
+
+def test_bag_probability_is_the_sigmoid_of_each_images_largest_instance():
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(5, 3, 4)) * 3
+    want = np.array([1.0 / (1.0 + math.exp(-max(image.ravel()))) for image in z])
+    np.testing.assert_allclose(hm.bag_probability(z), want, rtol=1e-12)
+    np.testing.assert_allclose(hm.bag_probability(z.reshape(5, 12)), want, rtol=1e-12)
+    np.testing.assert_allclose(hm.bag_probability(z[:, :1, :1]), 1 / (1 + np.exp(-z[:, 0, 0])))
