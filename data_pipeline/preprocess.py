@@ -741,8 +741,8 @@ def _fill_holes(mask: np.ndarray, chest_wall_left: bool) -> np.ndarray:
     background = skimage.measure.label(~mask, connectivity=1)
     far_column = background[:, -1] if chest_wall_left else background[:, 0]
     border = np.unique(np.concatenate([background[0], background[-1], far_column]))
-    holes = ~np.isin(background, border) & (background > 0)
-    return mask | holes
+    # the breast's own pixels (label 0) are in the mask whether or not they count as holes
+    return mask | ~np.isin(background, border)
 
 
 def _fit(lo: int, hi: int, factor: int, n: int) -> tuple[int, int]:

@@ -556,6 +556,33 @@ def test_fit_grows_or_shrinks_a_span_to_a_multiple_by_hand():
     assert _fit(4, 12, 4, 30) == (4, 12)  # already a multiple
 
 
+def _art(rows: list[str]) -> np.ndarray:
+    return np.array([[ch != "." for ch in row] for row in rows])
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_fill_holes_fills_enclosed_background_and_chest_wall_inlets_by_hand(mirrored):
+    from data_pipeline.preprocess import _fill_holes
+
+    # '#' breast, '.' background that stays, 'o' background filled. With the chest wall on the
+    # left: (0, 3), (5, 2) and (2, 8) meet the top, bottom and far edges and stay; the inlet at
+    # (2..3, 0) meets only the chest-wall edge; (1, 6) and (4, 4) lie one line in from the top and
+    # bottom; (3, 7) touches (2, 8) only diagonally (4-connected regions), one column in from
+    # the far edge.
+    art = [
+        "###.#####",
+        "#o####o##",
+        "o#######.",
+        "o######o#",
+        "####o####",
+        "##.######",
+    ]
+    if mirrored:  # the same breast the other way round, chest wall on the right
+        art = [row[::-1] for row in art]
+    mask = _art([row.replace("o", ".") for row in art])
+    np.testing.assert_array_equal(_fill_holes(mask, chest_wall_left=not mirrored), _art(art))
+
+
 def test_otsu_threshold_is_the_midpoint_of_the_class_means_by_hand():
     from data_pipeline.preprocess import _otsu
 
