@@ -792,7 +792,7 @@ def _threshold(small: np.ndarray) -> float:
     lo, hi = float(small.min()), float(small.max())
     if 0 < upper.size < 0.25 * small.size and float(upper.mean()) >= hi - 0.15 * (hi - lo):
         lower = small[small <= t]
-        if lower.size > 1 and float(lower.max()) > float(lower.min()):
+        if float(lower.max()) > float(lower.min()):  # (over 3/4 of the pixels)
             t = _otsu(lower)
     return t
 

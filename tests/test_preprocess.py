@@ -596,6 +596,28 @@ def test_otsu_threshold_is_the_midpoint_of_the_class_means_by_hand():
     assert _otsu(uneven) == pytest.approx(0.5 * (0.2 + (0.6 * 20 + 0.8 * 10) / 30))
 
 
+def test_threshold_looks_below_a_bright_plateau_by_hand():
+    from data_pipeline.preprocess import _threshold
+
+    def image(*runs):  # (value, count) runs of 100 pixels
+        return np.concatenate([np.full(n, v, np.float32) for v, n in runs]).reshape(10, 10)
+
+    # Otsu splits off 1.0 (20%, mean 1.0 >= 1 - 0.15): Otsu again below it, between 0 and 0.4
+    assert _threshold(image((0, 50), (0.4, 30), (1, 20))) == pytest.approx(0.2)
+    # a single bright pixel is a plateau too
+    assert _threshold(image((0, 90), (0.02, 9), (1, 1))) == pytest.approx(0.01)
+    # 25% above Otsu's threshold is not "under a quarter": the midpoint of 0 x 50, 0.4 x 25 and 1
+    assert _threshold(image((0, 50), (0.4, 25), (1, 25))) == pytest.approx(0.5 * (10 / 75 + 1))
+    # Otsu's midpoint (between 0.2 and 0.3) leaves the top 20% above it; their mean is 0.83, under
+    # 0.85: kept; at 0.87 the plateau rule applies (Otsu of the rest: midpoint of 0 and 0.25)
+    darker = ((0, 10), (0.2, 35), (0.3, 35))
+    kept = 0.5 * (0.2 * 35 / 45 + (0.3 * 35 + 0.66 * 10 + 10) / 55)
+    assert _threshold(image(*darker, (0.66, 10), (1, 10))) == pytest.approx(kept)
+    assert _threshold(image(*darker, (0.74, 10), (1, 10))) == pytest.approx(0.125)
+    # below the plateau one value: nothing to split there, Otsu's threshold stays
+    assert _threshold(image((0, 80), (1, 20))) == pytest.approx(0.5)
+
+
 def test_pnm_header_by_hand(tmp_path):
     from data_pipeline.preprocess import _pnm_header, _raster_header
 
