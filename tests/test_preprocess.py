@@ -618,6 +618,68 @@ def test_threshold_looks_below_a_bright_plateau_by_hand():
     assert _threshold(image((0, 80), (1, 20))) == pytest.approx(0.5)
 
 
+def _strip_scene(name: str) -> tuple[np.ndarray, np.ndarray, set[int]]:
+    """A 40 x 40 breast filling the image (a checkerboard of 0.3 and 0.5 in 8-pixel squares: the
+    masked quartiles are 0.3 and 0.5, so `flat` is 0.05, and `bright` is over 0.6) with the given
+    film edges along its top: (image, mask, the rows `_drop_border_strips` must take out)."""
+    r, c = np.mgrid[0:40, 0:40]
+    small = (0.3 + 0.2 * ((r // 8 + c // 8) % 2)).astype(np.float32)
+    mask = np.ones((40, 40), bool)
+    dropped: set[int] = set()
+    if name == "strips":  # two flat bright rows, then tissue
+        small[0:2] = 1.0
+        dropped = {0, 1}
+    elif name == "stepped":  # background, strip, black band, strip; the search goes 4 rows deep
+        small[[0, 2]], mask[[0, 2]] = 0.0, False
+        small[[1, 3, 4]] = 1.0
+        dropped = {1, 3}
+    elif name == "cover 90%":  # bright over 36 of 40 pixels is a film edge
+        small[0, :36] = 1.0
+        dropped = {0}
+    elif name == "cover 87%":  # over 35 is not, and the tissue line ends the search
+        small[0, :35] = 1.0
+        small[1] = 1.0
+    elif name == "grain":  # pixel-to-pixel grain of 0.06 > flat: averaged over 3 pixels, 0.02
+        small[0] = np.where(np.arange(40) % 2, 0.94, 1.0)
+        dropped = {0}
+    elif name == "texture":  # bright but textured (0.8 and 1.0 in runs of 10): tissue, search ends
+        small[0] = np.where(np.arange(40) // 10 % 2, 0.8, 1.0)
+        small[1] = 1.0
+    elif name == "half covered":  # a line half in the mask is not stepped over
+        mask[0, 20:], small[0, 20:] = False, 0.0
+        small[1] = 1.0
+    elif name == "under half":  # under half is (a label, a thin strip)
+        mask[0, 19:], small[0, 19:] = False, 0.0
+        small[1] = 1.0
+        dropped = {1}
+    return small, mask, dropped
+
+
+@pytest.mark.parametrize("turns", range(4))
+@pytest.mark.parametrize(
+    "name",
+    [
+        "strips",
+        "stepped",
+        "cover 90%",
+        "cover 87%",
+        "grain",
+        "texture",
+        "half covered",
+        "under half",
+    ],
+)
+def test_drop_border_strips_by_hand_on_every_side(name, turns):
+    from data_pipeline.preprocess import _drop_border_strips
+
+    small, mask, dropped = _strip_scene(name)
+    expected = mask.copy()
+    expected[sorted(dropped)] = False
+    # the same scene along each side in turn (rot90 takes the top rows to the left, bottom, right)
+    small, mask, expected = (np.rot90(a, turns).copy() for a in (small, mask, expected))
+    np.testing.assert_array_equal(_drop_border_strips(mask, small), expected)
+
+
 def test_pnm_header_by_hand(tmp_path):
     from data_pipeline.preprocess import _pnm_header, _raster_header
 
