@@ -217,8 +217,12 @@ def _official_split(
 ) -> Split:
     """The collection's test set; validation: fold ``fold`` of its training set's folds."""
     labels = np.asarray(labels)
-    subsets = np.asarray(subsets if subsets is not None else [""] * labels.size, dtype=str)
-    if subsets.shape != labels.shape or not np.isin(subsets, ("train", "test")).all():
+    subsets = None if subsets is None else np.asarray(subsets)
+    if (
+        subsets is None
+        or subsets.shape != labels.shape
+        or not np.isin(subsets, ("train", "test")).all()
+    ):
         raise DataError(
             'split="official" needs the collection\'s own train/test split, and this dataset has '
             'none (only CBIS-DDSM and VinDr-Mammo have one). Use split="patient" (--split).'

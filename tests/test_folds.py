@@ -224,8 +224,43 @@ def test_official_split_keeps_the_collections_test_set():
     np.testing.assert_array_equal(np.sort(joined), official_train)
 
 
+@pytest.mark.parametrize("grouped", [True, False])
+def test_official_split_validation_is_a_fold_of_the_official_training_set(grouped):
+    # validation: fold `fold` of assign_folds' folds of the official training set, patient-grouped
+    # when there are patient ids, image-wise without
+    subsets = np.where(np.isin(GROUPS, np.unique(GROUPS)[1::4]), "test", "train")
+    train = np.flatnonzero(subsets == "train")
+    groups = GROUPS if grouped else None
+    folds = assign_folds(
+        LABELS[train],
+        GROUPS[train] if grouped else None,
+        num_folds=3,
+        split="patient" if grouped else "image",
+        seed=7,
+    )
+    for fold in range(3):
+        split = make_split(
+            LABELS, groups, num_folds=3, fold=fold, split="official", seed=7, subsets=list(subsets)
+        )
+        np.testing.assert_array_equal(split.validation, train[folds == fold])
+        np.testing.assert_array_equal(split.train, train[folds != fold])
+        np.testing.assert_array_equal(split.test, np.flatnonzero(subsets == "test"))
+
+
+def test_official_split_with_one_training_example_says_what_assign_folds_says():
+    subsets = np.array(["test"] * (LABELS.size - 1) + ["train"])
+    with pytest.raises(DataError, match="All 1 examples have label"):
+        make_split(LABELS, GROUPS, num_folds=3, split="official", subsets=subsets)
+
+
 @pytest.mark.parametrize(
-    "subsets", [None, ["train"] * LABELS.size, ["train", ""] * (LABELS.size // 2) + ["test"]]
+    "subsets",
+    [
+        None,
+        ["train"] * LABELS.size,
+        ["train", ""] * (LABELS.size // 2) + ["test"],
+        ["train", "test"] * 3,  # valid names, but not one per example
+    ],
 )
 def test_official_split_needs_an_official_split(subsets):
     subsets = subsets if subsets is None else subsets[: LABELS.size]
