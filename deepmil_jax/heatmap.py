@@ -62,7 +62,7 @@ def bag_probability(instance_logits: np.ndarray) -> np.ndarray:
     instance logit, the bag prediction of max-pooling MIL (the paper's schemes; a model with its
     own pooling gives its bag logit, ``DeepMIL.instances_and_bag``)."""
     z = np.asarray(instance_logits)
-    return sigmoid(z.reshape(z.shape[0], -1).max(axis=1))
+    return sigmoid(z.max(axis=tuple(range(1, z.ndim))))
 
 
 def top_cell(instance_logits: np.ndarray) -> tuple[int, int]:
@@ -145,18 +145,18 @@ def instance_map_to_original(values: np.ndarray, geometry: Any, *, stride: int =
     bx = geometry.to_original(np.stack([np.zeros_like(kx), kx - 0.5], axis=1))[:, 1] + 0.5
     centres_y = (np.arange(math.ceil(H / stride)) + 0.5) * stride
     centres_x = (np.arange(math.ceil(W / stride)) + 0.5) * stride
-    rows, row_ok = _interval_index(by, centres_y)
-    cols, col_ok = _interval_index(bx, centres_x)
-    out = v[np.ix_(rows, cols)]
-    out[~(row_ok[:, None] & col_ok[None, :])] = np.nan
-    return out
+    rows, row_ok = _interval_index(by, centres_y, reverse=False)
+    cols, col_ok = _interval_index(bx, centres_x, reverse=bool(geometry.flipped))
+    return np.where(row_ok[:, None] & col_ok[None, :], v[np.ix_(rows, cols)], np.nan)
 
 
-def _interval_index(bounds: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index k of the interval between bounds[k] and bounds[k + 1] (monotone, either direction)
-    holding each point, half-open on the lower side in original coordinates; and validity."""
+def _interval_index(
+    bounds: np.ndarray, points: np.ndarray, *, reverse: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Index k of the interval between bounds[k] and bounds[k + 1] (increasing, or decreasing if
+    ``reverse``) holding each point, half-open on the lower side in original coordinates; and
+    validity."""
     n = len(bounds) - 1
-    reverse = bounds[-1] < bounds[0]
     ordered = bounds[::-1] if reverse else bounds
     k = np.searchsorted(ordered, points, side="right") - 1
     ok = (k >= 0) & (k < n)
@@ -348,7 +348,7 @@ def _overlaps(n: int, cells: int) -> np.ndarray:
     """(cells, n): the length of pixel ``i``'s span ``[i, i + 1)`` inside cell ``c``'s span
     ``[c * n / cells, (c + 1) * n / cells)`` (edge coordinates, as in :func:`cell_box`)."""
     edges = np.arange(cells + 1) * (n / cells)
-    pixels = np.arange(n, dtype=np.float64)
+    pixels = np.arange(n)
     lo = np.maximum(edges[:-1, None], pixels[None, :])
     hi = np.minimum(edges[1:, None], pixels[None, :] + 1.0)
     return np.clip(hi - lo, 0.0, None)
@@ -364,7 +364,7 @@ def cell_coverage(mask: np.ndarray, grid_shape: Sequence[int]) -> np.ndarray:
 
     Pixels cut by a cell boundary count with the part of their area inside the cell.
     """
-    m = np.asarray(mask, np.float64) / 255.0
+    m = np.asarray(mask) / 255.0
     if m.ndim != 2:
         raise ValueError(f"mask must be (H, W), got shape {m.shape}")
     gh, gw = (int(v) for v in grid_shape)
@@ -376,13 +376,14 @@ def cell_coverage(mask: np.ndarray, grid_shape: Sequence[int]) -> np.ndarray:
 def cell_lesion_labels(coverage: np.ndarray) -> np.ndarray:
     """Instance ground truth of a coverage map: 1 where at least ``LESION_CELL_COVERAGE`` of the
     cell is lesion, 0 where none of it is, -1 (left out) in between."""
-    c = np.asarray(coverage, np.float64)
+    c = np.asarray(coverage)
     return np.where(c >= LESION_CELL_COVERAGE, 1, np.where(c > 0.0, -1, 0))
 
 
 def _cell_of_pixel(n: int, cells: int) -> np.ndarray:
     """The cell of each pixel along one axis: the one holding the pixel's centre ``i + 0.5``."""
-    return np.minimum(((np.arange(n) + 0.5) * cells / n).astype(int), cells - 1)
+    # (n - 0.5) * cells / n < cells: never past the last cell
+    return ((np.arange(n) + 0.5) * cells / n).astype(int)
 
 
 def heatmap_iou(instance_logits: np.ndarray, mask: np.ndarray) -> float:
@@ -465,7 +466,7 @@ def localisation(
     return {
         "instance_auc": (
             float(roc_auc_score(np.concatenate(truth), np.concatenate(cells)))
-            if 0 < lesion_cells < instance_cells  # both classes present
+            if lesion_cells < instance_cells  # both classes (a scored image has a lesion cell)
             else math.nan
         ),
         "instance_cells": instance_cells,

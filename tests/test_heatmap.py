@@ -8,6 +8,9 @@ import pytest
 from data_pipeline.preprocess import Geometry
 from deepmil_jax import heatmap as hm
 
+# no score may come with a warning (an empty mean, a one-class AUC): such cases give NaN quietly
+pytestmark = pytest.mark.filterwarnings("error")
+
 
 def test_sigmoid_is_the_logistic_function_and_stable():
     x = np.array([-5.0, -1.0, 0.0, 0.5, 3.0])
@@ -126,6 +129,16 @@ def test_instance_map_to_original_matches_brute_force(flipped, stride):
         assert np.isnan(out[100, 442]) and not np.isnan(out[100, 441])
     with pytest.raises(ValueError, match="h', w'"):
         hm.instance_map_to_original(np.zeros(3), geometry)
+
+
+@pytest.mark.parametrize("flipped", [False, True])
+def test_instance_map_of_a_single_instance_covers_the_crop(flipped):
+    # the `alexnet` scheme's map is one instance: its value on the whole crop, NaN outside
+    geometry = Geometry(original_shape=(50, 40), crop=(5, 3, 45, 30), flipped=flipped, size=(9, 9))
+    out = hm.instance_map_to_original(np.array([[0.25]]), geometry)
+    inside = np.zeros((50, 40), bool)
+    inside[5:45, 3:30] = True
+    np.testing.assert_array_equal(out, np.where(inside, 0.25, np.nan))
 
 
 def test_downsample_is_a_block_mean_with_edge_padding():
@@ -304,9 +317,13 @@ def test_heatmap_iou_counts_pixels_by_hand():
     mask = np.zeros((4, 4), np.uint8)
     mask[0:2, 0:4] = 255  # lesion = the top two cells (8 pixels)
     mask[3, 3] = 127  # under half a pixel: not lesion
-    # hot = 8 pixels (cells (0,0), (1,1)); intersection = cell (0,0) = 4; union = 8 + 8 - 4 = 12
-    assert hm.heatmap_iou(logits, mask) == pytest.approx(4 / 12)
+    mask[3, 0] = 128  # half or more: lesion (outside the hot cells)
+    # hot = 8 pixels (cells (0,0), (1,1)); intersection = cell (0,0) = 4; union = 8 + 9 - 4 = 13
+    assert hm.heatmap_iou(logits, mask) == pytest.approx(4 / 13)
     assert math.isnan(hm.heatmap_iou(-np.ones((2, 2)), np.zeros((4, 4), np.uint8)))
+    for bad in [(np.zeros(4), mask), (logits, mask[None])]:  # either one of the wrong rank
+        with pytest.raises(ValueError, match="need"):
+            hm.heatmap_iou(*bad)
 
 
 def test_localisation_scores_positive_images_with_lesions_by_hand():
