@@ -672,7 +672,7 @@ def _decode_raster(path: Path) -> _Decoded:
         ) from e
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         rgb = arr[..., :3]
-        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+        if (rgb == rgb[..., :1]).all():  # every channel equal to the first
             arr = np.ascontiguousarray(rgb[..., 0])  # pragma: no mutate (the channels are equal)
         else:
             # pragma: no mutate start (float64 here gives the same luminance to float32 rounding)
@@ -1000,8 +1000,8 @@ def preprocess_file(
 
 
 def _main(argv: Sequence[str]) -> None:
-    # pragma: no mutate block: the command line's glue, run in a subprocess by the tests (its
-    # errors, and its PNG against preprocess_file's image), which mutmut cannot map to it
+    # pragma: no mutate block (the command line's glue, run in a subprocess by the tests: its
+    # errors, and its PNG against preprocess_file's image; mutmut cannot map them to it)
     from absl import flags
 
     if len(argv) > 1:

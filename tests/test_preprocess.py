@@ -10,6 +10,7 @@ import pydicom
 import pytest
 import skimage.io
 import skimage.measure
+import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.encaps import encapsulate
@@ -475,7 +476,6 @@ def test_pgm_8_and_16_bit(tmp_path, maxval):
 
 def test_raster_files_with_several_images_or_samples_are_refused_from_the_header(tmp_path):
     import PIL.Image
-    import tifffile
 
     pages = tmp_path / "pages.tif"
     tifffile.imwrite(pages, np.zeros((3, 16, 12), np.uint16), photometric="minisblack")  # 3 pages
@@ -515,8 +515,16 @@ def test_colour_and_narrow_rasters_decode_to_grey_by_hand(tmp_path):
     ):
         luminance = pixels.astype(np.float64) @ weights
         np.testing.assert_allclose(decoded(pixels, name), minmax(luminance), atol=1e-5)
+    # colour with alpha: luminance of the colours, alpha ignored
+    rgba = np.dstack([grey, other, grey, other[::-1]])
+    luminance = rgba[..., :3].astype(np.float64) @ weights
+    np.testing.assert_allclose(decoded(rgba, "rgba_colour.png"), minmax(luminance), atol=1e-5)
     # grey with alpha: the grey channel
     np.testing.assert_array_equal(decoded(np.dstack([grey, other]), "la.png"), expected_grey)
+    # a TIFF that reads back as (H, W, 1): the grey image
+    tifffile.imwrite(tmp_path / "one_sample.tif", grey[..., None], photometric="minisblack")
+    assert skimage.io.imread(tmp_path / "one_sample.tif").shape == (20, 16, 1)
+    np.testing.assert_array_equal(read_image(tmp_path / "one_sample.tif"), expected_grey)
     # a grey image 3 or 4 pixels wide is not a colour image
     for width in (3, 4):
         narrow = grey[:, :width]
@@ -850,7 +858,6 @@ def png_bytes(height: int, width: int, bit_depth: int = 8, rows: int = 1) -> byt
 
 
 def test_decoders_refuse_more_than_the_pixel_cap_before_decoding(tmp_path):
-    import tifffile
 
     # A 20000 x 20000 deflate TIFF of a few hundred KB: 400 megapixels once decoded.
     def tiles():
@@ -943,6 +950,14 @@ def test_box_from_original_clips_to_the_image_by_hand():
         g.box_from_original(np.zeros((0, 2)))
 
 
+def test_describe_gives_the_exception_and_its_first_line():
+    from data_pipeline.preprocess import _describe
+
+    assert _describe(ValueError("  bad header\n  more detail")) == "ValueError: bad header"
+    assert _describe(ValueError("size 4 x 4 X")) == "ValueError: size 4 x 4 X"
+    assert _describe(OSError()) == "OSError"
+
+
 def test_codestream_shape_walks_jpeg_segments_by_hand():
     from data_pipeline.preprocess import _codestream_shape
 
@@ -969,6 +984,13 @@ def test_codestream_shape_walks_jpeg_segments_by_hand():
     assert _codestream_shape(bytes(4089) + siz) == (650, 1200)  # SOC at 4089: ends at 4093
     assert _codestream_shape(bytes(4093) + siz) is None
     assert _codestream_shape(b"jP  " + siz[:23]) is None  # SIZ cut short
+    # the sizes and lengths are unsigned: 16 bits for JPEG, 32 for JPEG 2000
+    big_sof = b"\xff\xc0\x00\x0b\x08" + (40000).to_bytes(2, "big") + (50000).to_bytes(2, "big")
+    assert _codestream_shape(b"\xff\xd8" + app + big_sof) == (40000, 50000)
+    huge_app = b"\xff\xe1\x90\x00" + bytes(0x9000 - 2)  # 36864 bytes
+    assert _codestream_shape(b"\xff\xd8" + huge_app + sof) == (291, 1110)
+    huge_siz = siz[:8] + b"".join(v.to_bytes(4, "big") for v in (3_000_000_000, 700, 0, 50))
+    assert _codestream_shape(huge_siz) == (650, 3_000_000_000)
 
 
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -1060,7 +1082,6 @@ def test_fuzz_raster_reader_random_bytes(tmp_path, suffix, prefix, data):
 def test_fuzz_tiff_header_values(
     tmp_path, shape, extra, pages, dtype, special, compression, cut, seed
 ):
-    import tifffile
 
     rng = np.random.default_rng(seed)
     full = (pages, *shape, *extra) if pages > 1 else (*shape, *extra)
