@@ -388,8 +388,10 @@ def _check_size(path: Path, rows: int, cols: int, samples: int = 1, frames: int 
 
 def _lut_from(values: np.ndarray, transform, vmin: float, vmax: float, where: Path) -> np.ndarray:
     """`transform` of every possible stored value, normalised by its range over [vmin, vmax]."""
-    table = np.asarray(transform(values), dtype=np.float64).reshape(-1)
-    if table.shape[0] != values.shape[0] or not np.all(np.isfinite(table)):
+    # pragma: no mutate start (a float32 table gives the same float32 LUT to rounding)
+    table = np.asarray(transform(values), dtype=np.float64)
+    # pragma: no mutate end
+    if table.shape != values.shape or not np.all(np.isfinite(table)):
         raise DataError(f"{where}: the modality/VOI LUT gives non-finite or misshaped values.")
     present = np.arange(int(vmin), int(vmax) + 1).astype(values.dtype).view(_UNSIGNED[values.dtype])
     lo, hi = table[present].min(), table[present].max()
@@ -413,7 +415,7 @@ _UNSIGNED = {
 def _all_values(dtype: np.dtype) -> np.ndarray:
     """Every value of an 8/16-bit integer dtype, ordered by its unsigned bit pattern."""
     unsigned = _UNSIGNED[dtype]
-    return np.arange(np.iinfo(unsigned).max + 1, dtype=np.int64).astype(unsigned).view(dtype)
+    return np.arange(np.iinfo(unsigned).max + 1).astype(unsigned).view(dtype)
 
 
 def _from_values(arr: np.ndarray, transform, invert: bool, where: Path) -> _Decoded:
@@ -428,9 +430,7 @@ def _from_values(arr: np.ndarray, transform, invert: bool, where: Path) -> _Deco
         if invert:
             lut = 1.0 - lut
         return _Decoded(index=arr.view(_UNSIGNED[arr.dtype]), lut=lut, image=None)
-    # Any other dtype (32-bit, float): apply directly, in float32 where possible.
-    if np.issubdtype(arr.dtype, np.bool_):
-        arr = arr.astype(np.uint8)
+    # Any other dtype (32-bit, float, bool): apply directly, in float32 where possible.
     values = np.asarray(transform(arr), dtype=np.float32)
     finite = np.isfinite(values)
     if not finite.all():
@@ -443,7 +443,7 @@ def _from_values(arr: np.ndarray, transform, invert: bool, where: Path) -> _Deco
         )
     values -= lo
     values *= 1.0 / (hi - lo)
-    np.clip(values, 0.0, 1.0, out=values)
+    np.minimum(values, 1.0, out=values)  # (hi - lo) / (hi - lo) may round above 1
     if invert:
         np.subtract(1.0, values, out=values)
     return _Decoded(index=None, lut=None, image=values)
@@ -508,14 +508,18 @@ def _decode_dicom(path: Path) -> _Decoded:
                 f"{path}: the DICOM file holds no pixel data (tag PixelData); it is not an image, "
                 "remove it from the data folder."
             )
-        meta = getattr(ds, "file_meta", None)
-        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-        if syntax is not None and syntax.is_compressed:
+        syntax = ds.file_meta.get("TransferSyntaxUID")  # dcmread always gives a file_meta
+        if syntax is None:
+            raise DataError(
+                f"{path}: the DICOM file names no transfer syntax (file meta element (0002,0010)), "
+                "so its pixel data cannot be read; export it again with its file meta information."
+            )
+        if syntax.is_compressed:
             try:
                 decoder = pydicom.pixels.get_decoder(syntax)
                 available = decoder.is_available
             except Exception:  # no decoder of any kind is known for this syntax
-                available = False
+                available = False  # pragma: no mutate (None is as false)
             if not available:
                 packages = _DECODER_PACKAGES.get(str(syntax))
                 install = (
@@ -529,20 +533,22 @@ def _decode_dicom(path: Path) -> _Decoded:
                     f"{path}: the pixel data is compressed ({syntax.name}) and no decoder for it "
                     f"is installed. {install}"
                 )
-        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+        # PhotometricInterpretation, Rows, Columns and SamplesPerPixel are required to decode:
+        # without one, pydicom cannot either (an AttributeError, reported below)
+        photometric = str(ds.PhotometricInterpretation).strip().upper()
         if photometric not in ("MONOCHROME1", "MONOCHROME2"):
             raise DataError(
                 f"{path}: PhotometricInterpretation is {photometric!r}; mammograms must be "
                 "grayscale (MONOCHROME1 or MONOCHROME2). Convert it to grayscale first."
             )
-        frames = ds.get("NumberOfFrames", 1)
-        if frames not in (None, "") and int(frames) > 1:
+        frames = ds.get("NumberOfFrames") or 1  # absent or empty: one
+        if int(frames) > 1:
             raise DataError(
                 f"{path}: {frames} frames; expected one image per file. Split the frames."
             )
-        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-        _check_size(path, rows, cols, int(ds.get("SamplesPerPixel", 1) or 1))
-        if syntax is not None and syntax.is_compressed:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        _check_size(path, rows, cols, int(ds.SamplesPerPixel))
+        if syntax.is_compressed:
             _check_codestream(path, ds.PixelData, rows, cols)
         arr = ds.pixel_array
     except DataError:
@@ -732,17 +738,19 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(np.argmax(counts))
 
 
-def _fill_holes(mask: np.ndarray, chest_wall_left: bool) -> np.ndarray:
-    """Fill background regions enclosed by the breast, or by the breast and the chest-wall edge.
-
-    A dark region that meets the image border only along the chest-wall edge is fat inside the
-    breast, not background: the breast spans that edge.
+def _fill_holes(mask: np.ndarray, chest_wall_left: bool | None) -> np.ndarray:
+    """Fill the background regions the breast encloses: those that meet no image edge, or, with
+    ``chest_wall_left`` True (False), only the left (right) edge, where the chest wall cuts the
+    breast: a dark region there is fat inside the breast, not background. None: no such edge.
     """
     background = skimage.measure.label(~mask, connectivity=1)
-    far_column = background[:, -1] if chest_wall_left else background[:, 0]
-    border = np.unique(np.concatenate([background[0], background[-1], far_column]))
+    edges = [background[0], background[-1]]
+    if chest_wall_left is not True:
+        edges.append(background[:, 0])
+    if chest_wall_left is not False:
+        edges.append(background[:, -1])
     # the breast's own pixels (label 0) are in the mask whether or not they count as holes
-    return mask | ~np.isin(background, border)
+    return mask | ~np.isin(background, np.concatenate(edges))
 
 
 def _fit(lo: int, hi: int, factor: int, n: int) -> tuple[int, int]:
@@ -836,16 +844,6 @@ def _drop_border_strips(mask: np.ndarray, small: np.ndarray) -> np.ndarray:
     return out
 
 
-def _enclosed_filled(mask: np.ndarray) -> np.ndarray:
-    """`mask` with every background region that does not reach the image border filled."""
-    background, count = ndi.label(~mask)
-    hole = np.ones(count + 1, dtype=bool)
-    hole[0] = False
-    for edge in (background[0], background[-1], background[:, 0], background[:, -1]):
-        hole[edge] = False
-    return mask | hole[background]
-
-
 def _detach(mask: np.ndarray) -> np.ndarray:
     """The breast's component, cut free of whatever thin bridges join it to labels or markers.
 
@@ -859,7 +857,7 @@ def _detach(mask: np.ndarray) -> np.ndarray:
     k = max(1, round(_DETACH * max(mask.shape)))
     # Holes first: film grain leaves fatty tissue near the threshold full of pinholes, which
     # the opening would otherwise cut away with the bridges.
-    padded = np.pad(_enclosed_filled(mask), 1).view(np.uint8)
+    padded = np.pad(_fill_holes(mask, None), 1).view(np.uint8)
     core = ndi.minimum_filter(padded, size=2 * k + 1, mode="constant", cval=0)
     if not core.any():
         return _largest_component(mask)

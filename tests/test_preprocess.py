@@ -320,6 +320,44 @@ def test_not_a_dicom(tmp_path):
         read_image(bad)
 
 
+@pytest.mark.filterwarnings("ignore:A value of .None. for .0028,0008.")  # pydicom: empty frames
+def test_dicom_header_variants(tmp_path):
+    stored = ramp(hi=4000)
+    path = write_dicom(tmp_path / "a.dcm", stored, bits_stored=12)
+    expected = minmax(stored)
+    # without the 128-byte preamble and "DICM" (some exports): read all the same
+    (tmp_path / "bare.dcm").write_bytes(path.read_bytes()[132:])
+    np.testing.assert_allclose(read_image(tmp_path / "bare.dcm"), expected, atol=1e-6)
+
+    def edited(name: str, **changes) -> Path:
+        ds = pydicom.dcmread(path)
+        for keyword, value in changes.items():
+            if value is None:
+                del ds[keyword]
+            else:
+                setattr(ds, keyword, value)
+        ds.save_as(tmp_path / name)
+        return tmp_path / name
+
+    # NumberOfFrames 1 or empty: one image; 2 (with two frames' data): refused, not decoded
+    for frames in (1, ""):
+        out = read_image(edited(f"frames{frames}.dcm", NumberOfFrames=frames))
+        np.testing.assert_allclose(out, expected, atol=1e-6)
+    two = edited("two.dcm", NumberOfFrames=2, PixelData=stored.tobytes() * 2)
+    with pytest.raises(DataError, match=r"two\.dcm: 2 frames; expected one image per file"):
+        read_image(two)
+    with pytest.raises(DataError, match=r"five\.dcm: 5 samples per pixel"):
+        read_image(edited("five.dcm", SamplesPerPixel=5))
+    with pytest.raises(DataError, match=r"nopi\.dcm: cannot decode the pixel data"):
+        read_image(edited("nopi.dcm", PhotometricInterpretation=None))
+    # no file meta at all: no transfer syntax to read the pixel data with
+    ds = pydicom.dcmread(path)
+    ds.preamble, ds.file_meta = None, pydicom.dataset.FileMetaDataset()
+    ds.save_as(tmp_path / "raw.dcm", implicit_vr=True, little_endian=True)
+    with pytest.raises(DataError, match=r"raw\.dcm: the DICOM file names no transfer syntax"):
+        read_image(tmp_path / "raw.dcm")
+
+
 def jpeg_lossless_dicom(path: Path, stored: np.ndarray, bits: int = 12) -> Path:
     """A DICOM whose pixel data is JPEG Lossless SV1, encoded by imagecodecs (libjpeg-turbo)."""
     import imagecodecs
@@ -342,7 +380,8 @@ def test_compressed_without_decoder_names_the_file_and_the_package(tmp_path, mon
 
     monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda uid: Missing())
     with pytest.raises(
-        DataError, match=r"c\.dcm.*compressed.*no decoder.*pip install pylibjpeg pylibjpeg-libjpeg"
+        DataError,
+        match=r"c\.dcm.*no decoder.*pip install pylibjpeg pylibjpeg-libjpeg \(dependencies",
     ):
         read_image(path)
     # A syntax pydicom has no decoder for at all: the general advice.
@@ -568,7 +607,7 @@ def _art(rows: list[str]) -> np.ndarray:
     return np.array([[ch != "." for ch in row] for row in rows])
 
 
-@pytest.mark.parametrize("mirrored", [False, True])
+@pytest.mark.parametrize("mirrored", [False, True, None])
 def test_fill_holes_fills_enclosed_background_and_chest_wall_inlets_by_hand(mirrored):
     from data_pipeline.preprocess import _fill_holes
 
@@ -587,8 +626,11 @@ def test_fill_holes_fills_enclosed_background_and_chest_wall_inlets_by_hand(mirr
     ]
     if mirrored:  # the same breast the other way round, chest wall on the right
         art = [row[::-1] for row in art]
+    if mirrored is None:  # no chest-wall edge: the inlet at the left edge stays background
+        art = [row[0].replace("o", ".") + row[1:] for row in art]
     mask = _art([row.replace("o", ".") for row in art])
-    np.testing.assert_array_equal(_fill_holes(mask, chest_wall_left=not mirrored), _art(art))
+    wall = None if mirrored is None else not mirrored
+    np.testing.assert_array_equal(_fill_holes(mask, chest_wall_left=wall), _art(art))
 
 
 def test_otsu_threshold_is_the_midpoint_of_the_class_means_by_hand():
@@ -948,6 +990,80 @@ def test_box_from_original_clips_to_the_image_by_hand():
     np.testing.assert_allclose(g.box_from_original([[20.5, 30.5]]), [10, 15, 10, 15])
     with pytest.raises(ValueError, match="at least one point"):
         g.box_from_original(np.zeros((0, 2)))
+
+
+def _identity(values):
+    return values
+
+
+def test_from_values_of_float_images_by_hand(tmp_path):
+    from data_pipeline.preprocess import _from_values
+
+    where = tmp_path / "f.tif"
+    values = np.array([[0.5, 2.5], [1.0, 4.5]])  # float64 in
+    image = _from_values(values, _identity, False, where).image
+    assert image.dtype == np.float32
+    np.testing.assert_array_equal(image, [[0.0, 0.5], [0.125, 1.0]])
+    inverted = _from_values(values, _identity, True, where).image
+    np.testing.assert_array_equal(inverted, [[1.0, 0.5], [0.875, 0.0]])
+    # float32 rounding takes (hi - lo) * (1 / (hi - lo)) to 1.0000001 here: clipped to 1
+    rounding = np.array([[-99.321266, 592.64856], [0.0, 0.0]], np.float32)
+    assert _from_values(rounding, _identity, False, where).image.max() == 1.0
+    bits = np.array([[True, False], [False, True]])  # a 1-bit image
+    np.testing.assert_array_equal(_from_values(bits, _identity, False, where).image, bits)
+    with pytest.raises(DataError, match="blank"):
+        _from_values(np.full((3, 3), 0.25), _identity, False, where)
+    for shape in [(1, 5), (5, 1), (3, 3, 3)]:  # one row or column, or not 2-D
+        with pytest.raises(DataError, match=r"f\.tif.*one 2-D grayscale image"):
+            _from_values(np.ones(shape), _identity, False, where)
+
+
+def test_lut_from_normalises_over_the_values_present_and_clips_the_rest(tmp_path):
+    from data_pipeline.preprocess import _all_values, _lut_from
+
+    values = _all_values(np.dtype(np.uint8))
+    np.testing.assert_array_equal(values, np.arange(256))
+    signed = _all_values(np.dtype(np.int16))  # by bit pattern: 0 .. 32767, then -32768 .. -1
+    assert signed.size == 65536 and signed[32767] == 32767 and signed[32768] == -32768
+    lut = _lut_from(values, lambda v: 2.0 * v, 10, 20, tmp_path / "x.dcm")
+    assert lut.dtype == np.float32 and lut.shape == (256,)
+    np.testing.assert_allclose(lut[10:21], np.arange(11) / 10)
+    assert lut[5] == 0.0 and lut[25] == 1.0 and lut[200] == 1.0  # outside [10, 20]: clipped
+    for bad in (lambda v: np.append(v, 0.0), lambda v: np.where(v == 3, np.inf, v)):
+        with pytest.raises(DataError, match=r"x\.dcm.*non-finite or misshaped"):
+            _lut_from(values, bad, 10, 20, tmp_path / "x.dcm")
+
+
+def test_points_and_config_checks():
+    from data_pipeline.preprocess import _points
+
+    for bad in (3.0, [1.0, 2.0, 3.0], np.zeros((4, 3))):
+        with pytest.raises(ValueError, match="points must have shape"):
+            _points(bad)
+    assert _points([[1, 2]]).dtype == np.float64
+    PreprocessConfig(size=(1, 1), mask_size=16)  # the smallest allowed
+    for bad in ({"size": (0, 5)}, {"size": (5,)}, {"size": (2, 2, 2)}, {"mask_size": 15}):
+        with pytest.raises(ValueError, match="size"):
+            PreprocessConfig(**bad)
+
+
+@pytest.mark.parametrize("bridge_rows", [2, 3])
+def test_detach_cuts_bridges_thinner_than_its_opening(bridge_rows):
+    from data_pipeline.preprocess import _detach
+
+    # 40 x 40: k = max(1, round(0.015 * 40)) = 1, an opening with a 3 x 3 square
+    mask = np.zeros((40, 40), bool)
+    mask[5:36, 0:21] = True  # the breast
+    mask[15:26, 30:39] = True  # a label
+    mask[19 : 19 + bridge_rows, 21:30] = True  # the bridge between them
+    got = _detach(mask)
+    if bridge_rows == 3:  # as thick as the square: not cut, all one component
+        np.testing.assert_array_equal(got, mask)
+    else:  # cut; the mask within k + 1 = 2 pixels of the breast is put back: a 2-pixel stump
+        expected = np.zeros_like(mask)
+        expected[5:36, 0:21] = True
+        expected[19:21, 21:23] = True
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_describe_gives_the_exception_and_its_first_line():
