@@ -857,13 +857,15 @@ def _detach(mask: np.ndarray) -> np.ndarray:
     k = max(1, round(_DETACH * max(mask.shape)))
     # Holes first: film grain leaves fatty tissue near the threshold full of pinholes, which
     # the opening would otherwise cut away with the bridges.
+    # The zero padding is the border's background: a window reaching past the array holds it,
+    # and the filters' default edge mode (mirroring) adds no value from outside the window.
     padded = np.pad(_fill_holes(mask, None), 1).view(np.uint8)
-    core = ndi.minimum_filter(padded, size=2 * k + 1, mode="constant", cval=0)
+    core = ndi.minimum_filter(padded, size=2 * k + 1)
     if not core.any():
         return _largest_component(mask)
-    opened = ndi.maximum_filter(core, size=2 * k + 1, mode="constant", cval=0).view(bool)
+    opened = ndi.maximum_filter(core, size=2 * k + 1).view(bool)
     breast = _largest_component(opened)
-    near = ndi.maximum_filter(breast.view(np.uint8), size=2 * k + 3, mode="constant", cval=0)
+    near = ndi.maximum_filter(breast.view(np.uint8), size=2 * k + 3)
     kept = padded.view(bool) & near.view(bool)
     labels, count = ndi.label(kept, structure=np.ones((3, 3), dtype=bool))
     keep = np.zeros(count + 1, dtype=bool)

@@ -1047,23 +1047,33 @@ def test_points_and_config_checks():
             PreprocessConfig(**bad)
 
 
-@pytest.mark.parametrize("bridge_rows", [2, 3])
-def test_detach_cuts_bridges_thinner_than_its_opening(bridge_rows):
+@pytest.mark.parametrize("side", [40, 134])
+@pytest.mark.parametrize("thick", [False, True])
+def test_detach_cuts_bridges_thinner_than_its_opening(side, thick):
     from data_pipeline.preprocess import _detach
 
-    # 40 x 40: k = max(1, round(0.015 * 40)) = 1, an opening with a 3 x 3 square
-    mask = np.zeros((40, 40), bool)
+    # k = max(1, round(0.015 * side)): 1 for 40 pixels, 2 for 134; the opening's square is
+    # 2k + 1 wide. A breast at the left edge, a label at the right, a bridge between them of
+    # 2k + 1 rows (as thick as the square: not cut) or 2k (cut).
+    k = max(1, round(0.015 * side))
+    mask = np.zeros((side, side), bool)
     mask[5:36, 0:21] = True  # the breast
     mask[15:26, 30:39] = True  # a label
-    mask[19 : 19 + bridge_rows, 21:30] = True  # the bridge between them
+    mask[19 : 19 + 2 * k + thick, 21:30] = True  # the bridge
+    mask[36, 21] = True  # a pixel touching the breast's corner only diagonally
     got = _detach(mask)
-    if bridge_rows == 3:  # as thick as the square: not cut, all one component
+    if thick:  # all one component (the corner pixel joins it diagonally)
         np.testing.assert_array_equal(got, mask)
-    else:  # cut; the mask within k + 1 = 2 pixels of the breast is put back: a 2-pixel stump
-        expected = np.zeros_like(mask)
-        expected[5:36, 0:21] = True
-        expected[19:21, 21:23] = True
+    else:  # cut; the mask within k + 1 pixels of the breast and joined to it is put back:
+        expected = mask.copy()  # a stump of k + 1 columns, and the corner pixel
+        expected[:, 22 + k :] = False
         np.testing.assert_array_equal(got, expected)
+    # a mask thinner than the square everywhere: its largest component as it is
+    thin = np.zeros((side, side), bool)
+    thin[10, 2:30] = thin[20, 5:9] = True
+    line = np.zeros_like(thin)
+    line[10, 2:30] = True
+    np.testing.assert_array_equal(_detach(thin), line)
 
 
 def test_describe_gives_the_exception_and_its_first_line():
