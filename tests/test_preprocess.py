@@ -1076,6 +1076,28 @@ def test_detach_cuts_bridges_thinner_than_its_opening(side, thick):
     np.testing.assert_array_equal(_detach(thin), line)
 
 
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_chest_wall_side_by_the_outermost_columns_then_by_the_tissue(mirrored):
+    from data_pipeline.preprocess import _chest_wall_left
+
+    # 40 x 60, the breast in columns 10..40: full height at column 10, tapering to 5 rows at
+    # column 40 (bands of 60 // 20 = 3 columns: covered 0.98 on the left, 0.15 on the right);
+    # its tissue is brighter towards the nipple, so the intensity rule alone would say right.
+    rows = np.arange(40)[:, None]
+    half = np.interp(np.arange(60), [10, 40], [20, 2.5])
+    mask = (np.abs(rows + 0.5 - 20) <= half) & (np.arange(60) >= 10) & (np.arange(60) <= 40)
+    small = np.where(np.arange(60) >= 30, 5.0, 0.2) * mask
+    # an ellipse: the bands are covered alike, and the brighter half decides
+    ellipse = ((rows + 0.5 - 20) / 15) ** 2 + ((np.arange(60) + 0.5 - 30) / 20) ** 2 <= 1
+    bright_right = np.where(np.arange(60) >= 30, 1.0, 0.5) * ellipse
+    if mirrored:
+        mask, small, ellipse, bright_right = (
+            a[:, ::-1] for a in (mask, small, ellipse, bright_right)
+        )
+    assert _chest_wall_left(small, mask) is (not mirrored)
+    assert _chest_wall_left(bright_right, ellipse) is mirrored
+
+
 def test_describe_gives_the_exception_and_its_first_line():
     from data_pipeline.preprocess import _describe
 
