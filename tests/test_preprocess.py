@@ -1098,6 +1098,14 @@ def test_chest_wall_side_by_the_outermost_columns_then_by_the_tissue(mirrored):
     assert _chest_wall_left(bright_right, ellipse) is mirrored
 
 
+def test_breast_mask_of_an_image_without_contrast_says_blank():
+    # a pattern that block means flatten (stripes at the block size) reaches the mask blank
+    from data_pipeline.preprocess import _breast_mask
+
+    with pytest.raises(DataError, match=r"x\.png: the image is blank"):
+        _breast_mask(np.full((16, 16), 0.3, np.float32), "x.png")
+
+
 def test_describe_gives_the_exception_and_its_first_line():
     from data_pipeline.preprocess import _describe
 
