@@ -664,6 +664,13 @@ def test_threshold_looks_below_a_bright_plateau_by_hand():
     kept = 0.5 * (0.2 * 35 / 45 + (0.3 * 35 + 0.66 * 10 + 10) / 55)
     assert _threshold(image(*darker, (0.66, 10), (1, 10))) == pytest.approx(kept)
     assert _threshold(image(*darker, (0.74, 10), (1, 10))) == pytest.approx(0.125)
+    # the bound is a fraction of the range: twice the values, twice the bound (1.74 >= 1.7)
+    twice = ((0, 10), (0.4, 35), (0.6, 35), (1.48, 10), (2, 10))
+    assert _threshold(image(*twice)) == pytest.approx(0.25)
+    # a mean exactly at the bound counts (float64: 8 x 0.7 and 8 x 1.0 average to 1 - 0.15)
+    exact = np.concatenate([np.full(n, v) for v, n in (*darker[:1], (0.2, 37), (0.3, 37))])
+    exact = np.concatenate([exact, np.full(8, 0.7), np.full(8, 1.0)]).reshape(10, 10)
+    assert _threshold(exact) == pytest.approx(0.125)
     # below the plateau one value: nothing to split there, Otsu's threshold stays
     assert _threshold(image((0, 80), (1, 20))) == pytest.approx(0.5)
 
