@@ -737,6 +737,17 @@ def test_drop_border_strips_by_hand_on_every_side(name, turns):
     np.testing.assert_array_equal(_drop_border_strips(mask, small), expected)
 
 
+def test_drop_border_strips_looks_one_line_in_on_a_short_side():
+    from data_pipeline.preprocess import _drop_border_strips
+
+    # 8 rows: 10% of the side is no whole row, but the outermost row is still looked at
+    small, mask, _ = _strip_scene("strips")  # bright rows 0 and 1
+    small, mask = small[:8], mask[:8]
+    expected = mask.copy()
+    expected[0] = False
+    np.testing.assert_array_equal(_drop_border_strips(mask, small), expected)
+
+
 def test_pnm_header_by_hand(tmp_path):
     from data_pipeline.preprocess import _pnm_header, _raster_header
 
