@@ -722,6 +722,7 @@ def _strip_scene(name: str) -> tuple[np.ndarray, np.ndarray, set[int]]:
         "cover 87%",
         "grain",
         "texture",
+        "uniform",
         "half covered",
         "under half",
     ],
@@ -1122,6 +1123,22 @@ def test_breast_mask_of_an_image_without_contrast_says_blank():
 
     with pytest.raises(DataError, match=r"x\.png: the image is blank"):
         _breast_mask(np.full((16, 16), 0.3, np.float32), "x.png")
+
+
+def test_mask_image_is_sampled_at_the_stride_the_mask_size_gives(tmp_path):
+    # a 1-pixel checkerboard, 160 x 160: mask_size 16 samples every 10th pixel of every 10th
+    # row (ceil(160 / 16)), all of them the same square's colour: no contrast left to threshold
+    r, c = np.mgrid[0:160, 0:160]
+    skimage.io.imsave(tmp_path / "checker.png", ((r + c) % 2 * 255).astype(np.uint8))
+    with pytest.raises(DataError, match=r"checker\.png: the image is blank \(no contrast\)"):
+        preprocess_file(tmp_path / "checker.png", PreprocessConfig(mask_size=16))
+
+
+def test_crop_of_a_breast_spanning_the_full_height_starts_at_row_zero():
+    image = breast_phantom((200, 120), centre_y=100, half_height=130, depth=90)
+    assert image[0].max() > 0.2 and image[-1].max() > 0.2  # tissue in the first and last rows
+    _, geometry = preprocess_image(image, PreprocessConfig(mask_size=64))
+    assert geometry.crop[0] == 0 and geometry.crop[2] == 200
 
 
 def test_describe_gives_the_exception_and_its_first_line():
