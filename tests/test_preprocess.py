@@ -1407,6 +1407,29 @@ def test_clean_phantom_equals_an_independent_resize_of_its_crop():
     np.testing.assert_allclose(out, reference, rtol=0, atol=1e-5)
 
 
+def test_large_phantom_is_block_averaged_to_twice_the_output_then_resized():
+    """Over 2 x 227 pixels a side, the crop is first averaged in fy x fx blocks, fy = its height
+    // (2 x 227) (fx likewise), then resized: the same as block_reduce and one resize. A
+    right-facing breast (x0 > 0), flipped."""
+    import skimage.measure
+    import skimage.transform
+
+    H, W = 2000, 1600
+    y, x = np.mgrid[0:H, 0:W]
+    inside = ((y - 1000.0) / 800.3) ** 2 + ((W - 1 - x) / 1000.7) ** 2 <= 1.0
+    phantom = np.where(inside, 0.5 + 0.1 * np.sin(y / 97.0) * np.cos(x / 61.0), 0.0)
+    out, geometry = preprocess_image(phantom.astype(np.float32))
+    y0, x0, y1, x1 = geometry.crop
+    assert geometry.flipped and x0 > 500
+    fy, fx = (y1 - y0) // 454, (x1 - x0) // 454
+    assert (fy, fx) == (3, 2) and (y1 - y0) % fy == 0 and (x1 - x0) % fx == 0
+    blocks = skimage.measure.block_reduce(phantom[y0:y1, x0:x1], (fy, fx), np.mean)
+    reference = skimage.transform.resize(
+        blocks, (227, 227), order=1, mode="edge", anti_aliasing=True, preserve_range=True
+    )
+    np.testing.assert_allclose(out, reference[:, ::-1], rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Film-robust masking: its guards leave digital mammograms alone (film cases: test_synthetic_film).
 
