@@ -1117,6 +1117,26 @@ def test_chest_wall_side_by_the_outermost_columns_then_by_the_tissue(mirrored):
     assert _chest_wall_left(bright_right, ellipse) is mirrored
 
 
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_chest_wall_bands_are_the_outermost_twentieth_of_the_width_by_hand(mirrored):
+    from data_pipeline.preprocess import _chest_wall_left
+
+    # 32 x 80: bands of 80 // 20 = 4 columns at the mask's first (10) and last (69) columns.
+    # Rows covered per column: left band 32, 2, 2, 28 (64 of 128 pixels), right band 16, 2, 7,
+    # 7 (32 of 128): they differ by exactly 0.25, which is enough. Moving either band by a
+    # column, or narrowing both to 3, brings the difference under 0.25; the tissue's intensity,
+    # brighter on the right, would then say right.
+    heights = {10: 32, 11: 2, 12: 2, 13: 28, 14: 20, 64: 20, 65: 20, 66: 16, 67: 2, 68: 7, 69: 7}
+    mask = np.zeros((32, 80), bool)
+    for col in range(10, 70):
+        n = heights.get(col, 20)
+        mask[16 - n // 2 : 16 - n // 2 + n, col] = True
+    small = np.where(np.arange(80) >= 40, 5.0, 0.2) * mask
+    if mirrored:
+        mask, small = mask[:, ::-1], small[:, ::-1]
+    assert _chest_wall_left(small, mask) is (not mirrored)
+
+
 def test_breast_mask_of_an_image_without_contrast_says_blank():
     # a pattern that block means flatten (stripes at the block size) reaches the mask blank
     from data_pipeline.preprocess import _breast_mask
