@@ -664,6 +664,9 @@ def test_threshold_looks_below_a_bright_plateau_by_hand():
     kept = 0.5 * (0.2 * 35 / 45 + (0.3 * 35 + 0.66 * 10 + 10) / 55)
     assert _threshold(image(*darker, (0.66, 10), (1, 10))) == pytest.approx(kept)
     assert _threshold(image(*darker, (0.74, 10), (1, 10))) == pytest.approx(0.125)
+    # the bound is from the maximum down, whatever the minimum: all shifted by 0.1, still kept
+    shifted = [(v + 0.1, n) for v, n in (*darker, (0.66, 10), (1, 10))]
+    assert _threshold(image(*shifted)) == pytest.approx(kept + 0.1)
     # the bound is a fraction of the range: twice the values, twice the bound (1.74 >= 1.7)
     twice = ((0, 10), (0.4, 35), (0.6, 35), (1.48, 10), (2, 10))
     assert _threshold(image(*twice)) == pytest.approx(0.25)
@@ -705,10 +708,16 @@ def _strip_scene(name: str) -> tuple[np.ndarray, np.ndarray, set[int]]:
     elif name == "half covered":  # a line half in the mask is not stepped over
         mask[0, 20:], small[0, 20:] = False, 0.0
         small[1] = 1.0
+    elif name == "uniform":  # tissue of one value: `flat` is 0, and a strip's spread is 0 too
+        small[:] = 0.4
+        small[0] = 1.0
+        dropped = {0}
     elif name == "under half":  # under half is (a label, a thin strip)
         mask[0, 19:], small[0, 19:] = False, 0.0
         small[1] = 1.0
         dropped = {1}
+    else:
+        raise ValueError(f"no scene {name!r}")
     return small, mask, dropped
 
 
