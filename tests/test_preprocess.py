@@ -1170,6 +1170,33 @@ def test_crop_of_a_breast_spanning_the_full_height_starts_at_row_zero():
     assert geometry.crop[0] == 0 and geometry.crop[2] == 200
 
 
+def test_dicom_without_a_known_suffix_is_recognised_by_its_header(tmp_path):
+    stored = ramp(hi=4000)
+    dicom = write_dicom(tmp_path / "a.dcm", stored, bits_stored=12).read_bytes()
+    for name in ("IM_0001", "scan.img"):  # no suffix, an unknown one: "DICM" at byte 128
+        (tmp_path / name).write_bytes(dicom)
+        np.testing.assert_allclose(read_image(tmp_path / name), minmax(stored), atol=1e-6)
+    (tmp_path / "other.img").write_bytes(bytes(128) + b"DICX" + dicom[132:])
+    (tmp_path / "short").write_bytes(dicom[:131])  # cut before the magic ends
+    for name in ("other.img", "short"):
+        with pytest.raises(DataError, match=f"{name}: unknown image type"):
+            read_image(tmp_path / name)
+
+
+def test_check_size_caps_pixels_and_frames_by_hand(tmp_path):
+    from data_pipeline.preprocess import MAX_PIXELS, _check_size
+
+    path = tmp_path / "x.dcm"
+    _check_size(path, MAX_PIXELS // 4, 4)  # exactly the cap: allowed
+    with pytest.raises(DataError, match="megapixel cap"):
+        _check_size(path, MAX_PIXELS // 4 + 1, 4)
+    _check_size(path, 10, 10, samples=4, frames=1)
+    with pytest.raises(DataError, match="5 samples per pixel"):
+        _check_size(path, 10, 10, samples=5)
+    with pytest.raises(DataError, match="holds 2 images"):
+        _check_size(path, 10, 10, frames=2)
+
+
 def test_describe_gives_the_exception_and_its_first_line():
     from data_pipeline.preprocess import _describe
 
