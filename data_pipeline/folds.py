@@ -217,12 +217,8 @@ def _official_split(
 ) -> Split:
     """The collection's test set; validation: fold ``fold`` of its training set's folds."""
     labels = np.asarray(labels)
-    subsets = None if subsets is None else np.asarray(subsets)
-    if (
-        subsets is None
-        or subsets.shape != labels.shape
-        or not np.isin(subsets, ("train", "test")).all()
-    ):
+    subsets = np.asarray(subsets)  # None gives a 0-d array: refused here with the rest
+    if subsets.shape != labels.shape or not np.isin(subsets, ("train", "test")).all():
         raise DataError(
             'split="official" needs the collection\'s own train/test split, and this dataset has '
             'none (only CBIS-DDSM and VinDr-Mammo have one). Use split="patient" (--split).'

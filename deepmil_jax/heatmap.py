@@ -145,7 +145,7 @@ def instance_map_to_original(values: np.ndarray, geometry: Any, *, stride: int =
     bx = geometry.to_original(np.stack([np.zeros_like(kx), kx - 0.5], axis=1))[:, 1] + 0.5
     centres_y = (np.arange(math.ceil(H / stride)) + 0.5) * stride
     centres_x = (np.arange(math.ceil(W / stride)) + 0.5) * stride
-    rows, row_ok = _interval_index(by, centres_y, reverse=False)
+    rows, row_ok = _interval_index(by, centres_y, reverse=False)  # pragma: no mutate (None)
     cols, col_ok = _interval_index(bx, centres_x, reverse=bool(geometry.flipped))
     return np.where(row_ok[:, None] & col_ok[None, :], v[np.ix_(rows, cols)], np.nan)
 

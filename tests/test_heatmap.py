@@ -135,7 +135,8 @@ def test_instance_map_to_original_matches_brute_force(flipped, stride):
 def test_instance_map_of_a_single_instance_covers_the_crop(flipped):
     # the `alexnet` scheme's map is one instance: its value on the whole crop, NaN outside
     geometry = Geometry(original_shape=(50, 40), crop=(5, 3, 45, 30), flipped=flipped, size=(9, 9))
-    out = hm.instance_map_to_original(np.array([[0.25]]), geometry)
+    out = hm.instance_map_to_original(np.array([[0.25]], np.float32), geometry)
+    assert out.dtype == np.float64
     inside = np.zeros((50, 40), bool)
     inside[5:45, 3:30] = True
     np.testing.assert_array_equal(out, np.where(inside, 0.25, np.nan))
