@@ -1467,7 +1467,6 @@ def test_large_phantom_is_block_averaged_to_twice_the_output_then_resized():
     """Over 2 x 227 pixels a side, the crop is first averaged in fy x fx blocks, fy = its height
     // (2 x 227) (fx likewise), then resized: the same as block_reduce and one resize. A
     right-facing breast (x0 > 0), flipped."""
-    import skimage.measure
     import skimage.transform
 
     H, W = 2000, 1600
