@@ -307,9 +307,9 @@ class _Decoded:
         return int(a.shape[0]), int(a.shape[1])
 
     def region(self, rows: slice, cols: slice) -> np.ndarray:
-        """float32 copy of image[rows, cols]."""
+        """image[rows, cols], float32 (a view of ``image`` when there is no LUT)."""
         if self.image is not None:
-            return np.array(self.image[rows, cols], dtype=np.float32)
+            return self.image[rows, cols]
         return np.take(self.lut, self.index[rows, cols])
 
     def block_mean(self, box: tuple[int, int, int, int], fy: int, fx: int) -> np.ndarray:
@@ -364,7 +364,7 @@ def _is_dicom(path: Path) -> bool:
     )
 
 
-def _check_size(path: Path, rows: int, cols: int, samples: int = 1, frames: int = 1) -> None:
+def _check_pixels(path: Path, rows: int, cols: int) -> None:
     """Refuse, from the header's numbers and before decoding, more than MAX_PIXELS pixels."""
     if rows * cols > MAX_PIXELS:
         raise DataError(
@@ -373,6 +373,12 @@ def _check_size(path: Path, rows: int, cols: int, samples: int = 1, frames: int 
             "(data_pipeline.preprocess.MAX_PIXELS; mammograms are 10-40 megapixels). Downsample "
             "it, or check that the file is not damaged."
         )
+
+
+def _check_size(path: Path, rows: int, cols: int, samples: int, frames: int) -> None:
+    """Refuse, from the header's numbers and before decoding, more than MAX_PIXELS pixels, more
+    than 4 samples per pixel or more than one frame."""
+    _check_pixels(path, rows, cols)
     if samples > 4:
         raise DataError(
             f"{path}: {samples} samples per pixel; expected a grayscale image (1) or RGB (3). "
@@ -484,7 +490,7 @@ def _check_codestream(path: Path, pixel_data: bytes, rows: int, cols: int) -> No
     shape = next((s for s in shapes if s is not None), None)
     if shape is None:
         return
-    _check_size(path, *shape)
+    _check_pixels(path, *shape)
     if shape != (rows, cols):
         raise DataError(
             f"{path}: the compressed image is {shape[0]} x {shape[1]} pixels but the DICOM header "
@@ -546,7 +552,7 @@ def _decode_dicom(path: Path) -> _Decoded:
                 f"{path}: {frames} frames; expected one image per file. Split the frames."
             )
         rows, cols = int(ds.Rows), int(ds.Columns)
-        _check_size(path, rows, cols, int(ds.SamplesPerPixel))
+        _check_size(path, rows, cols, int(ds.SamplesPerPixel), int(frames))
         if syntax.is_compressed:
             _check_codestream(path, ds.PixelData, rows, cols)
         arr = ds.pixel_array
@@ -889,7 +895,7 @@ def _chest_wall_left(small: np.ndarray, mask: np.ndarray) -> bool:
     cover_right = float(mask[:, max(first, last - band) : last].mean())
     if abs(cover_left - cover_right) >= 0.25:
         return cover_left > cover_right  # pragma: no mutate (>=: they differ by 0.25 here)
-    weights = (small * mask).sum(axis=0, dtype=np.float64)
+    weights = (small * mask).sum(axis=0)
     half = small.shape[1] / 2.0
     centres = np.arange(small.shape[1]) + 0.5
     return bool(weights[centres <= half].sum() >= weights[centres > half].sum())
@@ -993,7 +999,7 @@ def preprocess_image(
         raise DataError(
             f"image: values must be finite and in [0, 1], got [{lo}, {hi}]; rescale it first."
         )
-    image = image.astype(np.float32, copy=False)  # pragma: no mutate (float32 out whatever this)
+    image = np.asarray(image, dtype=np.float32)
     return _preprocess(_Decoded(index=None, lut=None, image=image), config, "image")
 
 

@@ -1146,6 +1146,28 @@ def test_chest_wall_bands_are_the_outermost_twentieth_of_the_width_by_hand(mirro
     assert _chest_wall_left(small, mask) is (not mirrored)
 
 
+@pytest.mark.parametrize(
+    "column_weights, left",
+    [
+        # 5 columns: 0-1 the left half, 3-4 the right, the middle one (2) counted on the left:
+        # 6 against 2 (without the middle column: 1 against 2; on both sides: 6 against 7)
+        ([1, 0, 5, 0, 2], True),
+        ([2, 0, 5, 0, 1], True),  # mirrored: 7 against 1, the middle column still on the left
+        # 4 columns: 0-1 left, 2-3 right
+        ([1, 0, 3, 2], False),  # 1 against 5 (column 2 taken to the left: 4 against 2)
+        ([0, 3, 0, 2], True),  # 3 against 2 (column 1 taken to the right: 0 against 5)
+        ([1, 1, 1, 1], True),  # a tie: left
+    ],
+)
+def test_chest_wall_by_the_tissue_halves_by_hand(column_weights, left):
+    from data_pipeline.preprocess import _chest_wall_left
+
+    # the whole image is breast: the outermost bands are covered alike, the halves decide
+    small = np.tile(np.asarray(column_weights, np.float32) / 5, (6, 1))
+    mask = np.ones(small.shape, bool)
+    assert _chest_wall_left(small, mask) is left
+
+
 def test_breast_mask_of_an_image_without_contrast_says_blank():
     # a pattern that block means flatten (stripes at the block size) reaches the mask blank
     from data_pipeline.preprocess import _breast_mask
@@ -1184,17 +1206,18 @@ def test_dicom_without_a_known_suffix_is_recognised_by_its_header(tmp_path):
 
 
 def test_check_size_caps_pixels_and_frames_by_hand(tmp_path):
-    from data_pipeline.preprocess import MAX_PIXELS, _check_size
+    from data_pipeline.preprocess import MAX_PIXELS, _check_pixels, _check_size
 
     path = tmp_path / "x.dcm"
-    _check_size(path, MAX_PIXELS // 4, 4)  # exactly the cap: allowed
-    with pytest.raises(DataError, match="megapixel cap"):
-        _check_size(path, MAX_PIXELS // 4 + 1, 4)
-    _check_size(path, 10, 10, samples=4, frames=1)
+    for check in (_check_pixels, lambda *a: _check_size(*a, 1, 1)):
+        check(path, MAX_PIXELS // 4, 4)  # exactly the cap: allowed
+        with pytest.raises(DataError, match="megapixel cap"):
+            check(path, MAX_PIXELS // 4 + 1, 4)
+    _check_size(path, 10, 10, 4, 1)
     with pytest.raises(DataError, match="5 samples per pixel"):
-        _check_size(path, 10, 10, samples=5)
+        _check_size(path, 10, 10, 5, 1)
     with pytest.raises(DataError, match="holds 2 images"):
-        _check_size(path, 10, 10, frames=2)
+        _check_size(path, 10, 10, 1, 2)
 
 
 def test_describe_gives_the_exception_and_its_first_line():
