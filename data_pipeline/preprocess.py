@@ -999,7 +999,8 @@ def preprocess_image(
         raise DataError(
             f"image: values must be finite and in [0, 1], got [{lo}, {hi}]; rescale it first."
         )
-    image = np.asarray(image, dtype=np.float32)
+    # float32 arithmetic whatever the input's precision; the output is float32 either way
+    image = image.astype(np.float32, copy=False)  # pragma: no mutate (see above)
     return _preprocess(_Decoded(index=None, lut=None, image=image), config, "image")
 
 
