@@ -1,29 +1,31 @@
-"""Mutation testing of the modules that decide the numbers, one module at a time (README,
-"Mutation testing"). A developer's tool, not part of CI.
+"""Mutation testing of the modules that decide the numbers, one module (target) at a time
+(README, "Mutation testing"). A developer's tool, not part of CI.
 
-    .venv/bin/python tools/mutation.py [--max-children 2] [--clean] [--committed] [TARGET ...]
+    .venv/bin/python tools/mutation.py [--jobs 2] [--max-children N] [--clean] [--committed]
+                                       [TARGET ...]
 
 For each target (default: every one in ``TARGETS``) this copies the sources, the tests and
 ``pyproject.toml`` into ``mutants/<target>/`` (ignored by git), narrows the copy's
 ``[tool.mutmut]`` to the target's module (``only_mutate``) and its fast test modules
 (``pytest_add_cli_args_test_selection``), and runs mutmut there (niced, on the CPU, with XLA's
-compilation cache kept per target): each mutant runs only the tests that call the mutated
-function. It prints, per target, caught / (caught + uncaught) (caught: a test failed, timed out or
-crashed), the uncaught mutants, and the wall and CPU time of the run. A target keeps mutmut's
-results while its module is unchanged: a later run tests only the earlier survivors (tests may
-have been added); any change to the module's text, comments included, starts the target over,
-and ``--clean`` does so always. ``cd mutants/<target> && ../../.venv/bin/mutmut show NAME`` shows
-a mutant.
+compilation cache kept per target, its output in ``mutants/<target>/mutmut.log``): each mutant runs
+only the tests that call the mutated function. ``--jobs`` targets run side by side, each testing
+``--max-children`` mutants at once. It prints a progress line a minute and, per target,
+caught / (caught + uncaught) (caught: a test failed, timed out or crashed), the uncaught mutants,
+and the wall and CPU time of the run. A target keeps mutmut's results while its module is
+unchanged: a later run tests only the earlier survivors (tests may have been added); any change to
+the module's text, comments included, starts the target over, and ``--clean`` does so always.
+``cd mutants/<target> && ../../.venv/bin/mutmut show NAME`` shows a mutant.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import fnmatch
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -47,29 +49,16 @@ def _all(module: str) -> tuple[str, ...]:
     return (f"{module}.*",)
 
 
+# longest first: run side by side (--jobs), the targets then end at about the same time
 TARGETS = {
+    # decoding, geometry and the breast mask; the film heuristics are tested on synthetic films
+    "preprocess": Target(
+        "data_pipeline/preprocess.py",
+        _all("data_pipeline.preprocess"),
+        ("tests/test_preprocess.py", "tests/test_synthetic_film.py"),
+    ),
     "losses": Target(
         "deepmil_jax/losses.py", _all("deepmil_jax.losses"), ("tests/test_losses.py",)
-    ),
-    "metrics": Target(
-        "deepmil_jax/metrics.py", _all("deepmil_jax.metrics"), ("tests/test_metrics.py",)
-    ),
-    # render_heatmap's drawing is marked no-mutate in the module
-    "heatmap": Target(
-        "deepmil_jax/heatmap.py", _all("deepmil_jax.heatmap"), ("tests/test_heatmap.py",)
-    ),
-    "folds": Target(
-        "data_pipeline/folds.py", _all("data_pipeline.folds"), ("tests/test_folds.py",)
-    ),
-    # the label rules only; the rest of inbreast.py reads files
-    "inbreast": Target(
-        "data_pipeline/inbreast.py",
-        (
-            "data_pipeline.inbreast.x_birads_label*",
-            "data_pipeline.inbreast.x__normalise_birads*",
-            "data_pipeline.inbreast.x__parse_label*",
-        ),
-        ("tests/test_inbreast.py",),
     ),
     "input_pipeline": Target(
         "data_pipeline/input_pipeline.py",
@@ -91,11 +80,25 @@ TARGETS = {
         ),
         ("tests/test_steps.py",),
     ),
-    # decoding, geometry and the breast mask; the film heuristics are tested on synthetic films
-    "preprocess": Target(
-        "data_pipeline/preprocess.py",
-        _all("data_pipeline.preprocess"),
-        ("tests/test_preprocess.py", "tests/test_synthetic_film.py"),
+    # render_heatmap's drawing is marked no-mutate in the module
+    "heatmap": Target(
+        "deepmil_jax/heatmap.py", _all("deepmil_jax.heatmap"), ("tests/test_heatmap.py",)
+    ),
+    "metrics": Target(
+        "deepmil_jax/metrics.py", _all("deepmil_jax.metrics"), ("tests/test_metrics.py",)
+    ),
+    "folds": Target(
+        "data_pipeline/folds.py", _all("data_pipeline.folds"), ("tests/test_folds.py",)
+    ),
+    # the label rules only; the rest of inbreast.py reads files
+    "inbreast": Target(
+        "data_pipeline/inbreast.py",
+        (
+            "data_pipeline.inbreast.x_birads_label*",
+            "data_pipeline.inbreast.x__normalise_birads*",
+            "data_pipeline.inbreast.x__parse_label*",
+        ),
+        ("tests/test_inbreast.py",),
     ),
 }
 
@@ -140,7 +143,7 @@ def _pyproject(target: Target, source: Path) -> str:
     settings = tomllib.loads(text)["tool"]["mutmut"]
     settings["only_mutate"] = [target.file]
     settings["pytest_add_cli_args_test_selection"] = list(target.tests)
-    # the tests a mutant calls run fastest first (tools/mutation_order.py)
+    # the tests a mutant calls run likeliest catch first (tools/mutation_order.py)
     settings["pytest_add_cli_args"] = settings["pytest_add_cli_args"] + ["-p", "mutation_order"]
     kept, skipping = [], False
     for line in text.splitlines():
@@ -152,21 +155,24 @@ def _pyproject(target: Target, source: Path) -> str:
     return "\n".join(kept + [""] + section) + "\n"
 
 
-def prepare(name: str, target: Target, committed: bool) -> Path:
+def committed_source() -> Path:
+    """The sources, tests and pyproject.toml as committed (git HEAD), in ``mutants/HEAD``."""
+    source = ROOT / "mutants" / "HEAD"
+    shutil.rmtree(source, ignore_errors=True)
+    source.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", "HEAD", *COPIED, "pyproject.toml"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    return source
+
+
+def prepare(name: str, target: Target, source: Path) -> Path:
     work = ROOT / "mutants" / name
     mutants = work / "mutants"
-    source = ROOT
-    if committed:  # the files as committed (HEAD), not the working tree's
-        source = ROOT / "mutants" / "HEAD"
-        shutil.rmtree(source, ignore_errors=True)
-        source.mkdir(parents=True)
-        archive = subprocess.run(
-            ["git", "archive", "HEAD", *COPIED, "pyproject.toml"],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
     # mutmut keeps each mutant's verdict by name (function + number) and re-tests a function only
     # when its code (ast.dump, comments ignored) changes; a new `# pragma: no mutate` renumbers
     # the function's mutants without changing that, so old verdicts would label other mutants.
@@ -211,10 +217,105 @@ def tally(work: Path, target: Target) -> tuple[dict[str, int], list[str]]:
     return counts, survivors
 
 
+@dataclasses.dataclass
+class Run:
+    """One target's mutmut run: its phase while it runs, then its exit status and times."""
+
+    phase: str = "waiting"
+    returncode: int = 0
+    wall: float = 0.0
+    cpu: float = 0.0
+
+
+def _mutmut(command: list[str], work: Path, env: dict[str, str], log: Path) -> tuple[int, float]:
+    """Runs a mutmut command in ``work``, its output appended to ``log``: (exit status, CPU
+    seconds of it and its descendants)."""
+    with log.open("a") as out:
+        proc = subprocess.Popen(command, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
+
+
+def run_target(name: str, work: Path, env: dict[str, str], children: int, run: Run) -> None:
+    """Runs mutmut on one prepared target, its output in ``mutants/<name>/mutmut.log``."""
+    target = TARGETS[name]
+    log = work / "mutmut.log"
+    log.write_text("")
+    # XLA's compiled programs are kept between the mutants' test runs (and between runs of this
+    # tool): a mutant recompiles only the programs its change alters (the cache is keyed by the
+    # program, so a mutated program is never served an unmutated one's code); test_steps.py
+    # takes 16 s instead of 40 s with a warm cache
+    env = dict(env, JAX_COMPILATION_CACHE_DIR=str(work / ".jax_cache"))
+    command = ["nice", "-n", "15", str(MUTMUT), "run", "--max-children", str(children)]
+    start = time.monotonic()
+    # 1. generate the mutants and map tests to functions (mutmut keeps both between runs); a name
+    # that matches no mutant runs none (mutmut then stops with "nothing matches")
+    run.phase = "mapping tests to functions"
+    module = target.file.removesuffix(".py").replace("/", ".")
+    run.returncode, run.cpu = _mutmut([*command, f"{module}.no_such_mutant"], work, env, log)
+    if "nothing matches" in log.read_text():
+        run.returncode = 0
+    else:
+        run.returncode = run.returncode or 1
+    # 2. run the target's mutants not yet tested (new, or of a changed function) and the
+    # survivors of earlier runs (tests may have been added since)
+    pending = [key for key, status in statuses(work, target).items() if status not in CAUGHT]
+    if not run.returncode and pending:
+        run.phase = f"{len(pending)} mutants"
+        run.returncode, cpu = _mutmut([*command, *pending], work, env, log)
+        run.cpu += cpu
+    run.wall = time.monotonic() - start
+    run.phase = "done"
+
+
+def _checked(work: Path, target: Target) -> str:
+    """How many of the target's mutants have a verdict, for the progress lines."""
+    try:
+        found = statuses(work, target)
+    except (OSError, ValueError):  # not written yet, or being rewritten by mutmut
+        return "?"
+    return f"{sum(status != 'not checked' for status in found.values())}/{len(found)}"
+
+
+def report(name: str, work: Path, run: Run) -> str | None:
+    """Prints the uncaught mutants of a finished target; its summary line (None: it failed)."""
+    if run.returncode:
+        print(
+            f"{name}: mutmut failed with exit status {run.returncode}; see {work / 'mutmut.log'}",
+            file=sys.stderr,
+        )
+        return None
+    counts, survivors = tally(work, TARGETS[name])
+    for line in survivors:
+        print(f"  {name}: survived {line}")
+    killed = sum(v for k, v in counts.items() if k in CAUGHT)
+    # a mutant that no test reached, or not run, counts as surviving
+    survived = sum(v for k, v in counts.items() if k not in CAUGHT)
+    score = 100.0 * killed / max(killed + survived, 1)
+    line = (
+        f"{name}: {killed} / {killed + survived} = {score:.1f}% {counts}; "
+        f"{run.wall / 60:.1f} min wall, {run.cpu / 60:.1f} min CPU"
+    )
+    print(line, flush=True)
+    return line
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("targets", nargs="*", metavar="TARGET", help=", ".join(TARGETS))
-    parser.add_argument("--max-children", type=int, default=2)
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="targets run side by side (default 2: one target's single-process phases, mapping "
+        "tests and the unmutated run, leave a core to the other's mutants)",
+    )
+    parser.add_argument(
+        "--max-children",
+        type=int,
+        help="mutants tested at once per target (default: the CPU count / --jobs, at least 1)",
+    )
     parser.add_argument(
         "--committed",
         action="store_true",
@@ -229,6 +330,14 @@ def main() -> int:
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         parser.error(f"unknown target(s) {unknown}; choose from {', '.join(TARGETS)}")
+    if args.jobs < 1 or (args.max_children is not None and args.max_children < 1):
+        parser.error("--jobs and --max-children must be at least 1")
+    children = args.max_children or max(1, (os.cpu_count() or 1) // args.jobs)
+    source = committed_source() if args.committed else ROOT
+    works = {name: prepare(name, TARGETS[name], source) for name in names}
+    if args.clean:
+        for work in works.values():
+            shutil.rmtree(work / "mutants", ignore_errors=True)
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
@@ -239,58 +348,39 @@ def main() -> int:
             filter(None, [str(ROOT / "tools"), os.environ.get("PYTHONPATH")])
         ),
     )
-    summary = []
-    total_wall = total_cpu = 0.0
-    for name in names:
-        target = TARGETS[name]
-        work = prepare(name, target, args.committed)
-        if args.clean:
-            shutil.rmtree(work / "mutants", ignore_errors=True)
-        # XLA's compiled programs are kept between the mutants' test runs (and between runs of
-        # this tool): a mutant recompiles only the programs its change alters (the cache is
-        # keyed by the program, so a mutated program is never served an unmutated one's code);
-        # test_steps.py takes 16 s instead of 40 s with a warm cache
-        env["JAX_COMPILATION_CACHE_DIR"] = str(work / ".jax_cache")
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.monotonic()
-        run = ["nice", "-n", "15", str(MUTMUT), "run", "--max-children", str(args.max_children)]
-        # 1. generate the mutants and map tests to functions (mutmut keeps both between runs); a
-        # name that matches no mutant runs none (mutmut then stops with "nothing matches")
-        module = target.file.removesuffix(".py").replace("/", ".")
-        first = subprocess.run(
-            [*run, f"{module}.no_such_mutant"], cwd=work, env=env, capture_output=True, text=True
-        )
-        returncode = 0
-        if "nothing matches" not in first.stdout + first.stderr:
-            print(first.stdout + first.stderr)
-            returncode = first.returncode or 1
-        # 2. run the target's mutants not yet tested (new, or of a changed function) and the
-        # survivors of earlier runs (tests may have been added since)
-        pending = [key for key, status in statuses(work, target).items() if status not in CAUGHT]
-        if not returncode and pending:
-            returncode = subprocess.run([*run, *pending], cwd=work, env=env).returncode
-        wall = time.monotonic() - start
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        total_wall += wall
-        total_cpu += cpu
-        if returncode:
-            print(f"{name}: mutmut run failed with exit status {returncode}", file=sys.stderr)
-            return returncode
-        counts, survivors = tally(work, target)
-        killed = sum(v for k, v in counts.items() if k in CAUGHT)
-        # a mutant that no test reached, or not run, counts as surviving
-        survived = sum(v for k, v in counts.items() if k not in CAUGHT)
-        score = 100.0 * killed / max(killed + survived, 1)
-        summary.append(
-            f"{name}: {killed} / {killed + survived} = {score:.1f}% {counts}; "
-            f"{wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU"
-        )
-        for line in survivors:
-            print(f"  survived {line}")
-    print("\n".join(summary))
-    print(f"total: {total_wall / 60:.1f} min wall, {total_cpu / 60:.1f} min CPU")
-    return 0
+    runs = {name: Run() for name in names}
+    start = time.monotonic()
+    summary: dict[str, str | None] = {}
+    # the targets start in the order given (TARGETS lists the longest first, which shortens the
+    # whole run); a progress line every minute, a target's result as soon as it ends
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {
+            pool.submit(run_target, name, works[name], env, children, runs[name]): name
+            for name in names
+        }
+        waiting = set(futures)
+        while waiting:
+            done, waiting = concurrent.futures.wait(waiting, timeout=60)
+            for future in done:
+                name = futures[future]
+                future.result()  # a bug in this tool surfaces here
+                summary[name] = report(name, works[name], runs[name])
+            busy = [
+                f"{name}: {run.phase}"
+                + (
+                    f", {_checked(works[name], TARGETS[name])} checked"
+                    if "mutants" in run.phase
+                    else ""
+                )
+                for name, run in runs.items()
+                if run.phase not in ("waiting", "done")
+            ]
+            if busy:
+                print(f"[{(time.monotonic() - start) / 60:.1f} min] " + "; ".join(busy), flush=True)
+    print("\n".join(line for name in names if (line := summary[name])))
+    cpu = sum(run.cpu for run in runs.values())
+    print(f"total: {(time.monotonic() - start) / 60:.1f} min wall, {cpu / 60:.1f} min CPU")
+    return 1 if None in summary.values() else 0
 
 
 if __name__ == "__main__":
