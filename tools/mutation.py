@@ -260,11 +260,13 @@ def run_target(name: str, work: Path, env: dict[str, str], children: int, run: R
         run.returncode = run.returncode or 1
     # 2. run the target's mutants not yet tested (new, or of a changed function) and the
     # survivors of earlier runs (tests may have been added since)
-    pending = [key for key, status in statuses(work, target).items() if status not in CAUGHT]
-    if not run.returncode and pending:
-        run.phase = f"{len(pending)} mutants"
-        run.returncode, cpu = _mutmut([*command, *pending], work, env, log)
-        run.cpu += cpu
+    if not run.returncode:
+        found = statuses(work, target)
+        pending = [key for key, status in found.items() if status not in CAUGHT]
+        if pending:
+            run.phase = f"{len(pending)} mutants"
+            run.returncode, cpu = _mutmut([*command, *pending], work, env, log)
+            run.cpu += cpu
     run.wall = time.monotonic() - start
     run.phase = "done"
 
