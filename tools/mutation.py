@@ -217,6 +217,9 @@ def tally(work: Path, target: Target) -> tuple[dict[str, int], list[str]]:
     return counts, survivors
 
 
+TESTING = "testing mutants"  # Run.phase while mutmut tests the pending mutants
+
+
 @dataclasses.dataclass
 class Run:
     """One target's mutmut run: its phase while it runs, then its exit status and times."""
@@ -253,31 +256,30 @@ def run_target(name: str, work: Path, env: dict[str, str], children: int, run: R
     # that matches no mutant runs none (mutmut then stops with "nothing matches")
     run.phase = "mapping tests to functions"
     module = target.file.removesuffix(".py").replace("/", ".")
-    run.returncode, run.cpu = _mutmut([*command, f"{module}.no_such_mutant"], work, env, log)
-    if "nothing matches" in log.read_text():
-        run.returncode = 0
-    else:
-        run.returncode = run.returncode or 1
+    code, run.cpu = _mutmut([*command, f"{module}.no_such_mutant"], work, env, log)
+    run.returncode = 0 if "nothing matches" in log.read_text() else code or 1
     # 2. run the target's mutants not yet tested (new, or of a changed function) and the
     # survivors of earlier runs (tests may have been added since)
     if not run.returncode:
-        found = statuses(work, target)
-        pending = [key for key, status in found.items() if status not in CAUGHT]
+        pending = [key for key, status in statuses(work, target).items() if status not in CAUGHT]
         if pending:
-            run.phase = f"{len(pending)} mutants"
+            run.phase = TESTING
             run.returncode, cpu = _mutmut([*command, *pending], work, env, log)
             run.cpu += cpu
     run.wall = time.monotonic() - start
     run.phase = "done"
 
 
-def _checked(work: Path, target: Target) -> str:
-    """How many of the target's mutants have a verdict, for the progress lines."""
+def _progress(name: str, work: Path, run: Run) -> str:
+    """A running target's phase, with how many of its mutants have a verdict while testing."""
+    if run.phase != TESTING:
+        return f"{name}: {run.phase}"
     try:
-        found = statuses(work, target)
+        found = statuses(work, TARGETS[name])
     except (OSError, ValueError):  # not written yet, or being rewritten by mutmut
-        return "?"
-    return f"{sum(status != 'not checked' for status in found.values())}/{len(found)}"
+        return f"{name}: {run.phase}"
+    checked = sum(status != "not checked" for status in found.values())
+    return f"{name}: {run.phase}, {checked}/{len(found)} checked"
 
 
 def report(name: str, work: Path, run: Run) -> str | None:
@@ -316,7 +318,8 @@ def main() -> int:
     parser.add_argument(
         "--max-children",
         type=int,
-        help="mutants tested at once per target (default: the CPU count / --jobs, at least 1)",
+        help="mutants tested at once per target (default: the CPU count / the targets run side by "
+        "side, at least 1)",
     )
     parser.add_argument(
         "--committed",
@@ -334,7 +337,8 @@ def main() -> int:
         parser.error(f"unknown target(s) {unknown}; choose from {', '.join(TARGETS)}")
     if args.jobs < 1 or (args.max_children is not None and args.max_children < 1):
         parser.error("--jobs and --max-children must be at least 1")
-    children = args.max_children or max(1, (os.cpu_count() or 1) // args.jobs)
+    jobs = min(args.jobs, len(names))  # one target alone gets every core
+    children = args.max_children or max(1, (os.cpu_count() or 1) // jobs)
     source = committed_source() if args.committed else ROOT
     works = {name: prepare(name, TARGETS[name], source) for name in names}
     if args.clean:
@@ -355,7 +359,7 @@ def main() -> int:
     summary: dict[str, str | None] = {}
     # the targets start in the order given (TARGETS lists the longest first, which shortens the
     # whole run); a progress line every minute, a target's result as soon as it ends
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         futures = {
             pool.submit(run_target, name, works[name], env, children, runs[name]): name
             for name in names
@@ -368,12 +372,7 @@ def main() -> int:
                 future.result()  # a bug in this tool surfaces here
                 summary[name] = report(name, works[name], runs[name])
             busy = [
-                f"{name}: {run.phase}"
-                + (
-                    f", {_checked(works[name], TARGETS[name])} checked"
-                    if "mutants" in run.phase
-                    else ""
-                )
+                _progress(name, works[name], run)
                 for name, run in runs.items()
                 if run.phase not in ("waiting", "done")
             ]
