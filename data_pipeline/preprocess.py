@@ -478,16 +478,25 @@ def _codestream_shape(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+# Bytes at a codestream's end searched for its end-of-image marker (padding may follow it).
+_TAIL = 64
+
+
 def _check_codestream(path: Path, pixel_data: bytes, rows: int, cols: int) -> None:
     """Refuse, before decoding, a compressed frame whose own header claims more than MAX_PIXELS
-    or another size than the DICOM header (decoders allocate what the codestream says)."""
+    or another size than the DICOM header (decoders allocate what the codestream says), or whose
+    JPEG, JPEG-LS or JPEG 2000 codestream lacks its end-of-image marker (truncated)."""
     from pydicom.encaps import generate_fragments
 
     # The first fragment that starts a codestream (the basic offset table comes before it).
-    # pragma: no mutate start (the headers lie within any first 64 KiB, 65537 bytes alike)
-    shapes = (_codestream_shape(bytes(f[:65536])) for f in generate_fragments(pixel_data))
-    # pragma: no mutate end
-    shape = next((s for s in shapes if s is not None), None)
+    fragments = generate_fragments(pixel_data)
+    shape = None
+    for fragment in fragments:
+        # pragma: no mutate start (the headers lie within any first 64 KiB, 65537 bytes alike)
+        shape = _codestream_shape(bytes(fragment[:65536]))
+        # pragma: no mutate end
+        if shape is not None:
+            break
     if shape is None:
         return
     _check_pixels(path, *shape)
@@ -496,6 +505,18 @@ def _check_codestream(path: Path, pixel_data: bytes, rows: int, cols: int) -> No
             f"{path}: the compressed image is {shape[0]} x {shape[1]} pixels but the DICOM header "
             f"says {rows} x {cols} (Rows x Columns); the file is damaged or was edited. Export it "
             "again from the source."
+        )
+    # JPEG, JPEG-LS and JPEG 2000 codestreams end with an end-of-image (EOC) marker, FFD9, that
+    # their coded data cannot hold; decoders fill a codestream cut short with garbage rows.
+    raw = fragment[:2] in (b"\xff\xd8", b"\xff\x4f")  # not JP2-wrapped (boxes may follow)
+    tail = bytes(fragment[-_TAIL:])
+    for fragment in fragments:  # the frame's other fragments (one frame a file)
+        tail = (tail + bytes(fragment[-_TAIL:]))[-_TAIL:]
+    if raw and b"\xff\xd9" not in tail:
+        raise DataError(
+            f"{path}: the compressed image is truncated (its codestream ends without the "
+            "end-of-image marker FFD9): the file was cut short or damaged. Copy it again from "
+            "the source."
         )
 
 

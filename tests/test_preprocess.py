@@ -481,6 +481,63 @@ def test_codestream_size_is_checked_before_decoding(tmp_path):
         read_image(path)
 
 
+def jpeg_baseline_dicom(path: Path, stored: np.ndarray) -> Path:
+    """A DICOM whose pixel data is 8-bit JPEG Baseline, encoded by Pillow."""
+    import io
+
+    import PIL.Image
+
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(stored).save(buffer, "JPEG", quality=90)
+    ds = pydicom.dcmread(write_dicom(path, stored))
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [
+        JPEGLSLossless,
+        JPEGLSNearLossless,
+        JPEGLosslessSV1,
+        JPEGBaseline8Bit,
+        JPEG2000Lossless,
+        RLELossless,
+    ],
+)
+@pytest.mark.parametrize("keep", [0.6, "all but the end marker"])
+def test_truncated_codestream_is_refused_not_decoded(tmp_path, syntax, keep):
+    """A codestream cut short decodes, in libjpeg and CharLS, to an image whose lower part is
+    garbage; the missing end-of-image marker (FFD9) gives it away for every JPEG family syntax."""
+    image = breast_phantom((200, 160), centre_y=100, half_height=80, depth=100)
+    stored = np.round(add_disc(image, (80, 40), 6, 0.9) * 4000).astype(np.uint16)
+    path = tmp_path / "c.dcm"
+    if syntax == JPEGLosslessSV1:
+        jpeg_lossless_dicom(path, stored)
+    elif syntax == JPEGBaseline8Bit:
+        jpeg_baseline_dicom(path, (stored // 16).astype(np.uint8))
+    elif syntax == JPEGLSNearLossless:
+        compressed(path, stored, syntax, jls_error=2)
+    else:
+        compressed(path, stored, syntax)
+    assert read_image(path).shape == (200, 160)  # whole: decoded
+    ds = pydicom.dcmread(path)
+    (frame,) = pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1)
+    if keep == 0.6:
+        frame = frame[: int(len(frame) * 0.6)]
+    elif syntax == RLELossless:
+        frame = frame[:-2]
+    else:  # the codestream without its last marker (and the padding after it)
+        frame = frame[: frame.rindex(b"\xff\xd9")]
+    ds.PixelData = encapsulate([frame])
+    ds.save_as(path)
+    with pytest.raises(DataError, match=r"c\.dcm: .*truncated"):
+        read_image(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # PGM/PPM and JPEG files.
 
