@@ -1,0 +1,356 @@
+"""EfficientNet-Lite0/1/2 features in Flax NNX (NHWC, TensorFlow "SAME" padding).
+
+::
+
+    stem 3x3/2 32 -> BN -> ReLU6 -> MBConv blocks (see ``architecture.efficientnet``)
+    -> head 1x1 1280 -> BN -> ReLU6                                  features (N, h, w, 1280)
+    [-> global average pool -> fc 1000]                              ImageNet logits (classify)
+
+An MBConv block is ``[1x1 expand -> BN -> ReLU6] -> kxk depthwise -> BN -> ReLU6 -> 1x1 project
+-> BN [+ input]``, with no squeeze-and-excitation. The map has ``ceil(H / 32) x ceil(W / 32)``
+cells (``architecture.efficientnet.grid``) for any input size and aspect ratio: each convolution
+pads as TensorFlow's SAME does for its actual input size, so the weights converted from the TF
+lite checkpoints see the borders they were trained with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from deepmil_jax.architecture import efficientnet as arch
+from deepmil_jax.errors import ConfigError, WeightsError
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def relu6(x: jax.Array) -> jax.Array:
+    """``min(max(x, 0), 6)``."""
+    return jnp.clip(x, 0, arch.RELU6_MAX)
+
+
+def _same_pads(x: jax.Array, kernel: int, stride: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    return (
+        arch.same_padding(x.shape[1], kernel, stride),
+        arch.same_padding(x.shape[2], kernel, stride),
+    )
+
+
+def normalize(images: jax.Array, kind: str = arch.NORMALIZATION_NAME) -> jax.Array:
+    """RGB ``(N, H, W, 3)`` on [0, 1] -> ``(x * 255 - 127) / 128`` (about [-1, 1]), float."""
+    if kind not in arch.NORMALIZATIONS:
+        raise ConfigError(
+            f"unknown normalization {kind!r}; choose one of {list(arch.NORMALIZATIONS)}"
+        )
+    spec = arch.NORMALIZATIONS[kind]
+    x = jnp.asarray(images)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.float32)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ConfigError(f"images must be (N, H, W, 3) RGB; got shape {x.shape}")
+    if spec.bgr:
+        x = x[..., ::-1]
+    mean = np.asarray(spec.mean, np.float32)
+    std = np.asarray(spec.std, np.float32)
+    return ((x * spec.scale - mean) / std).astype(x.dtype)
+
+
+class Conv(nnx.Module):
+    """Bias-free convolution with TF SAME padding (HWIO ``kernel``); depthwise when ``groups``
+    equals the channel count (kernel ``(k, k, 1, channels)``)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel: int,
+        stride: int = 1,
+        *,
+        groups: int = 1,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+    ):
+        shape = (kernel, kernel, in_features // groups, out_features)
+        init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+        self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype))
+        self.kernel_size = kernel
+        self.stride = stride
+        self.groups = groups
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return lax.conv_general_dilated(
+            x.astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            (self.stride, self.stride),
+            _same_pads(x, self.kernel_size, self.stride),
+            dimension_numbers=_DN,
+            feature_group_count=self.groups,
+        )
+
+
+class FrozenBatchNorm(nnx.Module):
+    """Batch norm in inference form: ``(x - mean) / sqrt(var + eps) * scale + bias``.
+
+    ``mean`` and ``var`` are ``nnx.BatchStat`` (the ImageNet statistics; never updated, also not
+    in training), ``scale`` and ``bias`` are ``nnx.Param`` (trainable). The per-channel factors
+    are computed in float32 and applied in the compute dtype.
+    """
+
+    def __init__(self, features: int, *, dtype: Any, param_dtype: Any):
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((features,), param_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((features,), jnp.float32))
+        self.eps = arch.BN_EPS
+        self.dtype = dtype
+
+    def factors(self) -> tuple[jax.Array, jax.Array]:
+        """``(multiplier, offset)`` per channel, float32: ``y = x * multiplier + offset``."""
+        mean = lax.stop_gradient(self.mean[...].astype(jnp.float32))
+        var = lax.stop_gradient(self.var[...].astype(jnp.float32))
+        mult = self.scale[...].astype(jnp.float32) * lax.rsqrt(var + self.eps)
+        return mult, self.bias[...].astype(jnp.float32) - mean * mult
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        mult, offset = self.factors()
+        return x * mult.astype(self.dtype) + offset.astype(self.dtype)
+
+
+class MBConv(nnx.Module):
+    """Mobile inverted bottleneck without squeeze-and-excitation (see ``arch.BlockSpec``)."""
+
+    def __init__(self, spec: arch.BlockSpec, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        mid = spec.mid_features
+        self.spec = spec
+        if spec.expand_ratio != 1:
+            self.expand_conv = Conv(spec.in_features, mid, 1, **kw, rngs=rngs)
+            self.expand_bn = FrozenBatchNorm(mid, **kw)
+        else:
+            self.expand_conv = None
+            self.expand_bn = None
+        self.depthwise_conv = Conv(mid, mid, spec.kernel, spec.stride, groups=mid, **kw, rngs=rngs)
+        self.depthwise_bn = FrozenBatchNorm(mid, **kw)
+        self.project_conv = Conv(mid, spec.out_features, 1, **kw, rngs=rngs)
+        self.project_bn = FrozenBatchNorm(spec.out_features, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x
+        if self.expand_conv is not None:
+            y = relu6(self.expand_bn(self.expand_conv(y)))
+        y = relu6(self.depthwise_bn(self.depthwise_conv(y)))
+        y = self.project_bn(self.project_conv(y))
+        return y + x.astype(y.dtype) if self.spec.residual else y
+
+
+def _copy(var: nnx.Variable, value: Any, name: str, kind: str, model: str) -> None:
+    if value is None or tuple(np.shape(value)) != var.shape:
+        got = "no array" if value is None else f"shape {tuple(np.shape(value))}"
+        raise WeightsError(f"the pretrained {name} {kind} has {got}; {model} needs {var.shape}")
+    var.set_value(jnp.asarray(value, dtype=var.dtype))
+
+
+class EfficientNetLite(nnx.Module):
+    """EfficientNet-Lite convolutional features (and the ImageNet classifier, for checks).
+
+    Calling it maps *normalised* images ``(N, H, W, 3)`` (or grey ``(N, H, W, 1)``, treated as
+    the image in all three channels) to ``(N, ceil(H/32), ceil(W/32), 1280)``, after the head
+    convolution, its batch norm and ReLU6. ``forward_raw`` takes raw images on [0, 1] and applies
+    ``self.normalization`` itself; ``classify`` adds global average pooling and the 1000-way
+    ``fc``.
+
+    Batch norm is frozen: every batch norm uses the ImageNet statistics (``nnx.BatchStat``
+    variables that are never updated, in training too), while its scale and bias are trainable
+    ``nnx.Param``. Batches of 8-32 whole mammograms give too noisy batch statistics to train with.
+
+    Attributes:
+      variant: ``"lite0"``, ``"lite1"`` or ``"lite2"``.
+      normalization: the input normalisation (``"efficientnet_lite"``: ``(x * 255 - 127) / 128``).
+      out_features: 1280.
+      stride: 32 (the output stride; the map is ``ceil(H / 32) x ceil(W / 32)``).
+      classifier: whether the ImageNet ``fc`` exists.
+    """
+
+    def __init__(
+        self,
+        variant: str = "lite0",
+        *,
+        normalization: str | None = None,
+        classifier: bool = True,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        arch.check_variant(variant)
+        normalization = normalization or arch.NORMALIZATION_NAME
+        if normalization not in arch.NORMALIZATIONS:
+            raise ConfigError(
+                f"unknown normalization {normalization!r} for EfficientNet-Lite; choose one of "
+                f"{list(arch.NORMALIZATIONS)}"
+            )
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.variant = variant
+        self.normalization = normalization
+        self.out_features = arch.HEAD_FEATURES
+        self.stride = arch.OUTPUT_STRIDE
+        self.dtype = dtype
+        self.classifier = classifier
+        specs = arch.block_specs(variant)
+        self.stem_conv = Conv(
+            3, arch.STEM_FEATURES, arch.STEM_KERNEL, arch.STEM_STRIDE, **kw, rngs=rngs
+        )
+        self.stem_bn = FrozenBatchNorm(arch.STEM_FEATURES, **kw)
+        self.blocks = nnx.List([MBConv(s, **kw, rngs=rngs) for s in specs])
+        self.head_conv = Conv(specs[-1].out_features, arch.HEAD_FEATURES, 1, **kw, rngs=rngs)
+        self.head_bn = FrozenBatchNorm(arch.HEAD_FEATURES, **kw)
+        if classifier:
+            self.fc = nnx.Linear(arch.HEAD_FEATURES, arch.NUM_CLASSES, **kw, rngs=rngs)
+        else:
+            self.fc = None
+
+    # -- pretrained weights ------------------------------------------------------------------
+
+    @classmethod
+    def from_converted(
+        cls,
+        params: Mapping[str, Mapping[str, Any]],
+        metadata: Mapping[str, Any],
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+    ) -> EfficientNetLite:
+        """The EfficientNet-Lite named in ``metadata`` (``variant``, optional ``normalization``)
+        holding ``params`` (the canonical tree of ``arch.expected_shapes``; ``fc`` optional).
+
+        Built abstractly (no random initialisation is computed), then filled.
+        """
+        if "variant" not in metadata:
+            raise WeightsError(
+                f"the pretrained metadata names no EfficientNet-Lite variant (found keys "
+                f"{sorted(metadata)}); expected one of {list(arch.VARIANTS)}"
+            )
+        model = nnx.eval_shape(
+            lambda: cls(
+                metadata["variant"],
+                normalization=metadata.get("normalization"),
+                classifier="fc" in params,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=nnx.Rngs(0),
+            )
+        )
+        model.load_params(params)
+        return model
+
+    def _layers(self) -> dict[str, nnx.Module]:
+        layers: dict[str, nnx.Module] = {"stem_conv": self.stem_conv, "stem_bn": self.stem_bn}
+        for i, block in enumerate(self.blocks):
+            for part in ("expand_conv", "expand_bn", "depthwise_conv", "depthwise_bn"):
+                if getattr(block, part) is not None:
+                    layers[f"block{i}_{part}"] = getattr(block, part)
+            layers[f"block{i}_project_conv"] = block.project_conv
+            layers[f"block{i}_project_bn"] = block.project_bn
+        layers["head_conv"] = self.head_conv
+        layers["head_bn"] = self.head_bn
+        if self.fc is not None:
+            layers["fc"] = self.fc
+        return layers
+
+    def load_params(self, params: Mapping[str, Mapping[str, Any]]) -> None:
+        """Copy the canonical tree (``arch.expected_shapes``) into the layers.
+
+        ``fc`` is needed only when the model has its classifier. Raises WeightsError naming the
+        layer for a missing layer or array or a mis-shaped one.
+        """
+        model = f"EfficientNet-{self.variant.capitalize()}"
+        for name, layer in self._layers().items():
+            if name not in params:
+                raise WeightsError(
+                    f"the pretrained weights have no layer {name!r} ({len(params)} layers "
+                    f"found); {model} needs it"
+                )
+            kinds = arch.BN_KINDS if isinstance(layer, FrozenBatchNorm) else ("kernel",)
+            if name == "fc":
+                kinds = ("kernel", "bias")
+            for kind in kinds:
+                _copy(getattr(layer, kind), params[name].get(kind), name, kind, model)
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def _after_stem(self, y: jax.Array) -> jax.Array:
+        x = relu6(self.stem_bn(y))
+        for block in self.blocks:
+            x = block(x)
+        return relu6(self.head_bn(self.head_conv(x)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalised ``(N, H, W, 3)`` or grey ``(N, H, W, 1)`` -> ``(N, h, w, 1280)``."""
+        if x.ndim != 4 or x.shape[-1] not in (1, 3):
+            raise ConfigError(
+                f"EfficientNet-Lite expects (N, H, W, 3) or (N, H, W, 1); got {x.shape}"
+            )
+        if x.shape[-1] == 3:
+            return self._after_stem(self.stem_conv(x))
+        kernel = self.stem_conv.kernel[...].sum(axis=2, keepdims=True)  # fold the 3 channels
+        return self._after_stem(self._stem(x, kernel))
+
+    def _stem(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return lax.conv_general_dilated(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            (arch.STEM_STRIDE, arch.STEM_STRIDE),
+            _same_pads(x, arch.STEM_KERNEL, arch.STEM_STRIDE),
+            dimension_numbers=_DN,
+        )
+
+    def forward_raw(self, images: jax.Array) -> jax.Array:
+        """Raw images on [0, 1] -> features, applying ``self.normalization`` exactly.
+
+        RGB ``(N, H, W, 3)`` goes through :func:`normalize`. Grey ``(N, H, W, 1)`` gives exactly
+        what the grey image repeated in three channels and normalised per channel gives: with
+        ``y_c = (g * scale - mean_c) / std_c``, the stem of ``y`` is
+        ``conv(g, sum_c W_c * scale / std_c) - conv(1_image, sum_c W_c * mean_c / std_c)``, both
+        SAME-padded with zeros. The second term depends only on the image size (the padding cuts
+        it at the borders), so it is computed once, for a single ones image.
+        """
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ConfigError(f"images must be (N, H, W, 1) or (N, H, W, 3); got {images.shape}")
+        if images.shape[-1] == 3:
+            return self(normalize(images, self.normalization))
+        spec = arch.NORMALIZATIONS[self.normalization]
+        std = jnp.asarray(spec.std, jnp.float32)
+        kernel = self.stem_conv.kernel[...].astype(jnp.float32)  # (3, 3, 3, 32)
+        exact = lax.Precision.HIGHEST  # tiny contractions; keep them float32 on TPUs too
+        k_scale = jnp.einsum("hwco,c->hwo", kernel, spec.scale / std, precision=exact)
+        k_mean = jnp.einsum("hwco,c->hwo", kernel, jnp.asarray(spec.mean) / std, precision=exact)
+        k_scale, k_mean = k_scale[:, :, None, :], k_mean[:, :, None, :]
+        ones = jnp.ones((1, *images.shape[1:3], 1), jnp.float32)
+        offset = lax.conv_general_dilated(
+            ones,
+            k_mean,
+            (arch.STEM_STRIDE, arch.STEM_STRIDE),
+            _same_pads(ones, arch.STEM_KERNEL, arch.STEM_STRIDE),
+            dimension_numbers=_DN,
+            precision=exact,
+        )  # (1, h, w, 32)
+        y = self._stem(images, k_scale) - offset.astype(self.dtype)
+        return self._after_stem(y)
+
+    def classify(self, x: jax.Array) -> jax.Array:
+        """Normalised images -> ImageNet logits ``(N, 1000)`` (global average pool, ``fc``)."""
+        if self.fc is None:
+            raise ConfigError("this EfficientNet-Lite was built without its ImageNet classifier")
+        features = self(x)
+        pooled = features.astype(jnp.float32).mean(axis=(1, 2))
+        return self.fc(pooled.astype(self.dtype))
+
+
+__all__ = ["Conv", "EfficientNetLite", "FrozenBatchNorm", "MBConv", "normalize", "relu6"]
