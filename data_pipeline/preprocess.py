@@ -48,9 +48,12 @@ applied by table lookup, and only the crop is ever converted to float32 (measure
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging as std_logging
 import os
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,7 +345,10 @@ class _Decoded:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    first = text[0] if text else ""
+    if first.endswith(":") and len(text) > 1:  # pydicom: "... all available plugins:", one a line
+        first = f"{first} {text[1].strip()}"
+    return f"{type(exc).__name__}: {first}".rstrip(": ")
 
 
 def _is_dicom(path: Path) -> bool:
@@ -520,6 +526,16 @@ def _check_codestream(path: Path, pixel_data: bytes, rows: int, cols: int) -> No
         )
 
 
+def _is_image(ds: pydicom.Dataset) -> bool:
+    """Whether a DICOM data set is, by its SOP class or image attributes, an image: one with no
+    pixel data was cut short (pydicom reads a truncated file's elements up to the cut, silently).
+    A file cut within its file meta or just after it has no elements at all."""
+    for sop_class in (ds.get("SOPClassUID"), ds.file_meta.get("MediaStorageSOPClassUID")):
+        if sop_class and "Image" in pydicom.uid.UID(str(sop_class)).name:  # maybe cut itself
+            return True
+    return len(ds) == 0 or any(k in ds for k in ("Rows", "Columns", "BitsAllocated"))
+
+
 def _decode_dicom(path: Path) -> _Decoded:
     try:
         ds = pydicom.dcmread(path, force=True)
@@ -529,6 +545,11 @@ def _decode_dicom(path: Path) -> _Decoded:
             "DICOM; copy it again from the source."
         ) from e
     try:
+        if "PixelData" not in ds and _is_image(ds):
+            raise DataError(
+                f"{path}: the DICOM file ends before its pixel data (tag PixelData): it is "
+                "truncated (cut short). Copy it again from the source."
+            )
         if "PixelData" not in ds:
             raise DataError(
                 f"{path}: the DICOM file holds no pixel data (tag PixelData); it is not an image, "
@@ -721,6 +742,34 @@ def _decode_raster(path: Path) -> _Decoded:
     return _from_values(arr, lambda v: v, False, path)  # pragma: no mutate (None: falsy too)
 
 
+# pydicom and pylibjpeg log a traceback for each plugin that fails on a damaged file, which the
+# program's log handler (absl's, on the root logger) prints; the DataError raised says it once.
+_QUIET_LOGGERS = ("pydicom", "pylibjpeg", "openjpeg")
+_quiet = {"depth": 0, "propagate": {}}
+_quiet_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _decoders_quiet():
+    """Keep the DICOM decoders' log records from the root logger's handlers while one or more
+    threads decode (their own handlers, such as pydicom.config.debug()'s, still print)."""
+    with _quiet_lock:
+        if _quiet["depth"] == 0:
+            for name in _QUIET_LOGGERS:
+                logger = std_logging.getLogger(name)
+                _quiet["propagate"][name] = logger.propagate
+                logger.propagate = False
+        _quiet["depth"] += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet["depth"] -= 1
+            if _quiet["depth"] == 0:
+                for name in _QUIET_LOGGERS:
+                    std_logging.getLogger(name).propagate = _quiet["propagate"][name]
+
+
 def _decode(path: str | os.PathLike) -> _Decoded:
     path = Path(path)
     if not path.is_file():
@@ -728,7 +777,8 @@ def _decode(path: str | os.PathLike) -> _Decoded:
             f"{path}: no such file; check the path (relative paths are resolved from the CSV)."
         )
     if _is_dicom(path):
-        return _decode_dicom(path)
+        with _decoders_quiet():
+            return _decode_dicom(path)
     return _decode_raster(path)
 
 

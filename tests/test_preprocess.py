@@ -313,6 +313,29 @@ def test_truncated_dicom(tmp_path):
         preprocess_file(bad)
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # a UID cut short
+def test_dicom_cut_before_its_pixel_data_says_truncated(tmp_path):
+    data = valid_dicom_bytes(tmp_path)
+    start = data.index(b"\xe0\x7f\x10\x00")  # the PixelData tag
+    meta_end = 132 + 12 + int.from_bytes(data[140:144], "little")  # after the group length
+    bad = tmp_path / "cut.dcm"
+    for n in (meta_end, meta_end + 30, start - 10, start, start + 4):
+        bad.write_bytes(data[:n])
+        with pytest.raises(DataError, match=r"cut\.dcm: .*truncated \(cut short\)"):
+            read_image(bad)
+    # a whole DICOM that is no image (a structured report) holds no pixel data
+    ds = pydicom.Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR Storage
+    ds.SOPInstanceUID, ds.Modality = pydicom.uid.generate_uid(), "SR"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    with pytest.raises(DataError, match=r"sr\.dcm: the DICOM file holds no pixel data"):
+        read_image(tmp_path / "sr.dcm")
+
+
 def test_not_a_dicom(tmp_path):
     bad = tmp_path / "junk.dcm"
     bad.write_bytes(b"this is not an image at all" * 10)
@@ -536,6 +559,37 @@ def test_truncated_codestream_is_refused_not_decoded(tmp_path, syntax, keep):
     ds.save_as(path)
     with pytest.raises(DataError, match=r"c\.dcm: .*truncated"):
         read_image(path)
+
+
+def test_a_failing_decoder_logs_no_traceback_under_absl(tmp_path):
+    """pydicom logs each failing plugin's traceback (LOGGER.exception); a program's absl handler
+    printed them around its own one line. Only that line remains, with the plugin's reason."""
+    path = compressed(tmp_path / "c.dcm", ramp(hi=4000), RLELossless)
+    ds = pydicom.dcmread(path)
+    (frame,) = pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1)
+    ds.PixelData = encapsulate([frame[: len(frame) // 2]])
+    ds.save_as(path)
+    script = (
+        "import sys, logging as std; from absl import logging; logging.use_absl_handler()\n"
+        "from data_pipeline.errors import DataError\n"
+        "from data_pipeline.preprocess import read_image\n"
+        "try:\n    read_image(sys.argv[1])\n"
+        "except DataError as e:\n    logging.warning('Skipping %s', e)\n"
+        "std.getLogger('pydicom').warning('pydicom logs after decoding')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "c.dcm" in line]
+    assert len(lines) == 1 and "Skipping" in lines[0], result.stderr
+    assert "cannot decode the pixel data" in lines[0] and "plugins: " in lines[0]
+    assert "pydicom logs after decoding" in result.stderr  # quiet only while decoding
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1283,6 +1337,9 @@ def test_describe_gives_the_exception_and_its_first_line():
     assert _describe(ValueError("  bad header\n  more detail")) == "ValueError: bad header"
     assert _describe(ValueError("size 4 x 4 X")) == "ValueError: size 4 x 4 X"
     assert _describe(OSError()) == "OSError"
+    # pydicom's "... raised by all available plugins:" is followed by each plugin's reason
+    many = RuntimeError("all available plugins:\n  rle: cut short\n  other: bad")
+    assert _describe(many) == "RuntimeError: all available plugins: rle: cut short"
 
 
 def test_codestream_shape_walks_jpeg_segments_by_hand():
