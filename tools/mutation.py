@@ -6,7 +6,7 @@
 
 For each target (default: every one in ``TARGETS``) this copies the sources, the tests and
 ``pyproject.toml`` into ``mutants/<target>/`` (ignored by git), narrows the copy's
-``[tool.mutmut]`` to the target's module (``only_mutate``) and its fast test modules
+``[tool.mutmut]`` to the target's module or package (``only_mutate``) and its fast test modules
 (``pytest_add_cli_args_test_selection``), and runs mutmut there (niced, on the CPU, with XLA's
 compilation cache kept per target, its output in ``mutants/<target>/mutmut.log``): each mutant runs
 only the tests that call the mutated function. ``--jobs`` targets run side by side, each testing
@@ -40,9 +40,15 @@ COPIED = ("deepmil_jax", "data_pipeline", "tests")
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    file: str  # the module mutated
+    path: str  # the module mutated, or a package's folder (every module in it)
     functions: tuple[str, ...]  # mutmut's mutant-name patterns of the functions tested
     tests: tuple[str, ...]  # the fast test modules that test them
+
+    def files(self, source: Path) -> list[str]:
+        """The modules mutated, relative to ``source``."""
+        if self.path.endswith(".py"):
+            return [self.path]
+        return sorted(p.relative_to(source).as_posix() for p in (source / self.path).glob("*.py"))
 
 
 def _all(module: str) -> tuple[str, ...]:
@@ -57,9 +63,7 @@ TARGETS = {
         _all("data_pipeline.preprocess"),
         ("tests/test_preprocess.py", "tests/test_synthetic_film.py"),
     ),
-    "losses": Target(
-        "deepmil_jax/losses.py", _all("deepmil_jax.losses"), ("tests/test_losses.py",)
-    ),
+    "losses": Target("deepmil_jax/losses", _all("deepmil_jax.losses"), ("tests/test_losses.py",)),
     "input_pipeline": Target(
         "data_pipeline/input_pipeline.py",
         _all("data_pipeline.input_pipeline"),
@@ -141,7 +145,7 @@ def _pyproject(target: Target, source: Path) -> str:
     """The project's pyproject.toml with its ``[tool.mutmut]`` narrowed to ``target``."""
     text = (source / "pyproject.toml").read_text()
     settings = tomllib.loads(text)["tool"]["mutmut"]
-    settings["only_mutate"] = [target.file]
+    settings["only_mutate"] = target.files(source)
     settings["pytest_add_cli_args_test_selection"] = list(target.tests)
     # the tests a mutant calls run likeliest catch first (tools/mutation_order.py)
     settings["pytest_add_cli_args"] = settings["pytest_add_cli_args"] + ["-p", "mutation_order"]
@@ -176,9 +180,13 @@ def prepare(name: str, target: Target, source: Path) -> Path:
     # mutmut keeps each mutant's verdict by name (function + number) and re-tests a function only
     # when its code (ast.dump, comments ignored) changes; a new `# pragma: no mutate` renumbers
     # the function's mutants without changing that, so old verdicts would label other mutants.
-    # Any change to the target module's text therefore starts the target over.
-    copy = work / target.file
-    if copy.exists() and copy.read_bytes() != (source / target.file).read_bytes():
+    # Any change to the text of the target's modules (or which modules it has) therefore starts
+    # the target over.
+    files = target.files(source)
+    if target.files(work) != files or any(
+        not (work / f).exists() or (work / f).read_bytes() != (source / f).read_bytes()
+        for f in files
+    ):
         shutil.rmtree(mutants, ignore_errors=True)
     for part in COPIED:
         _sync(source / part, work / part, mutants)
@@ -198,10 +206,13 @@ def statuses(work: Path, target: Target) -> dict[str, str]:
     """mutmut's verdict on each of the target's mutants ("not checked" when not yet run)."""
     from mutmut.stats import status_by_exit_code
 
-    meta = json.loads((work / "mutants" / (target.file + ".meta")).read_text())
+    codes = {}
+    for file in target.files(work):
+        meta = json.loads((work / "mutants" / (file + ".meta")).read_text())
+        codes.update(meta["exit_code_by_key"])
     return {
         key: status_by_exit_code[code]
-        for key, code in sorted(meta["exit_code_by_key"].items())
+        for key, code in sorted(codes.items())
         if any(fnmatch.fnmatchcase(key, pattern) for pattern in target.functions)
     }
 
@@ -255,7 +266,7 @@ def run_target(name: str, work: Path, env: dict[str, str], children: int, run: R
     # 1. generate the mutants and map tests to functions (mutmut keeps both between runs); a name
     # that matches no mutant runs none (mutmut then stops with "nothing matches")
     run.phase = "mapping tests to functions"
-    module = target.file.removesuffix(".py").replace("/", ".")
+    module = target.path.removesuffix(".py").replace("/", ".")
     code, run.cpu = _mutmut([*command, f"{module}.no_such_mutant"], work, env, log)
     run.returncode = 0 if "nothing matches" in log.read_text() else code or 1
     # 2. run the target's mutants not yet tested (new, or of a changed function) and the
