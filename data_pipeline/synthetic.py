@@ -913,6 +913,41 @@ def _image_names(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir() if p.suffix.lower() in (".dcm", ".png", ".tif")]
 
 
+def _foreign(out: Path, slots: list[_Slot]) -> str | None:
+    """The first thing in `out` that writing `slots` there would not have written (named
+    relative to `out`), None if there is none. Hidden files (.DS_Store) do not count. An
+    INbreast.csv counts unless every image it names is one of `slots` and all of them are in
+    AllDICOMs/ (a previous complete run's: it is written last)."""
+    if not out.is_dir():
+        return None
+    own = {"AllDICOMs": {s.name for s in slots}, "AllXML": {f"{s.file_id}.xml" for s in slots}}
+    for entry in sorted(out.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.name in own and entry.is_dir():
+            extra = sorted(
+                p.name
+                for p in entry.iterdir()
+                if not p.name.startswith(".") and (p.name not in own[entry.name] or p.is_dir())
+            )
+            if extra:
+                return f"{entry.name}/{extra[0]}"
+        elif entry.name != "INbreast.csv" or entry.is_dir():
+            return entry.name
+    table = out / "INbreast.csv"
+    if table.exists():
+        try:
+            with open(table, newline="", encoding="utf-8") as f:
+                names = {row.get("File Name") for row in csv.DictReader(f, delimiter=";")}
+        except (OSError, UnicodeDecodeError, csv.Error):
+            names = None
+        dicoms = out / "AllDICOMs"
+        complete = dicoms.is_dir() and own["AllDICOMs"] <= set(_image_names(dicoms))
+        if names != {s.file_id for s in slots} or not complete:
+            return "INbreast.csv"
+    return None
+
+
 def write_synthetic_inbreast(
     out_dir: str | os.PathLike,
     *,
@@ -920,17 +955,22 @@ def write_synthetic_inbreast(
     seed: int = 0,
     image_shape: tuple[int, int] = (512, 416),
     style: str = "easy",
+    overwrite: bool = False,
 ) -> Path:
     """Write a synthetic INbreast (AllDICOMs/, AllXML/, INbreast.csv) under `out_dir`.
 
     Args:
-      out_dir: created if missing. Files of the same names are overwritten; other images in its
-        AllDICOMs/ (another seed, or real data) make it refuse with DataError.
+      out_dir: created if missing. What this call writes may be there already (a previous
+        run's, complete or interrupted) and is overwritten; anything else in it (another file or
+        folder, an INbreast.csv of other images) makes it refuse with DataError, and so do other
+        images in its AllDICOMs/ (another seed, or real data), even with `overwrite`.
       num_images: images in all, four per woman (the last woman may have fewer).
       seed: every random choice follows from it; the same seed writes the same bytes.
       image_shape: (H, W) of each image (INbreast's are 4084 x 3328 or 3328 x 2560).
       style: "easy" (one bright lesion, the quick default) or "hard" (lesions of many sizes and
         margins among benign masses of the same size and brightness; see the module docstring).
+      overwrite: write into a folder that holds files this call does not write, replacing its
+        INbreast.csv.
 
     Returns:
       The folder, to pass to `data_pipeline.inbreast.read_inbreast` or as manual_dir.
@@ -953,6 +993,12 @@ def write_synthetic_inbreast(
         raise DataError(
             f"{dicoms}: holds {len(others)} image(s) this call would not write (e.g. {others[0]}), "
             "from another seed or size, or real data; write into an empty folder instead."
+        )
+    foreign = None if overwrite else _foreign(out, slots)
+    if foreign is not None:
+        raise DataError(
+            f"{out}: holds {foreign}, which data_pipeline.synthetic did not write; write into an "
+            "empty or new folder, or pass --overwrite (overwrite=True) to write there anyway."
         )
     dicoms.mkdir(parents=True, exist_ok=True)
     xmls.mkdir(parents=True, exist_ok=True)
@@ -1126,6 +1172,7 @@ def _main(argv: Sequence[str]) -> None:
             seed=f.seed,
             image_shape=(f.height, f.width),
             style=f.style,
+            overwrite=f.overwrite,
         )
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
@@ -1148,6 +1195,12 @@ def _define_flags() -> None:
         "easy",
         "easy: one bright lesion per positive breast (the quick default); hard: lesions of many "
         "sizes and margins among benign masses alike in size and brightness, in both classes.",
+    )
+    flags.DEFINE_bool(
+        "overwrite",
+        False,
+        "Write into --out even if it holds files this program did not write (its INbreast.csv "
+        "is replaced).",
     )
     flags.mark_flag_as_required("out")
 

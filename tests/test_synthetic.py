@@ -252,6 +252,64 @@ def test_cli_errors_are_one_line_naming_the_flag(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "AllDICOMs" in lines[0], lines
 
 
+def test_a_folder_holding_what_it_did_not_write_is_refused(tmp_path):
+    small = dict(num_images=2, seed=0, image_shape=(64, 80))
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "INbreast.csv").write_text("Patient ID;File Name\r\nmine;123\r\n")
+    with pytest.raises(DataError, match=r"user: holds INbreast.csv, which .* did not write"):
+        write_synthetic_inbreast(user, **small)
+    assert sorted(p.name for p in user.iterdir()) == ["INbreast.csv"]  # nothing written
+    assert "mine;123" in (user / "INbreast.csv").read_text()
+    # the command line: one line naming the folder, status 1; --overwrite writes there anyway
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_pipeline.synthetic", f"--out={user}", "--num_images=2"]
+        + ["--height=64", "--width=80"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "mine;123" in (user / "INbreast.csv").read_text()
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {user}: holds INbreast.csv, which data_pipeline.synthetic did not write; write "
+        "into an empty or new folder, or pass --overwrite (overwrite=True) to write there anyway."
+    ]
+    write_synthetic_inbreast(user, overwrite=True, **small)
+    assert len(read_inbreast(user)[0]) == 2
+    # its own output, complete (written again, the same bytes) or interrupted: written there
+    own = write_synthetic_inbreast(tmp_path / "own", **small)
+    before = {p: p.read_bytes() for p in own.rglob("*") if p.is_file()}
+    write_synthetic_inbreast(own, **small)
+    assert {p: p.read_bytes() for p in own.rglob("*") if p.is_file()} == before
+    (own / "INbreast.csv").unlink()
+    next((own / "AllDICOMs").iterdir()).unlink()
+    write_synthetic_inbreast(own, **small)
+    assert {p: p.read_bytes() for p in own.rglob("*") if p.is_file()} == before
+    (own / ".DS_Store").write_bytes(b"")  # hidden files do not count
+    write_synthetic_inbreast(own, **small)
+    # anything else, beside or inside its folders; an INbreast.csv of other images or beside
+    # a missing image
+    for extra in ("notes.txt", "AllXML/other.xml", "AllDICOMs/readme", "AllROI/"):
+        folder = tmp_path / extra.replace("/", "_")
+        write_synthetic_inbreast(folder, **small)
+        (folder / extra).parent.mkdir(exist_ok=True)
+        if extra.endswith("/"):
+            (folder / extra).mkdir()
+        else:
+            (folder / extra).write_text("x")
+        with pytest.raises(DataError, match=rf"holds {extra.rstrip('/')}, which"):
+            write_synthetic_inbreast(folder, **small)
+    table = (own / "INbreast.csv").read_bytes()
+    (own / "INbreast.csv").write_bytes(table.rsplit(b"\r\n", 2)[0] + b"\r\n")  # a row less
+    with pytest.raises(DataError, match="holds INbreast.csv"):
+        write_synthetic_inbreast(own, **small)
+    (own / "INbreast.csv").write_bytes(table)
+    next((own / "AllDICOMs").iterdir()).unlink()
+    with pytest.raises(DataError, match="holds INbreast.csv"):
+        write_synthetic_inbreast(own, **small)
+
+
 # --------------------------------------------------------------------------------------------------
 # The hard style (issue 13).
 
