@@ -148,21 +148,51 @@ def synthesize_film(
         raise ValueError(f"shape must be at least 128 x 128, got {shape}")
     digital, breast = _breast(rng, shape, laterality, view, fills_frame)
     breast = breast.copy()
-    yy, xx = np.mgrid[0:H, 0:W]
-    chest_x = 0 if laterality == "L" else W - 1
-    far_x = W - 1 if laterality == "L" else 0
+    image, grain = _film_base(rng, digital)
+    labels = np.zeros(shape, dtype=bool)
+    artefacts = np.zeros(shape, dtype=bool)
+    # Each step draws its artefacts into image and records them in the masks (in place).
+    _add_film_edges(rng, image, breast, artefacts, laterality)
+    _add_labels(rng, image, labels, breast, artefacts, laterality)
+    artefacts |= labels
+    _add_lead_marker(rng, image, labels, breast, artefacts, laterality)
+    _add_tape(rng, image, breast, artefacts, laterality)
+    image += rng.normal(0.0, grain, size=shape)
+    return FilmImage(
+        image=np.clip(image, 0.0, 1.0),
+        breast=breast,
+        labels=labels,
+        artefacts=artefacts,
+        laterality=laterality,
+        fills_frame=fills_frame,
+    )
 
-    # Film: base and fog (not black, uneven), the breast's densities on top, grain everywhere.
-    base = rng.uniform(0.08, 0.2) + 0.03 * _smooth_noise(rng, shape, max(H, W) / 4)
+
+def _chest_and_far_x(width: int, laterality: str) -> tuple[int, int]:
+    """The columns of the chest-wall edge and of the far edge of an image `width` wide."""
+    chest_x = 0 if laterality == "L" else width - 1
+    far_x = width - 1 if laterality == "L" else 0
+    return chest_x, far_x
+
+
+def _film_base(rng: np.random.Generator, digital: np.ndarray) -> tuple[np.ndarray, float]:
+    """Film: base and fog (not black, uneven) with the breast's densities `digital` (H, W) on
+    top: (image (H, W) float64, the standard deviation of the grain to add everywhere)."""
+    H, W = digital.shape
+    yy, _ = np.mgrid[0:H, 0:W]
+    base = rng.uniform(0.08, 0.2) + 0.03 * _smooth_noise(rng, digital.shape, max(H, W) / 4)
     base += rng.uniform(-0.03, 0.03) * (yy / H)
     image = base + (1.0 - base) * 0.95 * digital
     grain = rng.uniform(0.01, 0.03)
+    return image, grain
 
-    labels = np.zeros(shape, dtype=bool)
-    artefacts = np.zeros(shape, dtype=bool)
-    long_side = max(H, W)
 
-    # Film edges: bright strips along one or two sides; a black scanner band beyond some.
+def _add_film_edges(rng, image, breast, artefacts, laterality) -> None:
+    """Film edges: bright strips along one or two sides, a black scanner band beyond some; each
+    strip is added to `artefacts` and taken out of `breast`."""
+    H, W = image.shape
+    yy, xx = np.mgrid[0:H, 0:W]
+    chest_x, far_x = _chest_and_far_x(W, laterality)
     sides = [s for s in ("top", "bottom", "chest", "far") if rng.random() < 0.3]
     for side in sides:
         across = H if side in ("top", "bottom") else W
@@ -182,8 +212,14 @@ def synthesize_film(
         artefacts |= strip
         breast &= ~strip
 
-    # Labels: a white sticker with text near a corner away from the breast; some touch the
-    # border, some are joined to the breast by a thin bright strip along the border.
+
+def _add_labels(rng, image, labels, breast, artefacts, laterality) -> None:
+    """Labels: one or two white stickers with text near a corner away from the breast (and the
+    artefacts so far), recorded in `labels`; some touch the border, some are joined to the
+    breast by a thin bright strip along the border."""
+    H, W = image.shape
+    chest_x, far_x = _chest_and_far_x(W, laterality)
+    long_side = max(H, W)
     clear = _far(breast | artefacts, gap=0.04 * W)
     for _ in range(int(rng.integers(1, 3))):
         lh, lw = int(H * rng.uniform(0.05, 0.09)), int(W * rng.uniform(0.15, 0.3))
@@ -204,9 +240,12 @@ def synthesize_film(
         clear &= _far(labels, gap=0.03 * W)
         if touch and rng.random() < 0.6:
             _join_to_breast(rng, image, labels, breast, box, chest_x, long_side)
-    artefacts |= labels
 
-    # Markers: small bright letters in the background, clear of the breast and the labels.
+
+def _add_lead_marker(rng, image, labels, breast, artefacts, laterality) -> None:
+    """Markers: sometimes a small bright letter ("L" or "R") in the background, clear of the
+    breast and the labels; recorded in `labels` and `artefacts`."""
+    H, W = image.shape
     if rng.random() < 0.6:
         mh = max(6, int(H * rng.uniform(0.03, 0.05)))
         glyph = _letter(mh, max(4, int(mh * 0.7)), laterality)
@@ -220,7 +259,11 @@ def synthesize_film(
             labels[win] |= glyph
             artefacts |= labels
 
-    # Tape: a semi-transparent bright rectangle along a border, clear of the breast.
+
+def _add_tape(rng, image, breast, artefacts, laterality) -> None:
+    """Tape: sometimes a semi-transparent bright rectangle along a border on the far side, clear
+    of the breast; recorded in `artefacts`."""
+    H, W = image.shape
     if rng.random() < 0.35:
         th, tw = int(H * rng.uniform(0.06, 0.15)), int(W * rng.uniform(0.1, 0.25))
         y0 = 0 if rng.random() < 0.5 else H - th
@@ -229,16 +272,6 @@ def synthesize_film(
         if _far(breast, gap=0.04 * W)[box].all():
             image[box] += rng.uniform(0.15, 0.3)
             artefacts[box] = True
-
-    image += rng.normal(0.0, grain, size=shape)
-    return FilmImage(
-        image=np.clip(image, 0.0, 1.0),
-        breast=breast,
-        labels=labels,
-        artefacts=artefacts,
-        laterality=laterality,
-        fills_frame=fills_frame,
-    )
 
 
 def _join_to_breast(rng, image, labels, breast, box, chest_x, long_side) -> None:
