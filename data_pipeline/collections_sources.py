@@ -371,20 +371,26 @@ def _mias_entry(fields: list[str], line: int) -> tuple | str:
     severity = fields[3].upper() if len(fields) > 3 else ""
     if severity not in ("B", "M"):
         return f"{kind} row with severity {severity or 'missing'}; use B or M"
-    return (line, kind, severity, _mias_location(fields[4:]))
+    location = _mias_location(fields[4:])
+    if isinstance(location, str):
+        return location
+    return (line, kind, severity, location)
 
 
-def _mias_location(fields: list[str]) -> tuple[float, float, float] | None:
-    """(X, Y, RADIUS) when the row gives three numbers with a positive radius, else None (the
-    location is omitted)."""
-    if len(fields) < 3:
+def _mias_location(fields: list[str]) -> tuple[float, float, float] | None | str:
+    """(X, Y, RADIUS) from the fields after the severity; None when they are omitted (none, or a
+    note such as ``*NOTE 3*``: widely spread calcifications); what is wrong with them when they
+    are not three numbers with a positive radius (``6O`` for ``60``: the lesion would lose its
+    outline)."""
+    if not fields or fields[0].startswith("*"):
         return None
+    given = " ".join(fields[:3])
     try:
         x, y, radius = (float(v) for v in fields[:3])
-    except ValueError:
-        return None
+    except ValueError:  # not numbers, or fewer than three
+        return f"location {given!r} is not three numbers X Y RADIUS; correct it"
     if not all(math.isfinite(v) for v in (x, y, radius)) or radius <= 0:
-        return None
+        return f"location {given!r} is not finite with a positive RADIUS; correct it"
     return x, y, radius
 
 

@@ -150,6 +150,42 @@ def test_mias_bad_rows_are_listed_and_skippable(tmp_path):
     assert set(_by_id(records)) == {f"mdb{n:03d}" for n in range(1, 13)} - {"mdb003", "mdb007"}
 
 
+def test_mias_malformed_location_is_a_bad_row_and_omitted_ones_are_not(tmp_path):
+    """`6O` for `60` lost the lesion's outline without a word; rows like the real Info.txt's
+    `mdb059 F CIRC B` (no location) and `mdb216 D CALC M *NOTE 3*` stay without one."""
+    root = write_mias(tmp_path / "mias")
+    info = root / "Info.txt"
+    text = info.read_text().replace("mdb002 G SPIC M 60 70 10", "mdb002 G SPIC M 6O 70 10")
+    bad_rows = {
+        "mdb001": "mdb001 G CIRC B 40 30",  # two of the three numbers
+        "mdb009": "mdb009 D ARCH B 45 55 0",  # no radius
+        "mdb010": "mdb010 D CIRC M 35 nan 7",
+    }
+    for ref, row in bad_rows.items():
+        text = "\n".join(row if line.startswith(ref) else line for line in text.splitlines())
+    text = text.replace("mdb005 F CALC M", "mdb005 F CALC M *NOTE 3* ")
+    info.write_text(text + "\nmdb012 F ASYM B\n")  # a second ASYM row, without a location
+    with pytest.raises(DataError) as error:
+        read_mias(root)
+    message = str(error.value)
+    assert "4 problem(s)" in message, message
+    assert f"{info}:2: mdb002: location '6O 70 10' is not three numbers X Y RADIUS" in message
+    assert "mdb001: location '40 30' is not three numbers" in message
+    assert "mdb009: location '45 55 0' is not finite with a positive RADIUS" in message
+    assert "mdb010: location '35 nan 7'" in message
+    records, bad = read_mias(root, skip_bad=True)
+    assert len(bad) == 4
+    by_id = _by_id(records)
+    assert set(by_id) == {f"mdb{n:03d}" for n in range(1, 13)} - {
+        "mdb001",
+        "mdb002",
+        "mdb009",
+        "mdb010",
+    }
+    assert by_id["mdb005"].label == 1 and len(by_id["mdb005"].masses) == 0
+    assert len(by_id["mdb012"].masses) == 1  # the located row's circle; the other has none
+
+
 def test_mias_image_without_a_row_is_left_out_with_a_warning(tmp_path, caplog):
     root = write_mias(tmp_path / "mias")
     write_pgm(root / "mdb013.pgm", _pixels(13, False))
@@ -672,9 +708,10 @@ def _train_two_epochs(source: str, root: Path, tmp_path: Path, split: str) -> di
     the results and the epochs logged."""
     import json
 
+    from deepmil_jax import config as config_module
     from deepmil_jax import train
 
-    config = train.Config(
+    config = config_module.Config(
         **TRAIN, dataset=source, manual_dir=str(root), data_dir=str(tmp_path / "data"), split=split
     )
     results = train.train_and_evaluate(config, tmp_path / "run")
@@ -798,11 +835,11 @@ def test_official_split_is_kept_in_the_prepared_dataset(tmp_path):
 
 @pytest.mark.parametrize("dataset", ["cmmd", "mias", "inbreast", "folder"])
 def test_official_split_is_refused_without_one(dataset):
-    from deepmil_jax import train
+    from deepmil_jax import config as config_module
     from deepmil_jax.errors import ConfigError
 
-    config = train.Config(dataset=dataset, manual_dir="/data", split="official")
+    config = config_module.Config(dataset=dataset, manual_dir="/data", split="official")
     with pytest.raises(ConfigError, match="--split: .* no official train/test split"):
         config.validate()
     for with_split in ("cbis_ddsm", "vindr_mammo"):  # these have one
-        train.Config(dataset=with_split, manual_dir="/data", split="official").validate()
+        config_module.Config(dataset=with_split, manual_dir="/data", split="official").validate()
