@@ -430,6 +430,39 @@ def read_cbis_ddsm(
         listed in one message.
     """
     root = _check_root(root, "CBIS-DDSM (the CBIS-DDSM image folder and the case tables)")
+    tables = _cbis_tables(root)
+    folders = _cbis_case_folders(root)
+    if not folders:
+        raise DataError(
+            f"{root}: no CBIS-DDSM case folders (Mass-Training_P_00001_LEFT_CC, ...) under this "
+            "folder; put the TCIA download (its CBIS-DDSM folder) here."
+        )
+    problems = _Problems(skip_bad, str(root))
+    images: dict[str, dict] = {}
+    for name, table in sorted(tables.items()):
+        subset = _CBIS_TABLE.match(name).group(2)
+        _cbis_table_rows(table, subset, images, problems)
+    keyed, both = _cbis_records(images, folders, problems)
+    listed = {case.lower() for image in images.values() for case in image["cases"]}
+    _warn_unlisted(
+        [folders[c] for c in sorted(folders) if c not in listed],
+        "CBIS-DDSM case folders that no case table lists",
+    )
+    if both:
+        logging.warning(
+            "%d CBIS-DDSM image(s) are in a training table and a test table (a mass and a "
+            "calcification case); the official split counts them as test images.",
+            both,
+        )
+    bad = problems.finish()
+    if not keyed:
+        raise DataError(f"{root}: no usable CBIS-DDSM images; see the problems listed above.")
+    return _sorted(keyed), bad
+
+
+def _cbis_tables(root: Path) -> dict[str, Path]:
+    """{case table name, lower case: path} of the case tables under root (the shallowest of a
+    name); a warning names the tables of the four that are missing."""
     tables: dict[str, Path] = {}
     for path in sorted(root.rglob("*"), key=lambda p: (len(p.parts), str(p))):
         if _CBIS_TABLE.match(path.name.lower()) and path.is_file():
@@ -454,17 +487,14 @@ def read_cbis_ddsm(
             root,
             ", ".join(missing),
         )
-    folders = _cbis_case_folders(root)
-    if not folders:
-        raise DataError(
-            f"{root}: no CBIS-DDSM case folders (Mass-Training_P_00001_LEFT_CC, ...) under this "
-            "folder; put the TCIA download (its CBIS-DDSM folder) here."
-        )
-    problems = _Problems(skip_bad, str(root))
-    images: dict[str, dict] = {}
-    for name, table in sorted(tables.items()):
-        subset = _CBIS_TABLE.match(name).group(2)
-        _cbis_table_rows(table, subset, images, problems)
+    return tables
+
+
+def _cbis_records(
+    images: dict[str, dict], folders: dict[str, Path], problems: _Problems
+) -> tuple[list[tuple[object, SourceRecord]], int]:
+    """The keyed record of each image whose rows are sound and whose case folder holds its full
+    mammogram: (keyed records, how many of them are in a training and a test table)."""
     keyed, both = [], 0
     for key, image in images.items():
         if image["bad"] or not image["cases"]:
@@ -487,21 +517,7 @@ def read_cbis_ddsm(
                 subset="test" if "test" in image["subsets"] else "train",
             )
         )
-    listed = {case.lower() for image in images.values() for case in image["cases"]}
-    _warn_unlisted(
-        [folders[c] for c in sorted(folders) if c not in listed],
-        "CBIS-DDSM case folders that no case table lists",
-    )
-    if both:
-        logging.warning(
-            "%d CBIS-DDSM image(s) are in a training table and a test table (a mass and a "
-            "calcification case); the official split counts them as test images.",
-            both,
-        )
-    bad = problems.finish()
-    if not keyed:
-        raise DataError(f"{root}: no usable CBIS-DDSM images; see the problems listed above.")
-    return _sorted(keyed), bad
+    return keyed, both
 
 
 def _cbis_case_folders(root: Path) -> dict[str, Path]:
@@ -790,6 +806,23 @@ def read_cmmd(
     table = _shallowest(root, _is_cmmd_table, "CMMD_clinicaldata_revision.xlsx")
     problems = _Problems(skip_bad, str(root))
     breasts = _cmmd_table(table, problems)
+    patients = _cmmd_patients(root)
+    keyed, unlisted, sides_from_table = _cmmd_records(root, table, patients, breasts, problems)
+    _warn_unlisted(unlisted, "CMMD images of breasts that the clinical table does not list")
+    if sides_from_table:
+        logging.info(
+            "%d CMMD image(s) have no ImageLaterality; each patient's only listed breast is used.",
+            sides_from_table,
+        )
+    bad = problems.finish()
+    if not keyed:
+        raise DataError(f"{root}: no usable CMMD images; see the problems listed above.")
+    return _sorted(keyed), bad
+
+
+def _cmmd_patients(root: Path) -> dict[str, Path]:
+    """{patient ID (upper case): folder} of the patient folders (D1-0001, ...) under root; the
+    shallowest of a name wins, and a patient folder inside another is not looked for."""
     patients: dict[str, Path] = {}
     for folder, dirs, _ in os.walk(root):
         dirs.sort()
@@ -802,6 +835,19 @@ def read_cmmd(
             f"{root}: no CMMD patient folders (D1-0001, ...) under this folder; put the TCIA "
             "download (its CMMD folder) here."
         )
+    return patients
+
+
+def _cmmd_records(
+    root: Path,
+    table: Path,
+    patients: dict[str, Path],
+    breasts: dict[tuple[str, str], tuple[int, int]],
+    problems: _Problems,
+) -> tuple[list[tuple[object, SourceRecord]], list[Path], int]:
+    """The keyed records of every patient's DICOM images, then a problem for each table row
+    whose breast has no image: (keyed records, images of breasts the table does not list, how
+    many images took their breast from the table)."""
     keyed, unlisted, sides_from_table = [], [], 0
     used: set[tuple[str, str]] = set()
     failed: set[str] = set()  # patients with an image left out as a problem
@@ -810,23 +856,12 @@ def read_cmmd(
         dicoms = sorted(p for p in folder.rglob("*") if p.suffix.lower() == ".dcm" and p.is_file())
         stems = [p.stem for p in dicoms]
         for path in dicoms:
-            try:
-                side, view = _cmmd_header(path)
-            except DataError as e:
-                problems.add(path, str(e))
+            found = _cmmd_side_view(path, patient, listed_sides, problems)
+            if found is None:
                 failed.add(patient)
                 continue
-            if not side:
-                if len(listed_sides) != 1:
-                    problems.add(
-                        path,
-                        "no ImageLaterality in its header and the table lists "
-                        f"{len(listed_sides)} breasts of {patient}; the breast cannot be told",
-                    )
-                    failed.add(patient)
-                    continue
-                side = listed_sides[0]
-                sides_from_table += 1
+            side, view, from_table = found
+            sides_from_table += from_table
             if (patient, side) not in breasts:
                 unlisted.append(path)
                 continue
@@ -852,16 +887,30 @@ def read_cmmd(
                 f"row for {patient} {side} but no image of that breast under "
                 f"{patients.get(patient, 'the CMMD folder')}; download it or remove the row",
             )
-    _warn_unlisted(unlisted, "CMMD images of breasts that the clinical table does not list")
-    if sides_from_table:
-        logging.info(
-            "%d CMMD image(s) have no ImageLaterality; each patient's only listed breast is used.",
-            sides_from_table,
+    return keyed, unlisted, sides_from_table
+
+
+def _cmmd_side_view(
+    path: Path, patient: str, listed_sides: list[str], problems: _Problems
+) -> tuple[str, str, bool] | None:
+    """(breast "L"/"R", view, whether the breast came from the table) of one image: from its
+    header, or the patient's only breast in the table when the header has no ImageLaterality;
+    None when it cannot be told (a problem is listed)."""
+    try:
+        side, view = _cmmd_header(path)
+    except DataError as e:
+        problems.add(path, str(e))
+        return None
+    if side:
+        return side, view, False
+    if len(listed_sides) != 1:
+        problems.add(
+            path,
+            "no ImageLaterality in its header and the table lists "
+            f"{len(listed_sides)} breasts of {patient}; the breast cannot be told",
         )
-    bad = problems.finish()
-    if not keyed:
-        raise DataError(f"{root}: no usable CMMD images; see the problems listed above.")
-    return _sorted(keyed), bad
+        return None
+    return listed_sides[0], view, True
 
 
 def _cmmd_table(table: Path, problems: _Problems) -> dict[tuple[str, str], tuple[int, int]]:
