@@ -488,9 +488,44 @@ def synthesize_hard_image(
     image += dense
     muscle = _pectoral_muscle(rng, grid, body) if view == "MLO" else np.zeros(shape, dtype=bool)
     image += 0.1 * muscle
+    masses, benign, margins, linear = _draw_findings(
+        rng, image, grid, body, muscle, gland, dense, findings
+    )
+    # Set the breast's mean (findings included) to its drawn brightness, independently of the label.
+    target = 0.30 + 0.12 * brightness
+    image += target - image[body.breast].mean()
+    np.clip(image, 0.0, 0.9, out=image)
+    calcifications, clusters = _draw_calcifications(rng, image, grid, body, muscle, cluster)
+    image = _on_background(rng, image, grid, body)
+    if marker:
+        _add_marker(rng, image, body.breast, laterality)
+    return SyntheticImage(
+        np.clip(image, 0.0, 1.0),
+        body.breast,
+        tuple(masses),
+        calcifications,
+        benign_masses=tuple(benign),
+        clusters=tuple(clusters),
+        margins=tuple(margins),
+        linear_densities=tuple(linear),
+    )
+
+
+def _draw_findings(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    grid: _Grid,
+    body: _Breast,
+    muscle: np.ndarray,
+    gland: np.ndarray,
+    dense: np.ndarray,
+    findings: Sequence[Finding],
+) -> tuple[list[np.ndarray], list[np.ndarray], list[str], list[np.ndarray]]:
+    """Adds `findings` to `image` in the breast outside the muscle, malignant ones first, each
+    where it has room (a finding without room is left out): the outlines of the malignant
+    lesions, of the benign masses, the malignant lesions' margins, and the linear densities."""
     area = float(body.breast.sum())
     room, step = _room(body.breast & ~muscle)
-
     masses, benign, margins, linear = [], [], [], []
     placed: list[tuple[float, float, float]] = []  # (y, x, reach) of each finding drawn
     order = sorted(range(len(findings)), key=lambda i: (not findings[i].malignant, i))
@@ -515,11 +550,20 @@ def synthesize_hard_image(
             margins.append(f.margin)
         else:
             benign.append(outline)
+    return masses, benign, margins, linear
 
-    # Set the breast's mean (findings included) to its drawn brightness, independently of the label.
-    target = 0.30 + 0.12 * brightness
-    image += target - image[body.breast].mean()
-    np.clip(image, 0.0, 0.9, out=image)
+
+def _draw_calcifications(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    grid: _Grid,
+    body: _Breast,
+    muscle: np.ndarray,
+    cluster: bool,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Adds the scattered calcifications and, with `cluster`, a cluster of them to `image`, in
+    the breast away from its skin line and outside the muscle: (every calcification's centre
+    (C, 2) (y, x), the cluster's outline when it has one)."""
     ys, xs = np.nonzero(body.breast & ~muscle & (body.r < 0.8))
     calcifications = _add_calcifications(rng, image, grid, (ys, xs), body.breast)
     clusters = []
@@ -528,22 +572,16 @@ def synthesize_hard_image(
         calcifications = np.concatenate([calcifications, dots])
         if hull is not None:
             clusters.append(hull)
+    return calcifications, clusters
 
-    H = shape[0]
-    background = 0.012 + 0.006 * (grid.yy / H) + rng.uniform(0.0, 0.004, size=shape)
-    image = background + (image - background) * body.skin
-    if marker:
-        _add_marker(rng, image, body.breast, laterality)
-    return SyntheticImage(
-        np.clip(image, 0.0, 1.0),
-        body.breast,
-        tuple(masses),
-        calcifications,
-        benign_masses=tuple(benign),
-        clusters=tuple(clusters),
-        margins=tuple(margins),
-        linear_densities=tuple(linear),
-    )
+
+def _on_background(
+    rng: np.random.Generator, image: np.ndarray, grid: _Grid, body: _Breast
+) -> np.ndarray:
+    """`image` (H, W) inside the skin line on a dark, slightly uneven detector background."""
+    H = grid.shape[0]
+    background = 0.012 + 0.006 * (grid.yy / H) + rng.uniform(0.0, 0.004, size=grid.shape)
+    return background + (image - background) * body.skin
 
 
 def _glandular(rng: np.random.Generator, grid: _Grid, body: _Breast, density: float) -> np.ndarray:
