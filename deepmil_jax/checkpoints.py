@@ -35,7 +35,7 @@ from flax import nnx
 
 from deepmil_jax.config import Config
 from deepmil_jax.errors import ConfigError, DeepMILError
-from deepmil_jax.steps import create_model, make_optimizer
+from deepmil_jax.steps import config_optimizer, create_model
 from deepmil_jax.workdir import read_config
 
 KEEP_NEWEST = 2  # newest steps kept besides the best: a damaged newest step has a fallback
@@ -245,7 +245,8 @@ def load_trained(workdir: str | os.PathLike, *, which: str = "best") -> tuple[Co
     config = read_config(workdir)
     model = create_model(dataclasses.replace(config, init="random"), nnx.Rngs(0), warn=False)
     _, params, _ = nnx.split(model, nnx.Param, ...)
-    like = {"params": params, "opt_state": make_optimizer(config).init(params)}
+    # the optimiser state's structure, not its warm-up length, has to match the checkpoint's
+    like = {"params": params, "opt_state": config_optimizer(config, 1).init(params)}
     store = RunCheckpoints(workdir / "checkpoints", create=False)
     try:
         restored = store.restore_best(like) if which == "best" else store.restore(like)

@@ -1,55 +1,26 @@
-"""Run settings: one frozen dataclass per program, its command-line flags derived from the fields.
+"""Run settings: one frozen, values-only dataclass per program, each with its own ``validate()``.
 
-Each field is declared once with ``setting(default, help)``; ``define_flags(cls)`` turns the fields
-of a dataclass into absl flags (when a program starts, never on import) and ``from_flags(cls)``
-builds the dataclass from the parsed flags. Defaults are the paper's (Zhu et al. 2017, Sec. 3)
-where it gives them. Importing this module loads neither JAX nor TensorFlow, so ``--help`` is
-answered at once.
+Each field is declared once with ``setting(default, help)``; ``deepmil_jax.cli`` turns the fields
+into absl flags when a program starts. Defaults are the paper's (Zhu et al. 2017, Sec. 3) where it
+gives them; the choices (schemes, backbones, datasets, weights formats) and the defaults that
+depend on them (sparse MIL's weight decay, a backbone's fine-tuning recipe) are
+``deepmil_jax.registry``'s. Importing this module loads neither JAX nor TensorFlow, and checking
+settings builds no model: the instance grid comes from the architecture tables.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
-from absl import app, flags, logging
+from deepmil_jax import registry
+from deepmil_jax.errors import ConfigError
 
-from deepmil_jax.errors import ConfigError, DeepMILError
-
-SCHEMES = (
-    "alexnet",
-    "max_pooling",
-    "label_assign",
-    "sparse",
-    # the MIL poolings of other work (issue 14): deepmil_jax.losses.bag_logits' parameter-free
-    # ones, attention MIL (Ilse et al. 2018) and a log-sum-exp pooling with a learned sharpness
-    "mean_pooling",
-    "topk_pooling",
-    "lse_pooling",
-    "noisy_or",
-    "attention",
-    "gated_attention",
-    "learned_lse",
-)
-PAPER_SCHEMES = SCHEMES[:4]  # the paper's Table 1, evaluate's default
-# --k values: the model chooses k per image
-AUTO_K = ("auto", "auto_soft", "auto_relative")
-DATASETS = (
-    "synthetic",
-    "synthetic_hard",
-    "inbreast",
-    "folder",
-    "cbis_ddsm",
-    "vindr_mammo",
-    "cmmd",
-    "mias",
-)
-# the collections that come with their own train/test split (--split=official)
-OFFICIAL_SPLIT_DATASETS = ("cbis_ddsm", "vindr_mammo")
-# generated on first use under --data_dir; the others are read from --manual_dir
-SYNTHETIC_DATASETS = ("synthetic", "synthetic_hard")
+SCHEMES = tuple(registry.SCHEMES)
+DATASETS = tuple(registry.DATASETS)
 
 
 def parse_k(value: Any) -> int | float | str:
@@ -66,7 +37,7 @@ def parse_k(value: Any) -> int | float | str:
                 f"--k: {value!r} is not a number; give a count (6), a fraction (0.15), "
                 f"or one of {', '.join(AUTO_K)}."
             ) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"--k: {value!r} is not a count, a fraction or one of {AUTO_K}.")
     if value <= 0:
         raise ConfigError(f"--k: must be positive; got {value}.")
@@ -79,8 +50,7 @@ def parse_k(value: Any) -> int | float | str:
     return float(value)
 
 
-# the schemes that read --k
-K_SCHEMES = ("label_assign", "topk_pooling")
+AUTO_K = registry.AUTO_K
 
 
 def scheme_variant(
@@ -91,17 +61,15 @@ def scheme_variant(
     scheme, k)``: ``name`` is the entry's folder and report name (``label_assign_k3``), ``k`` None
     when the entry sets none (the run takes ``--k``). ConfigError for anything else."""
     scheme, sep, rest = entry.strip().partition(":")
-    if scheme not in SCHEMES:
-        raise ConfigError(f"{flag}: unknown scheme {scheme!r}; choose from {', '.join(SCHEMES)}.")
+    registry.scheme(scheme, flag)
     if not sep:
         return scheme, scheme, None
     key, eq, value = rest.partition("=")
     if key.strip() != "k" or not eq:
         raise ConfigError(f"{flag}: {entry!r}: only k can be set per scheme, as {scheme}:k=VALUE.")
-    if scheme not in K_SCHEMES:
-        raise ConfigError(
-            f"{flag}: {entry!r}: {scheme} does not read k; k= applies to {' and '.join(K_SCHEMES)}."
-        )
+    if scheme not in registry.k_schemes():
+        readers = " and ".join(registry.k_schemes())
+        raise ConfigError(f"{flag}: {entry!r}: {scheme} does not read k; k= applies to {readers}.")
     try:
         k = parse_k(value)
     except ConfigError as error:
@@ -128,10 +96,28 @@ def scheme_configs(
 ) -> dict[str, Config]:
     """``{run name: the run's settings}`` of ``scheme_variant`` entries; an entry's own k
     replaces ``config.k``."""
-    return {
-        name: dataclasses.replace(config, scheme=scheme, k=config.k if k is None else k)
-        for name, (scheme, k) in scheme_variants(entries, flag).items()
-    }
+    configs: dict[str, Config] = {}
+    seen: dict[Config, str] = {}
+    for name, (scheme, k) in scheme_variants(entries, flag).items():
+        run = dataclasses.replace(config, scheme=scheme, k=config.k if k is None else k)
+        same = run.canonical()
+        if same.scheme not in registry.k_schemes():
+            same = dataclasses.replace(same, k=0)  # k is not read: not part of the run
+        if same in seen:
+            raise ConfigError(
+                f"{flag}: {name} and {seen[same]} are the same configuration; give it once."
+            )
+        seen[same] = name
+        configs[name] = run
+    return configs
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _path(p: str) -> str:
+    return os.path.abspath(os.path.expanduser(p)) if p else p
 
 
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
@@ -145,13 +131,9 @@ class Config:
 
     scheme: str = setting(
         "label_assign",
-        "MIL scheme: alexnet (the paper's baseline: AlexNet with its fully connected layers), "
-        "max_pooling (Eq. 4), label_assign (Eq. 6), sparse (Eq. 7); other MIL poolings, each "
-        "trained by the cross-entropy of its bag probability: mean_pooling (mean instance "
-        "probability), topk_pooling (mean probability of the top --k), lse_pooling "
-        "(log-sum-exp of the logits, T=1), noisy_or (1 - prod(1 - r)), attention and "
-        "gated_attention (attention MIL, Ilse et al. 2018; heatmaps show attention-weighted "
-        "instance logits), learned_lse (log-sum-exp with a learned temperature).",
+        "MIL scheme: "
+        + "; ".join(f"{name}: {entry.help}" for name, entry in registry.SCHEMES.items())
+        + ". The schemes after sparse are trained by the cross-entropy of their bag probability.",
         choices=SCHEMES,
     )
     k: float | str = setting(
@@ -168,13 +150,31 @@ class Config:
     )
     weight_decay: float | None = setting(
         None,
-        "lambda of the lambda/2 ||theta||^2 term in the loss (default: the paper's 1e-5, or 5e-6 "
-        "for --scheme=sparse).",
+        "lambda of the lambda/2 ||theta||^2 term in the loss (default: the scheme's, "
+        "deepmil_jax.registry: the paper's 1e-5, or 5e-6 for --scheme=sparse).",
     )
     learning_rate: float | None = setting(
         None,
-        "Adam learning rate; default: the paper's 5e-5 when fine-tuning (--init=imagenet:... or "
-        "checkpoint:...), 3e-4 from --init=random, where 5e-5 barely moves in a CPU-sized run.",
+        "Adam learning rate of the backbone; default: the backbone's fine-tuning recipe when "
+        "fine-tuning (--init=imagenet:... or checkpoint:...; the paper's 5e-5 for AlexNet, 1e-4 "
+        "for EfficientNet-Lite and ResNet), 3e-4 from --init=random, where 5e-5 barely moves in "
+        "a CPU-sized run.",
+    )
+    head_learning_rate: float | None = setting(
+        None,
+        "Adam learning rate of the instance head and the pooling, which start random; default: "
+        "--learning_rate for AlexNet and from --init=random, 1e-3 when fine-tuning "
+        "EfficientNet-Lite or ResNet (deepmil_jax.registry's recipes).",
+    )
+    warmup_epochs: int | None = setting(
+        None,
+        "Epochs of linear learning-rate warm-up from 0; default: the backbone's recipe (0 for "
+        "AlexNet and from --init=random, 1 when fine-tuning EfficientNet-Lite or ResNet).",
+    )
+    freeze_backbone: bool = setting(
+        False,
+        "Train only the instance head and the pooling on fixed backbone features (a linear "
+        "probe with the paper's logistic-regression head).",
     )
     batch_size: int = setting(
         8,
@@ -234,16 +234,20 @@ class Config:
         choices=("patient", "image", "official"),
     )
     init: str = setting(
-        "random",
+        "",
         "random, imagenet:PATH (a python -m deepmil_jax.convert_weights output, as the paper "
-        "did), or checkpoint:PATH (another run's workdir, e.g. label_assign fine-tuned from "
-        "max_pooling).",
+        "did), imagenet:BACKBONE (the ImageNet weights an installed package ships: "
+        "efficientnet_lite0/1/2), or checkpoint:PATH (another run's workdir, e.g. label_assign "
+        "fine-tuned from max_pooling). Default: imagenet:BACKBONE for a backbone whose weights "
+        "a package ships, else random.",
     )
     backbone: str = setting(
         "caffe",
-        "AlexNet variant: caffe (the paper's, grouped convolutions and LRN) or torchvision.",
-        choices=("caffe", "torchvision"),
+        "; ".join(f"{name}: {entry.help}" for name, entry in registry.BACKBONES.items()) + ".",
+        choices=tuple(registry.BACKBONES),
     )
+    output_stride: int = setting(
+        32, "ResNet backbones: 32, or 16 (layer4 dilated: a grid twice as fine).")
     head_hidden: tuple[int, ...] = setting(
         (),
         "Hidden 1x1 layers before the instance logit, e.g. 128,128 (the paper's released "
@@ -259,7 +263,7 @@ class Config:
 
     def validate(self) -> None:
         """Raises ConfigError naming the flag when a value cannot work (including ``k`` against
-        the instance grid of ``image_size``, which builds the model's shapes)."""
+        the instance grid of ``image_size``, computed from the architecture tables)."""
 
         def fail(flag: str, why: str) -> None:
             raise ConfigError(f"--{flag}: {why}")
@@ -268,15 +272,17 @@ class Config:
             choices = _field(Config, name).metadata["choices"]
             if getattr(self, name) not in choices:
                 fail(name, f"{getattr(self, name)!r} is not one of {', '.join(choices)}.")
-        if self.dataset not in SYNTHETIC_DATASETS and not self.manual_dir:
-            fail("manual_dir", f"--dataset={self.dataset} needs the folder (or CSV) of your data.")
-        if self.split == "official" and self.dataset not in OFFICIAL_SPLIT_DATASETS:
+        source = registry.DATASETS[self.dataset]
+        if not source.synthetic and not self.manual_dir:
+            fail("manual_dir", f"--dataset={self.dataset} needs {source.manual_dir}.")
+        if self.split == "official" and not source.official_split:
+            official = [n for n, d in registry.DATASETS.items() if d.official_split]
             fail(
                 "split",
                 f"--dataset={self.dataset} has no official train/test split (only "
-                f"{', '.join(OFFICIAL_SPLIT_DATASETS)}); use --split=patient.",
+                f"{', '.join(official)}); use --split=patient.",
             )
-        if self.scheme in ("label_assign", "topk_pooling"):
+        if self.scheme in registry.k_schemes():
             k = parse_k(self.k)
             if k in AUTO_K and self.scheme != "label_assign":
                 fail(
@@ -290,15 +296,34 @@ class Config:
             fail("num_folds", "needs at least 3 folds (train, validation and test).")
         if not 0 <= self.fold < self.num_folds:
             fail("fold", f"must be in 0..{self.num_folds - 1}; got {self.fold}.")
-        kind = self.init.split(":", 1)[0]
-        if kind not in ("random", "imagenet", "checkpoint") or (kind != "random") != (
-            ":" in self.init
+        init = self.canonical_init()
+        kind, _, where = init.partition(":")
+        if kind not in ("random", "imagenet", "checkpoint") or (kind != "random") != bool(where):
+            fail(
+                "init",
+                f"must be random, imagenet:PATH, imagenet:BACKBONE or checkpoint:PATH; got "
+                f"{self.init!r}.",
+            )
+        packaged = registry.BACKBONES.get(where)
+        if kind == "imagenet" and packaged is not None and packaged.pretrained is not None:
+            if where != self.backbone:
+                fail("init", f"{init} holds {where} weights; add --backbone={where}.")
+        elif kind != "random" and not os.path.exists(os.path.expanduser(where)):
+            fail("init", f"{where} does not exist.")
+        if self.scheme == "alexnet" and registry.BACKBONES[self.backbone].family != "alexnet":
+            fail("backbone", "--scheme=alexnet is AlexNet with its fully connected layers; "
+                 "use --backbone=caffe or torchvision, or a MIL scheme.")
+        if self.output_stride not in (16, 32) or (
+            self.output_stride == 16 and registry.BACKBONES[self.backbone].family != "resnet"
         ):
-            fail("init", f"must be random, imagenet:PATH or checkpoint:PATH; got {self.init!r}.")
-        if kind != "random" and not os.path.exists(os.path.expanduser(self.init.split(":", 1)[1])):
-            fail("init", f"{self.init.split(':', 1)[1]} does not exist.")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            fail("learning_rate", f"must be positive; got {self.learning_rate}.")
+            fail("output_stride", "must be 32, or 16 for a ResNet backbone.")
+        if self.freeze_backbone and kind == "random":
+            fail("freeze_backbone", "a frozen random backbone learns nothing; give --init.")
+        for name in ("learning_rate", "head_learning_rate"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                fail(name, f"must be positive; got {getattr(self, name)}.")
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
+            fail("warmup_epochs", f"must be 0 or more; got {self.warmup_epochs}.")
         for name in ("mu", "weight_decay"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 fail(name, f"must be 0 or more; got {getattr(self, name)}.")
@@ -306,53 +331,73 @@ class Config:
             fail("head_hidden", f"layer widths must be positive; got {list(self.head_hidden)}.")
         self._validate_grid(fail)
 
-    def _validate_grid(self, fail) -> None:
-        from deepmil_jax.models.grid import grid_shape  # JAX: loaded once flags are parsed
-
-        rows, cols = grid_shape(
-            self.scheme, self.backbone, self.image_size, tuple(self.head_hidden)
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of the instance grid at ``image_size``, from the architecture tables."""
+        size = self.image_size
+        return registry.instance_grid(
+            self.scheme, self.backbone, size, size, output_stride=self.output_stride
         )
+
+    def _validate_grid(self, fail) -> None:
+        rows, cols = self.grid()
         if rows < 1 or cols < 1:
+            if self.scheme == "alexnet":
+                fail("image_size", f"--scheme=alexnet needs 227x227 images; got {self.image_size}.")
+            least = registry.min_image_size(self.backbone, output_stride=self.output_stride)
             fail(
                 "image_size",
-                f"{self.image_size} is too small for the {self.backbone} AlexNet: its feature "
-                "map would be empty; use 67 or more (the paper: 227).",
+                f"{self.image_size} is too small for the {self.backbone} backbone: its feature "
+                f"map would be empty; use {least} or more (the paper: 227).",
             )
         k = parse_k(self.k)
-        if self.scheme in K_SCHEMES and k not in AUTO_K and k > rows * cols:
+        if self.scheme in registry.k_schemes() and k not in AUTO_K and k > rows * cols:
             fail(
                 "k",
                 f"{k} is more than the {rows * cols} instances of --image_size={self.image_size} "
                 f"(a {rows}x{cols} grid); use at most {rows * cols}, or a fraction < 1.",
             )
 
+    def canonical_init(self) -> str:
+        """``--init`` with its default filled in: ``imagenet:BACKBONE`` for a backbone whose
+        ImageNet weights a package ships, else ``random``; paths absolute and normalised."""
+        if not self.init:
+            packaged = registry.BACKBONES.get(self.backbone)
+            return f"imagenet:{self.backbone}" if packaged and packaged.pretrained else "random"
+        kind, sep, where = self.init.partition(":")
+        entry = registry.BACKBONES.get(where)
+        if not sep or (kind == "imagenet" and entry is not None and entry.pretrained):
+            return self.init
+        return f"{kind}:{_path(where)}"
+
     def canonical(self) -> Config:
         """The settings in the one form that is saved and compared: every path absolute and
         normalised (``/x/`` and ``/x`` are one setting), ``k`` an int count or a float fraction,
-        and the defaults that depend on other settings filled in: ``learning_rate`` (5e-5 when
-        fine-tuning, 3e-4 from random initialisation) and ``weight_decay`` (5e-6 for sparse MIL,
-        else 1e-5)."""
-
-        def path(p: str) -> str:
-            return os.path.abspath(os.path.expanduser(p)) if p else p
-
-        init = self.init
-        if ":" in init:
-            kind, where = init.split(":", 1)
-            init = f"{kind}:{path(where)}"
-        learning_rate = self.learning_rate
-        if learning_rate is None:
-            learning_rate = 3e-4 if init == "random" else 5e-5
+        and the defaults that depend on other settings filled in: ``init``, the learning rates
+        and warm-up (the backbone's recipe when fine-tuning, 3e-4 and no warm-up from random
+        initialisation) and ``weight_decay`` (the scheme's: 5e-6 for sparse MIL, else 1e-5)."""
+        init = self.canonical_init()
+        recipe = registry.BACKBONES[self.backbone].recipe
+        if init == "random":
+            recipe = registry.Recipe(3e-4, 3e-4, 0)
+        learning_rate = recipe.learning_rate if self.learning_rate is None else self.learning_rate
+        head_learning_rate = self.head_learning_rate
+        if head_learning_rate is None:
+            # AlexNet (the paper) trains everything at one rate, whatever --learning_rate says
+            same = recipe.head_learning_rate == recipe.learning_rate
+            head_learning_rate = learning_rate if same else recipe.head_learning_rate
+        warmup = recipe.warmup_epochs if self.warmup_epochs is None else self.warmup_epochs
         weight_decay = self.weight_decay
         if weight_decay is None:
-            weight_decay = 5e-6 if self.scheme == "sparse" else 1e-5
+            weight_decay = registry.SCHEMES[self.scheme].weight_decay
         return dataclasses.replace(
             self,
-            data_dir=path(self.data_dir),
-            manual_dir=path(self.manual_dir),
+            data_dir=_path(self.data_dir),
+            manual_dir=_path(self.manual_dir),
             init=init,
             k=parse_k(self.k),
             learning_rate=float(learning_rate),
+            head_learning_rate=float(head_learning_rate),
+            warmup_epochs=int(warmup),
             weight_decay=float(weight_decay),
             head_hidden=tuple(int(h) for h in self.head_hidden),
         )
@@ -389,7 +434,7 @@ class CrossValidation:
     """python -m deepmil_jax.evaluate: which schemes and folds (with Config and Launch)."""
 
     schemes: tuple[str, ...] = setting(
-        PAPER_SCHEMES,
+        registry.PAPER_SCHEMES,
         "Schemes to cross-validate (--scheme is ignored here); any of --scheme's choices, "
         "label_assign and topk_pooling also with their own k, as label_assign:k=3 (a k "
         "sweep in one report; without it --k applies). Runs go to <workdir>/<scheme> or "
@@ -425,18 +470,16 @@ class Predict:
     )
 
 
-WEIGHT_FORMATS = ("torchvision", "keras_h5", "caffe_npy")
-
-
 @dataclasses.dataclass(frozen=True)
 class ConvertWeights:
     """python -m deepmil_jax.convert_weights: a pretrained AlexNet file into a converted folder."""
 
     format: str = setting(
         "keras_h5",
-        "Kind of --input: keras_h5 (convnets-keras alexnet_weights.h5, the paper's), caffe_npy "
-        "(bvlc_alexnet.npy) or torchvision (alexnet-owt-*.pth). See the module help above.",
-        choices=WEIGHT_FORMATS,
+        "Kind of --input: "
+        + "; ".join(f"{name}: {f.description}" for name, f in registry.FORMATS.items())
+        + ".",
+        choices=tuple(registry.FORMATS),
     )
     input: str = setting("", "The pretrained weights file to convert.")
     output: str = setting("", "Folder to write (Orbax checkpoint in params/ plus metadata.json).")
@@ -444,108 +487,3 @@ class ConvertWeights:
         False,
         "Replace params/ and metadata.json in a non-empty --output folder (other files are kept).",
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Flags from fields
-
-
-def _field(cls: type, name: str) -> dataclasses.Field:
-    return next(f for f in dataclasses.fields(cls) if f.name == name)
-
-
-def define_flags(cls: type, flag_values: flags.FlagValues = flags.FLAGS) -> None:
-    """Defines one absl flag per field of the dataclass ``cls`` (default and help from the
-    field). Field types: str (an enum when the field has choices), int, float, bool, their
-    ``| None`` forms, and tuples (comma-separated lists)."""
-    for f in dataclasses.fields(cls):
-        kind, default, help_text = str(f.type), f.default, f.metadata["help"]
-        if f.metadata.get("choices"):
-            flags.DEFINE_enum(
-                f.name, default, f.metadata["choices"], help_text, flag_values=flag_values
-            )
-        elif kind.startswith("tuple"):
-            flags.DEFINE_list(f.name, [str(v) for v in default], help_text, flag_values=flag_values)
-        elif kind.startswith("bool"):
-            flags.DEFINE_bool(f.name, default, help_text, flag_values=flag_values)
-        elif kind.startswith("int"):
-            flags.DEFINE_integer(f.name, default, help_text, flag_values=flag_values)
-        elif kind.startswith("float") and "str" not in kind:
-            flags.DEFINE_float(f.name, default, help_text, flag_values=flag_values)
-        else:  # str, or a number or a word (--k=6, --k=auto): text, parsed by the dataclass
-            text = default if default is None or isinstance(default, str) else str(default)
-            flags.DEFINE_string(f.name, text, help_text, flag_values=flag_values)
-
-
-def from_flags(cls: type, flag_values: flags.FlagValues = flags.FLAGS) -> Any:
-    """The dataclass ``cls`` from parsed flags (ConfigError naming a flag that cannot be read)."""
-    values = {}
-    for f in dataclasses.fields(cls):
-        value = flag_values[f.name].value
-        if str(f.type).startswith("tuple[int"):
-            try:
-                value = tuple(int(v) for v in value)
-            except ValueError:
-                raise ConfigError(
-                    f"--{f.name}: {','.join(value)} is not a list of integers."
-                ) from None
-        elif str(f.type).startswith("tuple"):
-            value = tuple(value)
-        values[f.name] = value
-    return cls(**values)
-
-
-def parse_flags_early(*classes: type) -> None:
-    """Defines the flags of ``classes`` and parses ``sys.argv`` with absl's usage handling, so
-    that ``--help`` and a misspelt flag are answered before a program's heavy imports; the
-    program's ``absl.app.run`` parses the same command line again."""
-    import sys
-
-    from absl import app
-
-    for cls in classes:
-        define_flags(cls)
-    app.define_help_flags()
-    app.parse_flags_with_usage(sys.argv)
-
-
-# ---------------------------------------------------------------------------------------------
-# Running a program
-
-
-def initialize_distributed(launch: Launch) -> None:
-    """Joins the other processes of a multi-host run (--distributed or --coordinator_address)."""
-    import jax
-
-    if launch.coordinator_address:
-        jax.distributed.initialize(
-            launch.coordinator_address, launch.num_processes, launch.process_id
-        )
-    elif launch.distributed:
-        jax.distributed.initialize()
-
-
-def _quiet_libraries(record) -> bool:
-    """Keeps the libraries' INFO chatter (Orbax, TFDS, JAX's search for TPUs and GPUs) out of
-    the program's log (30: WARNING)."""
-    noisy = ("orbax", "tensorflow_datasets", "etils", "xla_bridge")
-    return record.levelno >= 30 or not any(n in record.pathname for n in noisy)
-
-
-def run_main(body, *, positional: bool = False) -> None:
-    """Runs ``body`` under absl, turning the project's errors into one clear line and exit status
-    1. ``body()`` takes no arguments, or with ``positional`` the command line's ``argv``."""
-
-    def main(argv):
-        if not positional and len(argv) > 1:
-            raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-        logging.get_absl_handler().addFilter(_quiet_libraries)
-        try:
-            if positional:
-                body(argv)
-            else:
-                body()
-        except DeepMILError as e:  # one line on stderr, no traceback
-            raise SystemExit(f"error: {e}") from None
-
-    app.run(main)

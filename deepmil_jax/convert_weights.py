@@ -31,14 +31,18 @@ by the model from the metadata, training feeds [0, 1] images.
 from __future__ import annotations
 
 if __name__ == "__main__":  # flags and --help are answered before Orbax and h5py load
+    from deepmil_jax import cli as _cli
     from deepmil_jax import config as _settings
 
-    _settings.parse_flags_early(_settings.ConvertWeights)
+    _cli.parse_flags_early(_settings.ConvertWeights)
+
+import json
 
 from absl import logging
 
 from deepmil_jax import weights
-from deepmil_jax.config import ConvertWeights, from_flags, run_main
+from deepmil_jax.cli import from_flags, run_main
+from deepmil_jax.config import ConvertWeights
 from deepmil_jax.errors import ConfigError
 
 
@@ -50,9 +54,10 @@ def main() -> None:
     out = weights.convert(
         settings.format, settings.input, settings.output, overwrite=settings.overwrite
     )
-    meta = weights.SOURCES[settings.format]
-    logging.info("wrote %s (variant=%s, normalization=%s)", out, meta.variant, meta.normalization)
-    print(f"wrote {out} (variant={meta.variant}, normalization={meta.normalization})")
+    meta = json.loads((out / weights.METADATA_FILE).read_text())
+    line = f"wrote {out} (variant={meta['variant']}, normalization={meta['normalization']})"
+    logging.info(line)
+    print(line)
 
 
 if __name__ == "__main__":

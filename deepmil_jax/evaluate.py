@@ -22,9 +22,10 @@ whole image, so it gets none.
 from __future__ import annotations
 
 if __name__ == "__main__":  # flags and --help are answered before JAX and TensorFlow load
+    from deepmil_jax import cli as _cli
     from deepmil_jax import config as _settings
 
-    _settings.parse_flags_early(_settings.Config, _settings.Launch, _settings.CrossValidation)
+    _cli.parse_flags_early(_settings.Config, _settings.Launch, _settings.CrossValidation)
 
 import dataclasses
 import json
@@ -34,23 +35,10 @@ import numpy as np
 from absl import logging
 
 from deepmil_jax import report, train
-from deepmil_jax.config import (
-    Config,
-    CrossValidation,
-    Launch,
-    from_flags,
-    initialize_distributed,
-    run_main,
-    scheme_configs,
-)
-from deepmil_jax.report import (  # noqa: F401 (evaluate.NAMES etc. kept for callers)
-    LOCALISATION,
-    NAMES,
-    PAPER_AUC,
-    plot_reliability,
-    plot_roc,
-    write_report,
-)
+from deepmil_jax.cli import initialize_distributed, run_main
+from deepmil_jax.config import Config, CrossValidation, Launch, scheme_configs
+from deepmil_jax.errors import ConfigError
+from deepmil_jax.report import LOCALISATION, write_report
 from deepmil_jax.workdir import finished_config
 
 
@@ -123,10 +111,11 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
     return table
 
 
-def _main() -> None:
-    launch = from_flags(Launch)
+def main(config: Config, launch: Launch, chosen: CrossValidation) -> None:
+    """The program: every scheme on every fold, then the report (exit 0 when preempted)."""
     initialize_distributed(launch)
-    config, chosen = from_flags(Config), from_flags(CrossValidation)
+    if not chosen.schemes:
+        raise ConfigError("--schemes: give at least one scheme, e.g. --schemes=max_pooling.")
     folds = list(chosen.folds) or list(range(config.num_folds))
     if config.split == "official" and not chosen.folds:
         # Every fold tests on the same official test set: pooling several folds' predictions
@@ -142,7 +131,10 @@ def _main() -> None:
         dataclasses.replace(config, fold=fold).validate()
     # Absolute: Orbax refuses relative checkpoint paths.
     workdir = Path(launch.workdir or "runs/cv").expanduser().absolute()
-    results = cross_validate(config, list(chosen.schemes), folds, workdir)
+    try:
+        results = cross_validate(config, list(chosen.schemes), folds, workdir)
+    except train.Preempted:
+        return
     old = sorted(
         {
             s
@@ -164,4 +156,4 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(_main)
+    run_main(main, Config, Launch, CrossValidation)

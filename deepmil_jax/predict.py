@@ -37,9 +37,10 @@ either way, and the exit status is non-zero when any file could not be predicted
 from __future__ import annotations
 
 if __name__ == "__main__":  # flags and --help are answered before JAX and TensorFlow load
+    from deepmil_jax import cli as _cli
     from deepmil_jax import config as _settings
 
-    _settings.parse_flags_early(_settings.Predict)
+    _cli.parse_flags_early(_settings.Predict)
 
 import csv
 import dataclasses
@@ -63,7 +64,8 @@ from data_pipeline.preprocess import (
     read_image,
 )
 from deepmil_jax import heatmap
-from deepmil_jax.config import Predict, from_flags, run_main
+from deepmil_jax.cli import from_flags, run_main
+from deepmil_jax.config import Predict
 
 __all__ = [
     "CSV_COLUMNS",

@@ -12,36 +12,21 @@ from pathlib import Path
 
 import numpy as np
 
-from deepmil_jax import heatmap, metrics
-from deepmil_jax.config import K_SCHEMES
+from deepmil_jax import heatmap, metrics, registry
 
-# The paper's Table 1 (INbreast, 5-fold cross-validation), for comparison in the report.
-PAPER_AUC = {"alexnet": 0.79, "max_pooling": 0.83, "label_assign": 0.84, "sparse": 0.89}
-NAMES = {
-    "alexnet": "AlexNet (fully connected layers)",
-    "max_pooling": "Deep MIL, max pooling",
-    "label_assign": "Deep MIL, label assignment",
-    "sparse": "Deep MIL, sparse",
-    "mean_pooling": "MIL, mean pooling",
-    "topk_pooling": "MIL, top-k mean pooling",
-    "lse_pooling": "MIL, log-sum-exp pooling",
-    "noisy_or": "MIL, noisy-OR pooling",
-    "attention": "Attention MIL (Ilse et al. 2018)",
-    "gated_attention": "Gated attention MIL (Ilse et al. 2018)",
-    "learned_lse": "MIL, log-sum-exp with learned sharpness",
-}
 BOOTSTRAP_RESAMPLES = 2000
 
 
 def title(name: str) -> str:
-    """A run name's title in reports: ``NAMES`` of a scheme, with its own k for an entry
+    """A run name's title in reports: a scheme's registry title, with its own k for an entry
     ``scheme:k=K`` of evaluate's ``--schemes`` (run name ``<scheme>_k<K>``,
     ``config.scheme_variant``)."""
-    for scheme in K_SCHEMES:
+    for scheme in registry.k_schemes():
         k = _own_k(name, scheme)
         if k is not None:
-            return f"{NAMES[scheme]}, k={k}"
-    return NAMES.get(name, name)
+            return f"{registry.SCHEMES[scheme].title}, k={k}"
+    entry = registry.SCHEMES.get(name)
+    return entry.title if entry else name
 
 
 def _own_k(name: str, scheme: str) -> str | None:
@@ -247,7 +232,8 @@ def _markdown(table: dict[str, dict]) -> list[str]:
         "|---|---|---|---|" + "---|" * len(localised),
     ]
     for scheme, row in table.items():
-        paper = f"{PAPER_AUC[scheme]:.2f}" if scheme in PAPER_AUC else "-"
+        auc = registry.SCHEMES[scheme].paper_auc if scheme in registry.SCHEMES else None
+        paper = "-" if auc is None else f"{auc:.2f}"
         line = f"| {title(scheme)} | {_cell(row['accuracy'])} | {_cell(row['auc'])} |"
         line += f" {paper} |"
         for metric in localised:

@@ -1,9 +1,10 @@
 """The model, the training state and the jitted steps over a ("data",) device mesh.
 
 ``train_step(context, state, batch, step)`` and ``eval_step(context, state, images)`` are pure
-functions of a static ``StepContext`` (the model's structure, the optimiser, the settings), the
-state ``{"params", "opt_state", "rest"}`` (replicated) and a batch (sharded along its first axis),
-each jitted once per process. ``Trainer`` holds one run's state on one mesh and feeds the steps
+functions of a static ``StepContext`` (the model's structure, the optimiser and the few numbers the
+loss reads: nothing of a run's fold, paths or epochs, so one program compiles each step once per
+scheme and input shape), the state ``{"params", "opt_state", "rest"}`` (replicated) and a batch
+(sharded along its first axis). ``Trainer`` holds one run's state on one mesh and feeds the steps
 from host batches; the loop (``deepmil_jax.train``), the tests and the benchmark all call these
 same functions.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deepmil_jax import heatmap, losses
+from deepmil_jax import heatmap, losses, registry
 from deepmil_jax.config import Config
 from deepmil_jax.models import build_model
 
@@ -33,26 +34,42 @@ from deepmil_jax.models import build_model
 # Loss of each scheme
 
 
+class LossSpec(NamedTuple):
+    """What the data term reads: the scheme's loss (``registry.Scheme.loss``), whether it takes
+    instance or bag logits, the settings it takes (``(("k", 6),)``), lambda, and the dropout
+    seed. Hashable: part of the jitted steps' static context."""
+
+    loss: str
+    loss_on: str
+    loss_args: tuple[tuple[str, Any], ...]
+    weight_decay: float
+    dropout_seed: int
+
+    @classmethod
+    def of(cls, config: Config) -> LossSpec:
+        """``config``'s (canonical) loss."""
+        entry = registry.SCHEMES[config.scheme]
+        args = tuple((name, getattr(config, name)) for name in entry.loss_args)
+        # any fixed offset from the initialisation's seeds (seed, seed + 1) would do as well
+        dropout_seed = config.seed + 2  # pragma: no mutate
+        return cls(entry.loss, entry.loss_on, args, config.weight_decay, dropout_seed)
+
+
 def scheme_loss(
-    config: Config,
+    spec: LossSpec,
     instance_logits: jax.Array,
     labels: jax.Array,
     bag_logits: jax.Array | None = None,
 ) -> jax.Array:
-    """The data term of the paper's Eq. 4, 6 or 7 for ``config.scheme``; (N, h, w) logits.
-
-    The other MIL poolings (mean_pooling, topk_pooling, lse_pooling, noisy_or, attention,
-    gated_attention, learned_lse) are trained by the cross-entropy of the model's own (N,) bag
+    """The data term of the scheme: for the paper's, Eq. 4, 6 or 7 of the (N, h, w) instance
+    logits; the other MIL poolings are trained by the cross-entropy of the model's own (N,) bag
     logits (``model.instances_and_bag``), which they need."""
-    if config.scheme in ("alexnet", "max_pooling"):  # alexnet: one instance, so plain BCE
-        return losses.max_pooling_loss(instance_logits, labels)
-    if config.scheme == "label_assign":  # k: a count, a fraction, "auto" or "auto_soft"
-        return losses.label_assign_loss(instance_logits, labels, config.k)
-    if config.scheme == "sparse":
-        return losses.sparse_loss(instance_logits, labels, config.mu)
+    loss = registry.resolve(spec.loss)
+    if spec.loss_on == "instances":
+        return loss(instance_logits, labels, **dict(spec.loss_args))
     if bag_logits is None:
-        raise ValueError(f"the {config.scheme} scheme is trained on bag logits; pass bag_logits")
-    return losses.bag_loss(bag_logits, labels)
+        raise ValueError(f"{spec.loss} is a loss of bag logits; pass bag_logits")
+    return loss(bag_logits, labels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,22 +95,49 @@ def create_model(config: Config, rngs: nnx.Rngs, *, warn: bool = True) -> nnx.Mo
         backbone=config.backbone,
         head_hidden=config.head_hidden,
         pretrained=pretrained,
-        k=config.k if config.scheme == "topk_pooling" else 6,
+        k=config.k if registry.SCHEMES[config.scheme].pooling == "topk_mean" else 6,
+        output_stride=config.output_stride,
         dtype=jnp.bfloat16 if config.precision == "bf16" else jnp.float32,
         rngs=rngs,
     )
 
 
-def make_optimizer(config: Config) -> optax.GradientTransformation:
-    """Adam at ``config.learning_rate`` (the paper's optimiser); ``config`` canonical."""
-    return optax.adam(config.learning_rate)
+@functools.cache
+def make_optimizer(
+    learning_rate: float,
+    head_learning_rate: float | None = None,
+    warmup_steps: int = 0,
+    freeze_backbone: bool = False,
+) -> optax.GradientTransformation:
+    """Adam (the paper's optimiser). With one learning rate, no warm-up and nothing frozen,
+    plain ``optax.adam(learning_rate)`` (the paper's); otherwise the backbone's parameters at
+    ``learning_rate`` (or frozen) and the instance head's and pooling's at
+    ``head_learning_rate``, each warmed up linearly from 0 over ``warmup_steps``. Cached, so that
+    runs with the same settings share one optimiser and the jitted steps compile once."""
+    head_learning_rate = learning_rate if head_learning_rate is None else head_learning_rate
+    if head_learning_rate == learning_rate and not warmup_steps and not freeze_backbone:
+        return optax.adam(learning_rate)
+
+    def rate(value: float):
+        if not warmup_steps:
+            return value
+        return optax.linear_schedule(0.0, value, warmup_steps)
+
+    backbone = optax.set_to_zero() if freeze_backbone else optax.adam(rate(learning_rate))
+    return optax.multi_transform(
+        {"backbone": backbone, "head": optax.adam(rate(head_learning_rate))},
+        lambda params: {name: "backbone" if name == "backbone" else "head" for name in params},
+    )
 
 
-def grid_shape(config: Config) -> tuple[int, int]:
-    """(h', w') of the instance grid of ``config``'s model at ``config.image_size``."""
-    from deepmil_jax.models.grid import grid_shape as shape
-
-    return shape(config.scheme, config.backbone, config.image_size, tuple(config.head_hidden))
+def config_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """``make_optimizer`` of a canonical ``config``."""
+    return make_optimizer(
+        config.learning_rate,
+        config.head_learning_rate,
+        config.warmup_epochs * steps_per_epoch,
+        config.freeze_backbone,
+    )
 
 
 def cpu_compiler_options() -> dict[str, str] | None:
@@ -117,12 +161,13 @@ def cpu_compiler_options() -> dict[str, str] | None:
 @dataclasses.dataclass(frozen=True)
 class StepContext:
     """What the jitted steps need besides arrays, passed as their static argument: the model's
-    structure in training and in evaluation mode, the optimiser and the run's settings."""
+    structure in training and in evaluation mode, the optimiser and the loss. Equal contexts
+    (another fold, workdir or epoch count of the same scheme) share the compiled steps."""
 
     train_graph: Any
     eval_graph: Any
     optimizer: optax.GradientTransformation
-    config: Config
+    loss: LossSpec
 
 
 def loss_fn(
@@ -130,16 +175,14 @@ def loss_fn(
 ) -> tuple[jax.Array, jax.Array]:
     """(the paper's objective: data term + lambda/2 ||theta||^2, the data term alone) of a
     training batch ``images`` (N, H, W, 1), ``labels`` (N,); dropout is seeded by ``step``."""
-    config = context.config
-    # any fixed offset from the initialisation's seeds (seed, seed + 1) would do as well
-    dropout_seed = config.seed + 2  # pragma: no mutate
-    dropout_key = jax.random.fold_in(jax.random.key(dropout_seed), step)
+    spec = context.loss
+    dropout_key = jax.random.fold_in(jax.random.key(spec.dropout_seed), step)
     model = nnx.merge(context.train_graph, params, rest, copy=True)
     nnx.reseed(model, dropout=dropout_key)
     logits, bag_logits = model.instances_and_bag(images)
     logits = logits.astype(jnp.float32)  # pragma: no mutate (astype(None) is float32 as well)
-    data_loss = scheme_loss(config, logits, labels, bag_logits)
-    return data_loss + config.weight_decay * losses.l2_penalty(params), data_loss
+    data_loss = scheme_loss(spec, logits, labels, bag_logits)
+    return data_loss + spec.weight_decay * losses.l2_penalty(params), data_loss
 
 
 def _train_step(context: StepContext, state: dict, batch: dict, step):
@@ -216,15 +259,16 @@ class Trainer:
     """The state of one run on one device mesh, and the loop's use of the steps: host batches
     in, the process's share of each evaluation out."""
 
-    def __init__(self, config: Config, mesh: jax.sharding.Mesh):
+    def __init__(self, config: Config, mesh: jax.sharding.Mesh, steps_per_epoch: int = 1):
         self.config = config = config.canonical()
         self.mesh = mesh
         model = create_model(config, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
         model.train()
         train_graph, params, rest = nnx.split(model, nnx.Param, ...)
         model.eval()
-        optimizer = make_optimizer(config)
-        self.context = StepContext(train_graph, nnx.graphdef(model), optimizer, config)
+        optimizer = config_optimizer(config, steps_per_epoch)
+        spec = LossSpec.of(config)
+        self.context = StepContext(train_graph, nnx.graphdef(model), optimizer, spec)
         state = {"params": params, "opt_state": optimizer.init(params), "rest": rest}
         self.state = jax.device_put(state, replicated(mesh))
 

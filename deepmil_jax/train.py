@@ -14,9 +14,10 @@ validation and test predictions as CSV. Re-running with the same workdir resumes
 from __future__ import annotations
 
 if __name__ == "__main__":  # flags and --help are answered before JAX and TensorFlow load
+    from deepmil_jax import cli as _cli
     from deepmil_jax import config as _settings
 
-    _settings.parse_flags_early(_settings.Config, _settings.Launch)
+    _cli.parse_flags_early(_settings.Config, _settings.Launch)
 
 import contextlib
 import dataclasses
@@ -40,34 +41,30 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from deepmil_jax import checkpoints, heatmap  # noqa: E402
-from deepmil_jax import workdir as workdir_files  # noqa: E402
-from deepmil_jax.config import (  # noqa: E402, F401
-    DATASETS,
-    SCHEMES,
-    SYNTHETIC_DATASETS,
-    Config,
-    Launch,
-    from_flags,
-    initialize_distributed,
-    run_main,
+from deepmil_jax import (  # noqa: E402
+    checkpoints,
+    heatmap,
+    registry,  # noqa: E402
 )
+from deepmil_jax import workdir as workdir_files  # noqa: E402
+from deepmil_jax.cli import initialize_distributed, run_main  # noqa: E402
+from deepmil_jax.config import Config, Launch  # noqa: E402
 from deepmil_jax.errors import ConfigError, DeepMILError  # noqa: E402
 from deepmil_jax.metrics import binary_metrics, choose_threshold  # noqa: E402
-from deepmil_jax.steps import (  # noqa: E402, F401
-    Trainer,
-    checkpointed,
-    create_model,
-    eval_step,
-    grid_shape,
-    loss_fn,
-    make_mesh,
-    train_step,
-)
+from deepmil_jax.steps import Trainer, checkpointed, make_mesh  # noqa: E402
 
 
 class TrainingDiverged(DeepMILError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+    """A SIGTERM (a preempted Cloud TPU VM or cluster job) stopped the run after saving it:
+    re-running the same command resumes. Not an error: the programs exit 0 on it."""
+
+    def __init__(self, workdir: Path):
+        super().__init__(f"preempted; {workdir} was saved and resumes on the same command")
+        self.workdir = workdir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +77,7 @@ def load_examples(config: Config):
 
     data_dir = Path(config.data_dir).expanduser()
     source = config.dataset
-    if source in SYNTHETIC_DATASETS:  # written by the first prepare() if missing
+    if registry.DATASETS[source].synthetic:  # written by the first prepare() if missing
         manual_dir = data_dir / f"{source}_inbreast_n{config.synthetic_images}"
         tfds_dir = data_dir / f"tfds_{source}_n{config.synthetic_images}"
     else:
@@ -240,7 +237,7 @@ def _prepare(config: Config, workdir: Path) -> _Run:
         seed=config.seed,
         subsets=examples.subsets,
     )
-    trainer = Trainer(config, mesh)
+    trainer = Trainer(config, mesh, max(1, -(-len(split.train) // config.batch_size)))
     if config.init.startswith("checkpoint:"):
         like = checkpointed(trainer.state)
         params = checkpoints.restore_params(config.init.split(":", 1)[1], like)
@@ -342,7 +339,7 @@ def _train_epoch(run: _Run, preempted: _Preempted) -> tuple[float, int]:
                     epoch + 1,
                     meta["step_in_epoch"],
                 )
-                raise SystemExit(0)
+                raise Preempted(workdir=run.workdir)
         if previous is not None:
             account(*previous)
     return time.perf_counter() - start, seen
@@ -451,7 +448,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
                     logging.warning(
                         "SIGTERM: stopped after epoch %d; re-run to resume.", run.meta["epoch"]
                     )
-                    raise SystemExit(0)
+                    raise Preempted(workdir=run.workdir)
         return _test(run)
     finally:
         run.store.close()
@@ -461,12 +458,14 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
 # Command line
 
 
-def _main() -> None:
-    launch = from_flags(Launch)
+def main(config: Config, launch: Launch) -> None:
+    """The program: one fold's run in ``--workdir`` (exit 0 when preempted after saving)."""
     initialize_distributed(launch)
-    config = from_flags(Config)
-    train_and_evaluate(config, launch.workdir or f"runs/{config.scheme}_fold{config.fold}")
+    try:
+        train_and_evaluate(config, launch.workdir or f"runs/{config.scheme}_fold{config.fold}")
+    except Preempted:
+        pass
 
 
 if __name__ == "__main__":
-    run_main(_main)
+    run_main(main, Config, Launch)

@@ -26,10 +26,11 @@ import numpy as np  # noqa: E402
 if args.num_processes > 1:
     jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
 
-from deepmil_jax import train  # noqa: E402
+from deepmil_jax import config as config_module  # noqa: E402
+from deepmil_jax import steps  # noqa: E402
 
-config = train.Config(scheme="label_assign", k=2, image_size=99, batch_size=8, seed=3)
-trainer = train.Trainer(config, train.make_mesh())
+config = config_module.Config(scheme="label_assign", k=2, image_size=99, batch_size=8, seed=3)
+trainer = steps.Trainer(config, steps.make_mesh())
 rng = np.random.default_rng(0)
 images = rng.random((8, 99, 99, 1), dtype=np.float32)
 labels = np.array([1, 0, 0, 1, 0, 1, 0, 0], np.int32)

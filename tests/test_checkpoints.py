@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepmil_jax import checkpoints, train
+from deepmil_jax import checkpoints, steps, train
+from deepmil_jax import config as config_module
 from deepmil_jax import workdir as workdir_files
 from deepmil_jax.checkpoints import CheckpointError, RunCheckpoints
 from deepmil_jax.errors import ConfigError
@@ -29,7 +30,7 @@ from deepmil_jax.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 # 48 images, 3 folds: 16 training images in 2 steps of 8, so the epochs end at steps 2 and 4.
-SMALL = train.Config(
+SMALL = config_module.Config(
     scheme="label_assign",
     k=1,
     image_size=99,
@@ -171,9 +172,9 @@ def config(tmp_path_factory):
 
 
 def _params(workdir: Path, config) -> dict[str, np.ndarray]:
-    trainer = train.Trainer(config, train.make_mesh())
+    trainer = steps.Trainer(config, steps.make_mesh())
     store = RunCheckpoints(workdir / "checkpoints")
-    state, _, _ = store.restore(train.checkpointed(trainer.state))
+    state, _, _ = store.restore(steps.checkpointed(trainer.state))
     store.close()
     return {
         jax.tree_util.keystr(p): np.asarray(x)
@@ -312,7 +313,7 @@ def test_a_damaged_best_is_refused_not_replaced(tmp_path, config, reference):
     best = json.loads((workdir / "results.json").read_text())["best_epoch"] * 2  # 2 steps/epoch
     if best == 8:  # the newest is the best: damage a copy whose best is epoch 1 instead
         store = RunCheckpoints(workdir / "checkpoints")
-        like = train.checkpointed(train.Trainer(config, train.make_mesh()).state)
+        like = steps.checkpointed(steps.Trainer(config, steps.make_mesh()).state)
         state, meta, _ = store.restore(like)
         store.save(10, state, meta | {"best_step": 2})
         store.close()
@@ -328,7 +329,7 @@ def test_kill_9_mid_run_resumes_bit_identically(tmp_path, config, reference):
     code = (
         "import json\n"
         "from deepmil_jax import train\n"
-        f"c = train.Config(**json.loads({json.dumps(json.dumps(config.to_json()))}))\n"
+        f"c = config_module.Config(**json.loads({json.dumps(json.dumps(config.to_json()))}))\n"
         f"train.train_and_evaluate(c, {str(workdir)!r})\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.DEVNULL)

@@ -763,10 +763,10 @@ def test_relative_extent_counts_instances_as_probable_as_the_top_one(masked):
     assert np.isfinite(v) and np.all(np.isfinite(g))
 
 
-def test_config_knows_the_same_auto_k_values():
-    from deepmil_jax import config
+def test_the_registry_knows_the_same_auto_k_values():
+    from deepmil_jax import registry
 
-    assert config.AUTO_K == dm.AUTO_K
+    assert registry.AUTO_K == dm.AUTO_K
 
 
 def test_docstring_examples_give_what_they_show():

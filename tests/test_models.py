@@ -19,11 +19,10 @@ import torch.nn.functional as F
 from flax import nnx
 
 import deepmil_jax.models.alexnet as alexnet_mod
+from deepmil_jax import registry
 from deepmil_jax.errors import ConfigError, WeightsError
 from deepmil_jax.models import (
     LRNS,
-    POOLING_SCHEMES,
-    SCHEMES,
     AlexNet,
     AlexNetClassifier,
     AttentionPooling,
@@ -35,6 +34,7 @@ from deepmil_jax.models import (
     local_response_norm,
     normalize,
 )
+from deepmil_jax.registry import SCHEMES
 
 SMALL = 99  # smallest handy input: a 2x2 map in both variants (99 -> 23 -> 11 -> 5 -> 2)
 
@@ -236,7 +236,7 @@ def test_build_model_schemes():
     assert (model.backbone.variant, model.backbone.normalization) == ("torchvision", "torchvision")
     with pytest.raises(ConfigError, match="unknown scheme"):
         build_model("median_pooling", rngs=nnx.Rngs(0))
-    with pytest.raises(ConfigError, match="unknown AlexNet variant"):
+    with pytest.raises(ConfigError, match="unknown backbone 'vgg'"):
         build_model("sparse", backbone="vgg", rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match=r"is a path.*load_converted"):
         build_model("sparse", pretrained="/x", rngs=nnx.Rngs(0))  # models read no files
@@ -456,7 +456,8 @@ def test_every_scheme_builds_its_pooling_and_bag_logits():
         scores, bag = model.instances_and_bag(raw)
         assert scores.shape == (2, 3, 3) and bag.shape == (2,), scheme
         assert scores.dtype == bag.dtype == jnp.float32, scheme
-        if scheme in POOLING_SCHEMES:
+        pooling = registry.SCHEMES[scheme].pooling
+        if pooling not in registry.POOLINGS_WITH_PARAMETERS:
             assert isinstance(model.pooling, FixedPooling)
             z = np.asarray(model.head(model.backbone.forward_raw(raw))).reshape(2, -1)
             r = 1 / (1 + np.exp(-z.astype(np.float64)))
@@ -466,15 +467,17 @@ def test_every_scheme_builds_its_pooling_and_bag_logits():
                 "topk_mean": None,
                 "lse": np.log(np.mean(np.exp(z), axis=1)),
                 "noisy_or": None,
-            }[POOLING_SCHEMES[scheme]]
-            if POOLING_SCHEMES[scheme] == "topk_mean":
+            }[pooling]
+            if pooling == "topk_mean":
                 top = np.sort(r, axis=1)[:, -2:].mean(1)
                 expected = np.log(top / (1 - top))
-            if POOLING_SCHEMES[scheme] == "noisy_or":
+            if pooling == "noisy_or":
                 q = np.prod(1 - r, axis=1)
                 expected = np.log((1 - q) / q)
             np.testing.assert_allclose(bag, expected, rtol=1e-4, err_msg=scheme)
-    assert {"attention", "gated_attention", "learned_lse"} <= set(SCHEMES) - set(POOLING_SCHEMES)
+    assert {"attention", "gated_attention", "learned_lse"} <= {
+        s for s in SCHEMES if registry.SCHEMES[s].pooling in registry.POOLINGS_WITH_PARAMETERS
+    }
     clf = build_model("alexnet", rngs=nnx.Rngs(0))
     clf.eval()
     logits, bag = clf.instances_and_bag(raw_images(2, 227))

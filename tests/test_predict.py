@@ -18,7 +18,8 @@ import pytest
 import skimage.io
 
 from data_pipeline.preprocess import Geometry, PreprocessConfig, preprocess_file
-from deepmil_jax import evaluate, heatmap, predict, report
+from deepmil_jax import config as config_module
+from deepmil_jax import evaluate, heatmap, predict, report, steps
 from deepmil_jax.checkpoints import RunCheckpoints
 from deepmil_jax.errors import ConfigError
 
@@ -234,14 +235,13 @@ def test_find_images_and_xml(tmp_path):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A training workdir holding a randomly initialised label_assign model (99x99: 2x2 grid)."""
-    from deepmil_jax import train
 
     wd = tmp_path_factory.mktemp("run")
-    config = train.Config(scheme="label_assign", k=1, image_size=99, seed=3)
+    config = config_module.Config(scheme="label_assign", k=1, image_size=99, seed=3)
     (wd / "config.json").write_text(json.dumps(config.to_json()))
-    trainer = train.Trainer(config, train.make_mesh())
+    trainer = steps.Trainer(config, steps.make_mesh())
     store = RunCheckpoints(wd / "checkpoints")
-    store.save(1, train.checkpointed(trainer.state), {"epoch": 1, "best_step": 1})
+    store.save(1, steps.checkpointed(trainer.state), {"epoch": 1, "best_step": 1})
     store.close()
     return wd
 
@@ -393,7 +393,6 @@ def _scores(instance_auc, iou, hits, images):
 
 
 def test_evaluate_reports_the_localisation_scores(tmp_path):
-    from deepmil_jax import train
 
     fold0 = _fake_run(tmp_path / "label_assign" / "fold0", 0.8, _scores(0.7, 0.2, 1, 2))
     fold1 = _fake_run(tmp_path / "label_assign" / "fold1", 0.9, _scores(0.9, 0.4, 1, 1))
@@ -423,14 +422,14 @@ def test_evaluate_reports_the_localisation_scores(tmp_path):
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     assert saved["label_assign"]["iou"]["per_fold"][:2] == [0.2, 0.4]
     # The grid of the models: 2x2 for 99-pixel images, 6x6 for the paper's 227.
-    assert train.grid_shape(train.Config(image_size=99)) == (2, 2)
-    assert train.grid_shape(train.Config(image_size=227, scheme="sparse")) == (6, 6)
+    assert config_module.Config(image_size=99).grid() == (2, 2)
+    assert config_module.Config(image_size=227, scheme="sparse").grid() == (6, 6)
 
 
 def test_evaluate_reuses_only_a_run_with_the_same_settings(tmp_path, monkeypatch):
     from deepmil_jax import train
 
-    config = train.Config(scheme="label_assign", k=6, image_size=99, data_dir=str(tmp_path))
+    config = config_module.Config(scheme="label_assign", k=6, image_size=99, data_dir=str(tmp_path))
     run_dir = tmp_path / "cv" / "label_assign" / "fold0"
     run_dir.mkdir(parents=True)
     finished = {"config": config.canonical().to_json(), "test": {"auc": 0.9}}
@@ -456,7 +455,7 @@ def test_evaluate_k_sweep_runs_each_k_in_its_own_folder(tmp_path, monkeypatch):
     <workdir>/<scheme>_k<k>; a plain entry takes --k; report titles name the k."""
     from deepmil_jax import train
 
-    config = train.Config(k=6, image_size=99, data_dir=str(tmp_path))
+    config = config_module.Config(k=6, image_size=99, data_dir=str(tmp_path))
     trained = []
 
     def fake_train(cfg, workdir):
@@ -529,10 +528,9 @@ def test_report_removes_an_earlier_reports_plots(tmp_path):
     ],
 )
 def test_evaluate_bad_scheme_entries_are_refused(tmp_path, entries, message):
-    from deepmil_jax import train
 
     with pytest.raises(ConfigError, match=re.escape(message)):
-        evaluate.scheme_configs(train.Config(), entries)
+        evaluate.scheme_configs(config_module.Config(), entries)
 
 
 def test_cli_bad_max_side_is_refused_before_predicting(tmp_path, workdir):

@@ -91,7 +91,7 @@ def test_scheme_loss_is_the_papers_equation(scheme, k, reference):
     logits = (2 * rng.standard_normal((5, 3, 3))).astype(np.float32)
     labels = np.array([1, 0, 1, 1, 0], np.int32)
     config = dataclasses.replace(SMALL, scheme=scheme, k=k, mu=0.5)
-    loss = float(steps.scheme_loss(config, logits, labels))
+    loss = float(steps.scheme_loss(steps.LossSpec.of(config.canonical()), logits, labels))
     assert loss == pytest.approx(reference(logits, labels), rel=1e-5)
     # the references differ, so that each scheme is told from the others
     values = [_max_pooling(logits, labels), _label_assign(logits, labels, 2)]
@@ -105,7 +105,7 @@ def test_the_other_schemes_are_the_cross_entropy_of_the_models_bag_logits(scheme
     logits = rng.standard_normal((5, 3, 3)).astype(np.float32)
     bag = (2 * rng.standard_normal(5)).astype(np.float32)
     labels = np.array([1, 0, 0, 1, 1], np.int32)
-    config = dataclasses.replace(SMALL, scheme=scheme)
+    config = steps.LossSpec.of(dataclasses.replace(SMALL, scheme=scheme).canonical())
     loss = float(steps.scheme_loss(config, logits, labels, bag))
     assert loss == pytest.approx(np.mean(_bce(bag, labels)), rel=1e-5)
     with pytest.raises(ValueError, match="bag_logits"):

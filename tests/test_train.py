@@ -16,13 +16,14 @@ import pytest
 from flax import nnx
 
 from deepmil_jax import checkpoints, steps, train
+from deepmil_jax import config as config_module
 from deepmil_jax.checkpoints import RunCheckpoints
 from deepmil_jax.errors import ConfigError, DeepMILError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # A small, fast configuration: 99x99 images give a 2x2 grid of instances.
-SMALL = train.Config(
+SMALL = config_module.Config(
     scheme="label_assign",
     k=1,
     image_size=99,
@@ -159,9 +160,9 @@ def _pairwise_auc(labels, probs):
 
 def _latest(config, workdir):
     """(state, meta) of the newest intact checkpoint of ``workdir``."""
-    trainer = train.Trainer(config, train.make_mesh())
+    trainer = steps.Trainer(config, steps.make_mesh())
     store = RunCheckpoints(Path(workdir) / "checkpoints")
-    state, meta, _ = store.restore(train.checkpointed(trainer.state))
+    state, meta, _ = store.restore(steps.checkpointed(trainer.state))
     store.close()
     return state, meta
 
@@ -192,7 +193,7 @@ def test_sigterm_saves_and_resumes_mid_epoch(tmp_path, data_dir, monkeypatch):
     config = dataclasses.replace(SMALL, data_dir=data_dir, epochs=1, batch_size=4)
     straight, _ = _run_and_params(config, tmp_path / "straight")
 
-    original = train.Trainer.train_step
+    original = steps.Trainer.train_step
     calls = {"n": 0}
 
     def preempted_step(self, batch, step):
@@ -202,12 +203,11 @@ def test_sigterm_saves_and_resumes_mid_epoch(tmp_path, data_dir, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(train.Trainer, "train_step", preempted_step)
-    with pytest.raises(SystemExit) as stop:
+    monkeypatch.setattr(steps.Trainer, "train_step", preempted_step)
+    with pytest.raises(train.Preempted):
         train.train_and_evaluate(config, tmp_path / "preempted")
-    assert stop.value.code == 0
     assert not (tmp_path / "preempted" / "results.json").exists()
-    monkeypatch.setattr(train.Trainer, "train_step", original)
+    monkeypatch.setattr(steps.Trainer, "train_step", original)
     resumed, meta = _run_and_params(config, tmp_path / "preempted")
     assert meta["epoch"] == 1
     _assert_same_params(straight, resumed, rtol=0, atol=0)
@@ -272,7 +272,7 @@ def test_one_four_devices_and_two_processes_agree(tmp_path):
 def test_batch_must_divide_over_devices(tmp_path):
     code = (
         "from deepmil_jax import train\n"
-        f"c = train.Config(batch_size=6, synthetic_images=48, data_dir={str(tmp_path)!r})\n"
+        f"c = config_module.Config(batch_size=6, synthetic_images=48, data_dir={str(tmp_path)!r})\n"
         f"train.train_and_evaluate(c, {str(tmp_path / 'run')!r})\n"
     )
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
@@ -302,18 +302,18 @@ def test_batch_must_divide_over_devices(tmp_path):
 )
 def test_bad_config_names_the_flag(changes, flag):
     with pytest.raises(ConfigError, match=flag):
-        dataclasses.replace(train.Config(), **changes).validate()
+        dataclasses.replace(config_module.Config(), **changes).validate()
 
 
 def test_paper_defaults():
-    c = train.Config().canonical()
+    c = config_module.Config().canonical()
     assert (c.weight_decay, c.k, c.mu, c.image_size, c.num_folds) == (1e-5, 6, 1e-5, 227, 5)
-    fine_tuning = dataclasses.replace(train.Config(), init="imagenet:weights").canonical()
+    fine_tuning = dataclasses.replace(config_module.Config(), init="imagenet:weights").canonical()
     assert fine_tuning.learning_rate == 5e-5  # the paper's fine-tuning
     assert c.learning_rate == 3e-4  # from random initialisation
-    assert dataclasses.replace(train.Config(), learning_rate=1e-3).canonical().learning_rate == 1e-3
-    assert dataclasses.replace(train.Config(), scheme="sparse").canonical().weight_decay == 5e-6
-    assert dataclasses.replace(train.Config(), k=0.15).canonical().k == 0.15
+    assert dataclasses.replace(config_module.Config(), learning_rate=1e-3).canonical().learning_rate == 1e-3
+    assert dataclasses.replace(config_module.Config(), scheme="sparse").canonical().weight_decay == 5e-6
+    assert dataclasses.replace(config_module.Config(), k=0.15).canonical().k == 0.15
 
 
 def test_each_program_accepts_its_own_flags_only():
@@ -392,7 +392,7 @@ def test_threshold_and_metrics_against_hand_counts():
 def test_model_outputs_per_scheme():
     for scheme, grid in (("label_assign", (2, 2)), ("max_pooling", (6, 6)), ("alexnet", (1, 1))):
         size = 99 if scheme == "label_assign" else 227
-        model = train.create_model(dataclasses.replace(train.Config(), scheme=scheme), nnx.Rngs(0))
+        model = steps.create_model(dataclasses.replace(config_module.Config(), scheme=scheme), nnx.Rngs(0))
         model.eval()
         out = model(np.zeros((2, size, size, 1), np.float32))
         assert out.shape == (2, *grid), scheme
@@ -407,9 +407,9 @@ def test_bf16_computes_in_bfloat16_and_keeps_float32_state():
     losses = {}
     for precision in ("fp32", "bf16"):
         config = dataclasses.replace(SMALL, precision=precision, batch_size=4)
-        trainer = train.Trainer(config, train.make_mesh())
+        trainer = steps.Trainer(config, steps.make_mesh())
         losses[precision] = float(trainer.train_step(batch, 0)["loss"])
-        dtypes = {x.dtype for x in jax.tree.leaves(train.checkpointed(trainer.state))}
+        dtypes = {x.dtype for x in jax.tree.leaves(steps.checkpointed(trainer.state))}
         assert dtypes <= {np.dtype("float32"), np.dtype("int32")}, dtypes
         conv = trainer.context.train_graph
         assert ("bfloat16" in str(conv)) == (precision == "bf16")
@@ -427,7 +427,7 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
 
 def test_alexnet_baseline_trains_with_dropout():
     config = dataclasses.replace(SMALL, scheme="alexnet", image_size=227, batch_size=2)
-    trainer = train.Trainer(config, train.make_mesh())
+    trainer = steps.Trainer(config, steps.make_mesh())
     rng = np.random.default_rng(0)
     batch = {"image": rng.random((2, 227, 227, 1), dtype=np.float32), "label": np.array([1, 0])}
     before = _params(trainer.state)
@@ -479,11 +479,11 @@ def test_weight_decay_adds_exactly_lam_times_params_to_the_gradient():
     labels = np.array([1, 0, 1, 0], np.int32)
     grads = {}
     for lam in (0.0, 0.5):
-        trainer = train.Trainer(dataclasses.replace(SMALL, weight_decay=lam), train.make_mesh())
+        trainer = steps.Trainer(dataclasses.replace(SMALL, weight_decay=lam), steps.make_mesh())
         params = trainer.state["params"]
         context, rest = trainer.context, trainer.state["rest"]
         grads[lam] = jax.grad(
-            lambda p, c=context, r=rest: train.loss_fn(c, p, r, images, labels, 0)[0]
+            lambda p, c=context, r=rest: steps.loss_fn(c, p, r, images, labels, 0)[0]
         )(params)
     # both trainers start from the same seed, so the parameters are the same
     flat = _params({"params": params})
@@ -494,7 +494,7 @@ def test_weight_decay_adds_exactly_lam_times_params_to_the_gradient():
 
 def test_evaluation_probability_is_the_sigmoid_of_the_max_instance_logit():
     config = dataclasses.replace(SMALL, scheme="label_assign", image_size=131)  # a 3x3 grid
-    trainer = train.Trainer(config, train.make_mesh())
+    trainer = steps.Trainer(config, steps.make_mesh())
     rng = np.random.default_rng(1)
     images = rng.random((5, 131, 131, 1), dtype=np.float32)
     images[:, 40:80, 50:90] += 2.0  # a bright region, so the instances differ
@@ -512,34 +512,35 @@ def test_evaluation_probability_is_the_sigmoid_of_the_max_instance_logit():
 def test_new_schemes_and_k_auto_parse_from_the_command_line():
     from absl import flags
 
-    from deepmil_jax import config as config_mod
+    from deepmil_jax import cli as config_mod
+    from deepmil_jax import registry
 
     fv = flags.FlagValues()
-    config_mod.define_flags(train.Config, fv)
-    assert set(train.SCHEMES) <= set(fv["scheme"].parser.enum_values)
+    config_mod.define_flags(config_module.Config, fv)
+    assert set(registry.SCHEMES) <= set(fv["scheme"].parser.enum_values)
     for name in ("attention", "gated_attention", "learned_lse", "noisy_or", "topk_pooling"):
         assert name in fv["scheme"].help
     assert "auto" in fv["k"].help
     fv(["train", "--scheme=label_assign", "--k=auto", "--image_size=99"])
-    c = config_mod.from_flags(train.Config, fv)
+    c = config_mod.from_flags(config_module.Config, fv)
     c.validate()
     assert c.canonical().k == "auto"
     fv(["train", "--scheme=gated_attention", "--k=0.25"])
-    assert config_mod.from_flags(train.Config, fv).canonical().k == 0.25
+    assert config_mod.from_flags(config_module.Config, fv).canonical().k == 0.25
     for bad, why in (("--k=sometimes", "not a number"), ("--k=2.5", "whole number")):
         fv(["train", bad])
         with pytest.raises(ConfigError, match=f"--k: .*{why}"):
-            config_mod.from_flags(train.Config, fv).validate()
+            config_mod.from_flags(config_module.Config, fv).validate()
 
 
 def test_k_auto_trains_on_each_images_rounded_extent():
     config = dataclasses.replace(SMALL, k="auto", image_size=131, batch_size=4)  # 3x3 grid
-    trainer = train.Trainer(config, train.make_mesh())
+    trainer = steps.Trainer(config, steps.make_mesh())
     rng = np.random.default_rng(4)
     images = rng.random((4, 131, 131, 1), dtype=np.float32)
     labels = np.array([1, 1, 0, 1], np.int32)
     state, context = trainer.state, trainer.context
-    data = float(train.loss_fn(context, state["params"], state["rest"], images, labels, 0)[1])
+    data = float(steps.loss_fn(context, state["params"], state["rest"], images, labels, 0)[1])
     model = nnx.merge(context.train_graph, state["params"], state["rest"])
     z = np.asarray(model(images), np.float64).reshape(4, -1)
     # numpy reference: k_n = round(sum_j sigmoid(z_nj)) clipped to [1, 9]; Eq. 5-6 with it

@@ -466,10 +466,11 @@ def test_build_model_refuses_a_backbone_that_does_not_match(torchvision_case):
 
 
 def test_train_init_imagenet_loads_the_converted_arrays(keras_case, torchvision_case):
-    """--init=imagenet:PATH: train.create_model reads the folder and the model holds its arrays."""
+    """--init=imagenet:PATH: steps.create_model reads the folder and the model holds its arrays."""
     import dataclasses
 
-    from deepmil_jax import train
+    from deepmil_jax import config as config_module
+    from deepmil_jax import steps
 
     for (_, out), backbone, scheme in (
         (keras_case, "caffe", "alexnet"),
@@ -477,9 +478,9 @@ def test_train_init_imagenet_loads_the_converted_arrays(keras_case, torchvision_
         (torchvision_case, "torchvision", "gated_attention"),  # attention weights start fresh
     ):
         config = dataclasses.replace(
-            train.Config(), scheme=scheme, backbone=backbone, init=f"imagenet:{out}"
+            config_module.Config(), scheme=scheme, backbone=backbone, init=f"imagenet:{out}"
         )
-        model = train.create_model(config, nnx.Rngs(0))
+        model = steps.create_model(config, nnx.Rngs(0))
         params, meta = weights.load_converted(out)
         assert model.backbone.normalization == meta["normalization"]
         for name in ("conv1", "conv2", "conv3", "conv4", "conv5"):

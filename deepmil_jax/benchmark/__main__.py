@@ -17,13 +17,14 @@ from typing import Any
 
 from absl import flags, logging
 
-from deepmil_jax import config as _config
+from deepmil_jax import cli
 from deepmil_jax.benchmark.settings import PARTS, Settings
-from deepmil_jax.config import Config, from_flags, run_main, scheme_variants
+from deepmil_jax.cli import from_flags, run_main
+from deepmil_jax.config import Config, scheme_variants
 from deepmil_jax.errors import ConfigError
 
 _S = Settings()
-_config.define_flags(Config)
+cli.define_flags(Config)
 for _name in ("scheme", "backbone", "batch_size", "image_size", "k", "precision", "head_hidden"):
     flags.declare_key_flag(_name, flag_values=flags.FLAGS)
 flags.declare_key_flag("seed", flag_values=flags.FLAGS)
@@ -84,7 +85,7 @@ def show_device_defaults() -> None:
 
 if __name__ == "__main__":  # flags and --help are answered before JAX and TensorFlow load
     show_device_defaults()
-    _config.parse_flags_early()
+    cli.parse_flags_early()
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

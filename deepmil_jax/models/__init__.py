@@ -1,4 +1,5 @@
-"""Flax NNX models: AlexNet features (caffe, torchvision variants), the MIL network, the baseline.
+"""Flax NNX models: the backbones (AlexNet caffe/torchvision, EfficientNet-Lite, ResNet), the MIL
+network, the baseline. Which backbone and pooling a name means is ``deepmil_jax.registry``'s.
 
 Public API::
 
@@ -26,22 +27,19 @@ from deepmil_jax.models.alexnet import (
     normalize,
 )
 from deepmil_jax.models.mil import (
-    POOLING_SCHEMES,
-    SCHEMES,
     AlexNetClassifier,
     AttentionPooling,
     DeepMIL,
     FixedPooling,
     InstanceHead,
     LearnedLSEPooling,
+    build_backbone,
     build_model,
 )
 
 __all__ = [
     "LRNS",
     "NORMALIZATIONS",
-    "POOLING_SCHEMES",
-    "SCHEMES",
     "AlexNet",
     "AlexNetClassifier",
     "AttentionPooling",
@@ -49,6 +47,7 @@ __all__ = [
     "FixedPooling",
     "InstanceHead",
     "LearnedLSEPooling",
+    "build_backbone",
     "build_model",
     "local_response_norm",
     "max_pool",

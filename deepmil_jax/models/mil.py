@@ -10,7 +10,7 @@ fully connected layers and one logit, returned as a 1x1 instance map ``(N, 1, 1)
 losses apply (max pooling over a single instance is plain binary cross-entropy).
 
 Every model also gives its bag (image) logits with ``instances_and_bag(images)``: the paper's
-schemes pool by the maximum (Eq. 2-3); the other MIL poolings (``POOLING_SCHEMES``) are modules
+schemes pool by the maximum (Eq. 2-3); the other MIL poolings (``registry.SCHEMES``) are modules
 here (``FixedPooling``, ``AttentionPooling``, ``LearnedLSEPooling``) whose arithmetic is the pure
 functions of ``deepmil_jax.losses``. Training, evaluation and prediction all use that bag logit.
 """
@@ -27,9 +27,8 @@ import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
-from deepmil_jax import losses
+from deepmil_jax import losses, registry
 from deepmil_jax.architecture import FC_GRID, FC_LAYERS, FC_SIZE
-from deepmil_jax.config import SCHEMES
 from deepmil_jax.errors import ConfigError
 from deepmil_jax.models.alexnet import AlexNet, copy_params
 
@@ -67,17 +66,6 @@ class InstanceHead(nnx.Module):
         return self.logit(x)[..., 0].astype(jnp.float32)
 
 
-# The parameter-free pooling (``losses.bag_logits``) of each scheme that has one; "attention",
-# "gated_attention" and "learned_lse" have parameters (AttentionPooling, LearnedLSEPooling).
-POOLING_SCHEMES = {
-    "max_pooling": "max",
-    "label_assign": "max",
-    "sparse": "max",
-    "mean_pooling": "mean",
-    "topk_pooling": "topk_mean",
-    "lse_pooling": "lse",
-    "noisy_or": "noisy_or",
-}
 ATTENTION_HIDDEN = 128  # L of Ilse et al.'s attention network (their MNIST-bags and histology: 128)
 
 
@@ -305,20 +293,60 @@ class AlexNetClassifier(nnx.Module):
 def _pretrained_arrays(
     pretrained: tuple[Mapping[str, Any], Mapping[str, Any]], backbone: str
 ) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
-    """``pretrained`` as (params, metadata), refusing a path and weights of another variant."""
+    """``pretrained`` as (params, metadata), refusing a path and weights of another backbone."""
     if isinstance(pretrained, (str, os.PathLike)):
         raise ConfigError(
             f"pretrained={os.fspath(pretrained)!r} is a path; build_model takes the arrays: pass "
             "pretrained=deepmil_jax.weights.load_converted(path)"
         )
     params, metadata = pretrained
-    if metadata["variant"] != backbone:
+    if metadata["variant"] != registry.BACKBONES[backbone].variant:
         source = f" (from {metadata['input_file']})" if "input_file" in metadata else ""
         raise ConfigError(
-            f"the pretrained weights{source} are for the {metadata['variant']} AlexNet but "
+            f"the pretrained weights{source} are for the {metadata['variant']} backbone but "
             f"backbone={backbone!r}; pass backbone={metadata['variant']!r} (--backbone)"
         )
     return params, metadata
+
+
+def build_backbone(
+    backbone: str,
+    *,
+    pretrained: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None,
+    output_stride: int = 32,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Module:
+    """The feature extractor ``backbone`` (a ``registry.BACKBONES`` name), random or holding
+    ``pretrained`` = ``weights.load_converted``'s (params, metadata)."""
+    entry = registry.backbone(backbone, "backbone")
+    cls = registry.resolve(entry.model)
+    kw: dict[str, Any] = {"dtype": dtype, "param_dtype": param_dtype}
+    if entry.family == "resnet":
+        kw["output_stride"] = output_stride
+    if pretrained is None:
+        return cls(entry.variant, **kw, rngs=rngs)
+    params, metadata = _pretrained_arrays(pretrained, backbone)
+    return cls.from_converted(params, metadata, **kw)
+
+
+def build_pooling(
+    scheme: str, in_features: int, *, k: int | float = 6, dtype: Any, param_dtype: Any, rngs
+) -> nnx.Module:
+    """The bag pooling of ``scheme`` (its registry entry's ``pooling``)."""
+    pooling = registry.scheme(scheme, "scheme").pooling
+    if pooling in ("attention", "gated_attention"):
+        return AttentionPooling(
+            in_features,
+            gated=pooling == "gated_attention",
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+    if pooling == "learned_lse":
+        return LearnedLSEPooling()
+    return FixedPooling(pooling, k=k)
 
 
 def build_model(
@@ -329,6 +357,7 @@ def build_model(
     pretrained: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None,
     dropout: float = 0.5,
     k: int | float = 6,
+    output_stride: int = 32,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs,
@@ -336,44 +365,37 @@ def build_model(
     """The model of a training scheme.
 
     Args:
-      scheme: ``"alexnet"`` -> :class:`AlexNetClassifier` (``(N, 1, 1)`` logits, 227x227 input);
-        any other of ``SCHEMES`` -> :class:`DeepMIL` (``(N, h, w)``) with the scheme's pooling:
-        max for the paper's ``"max_pooling"``, ``"label_assign"``, ``"sparse"``;
-        ``POOLING_SCHEMES``' ``losses.bag_logits`` pooling (:class:`FixedPooling`);
-        :class:`AttentionPooling` for ``"attention"`` and ``"gated_attention"``;
-        :class:`LearnedLSEPooling` for ``"learned_lse"``.
-      backbone: ``"caffe"`` (the paper's) or ``"torchvision"``; must match the pretrained weights.
+      scheme: a ``registry.SCHEMES`` name. Its ``model`` ``"classifier"`` (``alexnet``) gives
+        :class:`AlexNetClassifier` (``(N, 1, 1)`` logits, 227x227 input); ``"mil"`` gives
+        :class:`DeepMIL` (``(N, h, w)``) with the scheme's ``pooling``: a ``losses.bag_logits``
+        pooling (:class:`FixedPooling`; max for the paper's three), :class:`AttentionPooling`
+        or :class:`LearnedLSEPooling`.
+      backbone: a ``registry.BACKBONES`` name; must match the pretrained weights.
       head_hidden: hidden 1x1 layer sizes of the instance head (``()`` = logistic regression).
       pretrained: ``(params, metadata)`` as ``deepmil_jax.weights.load_converted(path)`` returns
-        them (ImageNet weights; the LRN flavour and normalisation come from ``metadata``), or
-        None for random initialisation. The instance head, the pooling's parameters (and fc8
-        of the classifier) always start fresh. Only arrays are copied here; reading the folder
-        is the caller's.
+        them (ImageNet weights), or None for random initialisation. The instance head, the
+        pooling's parameters (and fc8 of the classifier) always start fresh. Only arrays are
+        copied here; reading the folder is the caller's.
       dropout: dropout rate of the classifier's fully connected layers (alexnet scheme only).
-      k: instances pooled by ``"topk_pooling"`` (a count, or a fraction in (0, 1)).
+      k: instances pooled by a ``"topk_mean"`` pooling (a count, or a fraction in (0, 1)).
+      output_stride: 32, or 16 for a ResNet with a dilated layer4.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); ``param_dtype``: parameter dtype.
       rngs: random streams for initialisation (and ``dropout``).
     """
-    if scheme not in SCHEMES:
-        raise ConfigError(f"unknown scheme {scheme!r}; choose one of {list(SCHEMES)}")
+    entry = registry.scheme(scheme, "scheme")
+    registry.backbone(backbone, "backbone")
     kw = {"dtype": dtype, "param_dtype": param_dtype}
-    if pretrained is None:
-        features = AlexNet(backbone, **kw, rngs=rngs)
-        if scheme == "alexnet":
+    if entry.model == "classifier":
+        if registry.BACKBONES[backbone].family != "alexnet":
+            raise ConfigError(f"the {scheme} scheme needs an AlexNet backbone; got {backbone!r}")
+        if pretrained is None:
+            features = AlexNet(backbone, **kw, rngs=rngs)
             return AlexNetClassifier(features, dropout=dropout, **kw, rngs=rngs)
-    else:
         params, metadata = _pretrained_arrays(pretrained, backbone)
-        if scheme == "alexnet":
-            return AlexNetClassifier.from_converted(
-                params, metadata, dropout=dropout, **kw, rngs=rngs
-            )
-        features = AlexNet.from_converted(params, metadata, **kw)
+        return AlexNetClassifier.from_converted(params, metadata, dropout=dropout, **kw, rngs=rngs)
+    features = build_backbone(
+        backbone, pretrained=pretrained, output_stride=output_stride, **kw, rngs=rngs
+    )
     head = InstanceHead(features.out_features, tuple(head_hidden), **kw, rngs=rngs)
-    if scheme in ("attention", "gated_attention"):
-        gated = scheme == "gated_attention"
-        pooling = AttentionPooling(features.out_features, gated=gated, **kw, rngs=rngs)
-    elif scheme == "learned_lse":
-        pooling = LearnedLSEPooling()
-    else:
-        pooling = FixedPooling(POOLING_SCHEMES[scheme], k=k)
+    pooling = build_pooling(scheme, features.out_features, k=k, **kw, rngs=rngs)
     return DeepMIL(features, head, pooling)

@@ -23,7 +23,7 @@ out), "bias": (out,)}, ..., "conv5": ..., optionally "fc6": {"kernel": (9216, 40
 order of an NHWC flatten of the 6x6x256 map. ``fc8`` (1000 ImageNet classes) is not kept.
 
 Each source also fixes the input normalisation and the LRN flavour that the weights were trained
-with (see ``SOURCES``); both are written to ``metadata.json``, which ``load_converted`` returns with
+with (see ``deepmil_jax.registry.FORMATS``); both are written to ``metadata.json``, which ``load_converted`` returns with
 the arrays for ``deepmil_jax.models.build_model(..., pretrained=(params, metadata))``:
 
 ============  ========  =============  ==================================================
@@ -59,12 +59,11 @@ from deepmil_jax.weights.converted import (
     METADATA_FILE,
     METADATA_VERSION,
     PARAMS_DIR,
-    SOURCES,
-    Source,
     convert,
     load_converted,
     read_weights,
     save_converted,
+    validate_params,
 )
 from deepmil_jax.weights.keras_h5 import read_keras_h5, theano_kernel_to_hwio
 from deepmil_jax.weights.torchvision_pth import read_torchvision
@@ -77,11 +76,9 @@ __all__ = [
     "METADATA_FILE",
     "METADATA_VERSION",
     "PARAMS_DIR",
-    "SOURCES",
     "ConvSpec",
     "Params",
     "RestrictedUnpickler",
-    "Source",
     "convert",
     "expected_shapes",
     "load_converted",
@@ -93,4 +90,5 @@ __all__ = [
     "save_converted",
     "theano_kernel_to_hwio",
     "validate",
+    "validate_params",
 ]

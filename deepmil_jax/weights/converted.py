@@ -2,69 +2,70 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
 
-from deepmil_jax.architecture import CONV_SPECS
-from deepmil_jax.config import WEIGHT_FORMATS
+from deepmil_jax import registry
 from deepmil_jax.errors import ConfigError, WeightsError
-from deepmil_jax.weights.caffe_npy import read_caffe_npy
 from deepmil_jax.weights.common import Params, validate
-from deepmil_jax.weights.keras_h5 import read_keras_h5
-from deepmil_jax.weights.torchvision_pth import read_torchvision
 
-FORMATS = WEIGHT_FORMATS
+FORMATS = tuple(registry.FORMATS)
 METADATA_FILE = "metadata.json"
 PARAMS_DIR = "params"
 METADATA_VERSION = 1
 
 
-class Source(NamedTuple):
-    """What a weights format fixes: the AlexNet variant, LRN flavour and input normalisation."""
-
-    variant: str
-    lrn: str | None
-    normalization: str
-    description: str
+def _variants() -> dict[str, str]:
+    """{backbone variant: its family} over the registry's backbones."""
+    return {b.variant: b.family for b in registry.BACKBONES.values()}
 
 
-SOURCES: dict[str, Source] = {
-    "torchvision": Source(
-        "torchvision", None, "torchvision", "torchvision.models.alexnet state_dict (.pth)"
-    ),
-    "keras_h5": Source("caffe", "keras", "keras", "convnets-keras alexnet_weights.h5 (Theano)"),
-    "caffe_npy": Source("caffe", "caffe", "caffe", "bvlc_alexnet.npy (Caffe BVLC AlexNet)"),
-}
-
-_READERS = {
-    "torchvision": read_torchvision,
-    "keras_h5": read_keras_h5,
-    "caffe_npy": read_caffe_npy,
-}
+def validate_params(params: Mapping[str, Any], family: str, variant: str, where: str) -> None:
+    """Raise WeightsError unless ``params`` is the canonical tree of ``variant``: AlexNet's
+    convolutions (its fully connected layers optional), every array of the other families."""
+    if family == "alexnet":
+        validate(params, variant, where)
+        return
+    table = importlib.import_module(registry.BACKBONES[variant].architecture)
+    expected = table.expected_shapes(variant)
+    for layer, shapes in expected.items():
+        got = params.get(layer)
+        if got is None:
+            raise WeightsError(f"{where}: layer {layer!r} is missing for the {variant} backbone")
+        for kind, shape in shapes.items():
+            if kind not in got or tuple(np.shape(got[kind])) != tuple(shape):
+                found = "none" if kind not in got else tuple(np.shape(got[kind]))
+                raise WeightsError(
+                    f"{where}: {layer} {kind} has shape {found}, expected {tuple(shape)} for "
+                    f"the {variant} backbone"
+                )
 
 
 def read_weights(fmt: str, path: str | os.PathLike) -> tuple[Params, dict[str, Any]]:
     """Read a pretrained file of format ``fmt``; returns (canonical params, metadata dict)."""
-    if fmt not in _READERS:
-        raise ConfigError(f"unknown weights format {fmt!r}; choose one of {list(FORMATS)}")
-    params = _READERS[fmt](path)
-    source = SOURCES[fmt]
-    validate(params, source.variant, str(path))
+    entry = registry.weights_format(fmt)
+    if Path(path).expanduser().is_dir():
+        raise WeightsError(f"{path}: is a folder; give the weights file itself ({entry.description})")
+    result = registry.resolve(entry.reader)(path)
+    params, variant = result if isinstance(result, tuple) else (result, entry.variant)
+    validate_params(params, entry.family, variant, str(path))
     metadata = {
         "metadata_version": METADATA_VERSION,
-        "variant": source.variant,
+        "family": entry.family,
+        "variant": variant,
         "source": fmt,
-        "source_description": source.description,
+        "source_description": entry.description,
         "input_file": Path(path).name,
-        "normalization": source.normalization,
-        "lrn": source.lrn,
+        "normalization": entry.normalization,
+        "lrn": entry.lrn,
         "layers": sorted(params),
     }
     return params, metadata
@@ -113,7 +114,7 @@ def _read_metadata(root: Path) -> dict[str, Any]:
     for key in ("variant", "normalization", "layers"):
         if key not in metadata:
             raise WeightsError(f"{meta_file}: has no {key!r} entry")
-    if metadata["variant"] not in CONV_SPECS:
+    if metadata["variant"] not in _variants():
         raise WeightsError(f"{meta_file}: unknown variant {metadata['variant']!r}")
     return metadata
 
@@ -128,25 +129,28 @@ def load_converted(path: str | os.PathLike, *, fc: bool = True) -> tuple[Params,
     root = Path(path).expanduser().absolute()
     metadata = _read_metadata(root)
     wanted = [n for n in metadata["layers"] if fc or not n.startswith("fc")]
-    item = {n: {"kernel": 0, "bias": 0} for n in wanted}
-    restore_args = {
-        n: {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in ("kernel", "bias")} for n in wanted
-    }
     try:
         with ocp.PyTreeCheckpointer() as ckpt:
+            stored = ckpt.metadata(root / PARAMS_DIR).item_metadata.tree
+            item = {n: {kind: 0 for kind in stored[n]} for n in wanted}
+            restore_args = {
+                n: {kind: ocp.RestoreArgs(restore_type=np.ndarray) for kind in stored[n]}
+                for n in wanted
+            }
             restored = ckpt.restore(
                 root / PARAMS_DIR,
                 args=ocp.args.PyTreeRestore(
                     item=item, restore_args=restore_args, partial_restore=True
                 ),
             )
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
         raise WeightsError(f"{root / PARAMS_DIR}: cannot restore layers {wanted} ({e})") from e
     params = {
         layer: {kind: np.asarray(v, dtype=np.float32) for kind, v in arrays.items()}
         for layer, arrays in restored.items()
     }
-    validate(params, metadata["variant"], str(root))
+    family = _variants()[metadata["variant"]]
+    validate_params(params, family, metadata["variant"], str(root))
     return params, metadata
 
 
