@@ -93,6 +93,7 @@ class Conv(nnx.Module):
             _same_pads(x, self.kernel_size, self.stride),
             dimension_numbers=_DN,
             feature_group_count=self.groups,
+            preferred_element_type=jnp.float32,  # accumulate in float32 (bf16 compute too)
         )
 
 
@@ -120,8 +121,9 @@ class FrozenBatchNorm(nnx.Module):
         return mult, self.bias[...].astype(jnp.float32) - mean * mult
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """``x`` (a convolution's float32 accumulator, or any dtype) -> compute dtype."""
         mult, offset = self.factors()
-        return x * mult.astype(self.dtype) + offset.astype(self.dtype)
+        return (x.astype(jnp.float32) * mult + offset).astype(self.dtype)
 
 
 class MBConv(nnx.Module):
@@ -309,6 +311,7 @@ class EfficientNetLite(nnx.Module):
             (arch.STEM_STRIDE, arch.STEM_STRIDE),
             _same_pads(x, arch.STEM_KERNEL, arch.STEM_STRIDE),
             dimension_numbers=_DN,
+            preferred_element_type=jnp.float32,
         )
 
     def forward_raw(self, images: jax.Array) -> jax.Array:
@@ -341,7 +344,7 @@ class EfficientNetLite(nnx.Module):
             dimension_numbers=_DN,
             precision=exact,
         )  # (1, h, w, 32)
-        y = self._stem(images, k_scale) - offset.astype(self.dtype)
+        y = self._stem(images, k_scale) - offset  # float32 until the stem's batch norm
         return self._after_stem(y)
 
     def classify(self, x: jax.Array) -> jax.Array:

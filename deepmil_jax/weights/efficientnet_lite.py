@@ -273,6 +273,15 @@ def read_efficientnet_lite(path: str | os.PathLike, variant: str | None = None) 
     if variant is None:
         variant = infer_variant(state, where)
     arch.check_variant(variant)
+    try:
+        found = infer_variant(state, where)
+    except WeightsError:
+        found = variant  # damaged: the shape checks below name the key
+    if found != variant:
+        raise WeightsError(
+            f"{where}: holds EfficientNet-{found.capitalize()} weights, not "
+            f"EfficientNet-{variant.capitalize()}; use wheel_file({variant!r})"
+        )
     params = convert_state(state, variant, where, torch)
     validate(params, variant, where)
     return params
