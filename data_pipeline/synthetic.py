@@ -24,7 +24,7 @@ to its drawn value, so that global statistics (mean intensity, breast area) sit 
 benign findings occur independently of the label. Everything follows from the seed.
 
 Two styles (`style=`, `--style=`): "easy" (the default, described above; its files are the same
-bytes for the same seed as before the hard style existed) and "hard" (issue 13), a benchmark on
+bytes for the same seed as before the hard style existed) and "hard", a benchmark on
 which only a careful model separates the classes:
 
 - Every breast carries one to three findings (30%, 40%, 30%), in both classes and in both views.
@@ -57,7 +57,7 @@ its benign masses' outlines "Benign Mass" (`BENIGN_MASS`) and its linear densiti
 cluster's outline is "Cluster" and every calcification a "Calcification" point. An outline traces
 the finding's core at half its edge's height; a spiculated lesion's spicules reach beyond it.
 
-Calibration (issue 13 asks for AUC ~0.7-0.95 from random weights at the project's defaults): on
+Calibration (the aim: AUC ~0.7-0.95 from random weights at the project's defaults): on
 160 images (seed 0), max pooling (fold 0) and label assignment (fold 1) reached validation AUC
 0.71-0.88 from the second epoch on (test AUC on one 32-image fold: 0.43 and 0.66). Variants whose
 benign look-alikes were as bright and as compact as the lesions (margins, spicules and mottling the
@@ -428,7 +428,7 @@ def _add_marker(rng: np.random.Generator, image: np.ndarray, breast: np.ndarray,
 
 
 # --------------------------------------------------------------------------------------------------
-# The hard style (issue 13).
+# The hard style.
 
 
 @dataclass(frozen=True)

@@ -513,7 +513,7 @@ def test_read_folder_bad_rows(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Property-based tests of the readers (issue 11): any bytes, any field -> records or a DataError.
+# Property-based tests of the readers: any bytes, any field -> records or a DataError.
 
 fuzz_more = settings(
     max_examples=80,

@@ -363,7 +363,7 @@ def test_lse_pooling_refuses_zero_temperature_and_keeps_bfloat16():
     assert half.dtype == jnp.bfloat16
 
 
-# ---- k chosen per image (issue 14): extent estimate, soft top-k, adaptive label assignment -----
+# ---- k chosen per image: extent estimate, soft top-k, adaptive label assignment ----------------
 def _np_sigmoid(z):
     return 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
 

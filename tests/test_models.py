@@ -378,7 +378,7 @@ def test_pretrained_arrays_are_copied_and_checked():
         build_model("sparse", pretrained=(missing, metadata), rngs=nnx.Rngs(0))
 
 
-# ---- the MIL poolings of issue 14: attention (gated), learned log-sum-exp, fixed poolings ------
+# ---- MIL poolings beyond max: attention (gated), learned log-sum-exp, fixed poolings -----------
 def _np(x) -> np.ndarray:
     return np.asarray(x[...], np.float64)
 

@@ -1016,7 +1016,7 @@ def test_fuzz_dicom_reader(tmp_path, cut, edits):
 
 
 # ---------------------------------------------------------------------------------------------
-# Limits, outlines outside the image, and the command line (issue 11).
+# Limits, outlines outside the image, and the command line.
 
 
 def png_bytes(height: int, width: int, bit_depth: int = 8, rows: int = 1) -> bytes:

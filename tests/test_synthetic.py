@@ -311,7 +311,7 @@ def test_a_folder_holding_what_it_did_not_write_is_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# The hard style (issue 13).
+# The hard style.
 
 HARD_SHAPE = (128, 104)  # small: the statistics need many images, not many pixels
 

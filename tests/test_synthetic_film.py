@@ -1,4 +1,4 @@
-"""Tests of data_pipeline.synthetic_film and of preprocessing on scanned films (issue 15): no
+"""Tests of data_pipeline.synthetic_film and of preprocessing on scanned films: no
 label, marker, film edge or tape left in any preprocessed image, none facing the wrong way, no crop
 a quarter empty, the breast kept whole, a smooth outline. The truth is the generator's masks,
 mapped through the preprocessing Geometry; the naive reference (largest Otsu component) is

@@ -508,7 +508,7 @@ def test_evaluation_probability_is_the_sigmoid_of_the_max_instance_logit():
     np.testing.assert_allclose(out["probability"], 1 / (1 + np.exp(-logits.max(axis=1))), atol=2e-5)
 
 
-# ---- the MIL poolings and k=auto of issue 14, from the command line to predictions ------------
+# ---- the MIL poolings and k=auto, from the command line to predictions ------------------------
 def test_new_schemes_and_k_auto_parse_from_the_command_line():
     from absl import flags
 

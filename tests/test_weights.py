@@ -677,7 +677,7 @@ def test_cli_converts_and_reports_errors(tmp_path):
     assert "not a .npy file" in proc.stderr
 
 
-# ------------------------------------------------------------------ damaged files (issue 11)
+# ----------------------------------------------------------------------------- damaged files
 
 
 class _NotAllowed:
@@ -749,7 +749,7 @@ def test_cli_damaged_h5_gives_one_line(tmp_path):
     assert len(lines) == 1 and "alexnet_weights.h5" in lines[0] and "'nowhere'" in lines[0], lines
 
 
-# ------------------------------------------------------------------ property-based (issue 11)
+# ----------------------------------------------------------------------------- property-based
 
 fuzz = settings(
     max_examples=60,
