@@ -1,5 +1,5 @@
 """Mutation testing of the modules that decide the numbers, one module (target) at a time
-(README, "Mutation testing"). A developer's tool, not part of CI.
+(docs/mutation-testing.md). A developer's tool, not part of CI.
 
     .venv/bin/python tools/mutation.py [--jobs 2] [--max-children N] [--clean] [--committed]
                                        [TARGET ...]
