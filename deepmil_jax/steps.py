@@ -82,8 +82,11 @@ def create_model(config: Config, rngs: nnx.Rngs, *, warn: bool = True) -> nnx.Mo
     if config.init.startswith("imagenet:"):
         from deepmil_jax import weights
 
-        # the MIL schemes use only the convolutions: do not read the 150 MB of fc6
         path = config.init.split(":", 1)[1]
+        entry = registry.BACKBONES.get(path)
+        if entry is not None and entry.pretrained is not None:  # weights a package ships
+            path = weights.packaged(path, config.data_dir)
+        # the MIL schemes use only the convolutions: do not read the 150 MB of fc6
         pretrained = weights.load_converted(path, fc=config.scheme == "alexnet")
     if warn and config.init == "random" and jax.process_index() == 0:
         logging.warning(

@@ -326,6 +326,8 @@ def build_backbone(
     if entry.family == "resnet":
         kw["output_stride"] = output_stride
     if pretrained is None:
+        if entry.family != "alexnet":
+            kw["classifier"] = False  # the ImageNet classifier is only for checking weights
         return cls(entry.variant, **kw, rngs=rngs)
     params, metadata = _pretrained_arrays(pretrained, backbone)
     return cls.from_converted(params, metadata, **kw)

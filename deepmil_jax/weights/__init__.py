@@ -66,6 +66,7 @@ from deepmil_jax.weights.converted import (
     validate_params,
 )
 from deepmil_jax.weights.keras_h5 import read_keras_h5, theano_kernel_to_hwio
+from deepmil_jax.weights.packaged import packaged
 from deepmil_jax.weights.torchvision_pth import read_torchvision
 
 __all__ = [
@@ -83,6 +84,7 @@ __all__ = [
     "expected_shapes",
     "load_converted",
     "load_npy_pickle_safely",
+    "packaged",
     "read_caffe_npy",
     "read_keras_h5",
     "read_torchvision",

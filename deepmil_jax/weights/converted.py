@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import orbax.checkpoint as ocp
 
 from deepmil_jax import registry
 from deepmil_jax.errors import ConfigError, WeightsError
-from deepmil_jax.weights.common import Params, validate
+from deepmil_jax.weights.common import Params
 
 FORMATS = tuple(registry.FORMATS)
 METADATA_FILE = "metadata.json"
@@ -29,24 +28,9 @@ def _variants() -> dict[str, str]:
 
 
 def validate_params(params: Mapping[str, Any], family: str, variant: str, where: str) -> None:
-    """Raise WeightsError unless ``params`` is the canonical tree of ``variant``: AlexNet's
-    convolutions (its fully connected layers optional), every array of the other families."""
-    if family == "alexnet":
-        validate(params, variant, where)
-        return
-    table = importlib.import_module(registry.BACKBONES[variant].architecture)
-    expected = table.expected_shapes(variant)
-    for layer, shapes in expected.items():
-        got = params.get(layer)
-        if got is None:
-            raise WeightsError(f"{where}: layer {layer!r} is missing for the {variant} backbone")
-        for kind, shape in shapes.items():
-            if kind not in got or tuple(np.shape(got[kind])) != tuple(shape):
-                found = "none" if kind not in got else tuple(np.shape(got[kind]))
-                raise WeightsError(
-                    f"{where}: {layer} {kind} has shape {found}, expected {tuple(shape)} for "
-                    f"the {variant} backbone"
-                )
+    """Raise WeightsError unless ``params`` is the canonical tree of ``variant`` (the family's
+    check, ``registry.VALIDATORS``; the classifier layers are optional)."""
+    registry.resolve(registry.VALIDATORS[family])(params, variant, where)
 
 
 def read_weights(fmt: str, path: str | os.PathLike) -> tuple[Params, dict[str, Any]]:

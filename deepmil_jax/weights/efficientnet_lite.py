@@ -252,6 +252,12 @@ def validate(params: Mapping[str, Mapping[str, Any]], variant: str, where: str) 
         )
 
 
+def read_with_variant(path: str | os.PathLike) -> tuple[Params, str]:
+    """``read_efficientnet_lite(path)`` with the variant the file holds."""
+    params = read_efficientnet_lite(path)
+    return params, variant_of(params, str(path))
+
+
 def read_efficientnet_lite(path: str | os.PathLike, variant: str | None = None) -> Params:
     """Read an EfficientNet-Lite state_dict into the canonical tree (``variant_of`` names it).
 
