@@ -21,6 +21,7 @@ protocol; such a workdir is refused with a message.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import os
@@ -39,6 +40,43 @@ from deepmil_jax.steps import config_optimizer, create_model
 from deepmil_jax.workdir import read_config
 
 KEEP_NEWEST = 2  # newest steps kept besides the best: a damaged newest step has a fallback
+
+
+def _run_sync_via_new_loop(coro):
+    """Orbax's runner of a synchronous call's coroutine in a fresh event loop, which on closing
+    the loop also cancels and awaits the tasks still pending in it. Orbax's own closes the loop
+    as soon as the coroutine fails: a damaged step's other reads, left pending, then printed
+    "Task exception was never retrieved", "Exception ignored in <coroutine ...>" and "Event loop
+    is closed" tracebacks after the step was skipped or refused in one line."""
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:  # their exceptions retrieved, so that none is logged as unretrieved
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+def _drain_orbax_loops() -> None:
+    """Installs `_run_sync_via_new_loop` in Orbax (0.12: asyncio_utils.run_sync calls it by its
+    module-level name); an Orbax without it is left as it is."""
+    try:
+        from orbax.checkpoint._src import asyncio_utils
+    except ImportError:  # pragma: no cover - another Orbax layout
+        return
+    if callable(getattr(asyncio_utils, "_run_sync_via_new_loop", None)):
+        asyncio_utils._run_sync_via_new_loop = _run_sync_via_new_loop
+
+
+_drain_orbax_loops()
 
 
 class CheckpointError(DeepMILError):

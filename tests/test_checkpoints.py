@@ -156,6 +156,51 @@ def test_no_intact_step_is_one_clear_line(tmp_path):
         RunCheckpoints(tmp_path / "ck").restore(_state(0), 1)
 
 
+_DAMAGED_RESTORES = """
+import gc, sys, time
+from pathlib import Path
+import jax.numpy as jnp
+from deepmil_jax.checkpoints import CheckpointError, RunCheckpoints
+root = Path(sys.argv[1])
+def state(v):
+    return {"params": {f"w{i}": jnp.full((64, 64), v + i) for i in range(24)}}
+store = RunCheckpoints(root)
+store.save(1, state(1), {"best_step": 1})
+store.save(2, state(2), {"best_step": 1})
+store.close()
+for path in root.rglob("*"):
+    if path.is_file() and "/d/" in str(path):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+for _ in range(6):
+    store = RunCheckpoints(root, create=False)
+    try:
+        store.restore(state(0))
+    except CheckpointError as e:
+        print("refused:", str(e)[:40], file=sys.stderr)
+    store.close()
+gc.collect(); time.sleep(0.5); gc.collect()
+"""
+
+
+def test_damaged_steps_print_no_tracebacks_from_orbax_pending_reads(tmp_path):
+    """A failed restore's other reads were left pending in Orbax's closed event loop: each
+    refusal (or skip) was followed by "Task exception was never retrieved" / "Event loop is
+    closed" / "Exception ignored" tracebacks, at collection or at exit."""
+    result = subprocess.run(
+        [sys.executable, "-c", _DAMAGED_RESTORES, str(tmp_path / "ck")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("refused: No intact checkpoint") == 6, result.stderr
+    for noise in ("Traceback", "Exception ignored", "never retrieved", "Event loop is closed"):
+        assert noise not in result.stderr, result.stderr
+
+
 def test_the_old_layout_is_refused(tmp_path):
     (tmp_path / "ck" / "latest").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="older deepmil-jax"):
