@@ -292,6 +292,9 @@ def load_trained(workdir: str | os.PathLike, *, which: str = "best") -> tuple[Co
         store.close()
     if restored is None:
         raise ConfigError(f"{workdir / 'checkpoints'} holds no checkpoint yet.")
+    # named always: after a damaged newest step, the step used is not the newest (nor, for
+    # "best", the step restore's warning names: that one only said which step is best)
+    logging.info("Using the %s checkpoint: step %d of %s.", which, restored[2], store.directory)
     nnx.update(model, restored[0]["params"])
     model.eval()
     return config, model

@@ -201,6 +201,30 @@ def test_damaged_steps_print_no_tracebacks_from_orbax_pending_reads(tmp_path):
         assert noise not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("which", ["best", "latest"])
+def test_load_trained_names_the_step_it_used_after_a_damaged_newest(tmp_path, which, caplog):
+    """predict's log names the checkpoint step it predicts with: with the newest step damaged,
+    the best (step 1 here) or the newest intact one (step 2), not the newest (3)."""
+    from flax import nnx
+
+    config = SMALL.canonical()
+    workdir_files.write_json(tmp_path / "config.json", config.to_json())
+    model = steps.create_model(dataclasses.replace(config, init="random"), nnx.Rngs(0))
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    state = {"params": params, "opt_state": steps.config_optimizer(config, 1).init(params)}
+    store = RunCheckpoints(tmp_path / "checkpoints")
+    for step, best in ((1, 1), (2, 1), (3, 3)):
+        store.save(step, state, {"best_step": best})
+    store.close()
+    _flip_middle_byte(_largest_data_file(tmp_path / "checkpoints" / "3"))
+    with caplog.at_level("INFO"):
+        checkpoints.load_trained(tmp_path, which=which)
+    used = 1 if which == "best" else 2
+    assert f"Using the {which} checkpoint: step {used} of {tmp_path / 'checkpoints'}." in (
+        caplog.text
+    )
+
+
 def test_the_old_layout_is_refused(tmp_path):
     (tmp_path / "ck" / "latest").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="older deepmil-jax"):
