@@ -44,6 +44,7 @@ class LossSpec(NamedTuple):
     loss_args: tuple[tuple[str, Any], ...]
     weight_decay: float
     dropout_seed: int
+    freeze_backbone: bool = False
 
     @classmethod
     def of(cls, config: Config) -> LossSpec:
@@ -52,7 +53,14 @@ class LossSpec(NamedTuple):
         args = tuple((name, getattr(config, name)) for name in entry.loss_args)
         # any fixed offset from the initialisation's seeds (seed, seed + 1) would do as well
         dropout_seed = config.seed + 2  # pragma: no mutate
-        return cls(entry.loss, entry.loss_on, args, config.weight_decay, dropout_seed)
+        return cls(
+            entry.loss,
+            entry.loss_on,
+            args,
+            config.weight_decay,
+            dropout_seed,
+            config.freeze_backbone,
+        )
 
 
 def scheme_loss(
@@ -105,6 +113,22 @@ def create_model(config: Config, rngs: nnx.Rngs, *, warn: bool = True) -> nnx.Mo
     )
 
 
+def _backbone_or_head(params):
+    """The label of every parameter: "backbone" under the model's ``backbone``, else "head"."""
+
+    def label(path, _):
+        return "backbone" if getattr(path[0], "key", None) == "backbone" else "head"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _stop_backbone_gradient(params):
+    labels = _backbone_or_head(params)
+    return jax.tree.map(
+        lambda label, p: jax.lax.stop_gradient(p) if label == "backbone" else p, labels, params
+    )
+
+
 @functools.cache
 def make_optimizer(
     learning_rate: float,
@@ -129,7 +153,7 @@ def make_optimizer(
     backbone = optax.set_to_zero() if freeze_backbone else optax.adam(rate(learning_rate))
     return optax.multi_transform(
         {"backbone": backbone, "head": optax.adam(rate(head_learning_rate))},
-        lambda params: {name: "backbone" if name == "backbone" else "head" for name in params},
+        _backbone_or_head,
     )
 
 
@@ -180,6 +204,8 @@ def loss_fn(
     training batch ``images`` (N, H, W, 1), ``labels`` (N,); dropout is seeded by ``step``."""
     spec = context.loss
     dropout_key = jax.random.fold_in(jax.random.key(spec.dropout_seed), step)
+    if spec.freeze_backbone:  # no gradient through the backbone: its backward pass is not run
+        params = _stop_backbone_gradient(params)
     model = nnx.merge(context.train_graph, params, rest, copy=True)
     nnx.reseed(model, dropout=dropout_key)
     logits, bag_logits = model.instances_and_bag(images)

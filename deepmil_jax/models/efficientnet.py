@@ -86,15 +86,50 @@ class Conv(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        pads = _same_pads(x, self.kernel_size, self.stride)
+        if self.groups > 1 and self.groups == x.shape[-1]:
+            return depthwise_conv(x.astype(self.dtype), self.kernel[...], self.stride, pads)
+        if self.kernel_size == 1 and self.stride == 1:  # a matrix product over the channels
+            kernel = self.kernel[...][0, 0].astype(self.dtype)
+            return jnp.dot(x.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
         return lax.conv_general_dilated(
             x.astype(self.dtype),
             self.kernel[...].astype(self.dtype),
             (self.stride, self.stride),
-            _same_pads(x, self.kernel_size, self.stride),
+            pads,
             dimension_numbers=_DN,
             feature_group_count=self.groups,
             preferred_element_type=jnp.float32,  # accumulate in float32 (bf16 compute too)
         )
+
+
+def depthwise_conv(
+    x: jax.Array, kernel: jax.Array, stride: int, pads: tuple[tuple[int, int], ...]
+) -> jax.Array:
+    """A depthwise convolution, NHWC ``x`` and ``(k, k, 1, C)`` ``kernel``, as the sum of the
+    k*k strided shifts of the padded input times each tap's per-channel weight (float32 sums).
+
+    The same numbers as ``lax.conv_general_dilated(..., feature_group_count=C)``, computed with
+    elementwise operations: XLA's CPU grouped convolution, and above all its gradient, is several
+    times slower than these (the benchmark's train step of EfficientNet-Lite0)."""
+    k = kernel.shape[0]
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    out_h = (xp.shape[1] - k) // stride + 1
+    out_w = (xp.shape[2] - k) // stride + 1
+    w = kernel[:, :, 0, :].astype(jnp.float32)
+    y = None
+    for i in range(k):
+        for j in range(k):
+            tap = lax.slice(
+                xp,
+                (0, i, j, 0),
+                (xp.shape[0], i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1,
+                 xp.shape[3]),
+                (1, stride, stride, 1),
+            )
+            term = tap.astype(jnp.float32) * w[i, j]
+            y = term if y is None else y + term
+    return y
 
 
 class FrozenBatchNorm(nnx.Module):
