@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The mini-MIAS study of the README ("Real mammograms: mini-MIAS"): patient-grouped 5-fold
+# cross-validation of AlexNet from random weights against EfficientNet-Lite0 from ImageNet, then
+# one table over all of them (tools/mias_study.py).
+# Usage: bash tools/mias_study.sh MIAS_DIR [RUNS_DIR]   (MIAS_DIR: Info.txt and mdbNNN.pgm)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mias=${1:?give the mini-MIAS folder (Info.txt and the mdbNNN.pgm files)}
+runs=${2:-runs/mias}
+py=.venv/bin/python
+common=(--dataset=mias "--manual_dir=$mias" --num_folds=5 --split=patient)
+# 1. today's baseline: AlexNet from random weights (its paper scheme and max pooling)
+$py -m deepmil_jax.evaluate "${common[@]}" --schemes=alexnet,max_pooling \
+    "--workdir=$runs/alexnet_random"
+# 2. EfficientNet-Lite0, frozen ImageNet features, the paper's logistic-regression head
+$py -m deepmil_jax.evaluate "${common[@]}" --backbone=efficientnet_lite0 --freeze_backbone \
+    --schemes=max_pooling --epochs=8 "--workdir=$runs/lite0_probe_227"
+# 3. EfficientNet-Lite0 fine-tuned, at 227 pixels
+$py -m deepmil_jax.evaluate "${common[@]}" --backbone=efficientnet_lite0 --epochs=5 \
+    --schemes=max_pooling,label_assign:k=3,label_assign:k=12,attention \
+    "--workdir=$runs/lite0_ft_227"
+$py tools/mias_study.py "$runs"
