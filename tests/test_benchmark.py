@@ -28,6 +28,9 @@ from deepmil_jax.benchmark import peaks  # noqa: E402
 from deepmil_jax.benchmark import torch_reference as tr  # noqa: E402
 from deepmil_jax.models import build_model  # noqa: E402
 
+# trains for epochs, spawns or kills processes: not in `pytest -m "not slow"`
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 REQUIRED = (

@@ -27,6 +27,9 @@ from deepmil_jax import workdir as workdir_files
 from deepmil_jax.checkpoints import CheckpointError, RunCheckpoints
 from deepmil_jax.errors import ConfigError
 
+# trains for epochs, spawns or kills processes: not in `pytest -m "not slow"`
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # 48 images, 3 folds: 16 training images in 2 steps of 8, so the epochs end at steps 2 and 4.

@@ -23,6 +23,9 @@ from deepmil_jax import evaluate, heatmap, predict, report, steps
 from deepmil_jax.checkpoints import RunCheckpoints
 from deepmil_jax.errors import ConfigError
 
+# trains for epochs, spawns or kills processes: not in `pytest -m "not slow"`
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -36,11 +36,14 @@ def _train_one_step(config: Config) -> tuple[float, float]:
     before = jax.tree.map(np.asarray, trainer.state["params"])
     out = trainer.train_step(_batch(), 0)
     after = jax.tree.map(np.asarray, trainer.state["params"])
-    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(after),
-                                                               jax.tree.leaves(before)))
+    moved = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before), strict=True)
+    )
     return float(out["data_loss"]), moved
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", [s for s in registry.SCHEMES if s != "alexnet"])
 def test_every_scheme_of_the_table_trains_a_step(scheme):
     loss, moved = _train_one_step(dataclasses.replace(SMALL, scheme=scheme, k=2))
@@ -90,9 +93,13 @@ def test_resnet_grid_at_output_stride_16():
     out = jax.eval_shape(
         lambda s, x: nnx.merge(graph, s)(x), state, jax.ShapeDtypeStruct((1, 227, 227, 1), float)
     )
-    assert registry.feature_grid("resnet18", 227, 227, output_stride=16) == out.shape[1:] == (
-        15,
-        15,
+    assert (
+        registry.feature_grid("resnet18", 227, 227, output_stride=16)
+        == out.shape[1:]
+        == (
+            15,
+            15,
+        )
     )
 
 
@@ -183,8 +190,14 @@ def test_each_layer_imports_only_what_it_may():
 
 
 @pytest.mark.parametrize(
-    "name", ["deepmil_jax.registry", "deepmil_jax.config", "deepmil_jax.cli",
-             "deepmil_jax.architecture", "deepmil_jax.losses"]
+    "name",
+    [
+        "deepmil_jax.registry",
+        "deepmil_jax.config",
+        "deepmil_jax.cli",
+        "deepmil_jax.architecture",
+        "deepmil_jax.losses",
+    ],
 )
 def test_the_light_modules_load_nothing_heavy(name):
     """Imported alone, in a fresh interpreter (what libraries they pull in counts too)."""
@@ -215,6 +228,7 @@ def test_no_import_circle():
     graph = {}
     for name in names:
         graph[name] = {m for m in _module_imports(_path(name)) if m in names and m != name}
+
     # a package's __init__ importing its own modules is how re-exports work: not a circle
     def edges(name):
         return {m for m in graph[name] if not (m.startswith(name + "."))}

@@ -731,6 +731,7 @@ def _assert_patient_wise(parts: dict, patient_of: dict[str, str]) -> None:
     assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
 
 
+@pytest.mark.slow
 def test_cbis_ddsm_trains_on_the_official_split(tmp_path):
     # 12 women, both views of the left breast; even numbers malignant; 10-12 in the test tables
     plan = [
@@ -752,6 +753,7 @@ def test_cbis_ddsm_trains_on_the_official_split(tmp_path):
     assert len(parts["train"]) + len(parts["validation"]) == 18 and parts["validation"]
 
 
+@pytest.mark.slow
 def test_vindr_mammo_trains_on_the_official_split(tmp_path):
     studies = [f"{i:02d}" + "ab" * 15 for i in range(12)]
     plan = {
@@ -777,6 +779,7 @@ def test_vindr_mammo_trains_on_the_official_split(tmp_path):
     assert not train_studies & {study_of[i] for i in parts["validation"]}
 
 
+@pytest.mark.slow
 def test_cmmd_trains_patient_wise(tmp_path):
     plan = {
         f"D1-{n:04d}": ({side: "Malignant" if n % 2 else "Benign"}, [side])
@@ -788,6 +791,7 @@ def test_cmmd_trains_patient_wise(tmp_path):
     _assert_patient_wise(parts, {i: i.split("_")[0] for i in expected})
 
 
+@pytest.mark.slow
 def test_mias_trains_patient_wise(tmp_path):
     root = write_mias(tmp_path / "mias")
     parts = _train_two_epochs("mias", root, tmp_path, "patient")

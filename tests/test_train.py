@@ -20,6 +20,9 @@ from deepmil_jax import config as config_module
 from deepmil_jax.checkpoints import RunCheckpoints
 from deepmil_jax.errors import ConfigError, DeepMILError
 
+# trains for epochs, spawns or kills processes: not in `pytest -m "not slow"`
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A small, fast configuration: 99x99 images give a 2x2 grid of instances.
@@ -311,8 +314,14 @@ def test_paper_defaults():
     fine_tuning = dataclasses.replace(config_module.Config(), init="imagenet:weights").canonical()
     assert fine_tuning.learning_rate == 5e-5  # the paper's fine-tuning
     assert c.learning_rate == 3e-4  # from random initialisation
-    assert dataclasses.replace(config_module.Config(), learning_rate=1e-3).canonical().learning_rate == 1e-3
-    assert dataclasses.replace(config_module.Config(), scheme="sparse").canonical().weight_decay == 5e-6
+    assert (
+        dataclasses.replace(config_module.Config(), learning_rate=1e-3).canonical().learning_rate
+        == 1e-3
+    )
+    assert (
+        dataclasses.replace(config_module.Config(), scheme="sparse").canonical().weight_decay
+        == 5e-6
+    )
     assert dataclasses.replace(config_module.Config(), k=0.15).canonical().k == 0.15
 
 
@@ -392,7 +401,9 @@ def test_threshold_and_metrics_against_hand_counts():
 def test_model_outputs_per_scheme():
     for scheme, grid in (("label_assign", (2, 2)), ("max_pooling", (6, 6)), ("alexnet", (1, 1))):
         size = 99 if scheme == "label_assign" else 227
-        model = steps.create_model(dataclasses.replace(config_module.Config(), scheme=scheme), nnx.Rngs(0))
+        model = steps.create_model(
+            dataclasses.replace(config_module.Config(), scheme=scheme), nnx.Rngs(0)
+        )
         model.eval()
         out = model(np.zeros((2, size, size, 1), np.float32))
         assert out.shape == (2, *grid), scheme

@@ -32,7 +32,11 @@ def collect(runs: Path) -> dict[str, list[dict]]:
                 continue
             name = f"{study.name}.{scheme_dir.name}"
             results[name] = [
-                {"fold": int(f.parent.name[4:]), "run_dir": str(f.parent), **json.loads(f.read_text())}
+                {
+                    "fold": int(f.parent.name[4:]),
+                    "run_dir": str(f.parent),
+                    **json.loads(f.read_text()),
+                }
                 for f in folds
             ]
     return results

@@ -123,8 +123,12 @@ def depthwise_conv(
             tap = lax.slice(
                 xp,
                 (0, i, j, 0),
-                (xp.shape[0], i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1,
-                 xp.shape[3]),
+                (
+                    xp.shape[0],
+                    i + stride * (out_h - 1) + 1,
+                    j + stride * (out_w - 1) + 1,
+                    xp.shape[3],
+                ),
                 (1, stride, stride, 1),
             )
             term = tap.astype(jnp.float32) * w[i, j]

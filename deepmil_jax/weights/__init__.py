@@ -23,8 +23,9 @@ out), "bias": (out,)}, ..., "conv5": ..., optionally "fc6": {"kernel": (9216, 40
 order of an NHWC flatten of the 6x6x256 map. ``fc8`` (1000 ImageNet classes) is not kept.
 
 Each source also fixes the input normalisation and the LRN flavour that the weights were trained
-with (see ``deepmil_jax.registry.FORMATS``); both are written to ``metadata.json``, which ``load_converted`` returns with
-the arrays for ``deepmil_jax.models.build_model(..., pretrained=(params, metadata))``:
+with (``deepmil_jax.registry.FORMATS``); both are written to ``metadata.json``, which
+``load_converted`` returns with the arrays for
+``deepmil_jax.models.build_model(..., pretrained=(params, metadata))``:
 
 ============  ========  =============  ==================================================
 source        variant   lrn            normalization

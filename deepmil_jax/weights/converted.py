@@ -37,7 +37,9 @@ def read_weights(fmt: str, path: str | os.PathLike) -> tuple[Params, dict[str, A
     """Read a pretrained file of format ``fmt``; returns (canonical params, metadata dict)."""
     entry = registry.weights_format(fmt)
     if Path(path).expanduser().is_dir():
-        raise WeightsError(f"{path}: is a folder; give the weights file itself ({entry.description})")
+        raise WeightsError(
+            f"{path}: is a folder; give the weights file itself ({entry.description})"
+        )
     result = registry.resolve(entry.reader)(path)
     params, variant = result if isinstance(result, tuple) else (result, entry.variant)
     validate_params(params, entry.family, variant, str(path))
