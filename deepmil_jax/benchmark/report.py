@@ -23,7 +23,7 @@ ROWS = (
 
 def format_table(result: dict[str, Any]) -> str:
     lines = [
-        f"deepmil-jax benchmark: {result['scheme']}, {result['backbone']} AlexNet, batch "
+        f"deepmil-jax benchmark: {result['scheme']}, {result['backbone']} backbone, batch "
         f"{result['batch_size']}, {result['image_size']}x{result['image_size']}, "
         f"{result['precision']}, on {result['device']}"
     ]

@@ -266,6 +266,34 @@ def load_jax_params(net: MILNet, params: Mapping[str, Any]) -> None:
             conv.bias.copy_(torch.from_numpy(_np(p["bias"])))
 
 
+class LiteMILNet(nn.Module):
+    """EfficientNet-Lite features (the ``efficientnet-lite-pytorch`` package's network, the test
+    reference of ``deepmil_jax.models.efficientnet``) + the paper's instance head, NCHW, as the
+    JAX model trains it: batch norm frozen at its statistics (eval mode; scale and bias train),
+    the grey image repeated in three channels and normalised as TF-lite, ``(255 x - 127) / 128``.
+
+    ``forward(images (N, 1, H, W) on [0, 1]) -> (N, h, w)`` float32 instance logits.
+    """
+
+    def __init__(self, variant: str = "lite0"):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.features = EfficientNet.from_name(f"efficientnet-{variant}")
+        self.logit = nn.Conv2d(1280, 1, 1)
+
+    def train(self, mode: bool = True) -> LiteMILNet:
+        super().train(mode)
+        for module in self.modules():  # frozen statistics, as the JAX model's FrozenBatchNorm
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.expand(-1, 3, -1, -1) * 255.0 - 127.0) / 128.0
+        return self.logit(self.features.extract_features(x))[:, 0].float()
+
+
 # ---------------------------------------------------------------------------------------------
 # Training step
 
@@ -305,7 +333,16 @@ class TorchTrainer:
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.autocast_bf16 = autocast_bf16
-        self.net = MILNet(scheme, backbone=backbone, head_hidden=head_hidden).to(self.device)
+        if backbone.startswith("efficientnet_"):
+            if head_hidden or scheme not in ("max_pooling", "label_assign", "sparse"):
+                raise ConfigError(
+                    "the PyTorch EfficientNet-Lite reference has the paper's schemes and "
+                    "logistic-regression head only"
+                )
+            net = LiteMILNet(backbone.removeprefix("efficientnet_"))
+        else:
+            net = MILNet(scheme, backbone=backbone, head_hidden=head_hidden)
+        self.net = net.to(self.device)
         self.net = self.net.to(memory_format=self.memory_format)
         self.net.train()
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=learning_rate)
