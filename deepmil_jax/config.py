@@ -473,6 +473,17 @@ class Predict:
         "", "Folder of INbreast <id>.xml mass outlines (default: AllXML/ near each image)."
     )
 
+    def validate(self) -> None:
+        """Raises ConfigError naming the flag when a value cannot work."""
+        if not self.checkpoint:
+            raise ConfigError(
+                "--checkpoint: give the --workdir of a python -m deepmil_jax.train run."
+            )
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch_size must be positive; got {self.batch_size}.")
+        if self.max_side < 16:
+            raise ConfigError(f"--max_side must be at least 16 pixels; got {self.max_side}.")
+
 
 @dataclasses.dataclass(frozen=True)
 class ConvertWeights:

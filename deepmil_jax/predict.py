@@ -66,6 +66,7 @@ from data_pipeline.preprocess import (
 from deepmil_jax import heatmap
 from deepmil_jax.cli import from_flags, run_main
 from deepmil_jax.config import Predict
+from deepmil_jax.errors import ConfigError
 
 __all__ = [
     "CSV_COLUMNS",
@@ -383,14 +384,9 @@ def _main(argv: Sequence[str]) -> None:
     from deepmil_jax import checkpoints
 
     settings = from_flags(Predict)
-    if not settings.checkpoint:
-        raise DataError("--checkpoint: give the --workdir of a python -m deepmil_jax.train run.")
-    if settings.batch_size < 1:
-        raise DataError(f"--batch_size must be positive; got {settings.batch_size}.")
-    if settings.max_side < 16:
-        raise DataError(f"--max_side must be at least 16 pixels; got {settings.max_side}.")
+    settings.validate()
     if len(argv) < 2:
-        raise DataError(
+        raise ConfigError(
             "No input: give image files or folders after the flags, e.g. "
             "python -m deepmil_jax.predict --checkpoint=runs/label_assign_fold0 "
             "scans/."
