@@ -247,3 +247,30 @@ def test_no_import_circle():
     for name in sorted(graph):
         if name not in state:
             visit(name, [])
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_backbone_and_head_learning_rates_and_the_frozen_backbone(freeze):
+    """Adam's first step moves each parameter by about its learning rate (m / sqrt(v) = +-1)."""
+    config = Config(
+        scheme="max_pooling",
+        backbone="resnet18",
+        image_size=64,
+        batch_size=4,
+        init="random",
+        learning_rate=1e-4,
+        head_learning_rate=1e-3,
+        warmup_epochs=0,
+        freeze_backbone=freeze,
+    )
+    trainer = steps.Trainer(config, steps.make_mesh())
+    before = jax.tree.map(np.asarray, trainer.state["params"])
+    trainer.train_step(_batch(4, 64), 0)
+    after = jax.tree.map(np.asarray, trainer.state["params"])
+
+    def moved(part):
+        pairs = zip(jax.tree.leaves(after[part]), jax.tree.leaves(before[part]), strict=True)
+        return max(float(np.max(np.abs(a - b))) for a, b in pairs)
+
+    assert moved("head") == pytest.approx(1e-3, rel=1e-3)
+    assert moved("backbone") == (0.0 if freeze else pytest.approx(1e-4, rel=1e-3))
