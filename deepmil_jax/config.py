@@ -382,7 +382,7 @@ class Config:
         init = self.canonical_init()
         recipe = registry.BACKBONES[self.backbone].recipe
         if init == "random":
-            recipe = registry.Recipe(3e-4, 3e-4, 0)
+            recipe = registry.RANDOM_INIT_RECIPE
         learning_rate = recipe.learning_rate if self.learning_rate is None else self.learning_rate
         head_learning_rate = self.head_learning_rate
         if head_learning_rate is None:
