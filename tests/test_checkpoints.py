@@ -401,6 +401,7 @@ def test_kill_9_mid_run_resumes_bit_identically(tmp_path, config, reference):
     code = (
         "import json\n"
         "from deepmil_jax import train\n"
+        "from deepmil_jax import config as config_module\n"
         f"c = config_module.Config(**json.loads({json.dumps(json.dumps(config.to_json()))}))\n"
         f"train.train_and_evaluate(c, {str(workdir)!r})\n"
     )

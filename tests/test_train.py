@@ -224,6 +224,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     train.train_and_evaluate(config, tmp_path / "run")
     good, _ = _run_and_params(config, tmp_path / "run")
     monkeypatch.setattr(steps, "scheme_loss", lambda config, logits, labels, *bag: jax.numpy.nan)
+    jax.clear_caches()  # the steps compiled above do not call the patched loss
     with pytest.raises(train.TrainingDiverged, match="last good checkpoint"):
         train.train_and_evaluate(dataclasses.replace(config, epochs=2), tmp_path / "run")
     monkeypatch.undo()
@@ -275,6 +276,7 @@ def test_one_four_devices_and_two_processes_agree(tmp_path):
 def test_batch_must_divide_over_devices(tmp_path):
     code = (
         "from deepmil_jax import train\n"
+        "from deepmil_jax import config as config_module\n"
         f"c = config_module.Config(batch_size=6, synthetic_images=48, data_dir={str(tmp_path)!r})\n"
         f"train.train_and_evaluate(c, {str(tmp_path / 'run')!r})\n"
     )
