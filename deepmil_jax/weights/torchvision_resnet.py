@@ -31,36 +31,20 @@ import numpy as np
 
 from deepmil_jax.architecture import resnet as arch
 from deepmil_jax.errors import WeightsError
-from deepmil_jax.weights.common import Params, check_shape, f32, one_line, weights_array
-from deepmil_jax.weights.torchvision_pth import _torch_load_cause
+from deepmil_jax.weights.common import Params, f32
+from deepmil_jax.weights.pth import load_state_dict, state_array
 
 _BN_KEYS = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 _NOTE = "torchvision ResNet"
 
 
 def _load(torch: Any, where: str) -> dict[str, Any]:
-    """The file's state_dict (unwrapped from ``{"state_dict": ...}``, ``module.`` prefixes cut)."""
-    if os.path.isdir(where):
-        raise WeightsError(f"{where}: is a folder; give the ResNet .pth file itself")
-    try:
-        state = torch.load(where, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise WeightsError(f"{where}: no such file") from e
-    except Exception as e:  # torch raises many kinds for a file that is not a state_dict
-        raise WeightsError(
-            f"{where}: cannot be read as a PyTorch state_dict with torch.load(weights_only=True) "
-            f"({_torch_load_cause(e)}); --format=torchvision_resnet expects torchvision's "
-            "resnet18/34/50-*.pth"
-        ) from e
-    if (
-        isinstance(state, Mapping)
-        and "state_dict" in state
-        and isinstance(state["state_dict"], Mapping)
-    ):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise WeightsError(f"{where}: holds a {type(state).__name__}, not a state_dict (a dict)")
-    return {str(k).removeprefix("module."): v for k, v in state.items()}
+    return load_state_dict(
+        torch,
+        where,
+        "--format=torchvision_resnet expects torchvision's resnet18/34/50-*.pth",
+        folder="give the ResNet .pth file itself",
+    )
 
 
 def _variant(state: Mapping[str, Any], where: str) -> str:
@@ -86,28 +70,8 @@ def _variant(state: Mapping[str, Any], where: str) -> str:
 
 
 def _get(torch: Any, state: Mapping[str, Any], key: str, shape: tuple[int, ...], where: str):
-    """``state[key]`` as a finite float32 numpy array of ``shape`` (shape checked first)."""
-    if key not in state:
-        raise WeightsError(
-            f"{where}: key {key!r} is missing (expected shape {shape}); the file is not a "
-            "complete torchvision ResNet state_dict"
-        )
-    value = state[key]
-    if isinstance(value, torch.Tensor):
-        check_shape(where, f"key {key!r}", value, shape, _NOTE)
-        try:  # bfloat16, half, quantized or sparse tensors: to a dense float32 first
-            value = value.detach().cpu()
-            value = value.dequantize() if value.is_quantized else value
-            value = value.to_dense() if value.layout != torch.strided else value
-            value = value.to(torch.float32).numpy()
-        except Exception as e:
-            raise WeightsError(
-                f"{where}: key {key!r} is a {value.dtype} tensor that cannot be converted to "
-                f"float32 ({one_line(f'{type(e).__name__}: {e}')})"
-            ) from e
-    value = weights_array(where, f"key {key!r}", value)
-    check_shape(where, f"key {key!r}", value, shape, _NOTE)
-    return value
+    missing = "the file is not a complete torchvision ResNet state_dict"
+    return state_array(torch, state, key, shape, where, note=_NOTE, missing=missing)
 
 
 def validate_resnet(params: Mapping[str, Mapping[str, Any]], variant: str, where: str) -> None:
