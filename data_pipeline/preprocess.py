@@ -536,6 +536,52 @@ def _is_image(ds: pydicom.Dataset) -> bool:
     return len(ds) == 0 or any(k in ds for k in ("Rows", "Columns", "BitsAllocated"))
 
 
+def _pixel_data_syntax(path: Path, ds: pydicom.Dataset) -> pydicom.uid.UID:
+    """The transfer syntax of a DICOM that holds pixel data some installed decoder reads;
+    DataError saying what to do otherwise (truncated, not an image, no syntax, no decoder)."""
+    if "PixelData" not in ds and _is_image(ds):
+        raise DataError(
+            f"{path}: the DICOM file ends before its pixel data (tag PixelData): it is "
+            "truncated (cut short). Copy it again from the source."
+        )
+    if "PixelData" not in ds:
+        raise DataError(
+            f"{path}: the DICOM file holds no pixel data (tag PixelData); it is not an image, "
+            "remove it from the data folder."
+        )
+    syntax = ds.file_meta.get("TransferSyntaxUID")  # dcmread always gives a file_meta
+    if syntax is None:
+        raise DataError(
+            f"{path}: the DICOM file names no transfer syntax (file meta element (0002,0010)), "
+            "so its pixel data cannot be read; export it again with its file meta information."
+        )
+    if syntax.is_compressed:
+        _check_decoder(path, syntax)
+    return syntax
+
+
+def _check_decoder(path: Path, syntax: pydicom.uid.UID) -> None:
+    """DataError naming the package to install when no decoder reads the compressed ``syntax``."""
+    try:
+        decoder = pydicom.pixels.get_decoder(syntax)
+        available = decoder.is_available
+    except Exception:  # no decoder of any kind is known for this syntax
+        available = False  # pragma: no mutate (None is as false)
+    if not available:
+        packages = _DECODER_PACKAGES.get(str(syntax))
+        install = (
+            f"Install its decoder: pip install {packages} (dependencies of deepmil-jax; "
+            "reinstall with `bash setup.sh`), or decompress the file first (gdcmconv "
+            "--raw IN OUT)."
+            if packages
+            else _DECODER_HELP
+        )
+        raise DataError(
+            f"{path}: the pixel data is compressed ({syntax.name}) and no decoder for it "
+            f"is installed. {install}"
+        )
+
+
 def _decode_dicom(path: Path) -> _Decoded:
     try:
         ds = pydicom.dcmread(path, force=True)
@@ -545,41 +591,7 @@ def _decode_dicom(path: Path) -> _Decoded:
             "DICOM; copy it again from the source."
         ) from e
     try:
-        if "PixelData" not in ds and _is_image(ds):
-            raise DataError(
-                f"{path}: the DICOM file ends before its pixel data (tag PixelData): it is "
-                "truncated (cut short). Copy it again from the source."
-            )
-        if "PixelData" not in ds:
-            raise DataError(
-                f"{path}: the DICOM file holds no pixel data (tag PixelData); it is not an image, "
-                "remove it from the data folder."
-            )
-        syntax = ds.file_meta.get("TransferSyntaxUID")  # dcmread always gives a file_meta
-        if syntax is None:
-            raise DataError(
-                f"{path}: the DICOM file names no transfer syntax (file meta element (0002,0010)), "
-                "so its pixel data cannot be read; export it again with its file meta information."
-            )
-        if syntax.is_compressed:
-            try:
-                decoder = pydicom.pixels.get_decoder(syntax)
-                available = decoder.is_available
-            except Exception:  # no decoder of any kind is known for this syntax
-                available = False  # pragma: no mutate (None is as false)
-            if not available:
-                packages = _DECODER_PACKAGES.get(str(syntax))
-                install = (
-                    f"Install its decoder: pip install {packages} (dependencies of deepmil-jax; "
-                    "reinstall with `bash setup.sh`), or decompress the file first (gdcmconv "
-                    "--raw IN OUT)."
-                    if packages
-                    else _DECODER_HELP
-                )
-                raise DataError(
-                    f"{path}: the pixel data is compressed ({syntax.name}) and no decoder for it "
-                    f"is installed. {install}"
-                )
+        syntax = _pixel_data_syntax(path, ds)
         # PhotometricInterpretation, Rows, Columns and SamplesPerPixel are required to decode:
         # without one, pydicom cannot either (an AttributeError, reported below)
         photometric = str(ds.PhotometricInterpretation).strip().upper()
