@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -31,25 +32,29 @@ def define_flags(cls: type, flag_values: flags.FlagValues = flags.FLAGS) -> None
     field). Field types: str (an enum when the field has choices), int, float, bool, their
     ``| None`` forms, and tuples (comma-separated lists). A field another class defined already
     (``batch_size`` of two settings) is defined once."""
+    # The program's own flags, so that --help lists them (absl lists the main module's).
+    owner = {"module_name": sys.argv[0]}
     for f in dataclasses.fields(cls):
         if f.name in flag_values:
             continue
         kind, default, help_text = str(f.type), f.default, f.metadata["help"]
         if f.metadata.get("choices"):
             flags.DEFINE_enum(
-                f.name, default, f.metadata["choices"], help_text, flag_values=flag_values
+                f.name, default, f.metadata["choices"], help_text, flag_values=flag_values, **owner
             )
         elif kind.startswith("tuple"):
-            flags.DEFINE_list(f.name, [str(v) for v in default], help_text, flag_values=flag_values)
+            flags.DEFINE_list(
+                f.name, [str(v) for v in default], help_text, flag_values=flag_values, **owner
+            )
         elif kind.startswith("bool"):
-            flags.DEFINE_bool(f.name, default, help_text, flag_values=flag_values)
+            flags.DEFINE_bool(f.name, default, help_text, flag_values=flag_values, **owner)
         elif kind.startswith("int"):
-            flags.DEFINE_integer(f.name, default, help_text, flag_values=flag_values)
+            flags.DEFINE_integer(f.name, default, help_text, flag_values=flag_values, **owner)
         elif kind.startswith("float") and "str" not in kind:
-            flags.DEFINE_float(f.name, default, help_text, flag_values=flag_values)
+            flags.DEFINE_float(f.name, default, help_text, flag_values=flag_values, **owner)
         else:  # str, or a number or a word (--k=6, --k=auto): text, parsed by the dataclass
             text = default if default is None or isinstance(default, str) else str(default)
-            flags.DEFINE_string(f.name, text, help_text, flag_values=flag_values)
+            flags.DEFINE_string(f.name, text, help_text, flag_values=flag_values, **owner)
 
 
 def from_flags(cls: type, flag_values: flags.FlagValues = flags.FLAGS) -> Any:

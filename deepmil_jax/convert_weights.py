@@ -41,13 +41,12 @@ import json
 from absl import logging
 
 from deepmil_jax import weights
-from deepmil_jax.cli import from_flags, run_main
+from deepmil_jax.cli import run_main
 from deepmil_jax.config import ConvertWeights
 from deepmil_jax.errors import ConfigError
 
 
-def main() -> None:
-    settings = from_flags(ConvertWeights)
+def main(settings: ConvertWeights) -> None:
     for name in ("input", "output"):
         if not getattr(settings, name):
             raise ConfigError(f"--{name} is required; see --help.")
@@ -61,4 +60,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, ConvertWeights)

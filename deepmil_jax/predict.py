@@ -64,7 +64,7 @@ from data_pipeline.preprocess import (
     read_image,
 )
 from deepmil_jax import heatmap
-from deepmil_jax.cli import from_flags, run_main
+from deepmil_jax.cli import run_main
 from deepmil_jax.config import Predict
 from deepmil_jax.errors import ConfigError
 
@@ -380,10 +380,9 @@ def write_csv(predictions: Sequence[Prediction], path: str | os.PathLike) -> Non
 # a library leaves absl's global flags alone).
 
 
-def _main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str], settings: Predict) -> None:
     from deepmil_jax import checkpoints
 
-    settings = from_flags(Predict)
     settings.validate()
     if len(argv) < 2:
         raise ConfigError(
@@ -440,4 +439,4 @@ def _main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_main(_main, positional=True)
+    run_main(main, Predict, positional=True)

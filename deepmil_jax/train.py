@@ -29,29 +29,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
-# TensorFlow (tf.data only; data_pipeline hides the GPUs from it) would log its own search for
-# CUDA ("failed call to cuInit") at ERROR level when it is imported: its C++ log stays quiet unless
-# the user sets the variable. Its Python errors are raised as usual.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from deepmil_jax import (  # noqa: E402
-    checkpoints,
-    heatmap,
-    registry,  # noqa: E402
-)
-from deepmil_jax import workdir as workdir_files  # noqa: E402
-from deepmil_jax.cli import initialize_distributed, run_main  # noqa: E402
-from deepmil_jax.config import Config, Launch  # noqa: E402
-from deepmil_jax.errors import ConfigError, DeepMILError  # noqa: E402
-from deepmil_jax.metrics import binary_metrics, choose_threshold  # noqa: E402
-from deepmil_jax.steps import Trainer, checkpointed, make_mesh  # noqa: E402
+from deepmil_jax import checkpoints, heatmap, registry
+from deepmil_jax import workdir as workdir_files
+from deepmil_jax.cli import initialize_distributed, run_main
+from deepmil_jax.config import Config, Launch
+from deepmil_jax.errors import ConfigError, DeepMILError
+from deepmil_jax.metrics import binary_metrics, choose_threshold
+from deepmil_jax.steps import Trainer, checkpointed, make_mesh
 
 
 class TrainingDiverged(DeepMILError):

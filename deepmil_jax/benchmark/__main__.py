@@ -87,10 +87,8 @@ if __name__ == "__main__":  # flags and --help are answered before JAX and Tenso
     show_device_defaults()
     cli.parse_flags_early()
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from deepmil_jax.benchmark.report import format_table  # noqa: E402
-from deepmil_jax.benchmark.run import run_benchmark  # noqa: E402
+from deepmil_jax.benchmark.report import format_table
+from deepmil_jax.benchmark.run import run_benchmark
 
 _OVERRIDABLE = (
     "batch_size",
