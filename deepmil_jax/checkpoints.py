@@ -42,13 +42,26 @@ from deepmil_jax.workdir import read_config
 KEEP_NEWEST = 2  # newest steps kept besides the best: a damaged newest step has a fallback
 
 
+class _RestoreLoop(asyncio.SelectorEventLoop):
+    """The event loop of one synchronous Orbax call. When a restore fails on a damaged array,
+    TensorStore finishes the step's other reads in its own threads and hands each result to this
+    loop after it was closed; those results have no reader any more, so they are dropped here
+    instead of printing an "Event loop is closed" traceback after the one-line refusal."""
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():
+                return None
+            raise
+
+
 def _run_sync_via_new_loop(coro):
-    """Orbax's runner of a synchronous call's coroutine in a fresh event loop, which on closing
-    the loop also cancels and awaits the tasks still pending in it. Orbax's own closes the loop
-    as soon as the coroutine fails: a damaged step's other reads, left pending, then printed
-    "Task exception was never retrieved", "Exception ignored in <coroutine ...>" and "Event loop
-    is closed" tracebacks after the step was skipped or refused in one line."""
-    loop = asyncio.new_event_loop()
+    """Orbax's runner of a synchronous call's coroutine in a fresh event loop (a `_RestoreLoop`),
+    which on closing the loop also cancels and awaits the tasks still pending in it, so that none
+    is logged as "Task exception was never retrieved" or "Exception ignored in <coroutine>"."""
+    loop = _RestoreLoop()
     try:
         asyncio.set_event_loop(loop)
         return loop.run_until_complete(coro)
@@ -66,7 +79,7 @@ def _run_sync_via_new_loop(coro):
 
 
 def _drain_orbax_loops() -> None:
-    """Installs `_run_sync_via_new_loop` in Orbax (0.12: asyncio_utils.run_sync calls it by its
+    """Installs `_run_sync_via_new_loop` in Orbax (0.12.8: asyncio_utils.run_sync calls it by its
     module-level name); an Orbax without it is left as it is."""
     try:
         from orbax.checkpoint._src import asyncio_utils

@@ -187,26 +187,23 @@ gc.collect(); time.sleep(0.5); gc.collect()
 """
 
 
-@pytest.mark.xfail(
-    reason="TensorStore can still call back into Orbax's closed event loop after a refused "
-    "restore (seen once in two fresh-clone runs): the drain does not cover every pending read",
-    strict=False,
-)
 def test_damaged_steps_print_no_tracebacks_from_orbax_pending_reads(tmp_path):
     """A failed restore's other reads were left pending in Orbax's closed event loop: each
     refusal (or skip) was followed by "Task exception was never retrieved" / "Event loop is
-    closed" / "Exception ignored" tracebacks, at collection or at exit."""
-    result = subprocess.run(
-        [sys.executable, "-c", _DAMAGED_RESTORES, str(tmp_path / "ck")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stderr.count("refused: No intact checkpoint") == 6, result.stderr
-    for noise in ("Traceback", "Exception ignored", "never retrieved", "Event loop is closed"):
-        assert noise not in result.stderr, result.stderr
+    closed" / "Exception ignored" tracebacks, at collection or at exit. The late TensorStore
+    callbacks came in about 3 of 8 processes, so four run."""
+    for run in range(4):
+        result = subprocess.run(
+            [sys.executable, "-c", _DAMAGED_RESTORES, str(tmp_path / f"ck{run}")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.count("refused: No intact checkpoint") == 6, result.stderr
+        for noise in ("Traceback", "Exception ignored", "never retrieved", "Event loop is closed"):
+            assert noise not in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("which", ["best", "latest"])
