@@ -426,3 +426,16 @@ def test_reliability_default_bins_and_empty_top_bins_without_warnings():
     np.testing.assert_array_equal(table["count"], [1, 2, 0, 1, 0, 0, 0, 0, 0, 0])
     np.testing.assert_allclose(table["mean_predicted"], [0.05, 0.135, np.nan, 0.31] + [np.nan] * 6)
     np.testing.assert_allclose(table["observed"], [0.0, 0.5, np.nan, 1.0] + [np.nan] * 6)
+
+
+def test_threshold_and_metrics_against_hand_counts():
+    labels = np.array([0, 0, 0, 1, 1, 1, 0, 1])
+    probs = np.array([0.1, 0.2, 0.6, 0.7, 0.4, 0.9, 0.5, 0.8])
+    m = binary_metrics(labels, probs, 0.5)
+    # predicted positive: 0.6, 0.7, 0.9, 0.5, 0.8 -> TP=3, FP=2, FN=1 (0.4), TN=2
+    assert (m["sensitivity"], m["specificity"], m["accuracy"]) == (0.75, 0.5, 5 / 8)
+    # AUC by counting the positive-negative pairs ranked correctly
+    pairs = [(p > n) + 0.5 * (p == n) for p in probs[labels == 1] for n in probs[labels == 0]]
+    assert m["auc"] == pytest.approx(np.mean(pairs))
+    # Youden's J: 0.5 at t=0.4 (sensitivity 1, specificity 0.5), 0.75 at t=0.7 (0.75 and 1)
+    assert choose_threshold(labels, probs) == pytest.approx(0.7)

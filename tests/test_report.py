@@ -95,7 +95,7 @@ def test_write_report_files(cv, tmp_path):
     table = evaluate.summarize(results)
     assert table["alexnet"]["pooled"] is None
     out = tmp_path / "report"
-    evaluate.write_report(table, results, out)
+    report.write_report(table, results, out)
     for scheme in ("max_pooling", "sparse"):
         for kind in ("roc", "reliability"):
             assert (out / f"{kind}_{scheme}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

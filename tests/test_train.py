@@ -1,4 +1,4 @@
-"""The training program: end to end, data parallelism, resume, preemption, divergence, flags."""
+"""The training program: end to end, data parallelism, resume, preemption, divergence."""
 
 import csv
 import dataclasses
@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, SMALL
 from flax import nnx
 
 from deepmil_jax import checkpoints, steps, train
@@ -22,22 +23,6 @@ from deepmil_jax.errors import ConfigError, DeepMILError
 
 # trains for epochs, spawns or kills processes: not in `pytest -m "not slow"`
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# A small, fast configuration: 99x99 images give a 2x2 grid of instances.
-SMALL = config_module.Config(
-    scheme="label_assign",
-    k=1,
-    image_size=99,
-    batch_size=8,
-    eval_batch_size=16,
-    epochs=2,
-    synthetic_images=48,
-    num_folds=3,
-    learning_rate=1e-4,
-    seed=1,
-)
 
 
 @pytest.fixture(scope="module")
@@ -288,118 +273,6 @@ def test_batch_must_divide_over_devices(tmp_path):
     assert "--batch_size=6 cannot be split evenly over 4 devices" in proc.stderr
 
 
-@pytest.mark.parametrize(
-    "changes, flag",
-    [
-        ({"fold": 5}, "--fold"),
-        ({"scheme": "mean"}, "--scheme"),
-        ({"k": 2.5}, "--k"),
-        ({"init": "imagenet:/no/such/dir"}, "--init"),
-        ({"init": "pretrained"}, "--init"),
-        ({"dataset": "inbreast"}, "--manual_dir"),
-        ({"precision": "fp16"}, "--precision"),
-        ({"k": 37}, "--k: 37 is more than the 36 instances"),
-        ({"image_size": 10}, "--image_size: 10 is too small"),
-        ({"mu": -1e-5}, "--mu"),
-        ({"weight_decay": -1.0}, "--weight_decay"),
-        ({"head_hidden": (0,)}, "--head_hidden"),
-    ],
-)
-def test_bad_config_names_the_flag(changes, flag):
-    with pytest.raises(ConfigError, match=flag):
-        dataclasses.replace(config_module.Config(), **changes).validate()
-
-
-def test_paper_defaults():
-    c = config_module.Config().canonical()
-    assert (c.weight_decay, c.k, c.mu, c.image_size, c.num_folds) == (1e-5, 6, 1e-5, 227, 5)
-    fine_tuning = dataclasses.replace(config_module.Config(), init="imagenet:weights").canonical()
-    assert fine_tuning.learning_rate == 5e-5  # the paper's fine-tuning
-    assert c.learning_rate == 3e-4  # from random initialisation
-    assert (
-        dataclasses.replace(config_module.Config(), learning_rate=1e-3).canonical().learning_rate
-        == 1e-3
-    )
-    assert (
-        dataclasses.replace(config_module.Config(), scheme="sparse").canonical().weight_decay
-        == 5e-6
-    )
-    assert dataclasses.replace(config_module.Config(), k=0.15).canonical().k == 0.15
-
-
-def test_each_program_accepts_its_own_flags_only():
-    """Flags are defined when a program runs, from its dataclasses' fields."""
-    for program, own, foreign in (
-        ("train", "--k", "--checkpoint"),
-        ("evaluate", "--schemes", "--checkpoint"),
-        ("predict", "--max_side", "--scheme"),
-    ):
-        help_text = subprocess.run(
-            [sys.executable, "-m", f"deepmil_jax.{program}", "--helpfull"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        ).stdout
-        assert own in help_text and f"{foreign}:" not in help_text, program
-        bad = subprocess.run(
-            [sys.executable, "-m", f"deepmil_jax.{program}", f"{foreign}=1"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert bad.returncode != 0 and "Unknown command line flag" in bad.stderr, program
-    from absl import flags
-
-    assert "scheme" not in flags.FLAGS  # importing the modules defines no flag
-
-
-def test_cli_help_and_bad_flag():
-    help_text = subprocess.run(
-        [sys.executable, "-m", "deepmil_jax.train", "--helpfull"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
-    for flag in (
-        "--scheme",
-        "--k",
-        "--mu",
-        "--dataset",
-        "--fold",
-        "--init",
-        "--precision",
-        "--workdir",
-        "--coordinator_address",
-    ):
-        assert flag in help_text
-    bad = subprocess.run(
-        [sys.executable, "-m", "deepmil_jax.train", "--fold=9"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert bad.returncode != 0
-    assert "--fold: must be in 0..4" in bad.stderr
-    assert "Traceback" not in bad.stderr
-
-
-def test_threshold_and_metrics_against_hand_counts():
-    labels = np.array([0, 0, 0, 1, 1, 1, 0, 1])
-    probs = np.array([0.1, 0.2, 0.6, 0.7, 0.4, 0.9, 0.5, 0.8])
-    m = train.binary_metrics(labels, probs, 0.5)
-    # predicted positive: 0.6, 0.7, 0.9, 0.5, 0.8 -> TP=3, FP=2, FN=1 (0.4), TN=2
-    assert (m["sensitivity"], m["specificity"], m["accuracy"]) == (0.75, 0.5, 5 / 8)
-    # AUC by counting the positive-negative pairs ranked correctly
-    pairs = [(p > n) + 0.5 * (p == n) for p in probs[labels == 1] for n in probs[labels == 0]]
-    assert m["auc"] == pytest.approx(np.mean(pairs))
-    # Youden's J: 0.5 at t=0.4 (sensitivity 1, specificity 0.5), 0.75 at t=0.7 (0.75 and 1)
-    assert train.choose_threshold(labels, probs) == pytest.approx(0.7)
-
-
 def test_model_outputs_per_scheme():
     for scheme, grid in (("label_assign", (2, 2)), ("max_pooling", (6, 6)), ("alexnet", (1, 1))):
         size = 99 if scheme == "label_assign" else 227
@@ -430,14 +303,6 @@ def test_bf16_computes_in_bfloat16_and_keeps_float32_state():
     assert losses["bf16"] != losses["fp32"]
 
 
-def test_resuming_with_other_settings_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(SMALL.to_json()))
-    (tmp_path / "results.json").write_text(json.dumps({"config": SMALL.to_json()}))
-    other = dataclasses.replace(SMALL, scheme="sparse", k=3)
-    with pytest.raises(ConfigError, match="--scheme: 'label_assign' -> 'sparse'"):
-        train.train_and_evaluate(other, tmp_path)
-
-
 def test_alexnet_baseline_trains_with_dropout():
     config = dataclasses.replace(SMALL, scheme="alexnet", image_size=227, batch_size=2)
     trainer = steps.Trainer(config, steps.make_mesh())
@@ -464,26 +329,6 @@ def test_a_run_that_fails_early_does_not_lock_its_workdir(tmp_path, data_dir):
     with pytest.raises(DeepMILError):
         train.train_and_evaluate(bad_data, workdir)
     assert not (workdir / "config.json").exists()
-
-
-def test_settings_are_compared_canonically(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    a = dataclasses.replace(SMALL, manual_dir=f"{tmp_path}/x/", data_dir="data//d/")
-    b = dataclasses.replace(SMALL, manual_dir=f"{tmp_path}/x", data_dir=str(tmp_path / "data/d"))
-    assert a.canonical() == b.canonical()
-    assert a.canonical().to_json() == json.loads(json.dumps(b.canonical().to_json()))
-    assert (
-        dataclasses.replace(SMALL, k=6).canonical() == dataclasses.replace(SMALL, k=6.0).canonical()
-    )
-
-
-@pytest.mark.parametrize(
-    "text, why", [("{not json", "cannot be read"), ('{"scheme": "sparse", "extra": 1}', "extra")]
-)
-def test_a_broken_config_json_is_one_clear_error(tmp_path, text, why):
-    (tmp_path / "config.json").write_text(text)
-    with pytest.raises(ConfigError, match=why):
-        checkpoints.load_trained(tmp_path)
 
 
 def test_weight_decay_adds_exactly_lam_times_params_to_the_gradient():
@@ -522,30 +367,6 @@ def test_evaluation_probability_is_the_sigmoid_of_the_max_instance_logit():
 
 
 # ---- the MIL poolings and k=auto, from the command line to predictions ------------------------
-def test_new_schemes_and_k_auto_parse_from_the_command_line():
-    from absl import flags
-
-    from deepmil_jax import cli as config_mod
-    from deepmil_jax import registry
-
-    fv = flags.FlagValues()
-    config_mod.define_flags(config_module.Config, fv)
-    assert set(registry.SCHEMES) <= set(fv["scheme"].parser.enum_values)
-    for name in ("attention", "gated_attention", "learned_lse", "noisy_or", "topk_pooling"):
-        assert name in fv["scheme"].help
-    assert "auto" in fv["k"].help
-    fv(["train", "--scheme=label_assign", "--k=auto", "--image_size=99"])
-    c = config_mod.from_flags(config_module.Config, fv)
-    c.validate()
-    assert c.canonical().k == "auto"
-    fv(["train", "--scheme=gated_attention", "--k=0.25"])
-    assert config_mod.from_flags(config_module.Config, fv).canonical().k == 0.25
-    for bad, why in (("--k=sometimes", "not a number"), ("--k=2.5", "whole number")):
-        fv(["train", bad])
-        with pytest.raises(ConfigError, match=f"--k: .*{why}"):
-            config_mod.from_flags(config_module.Config, fv).validate()
-
-
 def test_k_auto_trains_on_each_images_rounded_extent():
     config = dataclasses.replace(SMALL, k="auto", image_size=131, batch_size=4)  # 3x3 grid
     trainer = steps.Trainer(config, steps.make_mesh())
