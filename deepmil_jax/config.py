@@ -323,14 +323,10 @@ class Config:
             fail("output_stride", "must be 32, or 16 for a ResNet backbone.")
         if self.freeze_backbone and kind == "random":
             fail("freeze_backbone", "a frozen random backbone learns nothing; give --init.")
-        for name in ("learning_rate", "head_learning_rate"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                fail(name, f"must be positive; got {getattr(self, name)}.")
-        if self.warmup_epochs is not None and self.warmup_epochs < 0:
-            fail("warmup_epochs", f"must be 0 or more; got {self.warmup_epochs}.")
-        for name in ("mu", "weight_decay"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                fail(name, f"must be 0 or more; got {getattr(self, name)}.")
+        for name in ("learning_rate", "head_learning_rate", "warmup_epochs", "mu", "weight_decay"):
+            value, rate = getattr(self, name), name.endswith("learning_rate")
+            if value is not None and (value <= 0 if rate else value < 0):
+                fail(name, f"must be {'positive' if rate else '0 or more'}; got {value}.")
         if any(h < 1 for h in self.head_hidden):
             fail("head_hidden", f"layer widths must be positive; got {list(self.head_hidden)}.")
         self._validate_grid(fail)
