@@ -477,3 +477,91 @@ def test_bag_probability_is_the_sigmoid_of_each_images_largest_instance():
     np.testing.assert_allclose(hm.bag_probability(z), want, rtol=1e-12)
     np.testing.assert_allclose(hm.bag_probability(z.reshape(5, 12)), want, rtol=1e-12)
     np.testing.assert_allclose(hm.bag_probability(z[:, :1, :1]), 1 / (1 + np.exp(-z[:, 0, 0])))
+
+
+def test_cell_boxes_map_back_through_flip_crop_and_resize_by_hand():
+    # Original 100 x 80; crop rows 10..90, cols 20..60 (80 x 40); flipped; resized to 40 x 20
+    # (scale 1/2 on both axes); a 4 x 2 grid of 10 x 10 preprocessed patches.
+    g = Geometry(original_shape=(100, 80), crop=(10, 20, 90, 60), flipped=True, size=(40, 20))
+    # Cell (0, 0): preprocessed rows [0, 10), cols [0, 10) -> unflipped cols [10, 20) -> original
+    # rows 10 + [0, 20), cols 20 + [20, 40).
+    box = hm.box_to_original(hm.cell_box(0, 0, (4, 2), (40, 20)), g)
+    np.testing.assert_allclose(box, [10, 40, 30, 60], atol=1e-9)
+    # Cell (3, 1): rows [30, 40), cols [10, 20) -> unflipped [0, 10) -> original
+    # [70, 90) x [20, 40).
+    box = hm.box_to_original(hm.cell_box(3, 1, (4, 2), (40, 20)), g)
+    np.testing.assert_allclose(box, [70, 20, 90, 40], atol=1e-9)
+    assert hm.box_to_pixel_slice(box, (100, 80)) == (70, 20, 90, 40)
+    # Not flipped: cell (0, 0) is on the left of the crop.
+    g2 = Geometry(original_shape=(100, 80), crop=(10, 20, 90, 60), flipped=False, size=(40, 20))
+    np.testing.assert_allclose(
+        hm.box_to_original(hm.cell_box(0, 0, (4, 2), (40, 20)), g2), [10, 20, 30, 40]
+    )
+
+
+@pytest.mark.parametrize("flipped", [False, True])
+def test_painted_map_agrees_with_the_boxes(flipped):
+    # A map painted with each cell's index must show each cell exactly on its box, NaN elsewhere.
+    g = Geometry(original_shape=(103, 77), crop=(7, 11, 98, 70), flipped=flipped, size=(24, 24))
+    ids = np.arange(12, dtype=float).reshape(3, 4)
+    painted = hm.instance_map_to_original(ids, g)
+    assert painted.shape == (103, 77)
+    covered = np.zeros((103, 77), bool)
+    for r in range(3):
+        for c in range(4):
+            y0, x0, y1, x1 = hm.box_to_pixel_slice(
+                hm.box_to_original(hm.cell_box(r, c, (3, 4), (24, 24)), g), (103, 77)
+            )
+            block = painted[y0:y1, x0:x1]
+            assert block.size and np.all(block == ids[r, c]), (r, c)
+            assert np.count_nonzero(painted == ids[r, c]) == block.size
+            covered[y0:y1, x0:x1] = True
+    # The crop (and only the crop) is covered.
+    expected = np.zeros((103, 77), bool)
+    expected[7:98, 11:70] = True
+    np.testing.assert_array_equal(covered, expected)
+    np.testing.assert_array_equal(np.isnan(painted), ~expected)
+    # Column order: cell column 0 is at the chest wall, on the right of the original if flipped.
+    left_id = painted[50, 12]
+    assert left_id == (ids[1, 3] if flipped else ids[1, 0])
+    # A strided (downsampled) map samples the same cells at the blocks' centres.
+    small = hm.instance_map_to_original(ids, g, stride=4)
+    assert small.shape == (26, 20)
+    np.testing.assert_array_equal(small[10, 5], painted[10 * 4 + 1, 5 * 4 + 1])
+
+
+def test_patch_hits_boxes_hand_computed():
+    grid, size = (2, 2), (100, 100)  # patches [0, 50) and [50, 100) on each axis
+    small = np.array([[10, 10, 20, 20]])  # edges [10.5, 20.5]: inside patch (0, 0) only
+    assert hm.patch_hits_boxes(0, 0, grid, size, small)
+    assert not hm.patch_hits_boxes(0, 1, grid, size, small)
+    assert not hm.patch_hits_boxes(1, 1, grid, size, small)
+    central = np.array([[40, 40, 60, 60]])  # straddles all four patches
+    assert all(hm.patch_hits_boxes(r, c, grid, size, central) for r in range(2) for c in range(2))
+    on_edge = np.array([[49.5, 10, 49.5, 10]])  # a point at edge y = 50: the second row's
+    assert not hm.patch_hits_boxes(0, 0, grid, size, on_edge)
+    assert hm.patch_hits_boxes(1, 0, grid, size, on_edge)
+    just_before = np.array([[48.9, 10, 48.9, 10]])  # edge y = 49.4: first row
+    assert hm.patch_hits_boxes(0, 0, grid, size, just_before)
+    two = np.array([[80, 80, 90, 90], [5, 60, 8, 70]])  # the second box is in patch (0, 1)
+    assert hm.patch_hits_boxes(0, 1, grid, size, two)
+    assert not hm.patch_hits_boxes(1, 0, grid, size, two)
+    assert not hm.patch_hits_boxes(0, 0, grid, size, np.zeros((0, 4)))
+    # 6 x 6 on 227: patch (2, 3) covers [75.67, 113.5) x [113.5, 151.33).
+    assert hm.patch_hits_boxes(2, 3, (6, 6), (227, 227), np.array([[100, 150, 105, 160]]))
+    assert not hm.patch_hits_boxes(2, 3, (6, 6), (227, 227), np.array([[100, 151, 105, 160]]))
+
+
+def test_pointing_game_counts_only_positives_with_masses():
+    boxes = {
+        "hit": np.array([[10, 10, 20, 20]]),
+        "miss": np.array([[70, 70, 80, 80]]),
+        "neg": np.array([[10, 10, 20, 20]]),
+        "nobox": np.zeros((0, 4)),
+    }
+    top = {"hit": (0, 0), "miss": (0, 0), "neg": (1, 1), "nobox": (0, 0), "unknown": (0, 0)}
+    labels = {"hit": 1, "miss": 1, "neg": 0, "nobox": 1, "unknown": 1}
+    out = hm.pointing_game(top, boxes, labels, grid_shape=(2, 2), image_shape=(100, 100))
+    assert out == {"hits": 1, "evaluated": 2, "score": 0.5}
+    empty = hm.pointing_game({}, {}, {}, grid_shape=(2, 2), image_shape=(100, 100))
+    assert empty["evaluated"] == 0 and math.isnan(empty["score"])

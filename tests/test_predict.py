@@ -1,6 +1,6 @@
 """Prediction, heatmaps and localisation: the coordinate mapping back to the original image (with a
 fake detector, so it tests the mapping and not learning), the CLI's predictions.csv against the
-model called directly, bad files, and the pointing game against hand-computed cases."""
+model called directly, and bad files."""
 
 import csv
 import json
@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.io
-from conftest import _fake_run
 
+from data_pipeline.inbreast import image_files
 from data_pipeline.preprocess import Geometry, PreprocessConfig, preprocess_file
 from deepmil_jax import config as config_module
-from deepmil_jax import evaluate, heatmap, predict, report, steps
+from deepmil_jax import heatmap, predict, steps
 from deepmil_jax.checkpoints import RunCheckpoints
 
 # trains for epochs, spawns or kills processes: not in `pytest -m "not slow"`
@@ -29,57 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------
 # Coordinate mapping
-
-
-def test_cell_boxes_map_back_through_flip_crop_and_resize_by_hand():
-    # Original 100 x 80; crop rows 10..90, cols 20..60 (80 x 40); flipped; resized to 40 x 20
-    # (scale 1/2 on both axes); a 4 x 2 grid of 10 x 10 preprocessed patches.
-    g = Geometry(original_shape=(100, 80), crop=(10, 20, 90, 60), flipped=True, size=(40, 20))
-    # Cell (0, 0): preprocessed rows [0, 10), cols [0, 10) -> unflipped cols [10, 20) -> original
-    # rows 10 + [0, 20), cols 20 + [20, 40).
-    box = heatmap.box_to_original(heatmap.cell_box(0, 0, (4, 2), (40, 20)), g)
-    np.testing.assert_allclose(box, [10, 40, 30, 60], atol=1e-9)
-    # Cell (3, 1): rows [30, 40), cols [10, 20) -> unflipped [0, 10) -> original
-    # [70, 90) x [20, 40).
-    box = heatmap.box_to_original(heatmap.cell_box(3, 1, (4, 2), (40, 20)), g)
-    np.testing.assert_allclose(box, [70, 20, 90, 40], atol=1e-9)
-    assert heatmap.box_to_pixel_slice(box, (100, 80)) == (70, 20, 90, 40)
-    # Not flipped: cell (0, 0) is on the left of the crop.
-    g2 = Geometry(original_shape=(100, 80), crop=(10, 20, 90, 60), flipped=False, size=(40, 20))
-    np.testing.assert_allclose(
-        heatmap.box_to_original(heatmap.cell_box(0, 0, (4, 2), (40, 20)), g2), [10, 20, 30, 40]
-    )
-
-
-@pytest.mark.parametrize("flipped", [False, True])
-def test_painted_map_agrees_with_the_boxes(flipped):
-    # A map painted with each cell's index must show each cell exactly on its box, NaN elsewhere.
-    g = Geometry(original_shape=(103, 77), crop=(7, 11, 98, 70), flipped=flipped, size=(24, 24))
-    ids = np.arange(12, dtype=float).reshape(3, 4)
-    painted = heatmap.instance_map_to_original(ids, g)
-    assert painted.shape == (103, 77)
-    covered = np.zeros((103, 77), bool)
-    for r in range(3):
-        for c in range(4):
-            y0, x0, y1, x1 = heatmap.box_to_pixel_slice(
-                heatmap.box_to_original(heatmap.cell_box(r, c, (3, 4), (24, 24)), g), (103, 77)
-            )
-            block = painted[y0:y1, x0:x1]
-            assert block.size and np.all(block == ids[r, c]), (r, c)
-            assert np.count_nonzero(painted == ids[r, c]) == block.size
-            covered[y0:y1, x0:x1] = True
-    # The crop (and only the crop) is covered.
-    expected = np.zeros((103, 77), bool)
-    expected[7:98, 11:70] = True
-    np.testing.assert_array_equal(covered, expected)
-    np.testing.assert_array_equal(np.isnan(painted), ~expected)
-    # Column order: cell column 0 is at the chest wall, on the right of the original if flipped.
-    left_id = painted[50, 12]
-    assert left_id == (ids[1, 3] if flipped else ids[1, 0])
-    # A strided (downsampled) map samples the same cells at the blocks' centres.
-    small = heatmap.instance_map_to_original(ids, g, stride=4)
-    assert small.shape == (26, 20)
-    np.testing.assert_array_equal(small[10, 5], painted[10 * 4 + 1, 5 * 4 + 1])
 
 
 def _mammogram(path: Path, *, lesion_yx: tuple[int, int], right_side: bool) -> None:
@@ -218,12 +167,12 @@ def test_find_images_and_xml(tmp_path):
         p.write_bytes(b"")
     xml = tmp_path / "AllXML" / "22580192.xml"
     xml.write_text("")
-    assert predict.find_images([tmp_path / "AllDICOMs", tmp_path / "missing.dcm"]) == [
+    assert image_files([tmp_path / "AllDICOMs", tmp_path / "missing.dcm"]) == [
         a,
         b,
         tmp_path / "missing.dcm",
     ]
-    assert predict.find_images([tmp_path], exclude=tmp_path / "AllDICOMs" / "sub") == [a]
+    assert image_files([tmp_path], exclude=tmp_path / "AllDICOMs" / "sub") == [a]
     assert predict.find_mass_xml(a) == xml
     assert predict.find_mass_xml(b) is None
     assert predict.find_mass_xml(b, xml_dir=tmp_path / "AllXML") is None
@@ -333,84 +282,6 @@ def test_cli_predictions_csv_bad_files_and_exit_status(tmp_path, workdir):
     assert nothing.returncode != 0
     assert "1 of the 1 file(s) could not be predicted" in nothing.stderr
     assert "Traceback" not in nothing.stderr
-
-
-# ---------------------------------------------------------------------------------------------
-# Pointing game
-
-
-def test_patch_hits_boxes_hand_computed():
-    grid, size = (2, 2), (100, 100)  # patches [0, 50) and [50, 100) on each axis
-    small = np.array([[10, 10, 20, 20]])  # edges [10.5, 20.5]: inside patch (0, 0) only
-    assert heatmap.patch_hits_boxes(0, 0, grid, size, small)
-    assert not heatmap.patch_hits_boxes(0, 1, grid, size, small)
-    assert not heatmap.patch_hits_boxes(1, 1, grid, size, small)
-    central = np.array([[40, 40, 60, 60]])  # straddles all four patches
-    assert all(
-        heatmap.patch_hits_boxes(r, c, grid, size, central) for r in range(2) for c in range(2)
-    )
-    on_edge = np.array([[49.5, 10, 49.5, 10]])  # a point at edge y = 50: the second row's
-    assert not heatmap.patch_hits_boxes(0, 0, grid, size, on_edge)
-    assert heatmap.patch_hits_boxes(1, 0, grid, size, on_edge)
-    just_before = np.array([[48.9, 10, 48.9, 10]])  # edge y = 49.4: first row
-    assert heatmap.patch_hits_boxes(0, 0, grid, size, just_before)
-    two = np.array([[80, 80, 90, 90], [5, 60, 8, 70]])  # the second box is in patch (0, 1)
-    assert heatmap.patch_hits_boxes(0, 1, grid, size, two)
-    assert not heatmap.patch_hits_boxes(1, 0, grid, size, two)
-    assert not heatmap.patch_hits_boxes(0, 0, grid, size, np.zeros((0, 4)))
-    # 6 x 6 on 227: patch (2, 3) covers [75.67, 113.5) x [113.5, 151.33).
-    assert heatmap.patch_hits_boxes(2, 3, (6, 6), (227, 227), np.array([[100, 150, 105, 160]]))
-    assert not heatmap.patch_hits_boxes(2, 3, (6, 6), (227, 227), np.array([[100, 151, 105, 160]]))
-
-
-def test_pointing_game_counts_only_positives_with_masses():
-    boxes = {
-        "hit": np.array([[10, 10, 20, 20]]),
-        "miss": np.array([[70, 70, 80, 80]]),
-        "neg": np.array([[10, 10, 20, 20]]),
-        "nobox": np.zeros((0, 4)),
-    }
-    top = {"hit": (0, 0), "miss": (0, 0), "neg": (1, 1), "nobox": (0, 0), "unknown": (0, 0)}
-    labels = {"hit": 1, "miss": 1, "neg": 0, "nobox": 1, "unknown": 1}
-    out = heatmap.pointing_game(top, boxes, labels, grid_shape=(2, 2), image_shape=(100, 100))
-    assert out == {"hits": 1, "evaluated": 2, "score": 0.5}
-    empty = heatmap.pointing_game({}, {}, {}, grid_shape=(2, 2), image_shape=(100, 100))
-    assert empty["evaluated"] == 0 and math.isnan(empty["score"])
-
-
-def test_k_sweep_orders_fixed_k_and_keeps_chosen_k_apart(tmp_path):
-    def row(auc):
-        return {"auc": {"mean": auc, "std": 0.1}, "instance_auc": {"mean": auc / 2, "std": 0.0}}
-
-    table = {
-        "max_pooling": row(0.9),
-        "label_assign_k12": row(0.7),
-        "label_assign_k3": row(0.8),
-        "label_assign_kauto": row(0.75),
-        "label_assign_k0.25": row(0.6),
-        "topk_pooling_k3": row(0.5),
-    }
-    sweep = report.k_sweep(table)
-    assert list(sweep["fixed"]) == [0.25, 3.0, 12.0]
-    assert [r["auc"]["mean"] for r in sweep["fixed"].values()] == [0.6, 0.8, 0.7]
-    assert sweep["chosen"] == {"auto": table["label_assign_kauto"]}
-    assert list(report.k_sweep(table, "topk_pooling")["fixed"]) == [3.0]
-    report.plot_k_sweep(sweep, tmp_path / "k_sweep.png")
-    assert (tmp_path / "k_sweep.png").stat().st_size > 10_000
-
-
-def test_report_removes_an_earlier_reports_plots(tmp_path):
-    """A scheme left out of this report leaves no ROC plot behind; other files stay."""
-    for name in ("roc_alexnet.png", "reliability_alexnet.png", "k_sweep.png", "notes.png"):
-        (tmp_path / name).write_bytes(b"old")
-    run_dir = tmp_path / "sparse" / "fold0"
-    run_dir.mkdir(parents=True)
-    rows = "".join(f"{i},{i % 2},{0.2 + 0.1 * i}\n" for i in range(6))
-    (run_dir / "test_predictions.csv").write_text("file_id,label,probability\n" + rows)
-    results = {"sparse": [{**_fake_run(run_dir, 0.8, None), "fold": 0}]}
-    report.write_report(evaluate.summarize(results), results, tmp_path)
-    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert pngs == ["notes.png", "reliability_sparse.png", "roc_sparse.png"]
 
 
 def test_cli_bad_max_side_is_refused_before_predicting(tmp_path, workdir):

@@ -109,6 +109,7 @@ def test_the_dataset_table_is_the_pipelines():
     assert set(registry.DATASETS) == set(datasets.SOURCES)
 
 
+@pytest.mark.slow  # spawns a process: not in `pytest -m "not slow"`
 def test_bad_k_and_scheme_lists_are_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="--k: "):
         dataclasses.replace(SMALL, scheme="label_assign", k="inf").validate()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import _fake_run
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from deepmil_jax import evaluate, metrics, report
@@ -120,3 +121,38 @@ def test_write_report_files(cv, tmp_path):
 def test_reliability_plot_skips_a_scheme_without_predictions(tmp_path):
     report.plot_reliability("sparse", [{"fold": 0, "run_dir": str(tmp_path)}], tmp_path / "r.png")
     assert not (tmp_path / "r.png").exists()
+
+
+def test_k_sweep_orders_fixed_k_and_keeps_chosen_k_apart(tmp_path):
+    def row(auc):
+        return {"auc": {"mean": auc, "std": 0.1}, "instance_auc": {"mean": auc / 2, "std": 0.0}}
+
+    table = {
+        "max_pooling": row(0.9),
+        "label_assign_k12": row(0.7),
+        "label_assign_k3": row(0.8),
+        "label_assign_kauto": row(0.75),
+        "label_assign_k0.25": row(0.6),
+        "topk_pooling_k3": row(0.5),
+    }
+    sweep = report.k_sweep(table)
+    assert list(sweep["fixed"]) == [0.25, 3.0, 12.0]
+    assert [r["auc"]["mean"] for r in sweep["fixed"].values()] == [0.6, 0.8, 0.7]
+    assert sweep["chosen"] == {"auto": table["label_assign_kauto"]}
+    assert list(report.k_sweep(table, "topk_pooling")["fixed"]) == [3.0]
+    report.plot_k_sweep(sweep, tmp_path / "k_sweep.png")
+    assert (tmp_path / "k_sweep.png").stat().st_size > 10_000
+
+
+def test_report_removes_an_earlier_reports_plots(tmp_path):
+    """A scheme left out of this report leaves no ROC plot behind; other files stay."""
+    for name in ("roc_alexnet.png", "reliability_alexnet.png", "k_sweep.png", "notes.png"):
+        (tmp_path / name).write_bytes(b"old")
+    run_dir = tmp_path / "sparse" / "fold0"
+    run_dir.mkdir(parents=True)
+    rows = "".join(f"{i},{i % 2},{0.2 + 0.1 * i}\n" for i in range(6))
+    (run_dir / "test_predictions.csv").write_text("file_id,label,probability\n" + rows)
+    results = {"sparse": [{**_fake_run(run_dir, 0.8, None), "fold": 0}]}
+    report.write_report(evaluate.summarize(results), results, tmp_path)
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["notes.png", "reliability_sparse.png", "roc_sparse.png"]

@@ -1,13 +1,16 @@
 """Tests of deepmil_jax.steps, the numbers of training and evaluation: each scheme's loss against
 numpy re-computations of the paper's equations, the objective's weight-decay term, Adam's update
 by its formula, dropout seeded by the step, and the evaluation's predictions (order, padding, max
-pooling). Small models (99x99 images, a 2x2 instance grid) keep it fast."""
+pooling); each scheme's output grid, bf16 compute with float32 state, and k=auto. Small models
+(99x99 images, a 2x2 instance grid) keep it fast."""
 
 import dataclasses
 
 import jax
 import numpy as np
 import pytest
+from conftest import SMALL as SHARED_SMALL
+from conftest import _params
 from flax import nnx
 
 from deepmil_jax import steps
@@ -247,3 +250,112 @@ def test_predict_orders_by_index_drops_padding_and_takes_the_max_instance(traine
     np.testing.assert_array_equal(out["index"], np.arange(5))
     np.testing.assert_allclose(out["instance_logits"], expected, atol=5e-5)
     np.testing.assert_allclose(out["probability"], 1 / (1 + np.exp(-flat.max(axis=1))), atol=2e-5)
+
+
+def test_model_outputs_per_scheme():
+    for scheme, grid in (("label_assign", (2, 2)), ("max_pooling", (6, 6)), ("alexnet", (1, 1))):
+        size = 99 if scheme == "label_assign" else 227
+        model = steps.create_model(dataclasses.replace(Config(), scheme=scheme), nnx.Rngs(0))
+        model.eval()
+        out = model(np.zeros((2, size, size, 1), np.float32))
+        assert out.shape == (2, *grid), scheme
+
+
+@pytest.mark.slow  # two trainers compiled, ~13 s on 2 cores
+def test_bf16_computes_in_bfloat16_and_keeps_float32_state():
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.random((4, 99, 99, 1), dtype=np.float32),
+        "label": np.array([1, 0, 1, 0], np.int32),
+    }
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        config = dataclasses.replace(SHARED_SMALL, precision=precision, batch_size=4)
+        trainer = steps.Trainer(config, steps.make_mesh())
+        losses[precision] = float(trainer.train_step(batch, 0)["loss"])
+        dtypes = {x.dtype for x in jax.tree.leaves(steps.checkpointed(trainer.state))}
+        assert dtypes <= {np.dtype("float32"), np.dtype("int32")}, dtypes
+        conv = trainer.context.train_graph
+        assert ("bfloat16" in str(conv)) == (precision == "bf16")
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+    assert losses["bf16"] != losses["fp32"]
+
+
+@pytest.mark.slow  # AlexNet at 227x227, ~11 s on 2 cores
+def test_alexnet_baseline_trains_with_dropout():
+    config = dataclasses.replace(SHARED_SMALL, scheme="alexnet", image_size=227, batch_size=2)
+    trainer = steps.Trainer(config, steps.make_mesh())
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.random((2, 227, 227, 1), dtype=np.float32), "label": np.array([1, 0])}
+    before = _params(trainer.state)
+    first = float(trainer.train_step(batch, 0)["loss"])
+    assert np.isfinite(first)
+    assert any(not np.array_equal(before[k], v) for k, v in _params(trainer.state).items())
+    # evaluation is deterministic (dropout off): the same images give the same bag logits
+    stream = [{"image": batch["image"], "mask": np.ones(2, bool), "index": np.arange(2)}] * 2
+    out = trainer.predict(stream)
+    logits = out["instance_logits"]  # sorted by index: image 0 twice, then image 1 twice
+    np.testing.assert_array_equal(out["index"], [0, 0, 1, 1])
+    np.testing.assert_array_equal(logits[0], logits[1])
+    np.testing.assert_array_equal(logits[2], logits[3])
+
+
+@pytest.mark.slow  # two trainers and gradients, ~17 s on 2 cores
+def test_weight_decay_adds_exactly_lam_times_params_to_the_gradient():
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 99, 99, 1), dtype=np.float32)
+    labels = np.array([1, 0, 1, 0], np.int32)
+    grads = {}
+    for lam in (0.0, 0.5):
+        trainer = steps.Trainer(
+            dataclasses.replace(SHARED_SMALL, weight_decay=lam), steps.make_mesh()
+        )
+        params = trainer.state["params"]
+        context, rest = trainer.context, trainer.state["rest"]
+        grads[lam] = jax.grad(
+            lambda p, c=context, r=rest: steps.loss_fn(c, p, r, images, labels, 0)[0]
+        )(params)
+    # both trainers start from the same seed, so the parameters are the same
+    flat = _params({"params": params})
+    zero, decayed = (_params({"params": grads[lam]}) for lam in (0.0, 0.5))
+    for key in flat:
+        np.testing.assert_allclose(decayed[key] - zero[key], 0.5 * flat[key], rtol=1e-4, atol=1e-6)
+
+
+def test_evaluation_probability_is_the_sigmoid_of_the_max_instance_logit():
+    config = dataclasses.replace(SHARED_SMALL, scheme="label_assign", image_size=131)  # a 3x3 grid
+    trainer = steps.Trainer(config, steps.make_mesh())
+    rng = np.random.default_rng(1)
+    images = rng.random((5, 131, 131, 1), dtype=np.float32)
+    images[:, 40:80, 50:90] += 2.0  # a bright region, so the instances differ
+    batch = {"image": images, "mask": np.ones(5, bool), "index": np.arange(5)}
+    out = trainer.predict([batch])
+    model = nnx.merge(trainer.context.eval_graph, trainer.state["params"], trainer.state["rest"])
+    logits = np.asarray(model(images)).reshape(5, -1)
+    assert np.ptp(logits, axis=1).min() > 0.1  # max, mean and any other pooling differ here
+    # jitted (CPU compiler options) and eager convolutions round differently, by ~1e-5
+    np.testing.assert_allclose(out["instance_logits"].reshape(5, -1), logits, atol=5e-5)
+    np.testing.assert_allclose(out["probability"], 1 / (1 + np.exp(-logits.max(axis=1))), atol=2e-5)
+
+
+def test_k_auto_trains_on_each_images_rounded_extent():
+    config = dataclasses.replace(SHARED_SMALL, k="auto", image_size=131, batch_size=4)  # 3x3 grid
+    trainer = steps.Trainer(config, steps.make_mesh())
+    rng = np.random.default_rng(4)
+    images = rng.random((4, 131, 131, 1), dtype=np.float32)
+    labels = np.array([1, 1, 0, 1], np.int32)
+    state, context = trainer.state, trainer.context
+    data = float(steps.loss_fn(context, state["params"], state["rest"], images, labels, 0)[1])
+    model = nnx.merge(context.train_graph, state["params"], state["rest"])
+    z = np.asarray(model(images), np.float64).reshape(4, -1)
+    # numpy reference: k_n = round(sum_j sigmoid(z_nj)) clipped to [1, 9]; Eq. 5-6 with it
+    r = 1 / (1 + np.exp(-z))
+    total = 0.0
+    for n in range(4):
+        k = int(np.clip(np.round(r[n].sum()), 1, 9))
+        order = np.argsort(-z[n])
+        t = np.zeros(9)
+        t[order[:k]] = labels[n]
+        total += -(t * np.log(r[n]) + (1 - t) * np.log(1 - r[n])).sum()
+    assert data == pytest.approx(total / 36, rel=1e-4)
+    assert np.isfinite(float(trainer.train_step({"image": images, "label": labels}, 0)["loss"]))

@@ -13,11 +13,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, SMALL
-from flax import nnx
+from conftest import ROOT, SMALL, _params
 
 from deepmil_jax import checkpoints, steps, train
-from deepmil_jax import config as config_module
 from deepmil_jax.checkpoints import RunCheckpoints
 from deepmil_jax.errors import ConfigError, DeepMILError
 
@@ -28,13 +26,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data"))
-
-
-def _params(state) -> dict[str, np.ndarray]:
-    return {
-        jax.tree_util.keystr(p): np.asarray(x)
-        for p, x in jax.tree_util.tree_leaves_with_path(state["params"])
-    }
 
 
 def _assert_same_params(a, b, **tol):
@@ -273,54 +264,6 @@ def test_batch_must_divide_over_devices(tmp_path):
     assert "--batch_size=6 cannot be split evenly over 4 devices" in proc.stderr
 
 
-def test_model_outputs_per_scheme():
-    for scheme, grid in (("label_assign", (2, 2)), ("max_pooling", (6, 6)), ("alexnet", (1, 1))):
-        size = 99 if scheme == "label_assign" else 227
-        model = steps.create_model(
-            dataclasses.replace(config_module.Config(), scheme=scheme), nnx.Rngs(0)
-        )
-        model.eval()
-        out = model(np.zeros((2, size, size, 1), np.float32))
-        assert out.shape == (2, *grid), scheme
-
-
-def test_bf16_computes_in_bfloat16_and_keeps_float32_state():
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": rng.random((4, 99, 99, 1), dtype=np.float32),
-        "label": np.array([1, 0, 1, 0], np.int32),
-    }
-    losses = {}
-    for precision in ("fp32", "bf16"):
-        config = dataclasses.replace(SMALL, precision=precision, batch_size=4)
-        trainer = steps.Trainer(config, steps.make_mesh())
-        losses[precision] = float(trainer.train_step(batch, 0)["loss"])
-        dtypes = {x.dtype for x in jax.tree.leaves(steps.checkpointed(trainer.state))}
-        assert dtypes <= {np.dtype("float32"), np.dtype("int32")}, dtypes
-        conv = trainer.context.train_graph
-        assert ("bfloat16" in str(conv)) == (precision == "bf16")
-    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
-    assert losses["bf16"] != losses["fp32"]
-
-
-def test_alexnet_baseline_trains_with_dropout():
-    config = dataclasses.replace(SMALL, scheme="alexnet", image_size=227, batch_size=2)
-    trainer = steps.Trainer(config, steps.make_mesh())
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.random((2, 227, 227, 1), dtype=np.float32), "label": np.array([1, 0])}
-    before = _params(trainer.state)
-    first = float(trainer.train_step(batch, 0)["loss"])
-    assert np.isfinite(first)
-    assert any(not np.array_equal(before[k], v) for k, v in _params(trainer.state).items())
-    # evaluation is deterministic (dropout off): the same images give the same bag logits
-    stream = [{"image": batch["image"], "mask": np.ones(2, bool), "index": np.arange(2)}] * 2
-    out = trainer.predict(stream)
-    logits = out["instance_logits"]  # sorted by index: image 0 twice, then image 1 twice
-    np.testing.assert_array_equal(out["index"], [0, 0, 1, 1])
-    np.testing.assert_array_equal(logits[0], logits[1])
-    np.testing.assert_array_equal(logits[2], logits[3])
-
-
 def test_a_run_that_fails_early_does_not_lock_its_workdir(tmp_path, data_dir):
     workdir = tmp_path / "run"
     with pytest.raises(ConfigError, match="--k"):
@@ -331,63 +274,7 @@ def test_a_run_that_fails_early_does_not_lock_its_workdir(tmp_path, data_dir):
     assert not (workdir / "config.json").exists()
 
 
-def test_weight_decay_adds_exactly_lam_times_params_to_the_gradient():
-    rng = np.random.default_rng(0)
-    images = rng.random((4, 99, 99, 1), dtype=np.float32)
-    labels = np.array([1, 0, 1, 0], np.int32)
-    grads = {}
-    for lam in (0.0, 0.5):
-        trainer = steps.Trainer(dataclasses.replace(SMALL, weight_decay=lam), steps.make_mesh())
-        params = trainer.state["params"]
-        context, rest = trainer.context, trainer.state["rest"]
-        grads[lam] = jax.grad(
-            lambda p, c=context, r=rest: steps.loss_fn(c, p, r, images, labels, 0)[0]
-        )(params)
-    # both trainers start from the same seed, so the parameters are the same
-    flat = _params({"params": params})
-    zero, decayed = (_params({"params": grads[lam]}) for lam in (0.0, 0.5))
-    for key in flat:
-        np.testing.assert_allclose(decayed[key] - zero[key], 0.5 * flat[key], rtol=1e-4, atol=1e-6)
-
-
-def test_evaluation_probability_is_the_sigmoid_of_the_max_instance_logit():
-    config = dataclasses.replace(SMALL, scheme="label_assign", image_size=131)  # a 3x3 grid
-    trainer = steps.Trainer(config, steps.make_mesh())
-    rng = np.random.default_rng(1)
-    images = rng.random((5, 131, 131, 1), dtype=np.float32)
-    images[:, 40:80, 50:90] += 2.0  # a bright region, so the instances differ
-    batch = {"image": images, "mask": np.ones(5, bool), "index": np.arange(5)}
-    out = trainer.predict([batch])
-    model = nnx.merge(trainer.context.eval_graph, trainer.state["params"], trainer.state["rest"])
-    logits = np.asarray(model(images)).reshape(5, -1)
-    assert np.ptp(logits, axis=1).min() > 0.1  # max, mean and any other pooling differ here
-    # jitted (CPU compiler options) and eager convolutions round differently, by ~1e-5
-    np.testing.assert_allclose(out["instance_logits"].reshape(5, -1), logits, atol=5e-5)
-    np.testing.assert_allclose(out["probability"], 1 / (1 + np.exp(-logits.max(axis=1))), atol=2e-5)
-
-
-# ---- the MIL poolings and k=auto, from the command line to predictions ------------------------
-def test_k_auto_trains_on_each_images_rounded_extent():
-    config = dataclasses.replace(SMALL, k="auto", image_size=131, batch_size=4)  # 3x3 grid
-    trainer = steps.Trainer(config, steps.make_mesh())
-    rng = np.random.default_rng(4)
-    images = rng.random((4, 131, 131, 1), dtype=np.float32)
-    labels = np.array([1, 1, 0, 1], np.int32)
-    state, context = trainer.state, trainer.context
-    data = float(steps.loss_fn(context, state["params"], state["rest"], images, labels, 0)[1])
-    model = nnx.merge(context.train_graph, state["params"], state["rest"])
-    z = np.asarray(model(images), np.float64).reshape(4, -1)
-    # numpy reference: k_n = round(sum_j sigmoid(z_nj)) clipped to [1, 9]; Eq. 5-6 with it
-    r = 1 / (1 + np.exp(-z))
-    total = 0.0
-    for n in range(4):
-        k = int(np.clip(np.round(r[n].sum()), 1, 9))
-        order = np.argsort(-z[n])
-        t = np.zeros(9)
-        t[order[:k]] = labels[n]
-        total += -(t * np.log(r[n]) + (1 - t) * np.log(1 - r[n])).sum()
-    assert data == pytest.approx(total / 36, rel=1e-4)
-    assert np.isfinite(float(trainer.train_step({"image": images, "label": labels}, 0)["loss"]))
+# ---- the MIL poolings, from the command line to predictions ------------------------------
 
 
 def _attention_bag(model, images: np.ndarray) -> np.ndarray:
