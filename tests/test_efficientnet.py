@@ -19,7 +19,7 @@ from flax import nnx
 
 from deepmil_jax.architecture import efficientnet as arch
 from deepmil_jax.errors import ConfigError, WeightsError
-from deepmil_jax.models.efficientnet import EfficientNetLite, normalize
+from deepmil_jax.models.efficientnet import EfficientNetLite, depthwise_conv, normalize
 from deepmil_jax.weights.efficientnet_lite import (
     read_efficientnet_lite,
     validate,
@@ -120,6 +120,49 @@ def test_normalization_is_tf_lite_127_128():
     x = jnp.asarray([0.0, 127 / 255, 1.0], jnp.float32).reshape(1, 1, 3, 1).repeat(3, axis=-1)
     y = np.asarray(normalize(x))[0, 0, :, 0]
     np.testing.assert_allclose(y, [-127 / 128, 0.0, 1.0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (5, 1), (5, 2)])
+@pytest.mark.parametrize("size", [(16, 16), (17, 22)])  # even, and odd: uneven SAME pads
+def test_depthwise_conv_and_its_gradients_equal_the_grouped_convolution(kernel, stride, size):
+    """The shift-sum and its hand-written gradient against XLA's own grouped convolution."""
+    kx, kw, kg = jax.random.split(jax.random.key(kernel * 10 + stride), 3)
+    x = jax.random.normal(kx, (2, *size, 12), jnp.float32)
+    w = jax.random.normal(kw, (kernel, kernel, 1, 12), jnp.float32)
+    pads = (arch.same_padding(size[0], kernel, stride), arch.same_padding(size[1], kernel, stride))
+
+    def grouped(x, w):
+        return jax.lax.conv_general_dilated(
+            x,
+            w,
+            (stride, stride),
+            pads,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=12,
+            precision=jax.lax.Precision.HIGHEST,
+        )
+
+    ours = jax.jit(depthwise_conv, static_argnums=(2, 3))(x, w, stride, pads)
+    ref = grouped(x, w)
+    assert ours.shape == ref.shape == (2, -(-size[0] // stride), -(-size[1] // stride), 12)
+    assert _rel(ours, ref) < 1e-5
+    g = jax.random.normal(kg, ref.shape, jnp.float32)  # a generic output gradient
+    loss = lambda f: lambda x, w: jnp.sum(f(x, w) * g)  # noqa: E731
+    got = jax.jit(jax.grad(loss(lambda x, w: depthwise_conv(x, w, stride, pads)), (0, 1)))(x, w)
+    want = jax.grad(loss(grouped), (0, 1))(x, w)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape
+        assert _rel(a, b) < 1e-5
+
+
+def test_depthwise_conv_gradients_keep_the_input_dtypes():
+    x = jnp.ones((1, 9, 9, 4), jnp.bfloat16)
+    w = jnp.ones((3, 3, 1, 4), jnp.float32)
+    pads = ((1, 1), (1, 1))
+    y = depthwise_conv(x, w, 2, pads)
+    dx, dw = jax.grad(lambda x, w: depthwise_conv(x, w, 2, pads).sum(), (0, 1))(x, w)
+    assert (y.dtype, dx.dtype, dw.dtype) == (jnp.float32, jnp.bfloat16, jnp.float32)
+    assert float(dw[1, 1, 0, 0]) == 25.0  # the centre tap sees all 5 x 5 outputs
 
 
 # -- grey images, bf16, frozen batch norm ------------------------------------------------------

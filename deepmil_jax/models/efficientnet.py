@@ -15,7 +15,8 @@ lite checkpoints see the borders they were trained with.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -103,37 +104,90 @@ class Conv(nnx.Module):
         )
 
 
-def depthwise_conv(
-    x: jax.Array, kernel: jax.Array, stride: int, pads: tuple[tuple[int, int], ...]
-) -> jax.Array:
-    """A depthwise convolution, NHWC ``x`` and ``(k, k, 1, C)`` ``kernel``, as the sum of the
-    k*k strided shifts of the padded input times each tap's per-channel weight (float32 sums).
+Pads = tuple[tuple[int, int], tuple[int, int]]
 
-    The same numbers as ``lax.conv_general_dilated(..., feature_group_count=C)``, computed with
-    elementwise operations: XLA's CPU grouped convolution, and above all its gradient, is several
-    times slower than these (the benchmark's train step of EfficientNet-Lite0)."""
+
+def _taps(
+    xp: jax.Array, k: int, stride: int, out_h: int, out_w: int
+) -> Iterator[tuple[int, int, jax.Array]]:
+    """``(i, j, xp[:, i::stride, j::stride][:, :out_h, :out_w])`` for the k*k taps."""
+    n, _, _, c = xp.shape
+    for i in range(k):
+        for j in range(k):
+            end = (n, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c)
+            yield i, j, lax.slice(xp, (0, i, j, 0), end, (1, stride, stride, 1))
+
+
+def _shift_sum(x: jax.Array, kernel: jax.Array, stride: int, pads: Pads) -> jax.Array:
     k = kernel.shape[0]
     xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
     out_h = (xp.shape[1] - k) // stride + 1
     out_w = (xp.shape[2] - k) // stride + 1
     w = kernel[:, :, 0, :].astype(jnp.float32)
     y = None
+    for i, j, tap in _taps(xp, k, stride, out_h, out_w):
+        term = tap.astype(jnp.float32) * w[i, j]
+        y = term if y is None else y + term
+    return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pads: Pads) -> jax.Array:
+    """A depthwise convolution, NHWC ``x`` and ``(k, k, 1, C)`` ``kernel`` -> float32, as the sum
+    of the k*k strided shifts of the padded input times each tap's per-channel weight.
+
+    The same numbers as ``lax.conv_general_dilated(..., feature_group_count=C)``, computed with
+    elementwise operations: XLA's CPU grouped convolution, and above all its gradient, is several
+    times slower (the benchmark's train step of EfficientNet-Lite0). The gradient is written out
+    (``_depthwise_bwd``) rather than derived: derived, XLA keeps each of the k*k shifted copies
+    of the input for the kernel's gradient, tripling the train step's temporary memory (7.5 GB at
+    512x512, batch 8), whose pages the CPU runtime faults in afresh at every step.
+    """
+    return _shift_sum(x, kernel, stride, pads)
+
+
+def _depthwise_fwd(x, kernel, stride, pads):
+    return _shift_sum(x, kernel, stride, pads), (x, kernel)
+
+
+def _depthwise_bwd(stride: int, pads: Pads, residuals, g: jax.Array):
+    """The input's gradient, a shift-sum of the (stride-dilated) padded output gradient with the
+    flipped kernel; the kernel's, the k*k sums of tap * g in one multi-output reduction."""
+    x, kernel = residuals
+    k = kernel.shape[0]
+    n, h, width, c = x.shape
+    (top, bottom), (left, right) = pads
+    w = kernel[:, :, 0, :].astype(jnp.float32)
+    g = g.astype(jnp.float32)
+    out_h, out_w = g.shape[1], g.shape[2]
+    # g dilated by the stride, k - 1 zeros before and up to the padded input's size after:
+    # dx_padded[p] = sum_i g_dilated[p - i] * w[i], cropped to x's rows and columns.
+    spread = (
+        (0, 0, 0),
+        (k - 1, h + top + bottom - stride * (out_h - 1) - 1, stride - 1),
+        (k - 1, width + left + right - stride * (out_w - 1) - 1, stride - 1),
+        (0, 0, 0),
+    )
+    gp = lax.pad(g, jnp.zeros((), g.dtype), spread)
+    dx = None
     for i in range(k):
         for j in range(k):
-            tap = lax.slice(
-                xp,
-                (0, i, j, 0),
-                (
-                    xp.shape[0],
-                    i + stride * (out_h - 1) + 1,
-                    j + stride * (out_w - 1) + 1,
-                    xp.shape[3],
-                ),
-                (1, stride, stride, 1),
-            )
-            term = tap.astype(jnp.float32) * w[i, j]
-            y = term if y is None else y + term
-    return y
+            start = (0, k - 1 - i + top, k - 1 - j + left, 0)
+            tap = lax.slice(gp, start, (n, start[1] + h, start[2] + width, c))
+            dx = tap * w[i, j] if dx is None else dx + tap * w[i, j]
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    products = [t.astype(jnp.float32) * g for _, _, t in _taps(xp, k, stride, out_h, out_w)]
+    # One pass over x and g for all k*k sums. Reducing the batch axis only (large maps) or batch
+    # and rows (small ones) first keeps XLA's reduction loops on contiguous memory.
+    axes = (0,) if out_h >= 128 else (0, 1)
+    zeros = [jnp.zeros((), jnp.float32)] * len(products)
+    sums = lax.reduce(products, zeros, lambda a, b: tuple(map(jnp.add, a, b)), axes)
+    rest = tuple(range(3 - len(axes)))
+    dw = jnp.stack([p.sum(rest) for p in sums]).reshape(k, k, 1, c)
+    return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 class FrozenBatchNorm(nnx.Module):
