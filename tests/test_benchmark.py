@@ -43,6 +43,7 @@ REQUIRED = (
     "torch_train_images_per_sec",
     "train_vs_torch",
     "train_flops_per_step",
+    "train_step_memory_mib",
     "peak_flops_per_sec",
     "train_from_pipeline_images_per_sec",
     "pipeline_overlap",
@@ -145,6 +146,17 @@ def test_quick_flops_match_a_hand_count(quick):
     # A train step is the forward pass, the weight gradients (as many FLOPs again) and the input
     # gradients of conv2..conv5 (not of conv1: the images need none), plus small elementwise work.
     assert 2.5 * forward < r["train_flops_per_step"] < 3.3 * forward
+
+
+def test_quick_train_step_memory_holds_the_state_and_the_batch(quick):
+    """At least what a step's arguments hold, counted from the model itself: the float32
+    parameters and Adam's two moments, and the batch; at most a few times more (gradients, and
+    the activations of a 131x131 batch of 4, a few MiB)."""
+    r, _ = quick
+    model = build_model(r["scheme"], backbone=r["backbone"], rngs=nnx.Rngs(0))
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    least = (3 * params * 4 + r["batch_size"] * r["image_size"] ** 2 * 4) / 2**20
+    assert least < r["train_step_memory_mib"] < 3 * least + 64
 
 
 def test_preprocess_memory_is_the_workers_own(quick):

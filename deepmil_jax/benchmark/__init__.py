@@ -16,6 +16,9 @@ part has its own timer module:
 ``mfu``                            model FLOPs utilisation: ``train_flops_per_step *
                                    train_images_per_sec / batch_size / peak_flops_per_sec``
                                    (FLOPs and peaks: ``peaks``)
+``train_step_memory_mib``          the train step's memory on one device, from XLA's buffer
+                                   assignment of the compiled step (``compiled.memory_analysis()``:
+                                   arguments + outputs + temporaries - donated, i.e. aliased)
 ``pipeline_images_per_sec``        ``pipeline_timer``: ``data_pipeline.input_pipeline.
                                    train_dataset`` alone (random uint16 images, the paper's
                                    augmentation)

@@ -12,6 +12,7 @@ ROWS = (
     ("eval_images_per_sec", "eval forward", "images/s"),
     ("mfu", "model FLOPs utilisation", ""),
     ("train_flops_per_step", "FLOPs per train step", "FLOP"),
+    ("train_step_memory_mib", "train step memory / device", "MiB"),
     ("peak_flops_per_sec", "peak", "FLOP/s"),
     ("pipeline_images_per_sec", "input pipeline alone", "images/s"),
     ("train_from_pipeline_images_per_sec", "train step fed by pipeline", "images/s"),

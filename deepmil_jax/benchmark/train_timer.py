@@ -40,12 +40,21 @@ class TrainSteps:
         return n * self.batch
 
 
-def train_flops(trainer: Trainer, images: jax.Array, labels: jax.Array) -> float:
+def train_program(trainer: Trainer, images: jax.Array, labels: jax.Array) -> tuple[float, int]:
     """FLOPs of one train step over all devices, from XLA's cost analysis of the compiled step
-    (``deepmil_jax.steps.lower_train_step``: the program ``train_step`` runs)."""
+    (``deepmil_jax.steps.lower_train_step``: the program ``train_step`` runs), and the bytes one
+    device holds while it runs, from XLA's buffer assignment: arguments, outputs and
+    temporaries, less the outputs written over donated arguments (state in, state out)."""
     batch = {"image": images, "label": labels}
     compiled = lower_train_step(trainer.context, trainer.state, batch, 0).compile()
-    return peaks.cost_flops(compiled) * trainer.mesh.devices.size
+    memory = compiled.memory_analysis()
+    held = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
+    return peaks.cost_flops(compiled) * trainer.mesh.devices.size, int(held)
 
 
 def time_train(
@@ -55,11 +64,12 @@ def time_train(
     labels: jax.Array,
     torch_steps: Callable[[int], int] | None = None,
 ) -> Figures:
-    """``train_images_per_sec`` (median, best), FLOPs, peak and mfu; with ``torch_steps`` (n steps
-    -> images done) also ``torch_train_images_per_sec``, timed in alternation with JAX."""
+    """``train_images_per_sec`` (median, best), FLOPs, the step's device memory, peak and mfu;
+    with ``torch_steps`` (n steps -> images done) also ``torch_train_images_per_sec``, timed in
+    alternation with JAX."""
     s = setup.settings
     n_dev = setup.mesh.devices.size
-    flops = train_flops(steps.trainer, images, labels)
+    flops, held = train_program(steps.trainer, images, labels)
     peak = peaks.device_peak(setup.device, setup.precision)
     steps.on_devices(images, labels, s.warmup)
     bodies = {"train_images_per_sec": lambda: steps.on_devices(images, labels, s.steps_per_repeat)}
@@ -71,6 +81,7 @@ def time_train(
     rate = figures.values["train_images_per_sec"]
     figures.values.update(
         train_flops_per_step=flops,
+        train_step_memory_mib=held / 2**20,
         peak_flops_per_sec=peak.flops_per_sec * n_dev,
         peak_source=peak.source,
         mfu=flops * rate / setup.batch / (peak.flops_per_sec * n_dev),
