@@ -200,6 +200,7 @@ def test_bad_file_fails_cleanly_or_is_skipped_and_recorded(raw, tmp_path, caplog
     assert len(_copies(data_dir)) == 1  # the outdated copy was deleted
 
 
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
 def test_a_killed_preparation_is_not_used(raw, tmp_path):
     data_dir = tmp_path / "data"
     script = textwrap.dedent(
@@ -546,6 +547,7 @@ def test_a_split_never_separates_copies_or_patients(tmp_path):
         assert len(part_of_woman) == 10
 
 
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
 def test_a_killed_preparation_leaves_no_worker_behind(raw, tmp_path):
     script = textwrap.dedent(
         f"""

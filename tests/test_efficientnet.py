@@ -168,6 +168,7 @@ def test_depthwise_conv_gradients_keep_the_input_dtypes():
 # -- grey images, bf16, frozen batch norm ------------------------------------------------------
 
 
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
 def test_grey_fold_is_exact_at_a_non_square_size(lite0):
     rng = np.random.default_rng(0)
     grey = jnp.asarray(rng.uniform(0, 1, (2, 97, 130, 1)), jnp.float32)  # odd: uneven SAME pads
@@ -182,6 +183,7 @@ def test_grey_fold_is_exact_at_a_non_square_size(lite0):
     assert _rel(direct, repeated) < 1e-5
 
 
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
 def test_bf16_compute_with_float32_params(lite_params, lite0):
     m16 = EfficientNetLite.from_converted(
         lite_params["lite0"], {"variant": "lite0"}, dtype=jnp.bfloat16

@@ -58,6 +58,7 @@ def tv_net() -> AlexNet:
     return AlexNet("torchvision", rngs=nnx.Rngs(1))
 
 
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
 @pytest.mark.parametrize(
     ("variant", "size", "grid"),
     [
@@ -212,6 +213,7 @@ def test_deep_mil_gives_instance_logits(caffe_net):
     np.testing.assert_allclose(out, head(caffe_net.forward_raw(raw)), rtol=1e-6)
 
 
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
 def test_classifier_shape_dropout_and_size_error():
     clf = build_model("alexnet", rngs=nnx.Rngs(0))
     assert isinstance(clf, AlexNetClassifier)
@@ -254,6 +256,7 @@ def test_bf16_compute_keeps_float32_params():
     assert rel_err(out, f32(raw)) < 0.1  # same parameters, bf16 rounding only
 
 
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
 def test_split_and_native_grouped_convolutions_agree_with_gradients(monkeypatch):
     """The CPU lowering (one convolution per group) equals feature_group_count, values and grads."""
     model = build_model("max_pooling", rngs=nnx.Rngs(0))

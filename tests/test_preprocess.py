@@ -1387,6 +1387,7 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
 def test_cli_errors_are_one_line_naming_the_file_or_flag(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     cases = [

@@ -250,6 +250,7 @@ def test_no_import_circle():
             visit(name, [])
 
 
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
 @pytest.mark.parametrize("freeze", [False, True])
 def test_backbone_and_head_learning_rates_and_the_frozen_backbone(freeze):
     """Adam's first step moves each parameter by about its learning rate (m / sqrt(v) = +-1)."""

@@ -328,6 +328,7 @@ def test_bfloat16_compute_is_close_to_float32(saved):
     assert err < 5e-2, err
 
 
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
 def test_batch_norm_is_frozen(saved):
     _, path = saved("resnet18")
     model = load(path)

@@ -154,6 +154,7 @@ def _adam(p, m, v, g, t, lr, b1=0.9, b2=0.999, eps=1e-8):
     return p - lr * m_hat / (np.sqrt(v_hat) + eps), m, v
 
 
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
 def test_train_step_is_adam_on_the_objective():
     trainer = steps.Trainer(SMALL, steps.make_mesh())
     objective = jax.value_and_grad(steps.loss_fn, argnums=1, has_aux=True)
@@ -185,6 +186,7 @@ def test_train_step_is_adam_on_the_objective():
     assert int(trainer.state["opt_state"][0].count) == 2
 
 
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
 def test_dropout_acts_in_training_only_and_follows_the_step():
     # fc6 and fc7 with dropout; they need 227x227 images
     config = dataclasses.replace(SMALL, scheme="alexnet", image_size=227)
@@ -252,6 +254,7 @@ def test_predict_orders_by_index_drops_padding_and_takes_the_max_instance(traine
     np.testing.assert_allclose(out["probability"], 1 / (1 + np.exp(-flat.max(axis=1))), atol=2e-5)
 
 
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
 def test_model_outputs_per_scheme():
     for scheme, grid in (("label_assign", (2, 2)), ("max_pooling", (6, 6)), ("alexnet", (1, 1))):
         size = 99 if scheme == "label_assign" else 227
@@ -338,6 +341,7 @@ def test_evaluation_probability_is_the_sigmoid_of_the_max_instance_logit():
     np.testing.assert_allclose(out["probability"], 1 / (1 + np.exp(-logits.max(axis=1))), atol=2e-5)
 
 
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
 def test_k_auto_trains_on_each_images_rounded_extent():
     config = dataclasses.replace(SHARED_SMALL, k="auto", image_size=131, batch_size=4)  # 3x3 grid
     trainer = steps.Trainer(config, steps.make_mesh())

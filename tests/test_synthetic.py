@@ -227,6 +227,7 @@ def test_data_pipeline_imports_no_jax():
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
 def test_cli_errors_are_one_line_naming_the_flag(tmp_path):
     def run(*args: str) -> list[str]:
         proc = subprocess.run(
@@ -347,6 +348,7 @@ def hard(tmp_path_factory):
     return root, records, rois, processed
 
 
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
 def test_hard_mass_outlines_exactly_in_positives(hard):
     root, records, rois, _ = hard
     labels = np.array([r.label for r in records])

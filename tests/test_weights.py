@@ -397,6 +397,7 @@ def fc7_of(clf: AlexNetClassifier, raw: np.ndarray) -> np.ndarray:
     return np.asarray(_fc7(clf, jnp.asarray(raw)))
 
 
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
 def test_fully_connected_layers_match(keras_case, caffe_case, torchvision_case):
     """fc6/fc7 (with fc6's rows reordered from (C, H, W) flattens) against each reference."""
     raw = images(7, 227, 1, n=1)
@@ -658,6 +659,7 @@ def test_cli_help_explains_the_formats():
         assert word in proc.stdout
 
 
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
 def test_cli_converts_and_reports_errors(tmp_path):
     src = tmp_path / "alexnet_weights.h5"
     layers = write_keras_h5(src, fc=False)
