@@ -17,6 +17,6 @@ $py -m deepmil_jax.evaluate "${common[@]}" --backbone=efficientnet_lite0 --freez
     --schemes=max_pooling --epochs=8 "--workdir=$runs/lite0_probe_227"
 # 3. EfficientNet-Lite0 fine-tuned, at 227 pixels
 $py -m deepmil_jax.evaluate "${common[@]}" --backbone=efficientnet_lite0 --epochs=5 \
-    --schemes=max_pooling,attention,label_assign:k=12 \
+    --schemes=max_pooling,attention,label_assign:k=12,label_assign:k=3,label_assign:k=auto_relative,sparse,gated_attention,learned_lse \
     "--workdir=$runs/lite0_ft_227"
 $py tools/mias_study.py "$runs"
