@@ -4,8 +4,8 @@ program's body with the project's errors as one line.
 ``define_flags(cls)`` turns the fields of a ``deepmil_jax.config`` dataclass into absl flags (when a
 program starts, never on import), ``from_flags(cls)`` builds the dataclass from the parsed flags,
 and ``run_main(body, *classes)`` does both around ``body``. Importing this module loads neither
-JAX nor TensorFlow; a program imports its heavy modules inside its body, so ``--help`` and a
-misspelt flag are answered at once.
+JAX nor TensorFlow: a program calls ``parse_flags_early`` before its heavy imports, so ``--help``
+and a misspelt flag are answered at once.
 """
 
 from __future__ import annotations
