@@ -6,6 +6,14 @@ The MIL losses are re-exported here (``dm.label_assign_loss``, ...); the models 
 use, so that a program answers ``--help`` before JAX is imported.
 """
 
+import os as _os
+
+# TensorFlow (tf.data only; data_pipeline hides the GPUs from it) would log its own search for
+# CUDA ("failed call to cuInit") at ERROR level when it is imported: its C++ log stays quiet
+# unless the user sets the variable. Set here, before any module of the package imports JAX,
+# which would set it to 1 (warnings and errors). Its Python errors are raised as usual.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 __all__ = [
     "AUTO_K",
     "POOLINGS",

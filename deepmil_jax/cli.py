@@ -11,7 +11,6 @@ and a misspelt flag are answered at once.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,11 +19,6 @@ from absl import app, flags, logging
 
 from deepmil_jax.config import Launch
 from deepmil_jax.errors import ConfigError, DeepMILError
-
-# TensorFlow (tf.data only; data_pipeline hides the GPUs from it) would log its own search for
-# CUDA ("failed call to cuInit") at ERROR level when it is imported: its C++ log stays quiet
-# unless the user sets the variable. Its Python errors are raised as usual.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def define_flags(cls: type, flag_values: flags.FlagValues = flags.FLAGS) -> None:
