@@ -589,6 +589,16 @@ def test_torchvision_missing_and_misshaped_keys(tmp_path):
         weights.read_weights("torchvision", src)
 
 
+def test_a_complex_tensor_is_refused_not_cast_to_its_real_part(tmp_path):
+    """torch casts complex to float32 with only a warning, dropping the imaginary part."""
+    state = {k: v.float() for k, v in torchvision_model(1).state_dict().items()}
+    state["features.3.weight"] = state["features.3.weight"].to(torch.complex64) * (1 + 1j)
+    src = tmp_path / "alexnet.pth"
+    torch.save(state, src)
+    with pytest.raises(WeightsError, match=r"alexnet.pth: key 'features.3.weight' is a torch"):
+        weights.read_weights("torchvision", src)
+
+
 def test_wrong_file_for_format(tmp_path):
     npy = tmp_path / "bvlc_alexnet.npy"
     np.save(npy, caffe_layers(3, fc=False), allow_pickle=True)

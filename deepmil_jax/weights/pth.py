@@ -79,6 +79,8 @@ def state_array(
             value = value.detach().cpu()
             value = value.dequantize() if value.is_quantized else value
             value = value.to_dense() if value.layout != torch.strided else value
+            if value.is_complex():  # torch would drop the imaginary part with a warning
+                raise TypeError("complex values are not real weights")
             value = value.to(torch.float32).numpy()
         except Exception as e:
             raise WeightsError(
