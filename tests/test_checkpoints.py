@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT, SMALL
 
 from deepmil_jax import checkpoints, steps, train
-from deepmil_jax import config as config_module
 from deepmil_jax import workdir as workdir_files
 from deepmil_jax.checkpoints import CheckpointError, RunCheckpoints
 from deepmil_jax.errors import ConfigError
@@ -30,21 +30,8 @@ from deepmil_jax.errors import ConfigError
 # trains for epochs, spawns or kills processes: not in `pytest -m "not slow"`
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# 48 images, 3 folds: 16 training images in 2 steps of 8, so the epochs end at steps 2 and 4.
-SMALL = config_module.Config(
-    scheme="label_assign",
-    k=1,
-    image_size=99,
-    batch_size=8,
-    eval_batch_size=16,
-    epochs=2,
-    synthetic_images=48,
-    num_folds=3,
-    learning_rate=1e-4,
-    seed=1,
-)
+# conftest's SMALL: 48 images, 3 folds: 16 training images in 2 steps of 8, so the epochs end at
+# steps 2 and 4.
 OUTPUTS = ("results.json", "validation_predictions.csv", "test_predictions.csv")
 
 
