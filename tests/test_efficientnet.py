@@ -221,6 +221,62 @@ def test_batch_norm_statistics_are_frozen_and_not_trained(lite0):
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, before, after)))
 
 
+def _unfolded_block(p: dict, spec: arch.BlockSpec, x: jax.Array) -> jax.Array:
+    """An MBConv block as the paper-style composition conv -> batch norm -> ReLU6, written with
+    XLA's own convolutions and the batch-norm formula (no folding, no shift-sum)."""
+    hi = jax.lax.Precision.HIGHEST
+
+    def conv(x, kernel, stride, groups):
+        k = kernel.shape[0]
+        pads = [arch.same_padding(x.shape[i], k, stride) for i in (1, 2)]
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            (stride, stride),
+            pads,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups,
+            precision=hi,
+        )
+
+    def bn(y, name):
+        b = p[name]
+        return (y - b["mean"]) / jnp.sqrt(b["var"] + arch.BN_EPS) * b["scale"] + b["bias"]
+
+    relu6 = lambda y: jnp.clip(y, 0, 6)  # noqa: E731
+    y = relu6(bn(conv(x, p["expand_conv"]["kernel"], 1, 1), "expand_bn"))
+    y = relu6(bn(conv(y, p["depthwise_conv"]["kernel"], spec.stride, y.shape[-1]), "depthwise_bn"))
+    y = bn(conv(y, p["project_conv"]["kernel"], 1, 1), "project_bn")
+    return y + x if spec.residual else y
+
+
+@pytest.mark.parametrize("index", [2, 3])  # 3x3/1 with the residual; 5x5/2 without
+def test_block_and_its_gradients_equal_the_unfolded_composition(lite0, index):
+    """The frozen batch norms are folded into the convolutions' kernels (``after``): the block's
+    output and the gradient of every parameter, scale and bias included, against the block
+    written as separate convolution, batch norm and ReLU6, on the real ImageNet weights."""
+    block = lite0.blocks[index]
+    x = jnp.asarray(np.random.default_rng(index).uniform(-2, 2, (2, 20, 18, 24)), jnp.float32)
+    g = jnp.asarray(np.random.default_rng(9).normal(size=block(x).shape), jnp.float32)
+    names = ("expand_conv", "expand_bn", "depthwise_conv", "depthwise_bn")
+    layers = {n: getattr(block, n) for n in (*names, "project_conv", "project_bn")}
+    params = {
+        n: {k: jnp.asarray(v[...]) for k, v in vars(m).items() if isinstance(v, nnx.Variable)}
+        for n, m in layers.items()
+    }
+    want = jax.grad(lambda p: jnp.sum(_unfolded_block(p, block.spec, x) * g))(params)
+    assert _rel(block(x), _unfolded_block(params, block.spec, x)) < 1e-5
+    loss = lambda b: jnp.sum(b(x) * g)  # noqa: E731
+    got = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Param))(block)
+    checked = 0
+    for name, layer in layers.items():
+        for kind in ("kernel", "scale", "bias"):
+            if hasattr(layer, kind):
+                assert _rel(getattr(getattr(got, name), kind)[...], want[name][kind]) < 1e-4
+                checked += 1
+    assert checked == 3 + 2 * 3
+
+
 def test_model_refuses_bad_inputs_and_params(lite_params, lite0):
     with pytest.raises(ConfigError, match="expects"):
         lite0(jnp.zeros((1, 32, 32, 2)))

@@ -86,16 +86,21 @@ class Conv(nnx.Module):
         self.groups = groups
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, multiplier: jax.Array | None = None) -> jax.Array:
+        """``x`` -> float32 output; with ``multiplier`` (per output channel), the output times it,
+        computed as the convolution with the kernel times it (a frozen batch norm folded in)."""
         pads = _same_pads(x, self.kernel_size, self.stride)
+        kernel = self.kernel[...]
+        if multiplier is not None:
+            kernel = kernel.astype(jnp.float32) * multiplier
         if self.groups > 1 and self.groups == x.shape[-1]:
-            return depthwise_conv(x.astype(self.dtype), self.kernel[...], self.stride, pads)
+            return depthwise_conv(x.astype(self.dtype), kernel, self.stride, pads)
         if self.kernel_size == 1 and self.stride == 1:  # a matrix product over the channels
-            kernel = self.kernel[...][0, 0].astype(self.dtype)
+            kernel = kernel[0, 0].astype(self.dtype)
             return jnp.dot(x.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
         return lax.conv_general_dilated(
             x.astype(self.dtype),
-            self.kernel[...].astype(self.dtype),
+            kernel.astype(self.dtype),
             (self.stride, self.stride),
             pads,
             dimension_numbers=_DN,
@@ -218,6 +223,12 @@ class FrozenBatchNorm(nnx.Module):
         mult, offset = self.factors()
         return (x.astype(jnp.float32) * mult + offset).astype(self.dtype)
 
+    def after(self, conv: Conv, x: jax.Array) -> jax.Array:
+        """``self(conv(x))``, with the multiplier folded into the convolution's kernel: one
+        elementwise pass over the (large) output fewer, forward and backward."""
+        mult, offset = self.factors()
+        return (conv(x, mult) + offset).astype(self.dtype)
+
 
 class MBConv(nnx.Module):
     """Mobile inverted bottleneck without squeeze-and-excitation (see ``arch.BlockSpec``)."""
@@ -240,9 +251,9 @@ class MBConv(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x
         if self.expand_conv is not None:
-            y = relu6(self.expand_bn(self.expand_conv(y)))
-        y = relu6(self.depthwise_bn(self.depthwise_conv(y)))
-        y = self.project_bn(self.project_conv(y))
+            y = relu6(self.expand_bn.after(self.expand_conv, y))
+        y = relu6(self.depthwise_bn.after(self.depthwise_conv, y))
+        y = self.project_bn.after(self.project_conv, y)
         return y + x.astype(y.dtype) if self.spec.residual else y
 
 
@@ -384,7 +395,7 @@ class EfficientNetLite(nnx.Module):
         x = relu6(self.stem_bn(y))
         for block in self.blocks:
             x = block(x)
-        return relu6(self.head_bn(self.head_conv(x)))
+        return relu6(self.head_bn.after(self.head_conv, x))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalised ``(N, H, W, 3)`` or grey ``(N, H, W, 1)`` -> ``(N, h, w, 1280)``."""
