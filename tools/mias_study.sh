@@ -19,4 +19,9 @@ $py -m deepmil_jax.evaluate "${common[@]}" --backbone=efficientnet_lite0 --freez
 $py -m deepmil_jax.evaluate "${common[@]}" --backbone=efficientnet_lite0 --epochs=5 \
     --schemes=max_pooling,attention,label_assign:k=12,label_assign:k=3,label_assign:k=auto_relative,sparse,gated_attention,learned_lse \
     "--workdir=$runs/lite0_ft_227"
+# 4. the same at 512 pixels (a 16x16 grid): fine-tuned, and an attention head on frozen features
+$py -m deepmil_jax.evaluate "${common[@]}" --backbone=efficientnet_lite0 --image_size=512 \
+    --epochs=5 --schemes=label_assign:k=auto_relative "--workdir=$runs/lite0_ft_512"
+$py -m deepmil_jax.evaluate "${common[@]}" --backbone=efficientnet_lite0 --image_size=512 \
+    --freeze_backbone --epochs=8 --schemes=attention "--workdir=$runs/lite0_frozen_512"
 $py tools/mias_study.py "$runs"
