@@ -27,6 +27,7 @@ from jax import lax
 
 from deepmil_jax.architecture import efficientnet as arch
 from deepmil_jax.errors import ConfigError, WeightsError
+from deepmil_jax.models.frozen_batch_norm import FrozenBatchNorm
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -195,41 +196,6 @@ def _depthwise_bwd(stride: int, pads: Pads, residuals, g: jax.Array):
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
-class FrozenBatchNorm(nnx.Module):
-    """Batch norm in inference form: ``(x - mean) / sqrt(var + eps) * scale + bias``.
-
-    ``mean`` and ``var`` are ``nnx.BatchStat`` (the ImageNet statistics; never updated, also not
-    in training), ``scale`` and ``bias`` are ``nnx.Param`` (trainable). The per-channel factors
-    are computed in float32 and applied in the compute dtype.
-    """
-
-    def __init__(self, features: int, *, dtype: Any, param_dtype: Any):
-        self.scale = nnx.Param(jnp.ones((features,), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((features,), param_dtype))
-        self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((features,), jnp.float32))
-        self.eps = arch.BN_EPS
-        self.dtype = dtype
-
-    def factors(self) -> tuple[jax.Array, jax.Array]:
-        """``(multiplier, offset)`` per channel, float32: ``y = x * multiplier + offset``."""
-        mean = lax.stop_gradient(self.mean[...].astype(jnp.float32))
-        var = lax.stop_gradient(self.var[...].astype(jnp.float32))
-        mult = self.scale[...].astype(jnp.float32) * lax.rsqrt(var + self.eps)
-        return mult, self.bias[...].astype(jnp.float32) - mean * mult
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``x`` (a convolution's float32 accumulator, or any dtype) -> compute dtype."""
-        mult, offset = self.factors()
-        return (x.astype(jnp.float32) * mult + offset).astype(self.dtype)
-
-    def after(self, conv: Conv, x: jax.Array) -> jax.Array:
-        """``self(conv(x))``, with the multiplier folded into the convolution's kernel: one
-        elementwise pass over the (large) output fewer, forward and backward."""
-        mult, offset = self.factors()
-        return (conv(x, mult) + offset).astype(self.dtype)
-
-
 class MBConv(nnx.Module):
     """Mobile inverted bottleneck without squeeze-and-excitation (see ``arch.BlockSpec``)."""
 
@@ -239,14 +205,14 @@ class MBConv(nnx.Module):
         self.spec = spec
         if spec.expand_ratio != 1:
             self.expand_conv = Conv(spec.in_features, mid, 1, **kw, rngs=rngs)
-            self.expand_bn = FrozenBatchNorm(mid, **kw)
+            self.expand_bn = FrozenBatchNorm(mid, eps=arch.BN_EPS, **kw)
         else:
             self.expand_conv = None
             self.expand_bn = None
         self.depthwise_conv = Conv(mid, mid, spec.kernel, spec.stride, groups=mid, **kw, rngs=rngs)
-        self.depthwise_bn = FrozenBatchNorm(mid, **kw)
+        self.depthwise_bn = FrozenBatchNorm(mid, eps=arch.BN_EPS, **kw)
         self.project_conv = Conv(mid, spec.out_features, 1, **kw, rngs=rngs)
-        self.project_bn = FrozenBatchNorm(spec.out_features, **kw)
+        self.project_bn = FrozenBatchNorm(spec.out_features, eps=arch.BN_EPS, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x
@@ -313,10 +279,10 @@ class EfficientNetLite(nnx.Module):
         self.stem_conv = Conv(
             3, arch.STEM_FEATURES, arch.STEM_KERNEL, arch.STEM_STRIDE, **kw, rngs=rngs
         )
-        self.stem_bn = FrozenBatchNorm(arch.STEM_FEATURES, **kw)
+        self.stem_bn = FrozenBatchNorm(arch.STEM_FEATURES, eps=arch.BN_EPS, **kw)
         self.blocks = nnx.List([MBConv(s, **kw, rngs=rngs) for s in specs])
         self.head_conv = Conv(specs[-1].out_features, arch.HEAD_FEATURES, 1, **kw, rngs=rngs)
-        self.head_bn = FrozenBatchNorm(arch.HEAD_FEATURES, **kw)
+        self.head_bn = FrozenBatchNorm(arch.HEAD_FEATURES, eps=arch.BN_EPS, **kw)
         if classifier:
             self.fc = nnx.Linear(arch.HEAD_FEATURES, arch.NUM_CLASSES, **kw, rngs=rngs)
         else:
@@ -460,4 +426,4 @@ class EfficientNetLite(nnx.Module):
         return self.fc(pooled.astype(self.dtype))
 
 
-__all__ = ["Conv", "EfficientNetLite", "FrozenBatchNorm", "MBConv", "normalize", "relu6"]
+__all__ = ["Conv", "EfficientNetLite", "MBConv", "normalize", "relu6"]

@@ -24,32 +24,14 @@ from jax import lax
 from deepmil_jax.architecture import resnet as arch
 from deepmil_jax.errors import ConfigError, WeightsError
 from deepmil_jax.models.alexnet import max_pool, normalize
+from deepmil_jax.models.frozen_batch_norm import FrozenBatchNorm
 
 # torchvision's initialisation (kaiming normal, fan out, relu gain) for training from scratch.
 _KERNEL_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-class FrozenBatchNorm(nnx.Module):
-    """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis, statistics frozen.
-
-    ``scale``/``bias`` are trainable ``nnx.Param``; ``mean``/``var`` are float32 ``nnx.BatchStat``
-    (the pretrained running statistics), read but never written. Computed as one multiply-add in
-    the input's dtype with the float32 folded factors ``a = scale / sqrt(var + eps)``, ``b = bias
-    - mean * a``.
-    """
-
-    def __init__(self, features: int, *, param_dtype: Any = jnp.float32):
-        self.scale = nnx.Param(jnp.ones((features,), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((features,), param_dtype))
-        self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((features,), jnp.float32))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        var = lax.stop_gradient(self.var[...].astype(jnp.float32))
-        mean = lax.stop_gradient(self.mean[...].astype(jnp.float32))
-        a = self.scale[...].astype(jnp.float32) * lax.rsqrt(var + arch.BN_EPS)
-        b = self.bias[...].astype(jnp.float32) - mean * a
-        return x * a.astype(x.dtype) + b.astype(x.dtype)
+def _bn(features: int, dtype: Any, param_dtype: Any) -> FrozenBatchNorm:
+    return FrozenBatchNorm(features, eps=arch.BN_EPS, dtype=dtype, param_dtype=param_dtype)
 
 
 def _conv(spec: arch.ConvSpec, dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
@@ -86,7 +68,7 @@ class Block(nnx.Module):
         self.names = tuple((_local(c.name), _local(c.bn)) for c in spec.convs)
         for c in spec.convs:
             setattr(self, _local(c.name), _conv(c, dtype, param_dtype, rngs))
-            setattr(self, _local(c.bn), FrozenBatchNorm(c.out_features, param_dtype=param_dtype))
+            setattr(self, _local(c.bn), _bn(c.out_features, dtype, param_dtype))
         down = spec.downsample
         self.downsample = (
             None
@@ -94,7 +76,7 @@ class Block(nnx.Module):
             else nnx.List(
                 [
                     _conv(down, dtype, param_dtype, rngs),
-                    FrozenBatchNorm(down.out_features, param_dtype=param_dtype),
+                    _bn(down.out_features, dtype, param_dtype),
                 ]
             )
         )
@@ -158,7 +140,7 @@ class ResNet(nnx.Module):
         self.dtype = dtype
         stem = arch.stem(variant)
         self.conv1 = _conv(stem, dtype, param_dtype, rngs)
-        self.bn1 = FrozenBatchNorm(stem.out_features, param_dtype=param_dtype)
+        self.bn1 = _bn(stem.out_features, dtype, param_dtype)
         specs = arch.blocks(variant, output_stride)
         for stage in arch.STAGES:
             kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
