@@ -66,7 +66,14 @@ def probe(x: np.ndarray, y: np.ndarray, fold_of: np.ndarray) -> np.ndarray:
     for fold in np.unique(fold_of):
         test = fold_of == fold
         clf = make_pipeline(
-            StandardScaler(), LogisticRegressionCV(Cs=8, max_iter=5000, scoring="roc_auc")
+            StandardScaler(),
+            LogisticRegressionCV(
+                Cs=8,
+                l1_ratios=(0.0,),  # L2 only
+                max_iter=5000,
+                scoring="roc_auc",
+                use_legacy_attributes=False,
+            ),
         )
         clf.fit(x[~test], y[~test])
         p[test] = clf.predict_proba(x[test])[:, 1]
