@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -15,28 +15,44 @@ from deepmil_jax.errors import WeightsError
 Params = dict[str, dict[str, np.ndarray]]
 
 
-def validate(params: Mapping[str, Mapping[str, Any]], variant: str, where: str) -> None:
-    """Raise WeightsError unless ``params`` has every conv layer of ``variant`` at the right shape.
-
-    ``fc6``/``fc7`` are optional, but checked when present. ``where`` names the file in messages.
+def check_layers(
+    params: Mapping[str, Mapping[str, Any]],
+    expected: Mapping[str, Mapping[str, tuple[int, ...]]],
+    where: str,
+    network: str,
+    optional: Collection[str] = ("fc",),
+) -> None:
+    """Raise WeightsError unless ``params`` has every layer of ``expected`` (layer -> kind ->
+    shape) at its shapes; a layer in ``optional`` (the ImageNet classifier) may be absent, but is
+    checked when present. ``where`` names the file, ``network`` the model ("the caffe AlexNet").
     """
-    for layer, shapes in expected_shapes(variant).items():
+    for layer, shapes in expected.items():
         if layer not in params:
-            if layer.startswith("fc"):
+            if layer in optional:
                 continue
             raise WeightsError(
-                f"{where}: layer {layer!r} is missing (found {sorted(params)}); expected "
-                f"kernel {shapes['kernel']} and bias {shapes['bias']} for the {variant} AlexNet"
+                f"{where}: layer {layer!r} is missing ({len(params)} layers found); {network} "
+                "needs " + ", ".join(f"{kind} {shape}" for kind, shape in shapes.items())
             )
         for kind, shape in shapes.items():
             got = params[layer].get(kind)
             if got is None:
                 raise WeightsError(f"{where}: layer {layer!r} has no {kind}; expected {shape}")
-            if tuple(got.shape) != shape:
+            if tuple(np.shape(got)) != shape:
                 raise WeightsError(
-                    f"{where}: layer {layer!r} {kind} has shape {tuple(got.shape)}, expected "
-                    f"{shape} for the {variant} AlexNet"
+                    f"{where}: layer {layer!r} {kind} has shape {tuple(np.shape(got))}, expected "
+                    f"{shape} for {network}"
                 )
+
+
+def validate(params: Mapping[str, Mapping[str, Any]], variant: str, where: str) -> None:
+    """Raise WeightsError unless ``params`` has every conv layer of ``variant`` at the right shape.
+
+    ``fc6``/``fc7`` are optional, but checked when present. ``where`` names the file in messages.
+    """
+    shapes = expected_shapes(variant)
+    fc = [layer for layer in shapes if layer.startswith("fc")]
+    check_layers(params, shapes, where, f"the {variant} AlexNet", optional=fc)
 
 
 def chw_rows_to_hwc(kernel: np.ndarray, channels: int) -> np.ndarray:

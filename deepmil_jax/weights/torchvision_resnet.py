@@ -31,7 +31,7 @@ import numpy as np
 
 from deepmil_jax.architecture import resnet as arch
 from deepmil_jax.errors import WeightsError
-from deepmil_jax.weights.common import Params, f32
+from deepmil_jax.weights.common import Params, check_layers, f32
 from deepmil_jax.weights.pth import load_state_dict, state_array
 
 _BN_KEYS = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
@@ -79,23 +79,7 @@ def validate_resnet(params: Mapping[str, Mapping[str, Any]], variant: str, where
 
     ``fc`` is optional, checked when present; ``where`` names the file or folder in messages.
     """
-    for layer, shapes in arch.expected_shapes(variant).items():
-        if layer not in params:
-            if layer == "fc":
-                continue
-            raise WeightsError(
-                f"{where}: layer {layer!r} is missing; the {variant} needs "
-                + ", ".join(f"{k} {s}" for k, s in shapes.items())
-            )
-        for kind, shape in shapes.items():
-            got = params[layer].get(kind)
-            if got is None:
-                raise WeightsError(f"{where}: layer {layer!r} has no {kind}; expected {shape}")
-            if tuple(np.shape(got)) != shape:
-                raise WeightsError(
-                    f"{where}: layer {layer!r} {kind} has shape {tuple(np.shape(got))}, expected "
-                    f"{shape} for the {variant}"
-                )
+    check_layers(params, arch.expected_shapes(variant), where, f"the {variant}")
 
 
 def read_torchvision_resnet(path: str | os.PathLike) -> tuple[Params, str]:
