@@ -148,12 +148,15 @@ def _finite_loss(loss: jax.Array, step: int, *, epoch: int, workdir: Path, saved
 
 def _new_meta() -> dict[str, Any]:
     """The loop's position, saved with every checkpoint. ``loss_sum``/``loss_steps``: the running
-    sum of this epoch's step losses, so that a mid-epoch resume reports the whole epoch's mean."""
+    sum of this epoch's step losses (the objective, lambda/2 ||theta||^2 included), so that a
+    mid-epoch resume reports the whole epoch's mean; ``data_loss_sum``: the same of the data term
+    alone (with ImageNet weights the penalty can be most of the objective)."""
     return {
         "epoch": 0,
         "step_in_epoch": 0,
         "global_step": 0,
         "loss_sum": 0.0,
+        "data_loss_sum": 0.0,
         "loss_steps": 0,
         "best_epoch": None,
         "best_step": None,
@@ -238,6 +241,8 @@ def _prepare(config: Config, workdir: Path) -> _Run:
     if resumed is not None:
         trainer.restore(resumed[0])
         meta, saved_step = _new_meta() | resumed[1], resumed[2]
+        if "data_loss_sum" not in resumed[1] and meta["loss_steps"]:
+            meta["data_loss_sum"] = float("nan")  # saved mid-epoch before it was kept: unknown
         workdir_files.check_epochs(workdir, config, meta["epoch"])
         logging.info(
             "Resuming from %s at epoch %d, step %d",
@@ -296,17 +301,19 @@ def _train_epoch(run: _Run, preempted: _Preempted) -> tuple[float, int]:
     )
     start, seen = time.perf_counter(), 0
 
-    def account(loss: jax.Array, step: int) -> float:
+    def account(out: dict[str, jax.Array], step: int) -> tuple[float, float]:
         value = _finite_loss(
-            loss, step, epoch=epoch, workdir=run.workdir, saved=run.saved_step or 0
+            out["loss"], step, epoch=epoch, workdir=run.workdir, saved=run.saved_step or 0
         )
+        data = float(out["data_loss"])
         meta["loss_sum"] += value
+        meta["data_loss_sum"] += data
         meta["loss_steps"] += 1
-        return value
+        return value, data
 
     # A step's loss is read (a host sync) only after the next step is dispatched, so the device
     # never waits for the host between steps.
-    previous: tuple[jax.Array, int] | None = None
+    previous: tuple[dict[str, jax.Array], int] | None = None
     with contextlib.closing(bar):
         while meta["step_in_epoch"] < run.steps_per_epoch:
             out = run.trainer.train_step(next(stream), meta["global_step"])
@@ -315,10 +322,10 @@ def _train_epoch(run: _Run, preempted: _Preempted) -> tuple[float, int]:
             seen += config.batch_size
             bar.update(1)
             if previous is not None:
-                loss = account(*previous)
+                loss, data = account(*previous)
                 rate = seen / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
-            previous = (out["loss"], meta["step_in_epoch"])
+                bar.set_postfix(loss=f"{loss:.4f}", data=f"{data:.4f}", img_s=f"{rate:.1f}")
+            previous = (out, meta["step_in_epoch"])
             if preempted.due(meta["global_step"]) and meta["step_in_epoch"] < run.steps_per_epoch:
                 account(*previous)
                 run.save()
@@ -340,15 +347,18 @@ def _end_epoch(run: _Run, train_seconds: float, seen: int, summary) -> None:
     meta, epoch = run.meta, run.meta["epoch"]
     val, val_labels = run.evaluate(run.split.validation)
     at_half = binary_metrics(val_labels, val["probability"], 0.5)
+    steps_seen = meta["loss_steps"]
+    data_loss = meta["data_loss_sum"] / steps_seen if steps_seen else float("nan")
     record = {
         "epoch": epoch + 1,
-        "train_loss": meta["loss_sum"] / meta["loss_steps"] if meta["loss_steps"] else None,
+        "train_loss": meta["loss_sum"] / steps_seen if steps_seen else None,
+        "train_data_loss": data_loss if np.isfinite(data_loss) else None,
         "train_images_per_sec": seen / train_seconds if seen else None,
         "validation_auc": at_half["auc"],
         "validation_accuracy": at_half["accuracy"],
     }
     meta["history"].append(record)
-    meta.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, loss_steps=0)
+    meta.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, data_loss_sum=0.0, loss_steps=0)
     auc = record["validation_auc"]
     if meta["best_epoch"] is None or (np.isfinite(auc) and auc > meta["best_auc"]):
         meta["best_epoch"] = epoch + 1
@@ -359,9 +369,10 @@ def _end_epoch(run: _Run, train_seconds: float, seen: int, summary) -> None:
         workdir_files.rewrite_metrics(run.workdir, meta["history"])
         workdir_files.write_summary(summary, record)
         logging.info(
-            "epoch %d: loss %.4f, validation AUC %.3f, accuracy %.3f",
+            "epoch %d: loss %.4f (data term %.4f), validation AUC %.3f, accuracy %.3f",
             epoch + 1,
             record["train_loss"] or float("nan"),
+            data_loss,
             auc,
             record["validation_accuracy"],
         )

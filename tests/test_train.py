@@ -152,9 +152,26 @@ def _run_and_params(config, workdir):
     return _params(state), meta
 
 
-def test_resume_gives_the_same_parameters_and_metrics(tmp_path, data_dir):
+def test_resume_gives_the_same_parameters_and_metrics(tmp_path, data_dir, monkeypatch):
     config = dataclasses.replace(SMALL, data_dir=data_dir)
+    original = steps.Trainer.train_step
+    seen = []  # (objective, data term) of every step, as the step returned them
+
+    def recorded_step(self, batch, step):
+        out = original(self, batch, step)
+        seen.append((float(out["loss"]), float(out["data_loss"])))
+        return out
+
+    monkeypatch.setattr(steps.Trainer, "train_step", recorded_step)
     straight, straight_meta = _run_and_params(config, tmp_path / "straight")
+    monkeypatch.setattr(steps.Trainer, "train_step", original)
+    # each epoch's train_loss and train_data_loss are the means of its own steps' two values,
+    # which differ by the weight-decay term
+    per_epoch = np.asarray(seen).reshape(config.epochs, -1, 2).mean(axis=1)
+    for record, (objective, data) in zip(straight_meta["history"], per_epoch, strict=True):
+        assert record["train_loss"] == pytest.approx(objective, rel=1e-6)
+        assert record["train_data_loss"] == pytest.approx(data, rel=1e-6)
+        assert objective - data > 1e-4
     train.train_and_evaluate(dataclasses.replace(config, epochs=1), tmp_path / "resumed")
     resumed, resumed_meta = _run_and_params(config, tmp_path / "resumed")
     _assert_same_params(straight, resumed, rtol=0, atol=0)
@@ -190,9 +207,10 @@ def test_sigterm_saves_and_resumes_mid_epoch(tmp_path, data_dir, monkeypatch):
     resumed, meta = _run_and_params(config, tmp_path / "preempted")
     assert meta["epoch"] == 1
     _assert_same_params(straight, resumed, rtol=0, atol=0)
-    # the resumed epoch's train_loss averages all its steps, not only those after the resume
+    # the resumed epoch's losses average all its steps, not only those after the resume
     _, straight_meta = _latest(config, tmp_path / "straight")
-    assert meta["history"][0]["train_loss"] == straight_meta["history"][0]["train_loss"]
+    for key in ("train_loss", "train_data_loss"):
+        assert meta["history"][0][key] == straight_meta["history"][0][key], key
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
