@@ -24,4 +24,10 @@ $py -m deepmil_jax.evaluate "${common[@]}" --backbone=efficientnet_lite0 --image
     --epochs=5 --schemes=label_assign:k=auto_relative "--workdir=$runs/lite0_ft_512"
 $py -m deepmil_jax.evaluate "${common[@]}" --backbone=efficientnet_lite0 --image_size=512 \
     --freeze_backbone --epochs=8 --schemes=attention "--workdir=$runs/lite0_frozen_512"
+# 5. longer: fine-tuning 25 epochs; frozen heads at a 10x head learning rate
+$py -m deepmil_jax.evaluate "${common[@]}" --backbone=efficientnet_lite0 --epochs=25 \
+    --schemes=label_assign:k=auto_relative,max_pooling "--workdir=$runs/lite0_ft_227_e25"
+$py -m deepmil_jax.evaluate "${common[@]}" --backbone=efficientnet_lite0 --freeze_backbone \
+    --head_learning_rate=1e-2 --epochs=20 --schemes=mean_pooling,max_pooling \
+    "--workdir=$runs/lite0_frozen_227_hlr1e-2"
 $py tools/mias_study.py "$runs"
