@@ -26,6 +26,7 @@ from flax import nnx  # noqa: E402
 from deepmil_jax import losses  # noqa: E402
 from deepmil_jax.benchmark import peaks  # noqa: E402
 from deepmil_jax.benchmark import torch_reference as tr  # noqa: E402
+from deepmil_jax.benchmark.train_timer import TrainSteps  # noqa: E402
 from deepmil_jax.models import build_model  # noqa: E402
 
 # trains for epochs, spawns or kills processes: not in `pytest -m "not slow"`
@@ -429,6 +430,24 @@ def test_torch_reference_network_matches_numpy(backbone, lrn, hidden):
         got = net(torch.from_numpy(images.astype(np.float32))).numpy()
     assert got.shape == expected.shape == (2, 2, 2)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_train_steps_number_on_and_allow_no_warmup():
+    """``--warmup=0`` (no untimed step) is allowed, so ``on_devices(..., 0)`` runs nothing."""
+
+    class Trainer:
+        def __init__(self):
+            self.calls = []
+
+        def step_on_devices(self, images, labels, step):
+            self.calls.append(step)
+            return {"loss": jnp.float32(step)}
+
+    trainer = Trainer()
+    steps = TrainSteps(trainer, batch=4)
+    assert steps.on_devices(None, None, 0) == 0 and trainer.calls == []
+    assert steps.on_devices(None, None, 3) == 12 and trainer.calls == [0, 1, 2]
+    assert steps.on_devices(None, None, 2) == 8 and trainer.calls == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(

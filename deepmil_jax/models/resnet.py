@@ -257,9 +257,9 @@ class ResNet(nnx.Module):
 
         RGB ``(N, H, W, 3)``: ``(x - mean) / std`` per channel. Grey ``(N, H, W, 1)`` gives exactly
         what the grey image repeated in three channels gives: with ``y_c = (g - mean_c) / std_c``,
-        conv1 of ``y`` is ``conv(g, sum_c W_c / std_c) - conv(1_image, sum_c W_c mean_c / std_c)``.
-        The second term depends only on the image size (conv1's zero padding of the normalised
-        image cuts it at the borders), so it is computed once, on a single ones image.
+        conv1 of ``y`` is ``conv(g, sum_c W_c / std_c) - conv(1_image, sum_c W_c mean_c / std_c)``,
+        the zero padding cutting the second term at the borders; both are one convolution, of
+        ``[g, 1]`` with ``[W_scale, -W_mean]``, as in EfficientNet-Lite.
         """
         if images.ndim != 4 or images.shape[-1] not in (1, 3):
             raise ConfigError(f"images must be (N, H, W, 1) or (N, H, W, 3); got {images.shape}")
@@ -272,17 +272,8 @@ class ResNet(nnx.Module):
         exact = lax.Precision.HIGHEST  # tiny contractions; keep them float32 on TPUs too
         k_scale = jnp.einsum("hwco,c->hwo", kernel, spec.scale / std, precision=exact)[:, :, None]
         k_mean = jnp.einsum("hwco,c->hwo", kernel, mean / std, precision=exact)[:, :, None]
-        s, p = arch.STEM_STRIDE, arch.STEM_PADDING
-        ones = jnp.ones((1, *images.shape[1:3], 1), jnp.float32)
-        offset = lax.conv_general_dilated(
-            ones,
-            k_mean,
-            (s, s),
-            ((p, p), (p, p)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision=exact,
-        )  # (1, h, w, 64)
-        y = self._conv1(images, k_scale) - offset.astype(self.dtype)
+        ones = jnp.ones_like(images)
+        y = self._conv1(jnp.concatenate([images, ones], -1), jnp.concatenate([k_scale, -k_mean], 2))
         return self._after_conv1(y)
 
     def classify(self, x: jax.Array) -> jax.Array:
