@@ -621,10 +621,12 @@ def test_wrong_file_for_format(tmp_path):
         weights.read_weights("onnx", npy)
 
 
-def test_torch_not_installed_gives_a_clear_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["torchvision", "torchvision_resnet", "efficientnet_lite"])
+def test_torch_not_installed_gives_a_clear_error(tmp_path, monkeypatch, fmt):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    with pytest.raises(WeightsError, match=r"deepmil-jax\[torch\]"):
-        weights.read_torchvision(tmp_path / "alexnet.pth")
+    path = tmp_path / "weights.pth"
+    with pytest.raises(WeightsError, match=r"weights.pth: reading .* needs PyTorch.*\[torch\]"):
+        weights.read_weights(fmt, path)
 
 
 def test_load_converted_refuses_other_folders(tmp_path):

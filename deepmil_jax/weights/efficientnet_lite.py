@@ -28,7 +28,7 @@ import numpy as np
 from deepmil_jax.architecture import efficientnet as arch
 from deepmil_jax.errors import WeightsError
 from deepmil_jax.weights.common import Params, check_layers, f32
-from deepmil_jax.weights.pth import load_state_dict, state_array
+from deepmil_jax.weights.pth import import_torch, load_state_dict, state_array
 
 _INSTALL = 'pip install -e ".[pretrained]"'
 _BN_KEYS = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
@@ -221,14 +221,7 @@ def read_efficientnet_lite(path: str | os.PathLike, variant: str | None = None) 
     file raise WeightsError naming the file.
     """
     where = str(path)
-    try:
-        import torch
-    except ImportError as e:
-        raise WeightsError(
-            f"{where}: reading an EfficientNet-Lite .pth file needs PyTorch, which is not "
-            "installed; install it with `pip install 'deepmil-jax[torch]'` (the CPU build is "
-            "enough)"
-        ) from e
+    torch = import_torch(where, "an EfficientNet-Lite .pth file")
     state = _load_state(torch, where)
     if variant is None:
         variant = infer_variant(state, where)

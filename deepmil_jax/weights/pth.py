@@ -15,6 +15,19 @@ from deepmil_jax.errors import WeightsError
 from deepmil_jax.weights.common import check_shape, one_line, weights_array
 
 
+def import_torch(where: str, what: str) -> Any:
+    """The ``torch`` module, or WeightsError naming the file and how to install it (``what``:
+    "a torchvision .pth file", ...)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise WeightsError(
+            f"{where}: reading {what} needs PyTorch, which is not installed; install it with "
+            "`pip install 'deepmil-jax[torch]'` (the CPU build is enough)"
+        ) from e
+    return torch
+
+
 def torch_load_cause(e: BaseException) -> str:
     """The whole cause of a ``torch.load`` failure, on one line.
 

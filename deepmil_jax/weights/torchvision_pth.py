@@ -13,13 +13,12 @@ from typing import Any
 import numpy as np
 
 from deepmil_jax.architecture import CONV_SPECS, FC_GRID, FC_SIZE
-from deepmil_jax.errors import WeightsError
 from deepmil_jax.weights.common import (
     Params,
     chw_rows_to_hwc,
     f32,
 )
-from deepmil_jax.weights.pth import load_state_dict, state_array
+from deepmil_jax.weights.pth import import_torch, load_state_dict, state_array
 
 _CONV_KEYS = {"conv1": 0, "conv2": 3, "conv3": 6, "conv4": 8, "conv5": 10}
 _FC_KEYS = {"fc6": 1, "fc7": 4}
@@ -45,13 +44,7 @@ def read_torchvision(path: str | os.PathLike) -> Params:
     ``classifier.{1,4}.{weight,bias}`` (``(out, in)``, fc6 inputs in (C, H, W) order).
     """
     where = str(path)
-    try:
-        import torch
-    except ImportError as e:
-        raise WeightsError(
-            f"{where}: reading a torchvision .pth file needs PyTorch, which is not installed; "
-            "install it with `pip install 'deepmil-jax[torch]'` (the CPU build is enough)"
-        ) from e
+    torch = import_torch(where, "a torchvision .pth file")
     state = _load_state(torch, where)
     params: Params = {}
     for spec in CONV_SPECS["torchvision"]:

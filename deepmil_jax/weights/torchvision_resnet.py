@@ -32,7 +32,7 @@ import numpy as np
 from deepmil_jax.architecture import resnet as arch
 from deepmil_jax.errors import WeightsError
 from deepmil_jax.weights.common import Params, check_layers, f32
-from deepmil_jax.weights.pth import load_state_dict, state_array
+from deepmil_jax.weights.pth import import_torch, load_state_dict, state_array
 
 _BN_KEYS = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 _NOTE = "torchvision ResNet"
@@ -90,13 +90,7 @@ def read_torchvision_resnet(path: str | os.PathLike) -> tuple[Params, str]:
     "fc": {"kernel": (C, 1000), "bias": (1000,)}}`` (``fc`` only if the file has it).
     """
     where = str(path)
-    try:
-        import torch
-    except ImportError as e:
-        raise WeightsError(
-            f"{where}: reading a torchvision .pth file needs PyTorch, which is not installed; "
-            "install it with `pip install 'deepmil-jax[torch]'` (the CPU build is enough)"
-        ) from e
+    torch = import_torch(where, "a torchvision .pth file")
     state = _load(torch, where)
     variant = _variant(state, where)
     shapes = arch.expected_shapes(variant, fc="fc.weight" in state or "fc.bias" in state)
