@@ -66,13 +66,16 @@ def cross_validate(config: Config, schemes: list[str], folds: list[int], workdir
 
 def _fold_statistics(values: list) -> dict | None:
     """Mean and sample standard deviation over the folds that scored (NaN: a fold with nothing
-    to score), or None if any run lacks the metric."""
+    to score), or None if any run lacks the metric or no fold scored (a dataset without
+    outlines has no localisation to report)."""
     if not values or any(v is None for v in values):
         return None
     per_fold = np.array(values, float)
     finite = per_fold[np.isfinite(per_fold)]
+    if not finite.size:
+        return None
     return {
-        "mean": float(finite.mean()) if finite.size else float("nan"),
+        "mean": float(finite.mean()),
         "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0,
         "per_fold": per_fold.tolist(),
     }

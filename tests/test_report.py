@@ -118,6 +118,30 @@ def test_write_report_files(cv, tmp_path):
     assert saved["sparse"]["pooled"]["auc_ci"] == pytest.approx([low, high])
 
 
+def test_no_localisation_columns_without_outlines(cv, tmp_path):
+    """A dataset without outlines (a folder of images, CBIS-DDSM): every fold's localisation
+    scores are NaN, so the report has no localisation columns, not NaN ones; where one fold
+    scored, its scores are the statistics."""
+    results, _ = cv
+    for runs in results.values():
+        for run in runs:
+            run["test"].update(instance_auc=math.nan, iou=math.nan, pointing_game=math.nan)
+            run["test"].update(pointing_hits=0, pointing_images=0)
+    table = evaluate.summarize(results)
+    assert all(table[s][m] is None for s in table for m in report.LOCALISATION)
+    report.write_report(table, results, tmp_path / "none")
+    md = (tmp_path / "none" / "report.md").read_text()
+    assert "nan" not in md and "Instance AUC" not in md and "Pointing game" not in md
+    results["sparse"][1]["test"].update(instance_auc=0.8, pointing_game=1.0)
+    results["sparse"][1]["test"].update(pointing_hits=3, pointing_images=3)
+    table = evaluate.summarize(results)
+    assert table["sparse"]["instance_auc"]["mean"] == 0.8 and table["sparse"]["iou"] is None
+    assert table["sparse"]["pointing_game"]["hits"] == 3 and table["max_pooling"]["iou"] is None
+    report.write_report(table, results, tmp_path / "one")
+    md = (tmp_path / "one" / "report.md").read_text()
+    assert "| 0.80 ± 0.00 |" in md and "(3/3)" in md and "nan" not in md
+
+
 def test_reliability_plot_skips_a_scheme_without_predictions(tmp_path):
     report.plot_reliability("sparse", [{"fold": 0, "run_dir": str(tmp_path)}], tmp_path / "r.png")
     assert not (tmp_path / "r.png").exists()

@@ -30,4 +30,28 @@ $py -m deepmil_jax.evaluate "${common[@]}" --backbone=efficientnet_lite0 --epoch
 $py -m deepmil_jax.evaluate "${common[@]}" --backbone=efficientnet_lite0 --freeze_backbone \
     --head_learning_rate=1e-2 --epochs=20 --schemes=mean_pooling,max_pooling \
     "--workdir=$runs/lite0_frozen_227_hlr1e-2"
+# 6. the same films and trainer, another label: dense tissue (Info.txt's D), which a film shows.
+#    A folder CSV of the PGMs, the two breasts of a woman as one patient; its own folder (other
+#    folds, another label), so it stays out of the table below.
+density="$runs-density"
+mkdir -p "$density"
+$py - "$mias" "$density/density.csv" <<'PY'
+import csv, sys
+from pathlib import Path
+
+mias, out = Path(sys.argv[1]).resolve(), sys.argv[2]
+tissue = {}
+for fields in map(str.split, (mias / "Info.txt").read_text().splitlines()):
+    if fields and fields[0].startswith("mdb"):
+        tissue.setdefault(fields[0], fields[1])
+with open(out, "w", newline="") as f:
+    rows = csv.writer(f)
+    rows.writerow(["image", "label", "patient"])
+    for name, kind in sorted(tissue.items()):
+        woman = (int(name[3:]) + 1) // 2
+        rows.writerow([mias / f"{name}.pgm", int(kind == "D"), f"woman{woman:03d}"])
+PY
+$py -m deepmil_jax.evaluate --dataset=folder "--manual_dir=$density/density.csv" \
+    --patient_column=patient --num_folds=5 --split=patient --backbone=efficientnet_lite0 \
+    --epochs=5 --schemes=mean_pooling "--workdir=$density"
 $py tools/mias_study.py "$runs"
