@@ -19,8 +19,10 @@ from flax import nnx
 
 from deepmil_jax.architecture import efficientnet as arch
 from deepmil_jax.errors import ConfigError, WeightsError
+from deepmil_jax.models import efficientnet as efficientnet_module
 from deepmil_jax.models.efficientnet import EfficientNetLite, depthwise_conv, normalize
 from deepmil_jax.weights.efficientnet_lite import (
+    _torch_name,
     read_efficientnet_lite,
     validate,
     variant_of,
@@ -275,6 +277,56 @@ def test_block_and_its_gradients_equal_the_unfolded_composition(lite0, index):
                 assert _rel(getattr(getattr(got, name), kind)[...], want[name][kind]) < 1e-4
                 checked += 1
     assert checked == 3 + 2 * 3
+
+
+class _SmoothReLU6(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.softplus(x) - torch.nn.functional.softplus(x - 6)
+
+
+@pytest.mark.slow  # over 5 s on 2 idle cores, or spawns/kills processes
+def test_every_parameter_gradient_equals_the_reference(lite0, monkeypatch):
+    """Grey images at an odd size (uneven SAME pads, stride-2 depthwise convolutions on odd maps)
+    through ``forward_raw`` (the grey fold, the normalisation's offset as a second stem channel,
+    the shift-sum depthwise gradient, the folded batch norms): the gradient of every kernel and
+    batch-norm scale and bias against torch's autograd through the PyTorch reference, given the
+    image repeated in three channels and normalised. ReLU6 is softplus(x) - softplus(x - 6) in
+    both: at a kink, rounding in one framework and not the other would move every gradient
+    below it (see tests/test_resnet.py)."""
+    smooth = lambda x: jax.nn.softplus(x) - jax.nn.softplus(x - 6)  # noqa: E731
+    monkeypatch.setattr(efficientnet_module, "relu6", smooth)
+    ref = _reference("lite0")
+    for module in ref.modules():
+        if isinstance(getattr(module, "_swish", None), torch.nn.ReLU6):
+            module._swish = _SmoothReLU6()
+    grey = np.random.default_rng(3).uniform(0, 1, (2, 97, 130, 1)).astype(np.float32)
+    x = np.repeat((grey * 255 - 127) / 128, 3, axis=-1).astype(np.float32)
+    out = ref.extract_features(torch.from_numpy(x).permute(0, 3, 1, 2))
+    g = np.random.default_rng(4).normal(size=out.shape).astype(np.float32)
+    (out * torch.from_numpy(g)).sum().backward()
+    want = {name: p.grad.numpy() for name, p in ref.named_parameters() if p.grad is not None}
+
+    graphdef, params, rest = nnx.split(lite0, nnx.Param, ...)
+    g_nhwc = jnp.asarray(g.transpose(0, 2, 3, 1))
+
+    def loss(p):
+        return jnp.sum(nnx.merge(graphdef, p, rest).forward_raw(jnp.asarray(grey)) * g_nhwc)
+
+    grads = nnx.merge(graphdef, jax.jit(jax.grad(loss))(params), rest)  # the model's layout
+    checked = 0
+    for layer, module in grads._layers().items():
+        if layer == "fc":
+            continue
+        for kind in ("kernel", "scale", "bias"):
+            if not hasattr(module, kind):
+                continue
+            got = np.asarray(getattr(module, kind)[...])
+            if got.ndim == 4:  # HWIO -> torch's OIHW
+                got = got.transpose(3, 2, 0, 1)
+            key = f"{_torch_name(layer)}.{'weight' if kind != 'bias' else 'bias'}"
+            assert _rel(got, want.pop(key)) < 1e-4, key
+            checked += 1
+    assert checked == len(jax.tree.leaves(params)) - 2 and not want  # all but fc's two
 
 
 def test_model_refuses_bad_inputs_and_params(lite_params, lite0):
