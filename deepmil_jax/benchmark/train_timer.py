@@ -24,11 +24,11 @@ class TrainSteps:
 
     def on_devices(self, images: jax.Array, labels: jax.Array, n: int) -> int:
         """``n`` steps on a batch sharded over the mesh, waited for at the end; images done."""
-        losses = []
+        loss = None  # n = 0 (--warmup=0): nothing to wait for
         for _ in range(n):
-            losses.append(self.trainer.step_on_devices(images, labels, self.step)["loss"])
+            loss = self.trainer.step_on_devices(images, labels, self.step)["loss"]
             self.step += 1
-        jax.block_until_ready(losses[-1:])
+        jax.block_until_ready(loss)
         return n * self.batch
 
     def from_host(self, next_batch: Callable[[], dict[str, np.ndarray]], n: int) -> int:

@@ -45,6 +45,7 @@ from deepmil_jax.architecture import (
     check_variant,
 )
 from deepmil_jax.errors import ConfigError, WeightsError
+from deepmil_jax.models.grey import grey_kernels
 
 
 def _normalization(kind: str) -> Normalization:
@@ -390,12 +391,7 @@ class AlexNet(nnx.Module):
             return self(normalize(images, self.normalization))
         spec = _normalization(self.normalization)
         s = CONV_SPECS[self.variant][0]
-        std = jnp.asarray(spec.std, jnp.float32)
-        kernel = self.conv1.kernel[...].astype(jnp.float32)  # (kh, kw, 3, out)
-        exact = lax.Precision.HIGHEST  # tiny contractions; keep them float32 on TPUs too
-        k_scale = jnp.einsum("hwco,c->hwo", kernel, spec.scale / std, precision=exact)
-        k_mean = jnp.einsum("hwco,c->hwo", kernel, jnp.asarray(spec.mean) / std, precision=exact)
-        k_scale, k_mean = k_scale[:, :, None, :], k_mean[:, :, None, :]
+        k_scale, k_mean = grey_kernels(self.conv1.kernel[...], spec)
         bias = self.conv1.bias[...].astype(jnp.float32)
         if s.padding == 0:
             offset = bias - k_mean.sum(axis=(0, 1, 2))  # (out,)
@@ -407,7 +403,7 @@ class AlexNet(nnx.Module):
                 (s.stride, s.stride),
                 ((s.padding, s.padding), (s.padding, s.padding)),
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                precision=exact,
+                precision=lax.Precision.HIGHEST,
             )  # (1, h, w, out)
         y = self._conv(images, k_scale, s.stride, s.padding) + offset.astype(self.dtype)
         return self._after_conv1(y)

@@ -28,6 +28,7 @@ from jax import lax
 from deepmil_jax.architecture import efficientnet as arch
 from deepmil_jax.errors import ConfigError, WeightsError
 from deepmil_jax.models.frozen_batch_norm import FrozenBatchNorm
+from deepmil_jax.models.grey import with_offset_channel
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -388,27 +389,18 @@ class EfficientNetLite(nnx.Module):
         """Raw images on [0, 1] -> features, applying ``self.normalization`` exactly.
 
         RGB ``(N, H, W, 3)`` goes through :func:`normalize`. Grey ``(N, H, W, 1)`` gives exactly
-        what the grey image repeated in three channels and normalised per channel gives: with
-        ``y_c = (g * scale - mean_c) / std_c``, the stem of ``y`` is
-        ``conv(g, sum_c W_c * scale / std_c) - conv(1_image, sum_c W_c * mean_c / std_c)``, both
-        SAME-padded with zeros (the padding cuts the second term at the borders). Both are one
-        convolution, of ``[g, 1]`` with ``[W_scale, -W_mean]``: a separate batch-sum of the stem's
-        output gradient for the second term's kernel cost XLA's CPU reduce about 0.1 s a step at
-        512x512, batch 8.
+        what the grey image repeated in three channels and normalised per channel gives, as one
+        SAME-padded stem convolution of the image and a channel of ones
+        (:func:`deepmil_jax.models.grey.with_offset_channel`).
         """
         if images.ndim != 4 or images.shape[-1] not in (1, 3):
             raise ConfigError(f"images must be (N, H, W, 1) or (N, H, W, 3); got {images.shape}")
         if images.shape[-1] == 3:
             return self(normalize(images, self.normalization))
-        spec = arch.NORMALIZATIONS[self.normalization]
-        std = jnp.asarray(spec.std, jnp.float32)
-        kernel = self.stem_conv.kernel[...].astype(jnp.float32)  # (3, 3, 3, 32)
-        exact = lax.Precision.HIGHEST  # tiny contractions; keep them float32 on TPUs too
-        k_scale = jnp.einsum("hwco,c->hwo", kernel, spec.scale / std, precision=exact)
-        k_mean = jnp.einsum("hwco,c->hwo", kernel, jnp.asarray(spec.mean) / std, precision=exact)
-        k_scale, k_mean = k_scale[:, :, None, :], k_mean[:, :, None, :]
-        ones = jnp.ones_like(images)
-        y = self._stem(jnp.concatenate([images, ones], -1), jnp.concatenate([k_scale, -k_mean], 2))
+        x, kernel = with_offset_channel(
+            images, self.stem_conv.kernel[...], arch.NORMALIZATIONS[self.normalization]
+        )
+        y = self._stem(x, kernel)
         return self._after_stem(y)
 
     def classify(self, x: jax.Array) -> jax.Array:

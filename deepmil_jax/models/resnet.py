@@ -25,6 +25,7 @@ from deepmil_jax.architecture import resnet as arch
 from deepmil_jax.errors import ConfigError, WeightsError
 from deepmil_jax.models.alexnet import max_pool, normalize
 from deepmil_jax.models.frozen_batch_norm import FrozenBatchNorm
+from deepmil_jax.models.grey import with_offset_channel
 
 # torchvision's initialisation (kaiming normal, fan out, relu gain) for training from scratch.
 _KERNEL_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -256,24 +257,15 @@ class ResNet(nnx.Module):
         """Raw images on [0, 1] -> layer4 features, applying torchvision's normalisation exactly.
 
         RGB ``(N, H, W, 3)``: ``(x - mean) / std`` per channel. Grey ``(N, H, W, 1)`` gives exactly
-        what the grey image repeated in three channels gives: with ``y_c = (g - mean_c) / std_c``,
-        conv1 of ``y`` is ``conv(g, sum_c W_c / std_c) - conv(1_image, sum_c W_c mean_c / std_c)``,
-        the zero padding cutting the second term at the borders; both are one convolution, of
-        ``[g, 1]`` with ``[W_scale, -W_mean]``, as in EfficientNet-Lite.
+        what the grey image repeated in three channels gives, as one conv1 of the image and a
+        channel of ones (:func:`deepmil_jax.models.grey.with_offset_channel`).
         """
         if images.ndim != 4 or images.shape[-1] not in (1, 3):
             raise ConfigError(f"images must be (N, H, W, 1) or (N, H, W, 3); got {images.shape}")
         if images.shape[-1] == 3:
             return self(normalize(images, self.normalization))
-        spec = arch.NORMALIZATION
-        std = jnp.asarray(spec.std, jnp.float32)
-        mean = jnp.asarray(spec.mean, jnp.float32)
-        kernel = self.conv1.kernel[...].astype(jnp.float32)  # (7, 7, 3, 64)
-        exact = lax.Precision.HIGHEST  # tiny contractions; keep them float32 on TPUs too
-        k_scale = jnp.einsum("hwco,c->hwo", kernel, spec.scale / std, precision=exact)[:, :, None]
-        k_mean = jnp.einsum("hwco,c->hwo", kernel, mean / std, precision=exact)[:, :, None]
-        ones = jnp.ones_like(images)
-        y = self._conv1(jnp.concatenate([images, ones], -1), jnp.concatenate([k_scale, -k_mean], 2))
+        x, kernel = with_offset_channel(images, self.conv1.kernel[...], arch.NORMALIZATION)
+        y = self._conv1(x, kernel)
         return self._after_conv1(y)
 
     def classify(self, x: jax.Array) -> jax.Array:
